@@ -1,0 +1,15 @@
+//! sdgen: Stable Diffusion image generation on candle.
+//!
+//! Layout: [`loading`] finds and reads weights into [`models`]; [`tokenizer`]
+//! and [`rng`] reproduce CLIP's tokenizer and torch's CPU generator;
+//! [`sampling`] holds schedules, the denoiser and the samplers; [`pipeline`]
+//! ties them into txt2img; [`image_io`] writes PNGs with their parameters.
+
+pub mod device;
+pub mod image_io;
+pub mod loading;
+pub mod models;
+pub mod pipeline;
+pub mod rng;
+pub mod sampling;
+pub mod tokenizer;

@@ -1,0 +1,280 @@
+//! Single-file checkpoints with the original CompVis/LDM names: the name
+//! tables (LDM → diffusers names, which our models use) and the inference of
+//! every config from the tensors' names and shapes.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Context};
+
+use super::weights::{NameMap, Rule, Transform};
+use crate::models::clip::{Activation, ClipConfig};
+use crate::models::unet::UNetConfig;
+use crate::models::vae::VaeConfig;
+use crate::models::PerBlock;
+
+pub const UNET_PREFIX: &str = "model.diffusion_model.";
+pub const VAE_PREFIX: &str = "first_stage_model.";
+/// SD 1.x text encoders; older transformers versions stored no `text_model.`.
+pub const CLIP_PREFIXES: &[&str] = &["cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."];
+
+use Transform::{Conv1x1ToLinear as Squeeze, None as Keep};
+
+/// ResNet block internals: diffusers name → LDM name (UNet).
+const UNET_RESNET: &[(&str, &str, Transform)] = &[
+    ("norm1.", "in_layers.0.", Keep),
+    ("conv1.", "in_layers.2.", Keep),
+    ("time_emb_proj.", "emb_layers.1.", Keep),
+    ("norm2.", "out_layers.0.", Keep),
+    ("conv2.", "out_layers.3.", Keep),
+    ("conv_shortcut.", "skip_connection.", Keep),
+];
+
+/// ResNet block internals of the VAE.
+const VAE_RESNET: &[(&str, &str, Transform)] = &[("conv_shortcut.", "nin_shortcut.", Keep)];
+
+/// The VAE's mid-block attention, stored as 1×1 convolutions.
+const VAE_ATTENTION: &[(&str, &str, Transform)] = &[
+    ("group_norm.", "norm.", Keep),
+    ("to_q.", "q.", Squeeze),
+    ("to_k.", "k.", Squeeze),
+    ("to_v.", "v.", Squeeze),
+    ("to_out.0.", "proj_out.", Squeeze),
+];
+
+/// Top-level UNet layers.
+const UNET_TOP: &[(&str, &str, Transform)] = &[
+    ("time_embedding.linear_1.", "time_embed.0.", Keep),
+    ("time_embedding.linear_2.", "time_embed.2.", Keep),
+    ("conv_in.", "input_blocks.0.0.", Keep),
+    ("conv_norm_out.", "out.0.", Keep),
+    ("conv_out.", "out.2.", Keep),
+];
+
+/// Top-level VAE layers (same on both halves).
+const VAE_TOP: &[(&str, &str, Transform)] = &[("conv_norm_out.", "norm_out.", Keep)];
+
+fn rule(model: String, ckpt: String, inner: &'static [(&'static str, &'static str, Transform)]) -> Rule {
+    Rule { model, ckpt, inner }
+}
+
+/// The UNet's table for a given block layout. LDM numbers the blocks of each
+/// path consecutively: `input_blocks.0` is conv_in, then per level
+/// `layers_per_block` (ResNet[, attention]) blocks and one downsampler.
+pub fn unet_names(cfg: &UNetConfig) -> NameMap {
+    let p = UNET_PREFIX;
+    let n = cfg.block_out_channels.len();
+    let l = cfg.layers_per_block;
+    let mut rules = vec![rule(String::new(), p.to_string(), UNET_TOP)];
+    for i in 0..n {
+        for j in 0..l {
+            let k = 1 + i * (l + 1) + j;
+            rules.push(rule(format!("down_blocks.{i}.resnets.{j}."), format!("{p}input_blocks.{k}.0."), UNET_RESNET));
+            rules.push(rule(format!("down_blocks.{i}.attentions.{j}."), format!("{p}input_blocks.{k}.1."), &[]));
+        }
+        let k = (i + 1) * (l + 1);
+        rules.push(rule(format!("down_blocks.{i}.downsamplers.0.conv."), format!("{p}input_blocks.{k}.0.op."), &[]));
+        let has_attention = cfg.up_block_types[i].starts_with("CrossAttn");
+        for j in 0..=l {
+            let k = i * (l + 1) + j;
+            rules.push(rule(format!("up_blocks.{i}.resnets.{j}."), format!("{p}output_blocks.{k}.0."), UNET_RESNET));
+            rules.push(rule(format!("up_blocks.{i}.attentions.{j}."), format!("{p}output_blocks.{k}.1."), &[]));
+        }
+        let k = i * (l + 1) + l;
+        let slot = if has_attention { 2 } else { 1 };
+        rules.push(rule(format!("up_blocks.{i}.upsamplers.0."), format!("{p}output_blocks.{k}.{slot}."), &[]));
+    }
+    rules.push(rule("mid_block.resnets.0.".into(), format!("{p}middle_block.0."), UNET_RESNET));
+    rules.push(rule("mid_block.attentions.0.".into(), format!("{p}middle_block.1."), &[]));
+    rules.push(rule("mid_block.resnets.1.".into(), format!("{p}middle_block.2."), UNET_RESNET));
+    NameMap::new(rules)
+}
+
+/// The VAE's table. LDM's decoder numbers its `up` levels in encoder order,
+/// diffusers' `up_blocks` in the order they run.
+pub fn vae_names(cfg: &VaeConfig) -> NameMap {
+    let p = VAE_PREFIX;
+    let n = cfg.block_out_channels.len();
+    let mut rules = Vec::new();
+    for half in ["encoder", "decoder"] {
+        rules.push(rule(format!("{half}."), format!("{p}{half}."), VAE_TOP));
+        rules.push(rule(format!("{half}.mid_block.resnets.0."), format!("{p}{half}.mid.block_1."), VAE_RESNET));
+        rules.push(rule(format!("{half}.mid_block.attentions.0."), format!("{p}{half}.mid.attn_1."), VAE_ATTENTION));
+        rules.push(rule(format!("{half}.mid_block.resnets.1."), format!("{p}{half}.mid.block_2."), VAE_RESNET));
+    }
+    for i in 0..n {
+        let k = n - 1 - i;
+        for j in 0..=cfg.layers_per_block {
+            rules.push(rule(
+                format!("encoder.down_blocks.{i}.resnets.{j}."),
+                format!("{p}encoder.down.{i}.block.{j}."),
+                VAE_RESNET,
+            ));
+            rules.push(rule(
+                format!("decoder.up_blocks.{i}.resnets.{j}."),
+                format!("{p}decoder.up.{k}.block.{j}."),
+                VAE_RESNET,
+            ));
+        }
+        rules.push(rule(
+            format!("encoder.down_blocks.{i}.downsamplers.0."),
+            format!("{p}encoder.down.{i}.downsample."),
+            &[],
+        ));
+        rules.push(rule(format!("decoder.up_blocks.{i}.upsamplers.0."), format!("{p}decoder.up.{k}.upsample."), &[]));
+    }
+    rules.push(rule(String::new(), p.to_string(), &[]));
+    NameMap::new(rules)
+}
+
+/// The tensors of a checkpoint by name, for config inference.
+pub struct Tensors(HashMap<String, Vec<usize>>);
+
+impl Tensors {
+    pub fn new(shapes: Vec<(String, Vec<usize>)>) -> Self {
+        Self(shapes.into_iter().collect())
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+
+    pub fn any_with_prefix(&self, prefix: &str) -> bool {
+        self.0.keys().any(|k| k.starts_with(prefix))
+    }
+
+    fn shape(&self, name: &str) -> anyhow::Result<&[usize]> {
+        self.0.get(name).map(Vec::as_slice).with_context(|| format!("missing tensor `{name}`"))
+    }
+
+    fn dim(&self, name: &str, i: usize) -> anyhow::Result<usize> {
+        let s = self.shape(name)?;
+        s.get(i).copied().with_context(|| format!("tensor `{name}` has shape {s:?}, expected at least {} dims", i + 1))
+    }
+
+    /// How many distinct `N` appear in names `prefix N. ...`.
+    fn count(&self, prefix: &str) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        for k in self.0.keys() {
+            if let Some(rest) = k.strip_prefix(prefix) {
+                if let Some(n) = rest.split('.').next().and_then(|s| s.parse::<usize>().ok()) {
+                    seen.insert(n);
+                }
+            }
+        }
+        seen.len()
+    }
+}
+
+/// The UNet's config from an LDM checkpoint.
+pub fn infer_unet(t: &Tensors) -> anyhow::Result<UNetConfig> {
+    let p = UNET_PREFIX;
+    let conv_in = t.shape(&format!("{p}input_blocks.0.0.weight"))?;
+    if conv_in.len() != 4 {
+        bail!("`{p}input_blocks.0.0.weight` has shape {conv_in:?}, expected a 4-d convolution kernel");
+    }
+    let levels = 1
+        + (0..t.count(&format!("{p}input_blocks.")))
+            .filter(|k| t.has(&format!("{p}input_blocks.{k}.0.op.weight")))
+            .count();
+    let blocks = t.count(&format!("{p}input_blocks."));
+    if !blocks.is_multiple_of(levels) || blocks / levels < 2 {
+        bail!("unexpected UNet layout: {blocks} input blocks for {levels} levels");
+    }
+    let l = blocks / levels - 1;
+    let mut channels = Vec::new();
+    let mut attention = Vec::new();
+    let mut depth = Vec::new();
+    let mut context_dim = None;
+    let mut linear_projection = false;
+    for i in 0..levels {
+        let first = format!("{p}input_blocks.{}.", 1 + i * (l + 1));
+        channels.push(t.dim(&format!("{first}0.out_layers.3.weight"), 0)?);
+        let proj_in = format!("{first}1.proj_in.weight");
+        let has = t.has(&proj_in);
+        attention.push(has);
+        if has {
+            linear_projection = t.shape(&proj_in)?.len() == 2;
+            depth.push(t.count(&format!("{first}1.transformer_blocks.")));
+            context_dim = Some(t.dim(&format!("{first}1.transformer_blocks.0.attn2.to_k.weight"), 1)?);
+        } else {
+            depth.push(1);
+        }
+    }
+    if !t.has(&format!("{p}middle_block.1.proj_in.weight")) {
+        bail!("the UNet has no mid-block attention (`{p}middle_block.1.*`): not a Stable Diffusion UNet");
+    }
+    let Some(cross_attention_dim) = context_dim else {
+        bail!("the UNet has no cross-attention blocks: not a Stable Diffusion UNet");
+    };
+    // SD 1.x UNets use 8 heads everywhere; later ones 64-wide heads.
+    let heads =
+        if linear_projection { PerBlock::Each(channels.iter().map(|c| c / 64).collect()) } else { PerBlock::One(8) };
+    let down_block_types =
+        attention.iter().map(|a| if *a { "CrossAttnDownBlock2D" } else { "DownBlock2D" }.to_string()).collect();
+    let up_block_types =
+        attention.iter().rev().map(|a| if *a { "CrossAttnUpBlock2D" } else { "UpBlock2D" }.to_string()).collect();
+    Ok(UNetConfig {
+        in_channels: conv_in[1],
+        out_channels: t.dim(&format!("{p}out.2.weight"), 0)?,
+        block_out_channels: channels,
+        down_block_types,
+        up_block_types,
+        layers_per_block: l,
+        cross_attention_dim,
+        attention_head_dim: heads,
+        num_attention_heads: None,
+        norm_num_groups: 32,
+        norm_eps: 1e-5,
+        use_linear_projection: linear_projection,
+        transformer_layers_per_block: PerBlock::Each(depth),
+        flip_sin_to_cos: true,
+        freq_shift: 0,
+        addition_embed_type: None,
+        class_embed_type: None,
+        time_cond_proj_dim: None,
+    })
+}
+
+/// The VAE's config from an LDM checkpoint (scaling factor: the family's).
+pub fn infer_vae(t: &Tensors, scaling_factor: f64) -> anyhow::Result<VaeConfig> {
+    let p = VAE_PREFIX;
+    let levels = t.count(&format!("{p}decoder.up."));
+    if levels == 0 {
+        bail!("no VAE decoder (`{p}decoder.up.*`) in the checkpoint");
+    }
+    let block_out_channels = (0..levels)
+        .map(|i| t.dim(&format!("{p}decoder.up.{i}.block.0.conv2.weight"), 0))
+        .collect::<anyhow::Result<_>>()?;
+    Ok(VaeConfig {
+        in_channels: t.dim(&format!("{p}encoder.conv_in.weight"), 1)?,
+        out_channels: t.dim(&format!("{p}decoder.conv_out.weight"), 0)?,
+        latent_channels: t.dim(&format!("{p}post_quant_conv.weight"), 0)?,
+        block_out_channels,
+        layers_per_block: t.count(&format!("{p}decoder.up.0.block.")) - 1,
+        norm_num_groups: 32,
+        scaling_factor,
+    })
+}
+
+/// The CLIP text encoder's config from a checkpoint whose text-model names
+/// start with `prefix`. Heads are 64 wide, as in every SD text encoder.
+pub fn infer_clip(t: &Tensors, prefix: &str, act: Activation) -> anyhow::Result<ClipConfig> {
+    let tok = t.shape(&format!("{prefix}embeddings.token_embedding.weight"))?;
+    if tok.len() != 2 {
+        bail!("`{prefix}embeddings.token_embedding.weight` has shape {tok:?}, expected 2 dims");
+    }
+    let hidden = tok[1];
+    if hidden % 64 != 0 {
+        bail!("text encoder width {hidden} is not a multiple of 64");
+    }
+    Ok(ClipConfig {
+        vocab_size: tok[0],
+        hidden_size: hidden,
+        intermediate_size: t.dim(&format!("{prefix}encoder.layers.0.mlp.fc1.weight"), 0)?,
+        num_hidden_layers: t.count(&format!("{prefix}encoder.layers.")),
+        num_attention_heads: hidden / 64,
+        max_position_embeddings: t.dim(&format!("{prefix}embeddings.position_embedding.weight"), 0)?,
+        hidden_act: act,
+        layer_norm_eps: 1e-5,
+    })
+}

@@ -1,0 +1,122 @@
+//! The CLIP text encoder (transformers' `CLIPTextModel`): token and position
+//! embeddings, pre-norm transformer layers with causal attention, final norm.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+use super::attention::attention;
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `x · σ(1.702 x)`, OpenAI CLIP ViT-L (SD 1.x).
+    QuickGelu,
+    /// Exact (erf) GELU, OpenCLIP encoders.
+    Gelu,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default = "seventy_seven")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "quick_gelu")]
+    pub hidden_act: Activation,
+    #[serde(default = "ln_eps")]
+    pub layer_norm_eps: f64,
+}
+
+fn seventy_seven() -> usize {
+    77
+}
+fn quick_gelu() -> Activation {
+    Activation::QuickGelu
+}
+fn ln_eps() -> f64 {
+    1e-5
+}
+
+#[derive(Debug)]
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl EncoderLayer {
+    fn new(c: &ClipConfig, vb: VarBuilder) -> Result<Self> {
+        let d = c.hidden_size;
+        let attn = vb.pp("self_attn");
+        Ok(Self {
+            layer_norm1: layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm1"))?,
+            q_proj: linear(d, d, attn.pp("q_proj"))?,
+            k_proj: linear(d, d, attn.pp("k_proj"))?,
+            v_proj: linear(d, d, attn.pp("v_proj"))?,
+            out_proj: linear(d, d, attn.pp("out_proj"))?,
+            layer_norm2: layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: linear(d, c.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: linear(c.intermediate_size, d, vb.pp("mlp.fc2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, heads: usize, act: Activation) -> Result<Tensor> {
+        let h = self.layer_norm1.forward(x)?;
+        let (q, k, v) = (self.q_proj.forward(&h)?, self.k_proj.forward(&h)?, self.v_proj.forward(&h)?);
+        let x = (self.out_proj.forward(&attention(&q, &k, &v, heads, true)?)? + x)?;
+        let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
+        let h = match act {
+            Activation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
+            Activation::Gelu => h.gelu_erf()?,
+        };
+        self.fc2.forward(&h)? + x
+    }
+}
+
+#[derive(Debug)]
+pub struct ClipTextModel {
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: LayerNorm,
+    pub config: ClipConfig,
+}
+
+impl ClipTextModel {
+    pub fn new(c: &ClipConfig, vb: VarBuilder) -> anyhow::Result<Self> {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+            anyhow::bail!("hidden_size {} is not divisible into {} heads", c.hidden_size, c.num_attention_heads);
+        }
+        let emb = vb.pp("embeddings");
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| EncoderLayer::new(c, vb.pp(format!("encoder.layers.{i}"))))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            token_embedding: embedding(c.vocab_size, c.hidden_size, emb.pp("token_embedding"))?,
+            position_embedding: embedding(c.max_position_embeddings, c.hidden_size, emb.pp("position_embedding"))?,
+            layers,
+            final_layer_norm: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("final_layer_norm"))?,
+            config: c.clone(),
+        })
+    }
+
+    /// `ids: (B, L)` (u32) → the last hidden state after the final layer norm, `(B, L, D)`.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let len = ids.dim(1)?;
+        let positions = Tensor::arange(0u32, len as u32, ids.device())?;
+        let mut x = self.token_embedding.forward(ids)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, self.config.num_attention_heads, self.config.hidden_act)?;
+        }
+        self.final_layer_norm.forward(&x)
+    }
+}

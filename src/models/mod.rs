@@ -1,0 +1,29 @@
+//! Model code: the CLIP text encoder, the UNet and the VAE, built on candle-nn
+//! layers from a `VarBuilder` whose tensor names are diffusers' names.
+
+pub mod attention;
+pub mod blocks;
+pub mod clip;
+pub mod unet;
+pub mod vae;
+
+use serde::Deserialize;
+
+/// A config value that diffusers writes either as one number or one per block.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum PerBlock {
+    One(usize),
+    Each(Vec<usize>),
+}
+
+impl PerBlock {
+    /// The value for block `i` of `n`; a list of the wrong length is an error.
+    pub fn get(&self, i: usize, n: usize) -> anyhow::Result<usize> {
+        match self {
+            PerBlock::One(v) => Ok(*v),
+            PerBlock::Each(v) if v.len() == n => Ok(v[i]),
+            PerBlock::Each(v) => anyhow::bail!("expected 1 or {n} values per block, got {}", v.len()),
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! The conditional UNet (diffusers' `UNet2DConditionModel`) for SD 1.x/2.x
+//! layouts, configured from `unet/config.json` or from a checkpoint's tensors.
+
+use anyhow::{bail, Context};
+use candle_core::{Device, Module, Result, Tensor};
+use candle_nn::{group_norm, linear, Conv2d, GroupNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+use super::blocks::{conv3x3_same, norm_silu, Downsample, ResnetBlock, SpatialTransformer};
+use super::blocks::{SpatialTransformerConfig, Upsample};
+use super::PerBlock;
+
+/// The subset of diffusers' UNet config that the supported families use.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNetConfig {
+    #[serde(default = "four")]
+    pub in_channels: usize,
+    #[serde(default = "four")]
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    #[serde(default = "two")]
+    pub layers_per_block: usize,
+    pub cross_attention_dim: usize,
+    /// diffusers' misnomer: for SD 1.x/2.x this is the number of heads.
+    #[serde(default = "eight")]
+    pub attention_head_dim: PerBlock,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock>,
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    #[serde(default = "norm_eps")]
+    pub norm_eps: f64,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default = "one_layer")]
+    pub transformer_layers_per_block: PerBlock,
+    #[serde(default = "yes")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: usize,
+    /// Options of other model families that this UNet does not implement;
+    /// a config that sets them is refused instead of silently misread.
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
+}
+
+fn four() -> usize {
+    4
+}
+fn two() -> usize {
+    2
+}
+fn eight() -> PerBlock {
+    PerBlock::One(8)
+}
+fn thirty_two() -> usize {
+    32
+}
+fn norm_eps() -> f64 {
+    1e-5
+}
+fn one_layer() -> PerBlock {
+    PerBlock::One(1)
+}
+fn yes() -> bool {
+    true
+}
+
+/// Per-block settings resolved from the config.
+#[derive(Debug, Clone)]
+struct Level {
+    channels: usize,
+    attention: bool,
+    heads: usize,
+    depth: usize,
+}
+
+impl UNetConfig {
+    /// Checks the config and resolves per-level settings (down-block order).
+    fn levels(&self) -> anyhow::Result<Vec<Level>> {
+        let n = self.block_out_channels.len();
+        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
+            bail!("block_out_channels, down_block_types and up_block_types must have the same non-zero length");
+        }
+        for (what, v) in
+            [("addition_embed_type", &self.addition_embed_type), ("class_embed_type", &self.class_embed_type)]
+        {
+            if let Some(v) = v {
+                bail!("{what} = {v:?} is not supported yet");
+            }
+        }
+        if self.time_cond_proj_dim.is_some() {
+            bail!("time_cond_proj_dim (LCM guidance embedding) is not supported yet");
+        }
+        let heads = self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim);
+        (0..n)
+            .map(|i| {
+                let kind = &self.down_block_types[i];
+                let up_kind = &self.up_block_types[n - 1 - i];
+                let attention = kind.starts_with("CrossAttn");
+                if attention != up_kind.starts_with("CrossAttn") {
+                    bail!("down block {kind} does not mirror up block {up_kind}");
+                }
+                for t in [kind, up_kind] {
+                    if !matches!(
+                        t.as_str(),
+                        "CrossAttnDownBlock2D" | "DownBlock2D" | "CrossAttnUpBlock2D" | "UpBlock2D"
+                    ) {
+                        bail!("block type {t} is not supported");
+                    }
+                }
+                let channels = self.block_out_channels[i];
+                if !channels.is_multiple_of(self.norm_num_groups) {
+                    bail!("block width {channels} is not a multiple of norm_num_groups {}", self.norm_num_groups);
+                }
+                Ok(Level {
+                    channels,
+                    attention,
+                    heads: heads.get(i, n).context("attention heads")?,
+                    depth: self.transformer_layers_per_block.get(i, n).context("transformer_layers_per_block")?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    resnet: ResnetBlock,
+    attention: Option<SpatialTransformer>,
+}
+
+impl Layer {
+    fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let h = self.resnet.forward(x, Some(temb))?;
+        match &self.attention {
+            Some(a) => a.forward(&h, context),
+            None => Ok(h),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct DownBlock {
+    layers: Vec<Layer>,
+    downsample: Option<Downsample>,
+}
+
+#[derive(Debug)]
+struct UpBlock {
+    layers: Vec<Layer>,
+    upsample: Option<Upsample>,
+}
+
+#[derive(Debug)]
+pub struct UNet {
+    time_proj_dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: usize,
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    conv_in: Conv2d,
+    down: Vec<DownBlock>,
+    mid: (ResnetBlock, SpatialTransformer, ResnetBlock),
+    up: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    pub config: UNetConfig,
+}
+
+impl UNet {
+    pub fn new(config: &UNetConfig, vb: VarBuilder) -> anyhow::Result<Self> {
+        let levels = config.levels()?;
+        let n = levels.len();
+        let c0 = levels[0].channels;
+        let temb = 4 * c0;
+        let groups = config.norm_num_groups;
+        let eps = config.norm_eps;
+        let transformer = |level: &Level, channels: usize, vb: VarBuilder| {
+            SpatialTransformer::new(
+                &SpatialTransformerConfig {
+                    channels,
+                    heads: level.heads,
+                    depth: level.depth,
+                    context_dim: config.cross_attention_dim,
+                    groups,
+                    linear_projection: config.use_linear_projection,
+                },
+                vb,
+            )
+        };
+        let layer = |level: &Level, cin: usize, cout: usize, vb: &VarBuilder, j: usize| -> Result<Layer> {
+            Ok(Layer {
+                resnet: ResnetBlock::new(cin, cout, Some(temb), groups, eps, vb.pp(format!("resnets.{j}")))?,
+                attention: if level.attention {
+                    Some(transformer(level, cout, vb.pp(format!("attentions.{j}")))?)
+                } else {
+                    None
+                },
+            })
+        };
+        let mut down = Vec::with_capacity(n);
+        let mut cin = c0;
+        for (i, level) in levels.iter().enumerate() {
+            let vb = vb.pp(format!("down_blocks.{i}"));
+            let layers = (0..config.layers_per_block)
+                .map(|j| {
+                    let from = if j == 0 { cin } else { level.channels };
+                    layer(level, from, level.channels, &vb, j)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let downsample =
+                if i + 1 < n { Some(Downsample::new(level.channels, false, vb.pp("downsamplers.0"))?) } else { None };
+            down.push(DownBlock { layers, downsample });
+            cin = level.channels;
+        }
+        let last = &levels[n - 1];
+        let mid_vb = vb.pp("mid_block");
+        let mid = (
+            ResnetBlock::new(last.channels, last.channels, Some(temb), groups, eps, mid_vb.pp("resnets.0"))?,
+            transformer(last, last.channels, mid_vb.pp("attentions.0"))?,
+            ResnetBlock::new(last.channels, last.channels, Some(temb), groups, eps, mid_vb.pp("resnets.1"))?,
+        );
+        let mut up = Vec::with_capacity(n);
+        let mut prev = last.channels;
+        for i in 0..n {
+            let level = &levels[n - 1 - i];
+            let skip_in = levels[(n - 1 - i).saturating_sub(1)].channels;
+            let vb = vb.pp(format!("up_blocks.{i}"));
+            let count = config.layers_per_block + 1;
+            let layers = (0..count)
+                .map(|j| {
+                    let from = if j == 0 { prev } else { level.channels };
+                    let skip = if j + 1 == count { skip_in } else { level.channels };
+                    layer(level, from + skip, level.channels, &vb, j)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let upsample = if i + 1 < n { Some(Upsample::new(level.channels, vb.pp("upsamplers.0"))?) } else { None };
+            up.push(UpBlock { layers, upsample });
+            prev = level.channels;
+        }
+        Ok(Self {
+            time_proj_dim: c0,
+            flip_sin_to_cos: config.flip_sin_to_cos,
+            freq_shift: config.freq_shift,
+            time_linear_1: linear(c0, temb, vb.pp("time_embedding.linear_1"))?,
+            time_linear_2: linear(temb, temb, vb.pp("time_embedding.linear_2"))?,
+            conv_in: conv3x3_same(config.in_channels, c0, vb.pp("conv_in"))?,
+            down,
+            mid,
+            up,
+            conv_norm_out: group_norm(groups, c0, eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv3x3_same(c0, config.out_channels, vb.pp("conv_out"))?,
+            config: config.clone(),
+        })
+    }
+
+    /// The dtype the weights were loaded in.
+    pub fn dtype(&self) -> candle_core::DType {
+        self.conv_in.weight().dtype()
+    }
+
+    /// Sinusoidal timestep features, computed in f32 as diffusers does.
+    fn timestep_features(&self, t: f32, batch: usize, device: &Device) -> Result<Tensor> {
+        let half = self.time_proj_dim / 2;
+        let ln_period = -(10000f64.ln() as f32);
+        let denom = (half - self.freq_shift) as f32;
+        let args: Vec<f32> = (0..half).map(|i| t * (ln_period * i as f32 / denom).exp()).collect();
+        let (sin, cos): (Vec<f32>, Vec<f32>) = args.iter().map(|a| (a.sin(), a.cos())).unzip();
+        let row = if self.flip_sin_to_cos { [cos, sin].concat() } else { [sin, cos].concat() };
+        Tensor::from_vec(row, (1, 2 * half), device)?.repeat((batch, 1))
+    }
+
+    /// Predicts the model output for `sample: (B, C, H, W)` at timestep `t`
+    /// under `context: (B, L, D)`.
+    pub fn forward(&self, sample: &Tensor, t: f32, context: &Tensor) -> Result<Tensor> {
+        let batch = sample.dim(0)?;
+        let feats = self.timestep_features(t, batch, sample.device())?.to_dtype(sample.dtype())?;
+        let temb = self.time_linear_1.forward(&feats)?;
+        let temb = self.time_linear_2.forward(&candle_nn::ops::silu(&temb)?)?;
+        let mut h = self.conv_in.forward(sample)?;
+        let mut skips = vec![h.clone()];
+        for block in &self.down {
+            for layer in &block.layers {
+                h = layer.forward(&h, &temb, context)?;
+                skips.push(h.clone());
+            }
+            if let Some(d) = &block.downsample {
+                h = d.forward(&h)?;
+                skips.push(h.clone());
+            }
+        }
+        h = self.mid.0.forward(&h, Some(&temb))?;
+        h = self.mid.1.forward(&h, context)?;
+        h = self.mid.2.forward(&h, Some(&temb))?;
+        for block in &self.up {
+            for layer in &block.layers {
+                let skip = skips.pop().expect("one skip per up layer");
+                h = layer.forward(&Tensor::cat(&[&h, &skip], 1)?, &temb, context)?;
+            }
+            if let Some(u) = &block.upsample {
+                let (_, _, sh, sw) = skips.last().expect("skip after upsample").dims4()?;
+                h = u.forward(&h, (sh, sw))?;
+            }
+        }
+        self.conv_out.forward(&norm_silu(&self.conv_norm_out, &h)?)
+    }
+}

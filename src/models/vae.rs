@@ -1,0 +1,230 @@
+//! The KL autoencoder (diffusers' `AutoencoderKL`): the decoder turns latents
+//! into images, the encoder (loaded only when an image is encoded) the reverse.
+
+use anyhow::bail;
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{group_norm, Conv2d, GroupNorm, VarBuilder};
+use serde::Deserialize;
+
+use super::blocks::{conv1x1, conv3x3_same, norm_silu, Downsample, ResnetBlock, Upsample, VaeAttention};
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeConfig {
+    #[serde(default = "three")]
+    pub in_channels: usize,
+    #[serde(default = "three")]
+    pub out_channels: usize,
+    #[serde(default = "four")]
+    pub latent_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "one")]
+    pub layers_per_block: usize,
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    #[serde(default = "sd1_scaling")]
+    pub scaling_factor: f64,
+}
+
+fn three() -> usize {
+    3
+}
+fn four() -> usize {
+    4
+}
+fn one() -> usize {
+    1
+}
+fn thirty_two() -> usize {
+    32
+}
+fn sd1_scaling() -> f64 {
+    0.18215
+}
+
+/// Every norm in the VAE uses this epsilon (diffusers' default for it).
+const EPS: f64 = 1e-6;
+
+impl VaeConfig {
+    fn check(&self) -> anyhow::Result<()> {
+        if self.block_out_channels.is_empty() {
+            bail!("block_out_channels is empty");
+        }
+        if let Some(c) = self.block_out_channels.iter().find(|c| *c % self.norm_num_groups != 0) {
+            bail!("block width {c} is not a multiple of norm_num_groups {}", self.norm_num_groups);
+        }
+        Ok(())
+    }
+
+    /// Image pixels per latent pixel along each side.
+    pub fn downscale(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+}
+
+/// Middle of both halves: ResNet, self-attention, ResNet.
+#[derive(Debug)]
+struct MidBlock {
+    resnet_0: ResnetBlock,
+    attention: VaeAttention,
+    resnet_1: ResnetBlock,
+}
+
+impl MidBlock {
+    fn new(c: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            resnet_0: ResnetBlock::new(c, c, None, groups, EPS, vb.pp("resnets.0"))?,
+            attention: VaeAttention::new(c, groups, vb.pp("attentions.0"))?,
+            resnet_1: ResnetBlock::new(c, c, None, groups, EPS, vb.pp("resnets.1"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.resnet_0.forward(x, None)?;
+        let h = self.attention.forward(&h)?;
+        self.resnet_1.forward(&h, None)
+    }
+}
+
+#[derive(Debug)]
+struct Decoder {
+    conv_in: Conv2d,
+    mid: MidBlock,
+    up: Vec<(Vec<ResnetBlock>, Option<Upsample>)>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Decoder {
+    fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+        let g = cfg.norm_num_groups;
+        let chans: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
+        let mut prev = chans[0];
+        let mut up = Vec::with_capacity(chans.len());
+        for (i, &c) in chans.iter().enumerate() {
+            let vb = vb.pp(format!("up_blocks.{i}"));
+            let resnets = (0..=cfg.layers_per_block)
+                .map(|j| {
+                    ResnetBlock::new(if j == 0 { prev } else { c }, c, None, g, EPS, vb.pp(format!("resnets.{j}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let upsample = if i + 1 < chans.len() { Some(Upsample::new(c, vb.pp("upsamplers.0"))?) } else { None };
+            up.push((resnets, upsample));
+            prev = c;
+        }
+        let c0 = cfg.block_out_channels[0];
+        Ok(Self {
+            conv_in: conv3x3_same(cfg.latent_channels, chans[0], vb.pp("conv_in"))?,
+            mid: MidBlock::new(chans[0], g, vb.pp("mid_block"))?,
+            up,
+            conv_norm_out: group_norm(g, c0, EPS, vb.pp("conv_norm_out"))?,
+            conv_out: conv3x3_same(c0, cfg.out_channels, vb.pp("conv_out"))?,
+        })
+    }
+
+    fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        let mut h = self.mid.forward(&self.conv_in.forward(z)?)?;
+        for (resnets, upsample) in &self.up {
+            for r in resnets {
+                h = r.forward(&h, None)?;
+            }
+            if let Some(u) = upsample {
+                let (_, _, hh, ww) = h.dims4()?;
+                h = u.forward(&h, (2 * hh, 2 * ww))?;
+            }
+        }
+        self.conv_out.forward(&norm_silu(&self.conv_norm_out, &h)?)
+    }
+}
+
+#[derive(Debug)]
+struct Encoder {
+    conv_in: Conv2d,
+    down: Vec<(Vec<ResnetBlock>, Option<Downsample>)>,
+    mid: MidBlock,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Encoder {
+    fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+        let g = cfg.norm_num_groups;
+        let chans = &cfg.block_out_channels;
+        let mut prev = chans[0];
+        let mut down = Vec::with_capacity(chans.len());
+        for (i, &c) in chans.iter().enumerate() {
+            let vb = vb.pp(format!("down_blocks.{i}"));
+            let resnets = (0..cfg.layers_per_block)
+                .map(|j| {
+                    ResnetBlock::new(if j == 0 { prev } else { c }, c, None, g, EPS, vb.pp(format!("resnets.{j}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let downsample =
+                if i + 1 < chans.len() { Some(Downsample::new(c, true, vb.pp("downsamplers.0"))?) } else { None };
+            down.push((resnets, downsample));
+            prev = c;
+        }
+        let last = *chans.last().expect("checked non-empty");
+        Ok(Self {
+            conv_in: conv3x3_same(cfg.in_channels, chans[0], vb.pp("conv_in"))?,
+            down,
+            mid: MidBlock::new(last, g, vb.pp("mid_block"))?,
+            conv_norm_out: group_norm(g, last, EPS, vb.pp("conv_norm_out"))?,
+            conv_out: conv3x3_same(last, 2 * cfg.latent_channels, vb.pp("conv_out"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.conv_in.forward(x)?;
+        for (resnets, downsample) in &self.down {
+            for r in resnets {
+                h = r.forward(&h, None)?;
+            }
+            if let Some(d) = downsample {
+                h = d.forward(&h)?;
+            }
+        }
+        let h = self.mid.forward(&h)?;
+        self.conv_out.forward(&norm_silu(&self.conv_norm_out, &h)?)
+    }
+}
+
+#[derive(Debug)]
+pub struct Vae {
+    decoder: Decoder,
+    post_quant_conv: Conv2d,
+    encoder: Option<(Encoder, Conv2d)>,
+    pub config: VaeConfig,
+}
+
+impl Vae {
+    /// Builds the decoder, and the encoder too when `with_encoder` is set.
+    pub fn new(cfg: &VaeConfig, with_encoder: bool, vb: VarBuilder) -> anyhow::Result<Self> {
+        cfg.check()?;
+        let l = cfg.latent_channels;
+        let encoder = if with_encoder {
+            Some((Encoder::new(cfg, vb.pp("encoder"))?, conv1x1(2 * l, 2 * l, vb.pp("quant_conv"))?))
+        } else {
+            None
+        };
+        Ok(Self {
+            decoder: Decoder::new(cfg, vb.pp("decoder"))?,
+            post_quant_conv: conv1x1(l, l, vb.pp("post_quant_conv"))?,
+            encoder,
+            config: cfg.clone(),
+        })
+    }
+
+    /// Unscaled latents to images in [-1, 1] (not clamped).
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.decoder.forward(&self.post_quant_conv.forward(latents)?)
+    }
+
+    /// Images in [-1, 1] to the posterior mean (unscaled latents).
+    pub fn encode_mean(&self, images: &Tensor) -> anyhow::Result<Tensor> {
+        let Some((encoder, quant_conv)) = &self.encoder else {
+            bail!("the VAE was loaded without its encoder");
+        };
+        let moments = quant_conv.forward(&encoder.forward(images)?)?;
+        Ok(moments.narrow(1, 0, self.config.latent_channels)?)
+    }
+}

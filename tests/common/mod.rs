@@ -1,0 +1,45 @@
+//! Helpers shared by the integration tests: fixture paths, running the
+//! built binary, and comparing images level by level.
+#![allow(dead_code)] // each test crate uses a different subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+/// Runs `sdgen` with `args` on the CPU, without a models dir or network.
+pub fn sdgen(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sdgen"))
+        .args(args)
+        .args(["--device", "cpu", "--offline"])
+        .env("SDGEN_MODELS_DIR", fixture("no-models-here"))
+        .output()
+        .expect("sdgen runs")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn read_rgb(path: &Path) -> image::RgbImage {
+    image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8()
+}
+
+/// Largest and mean absolute difference in 8-bit levels.
+pub fn level_diff(a: &image::RgbImage, b: &image::RgbImage) -> (u8, f64) {
+    assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
+    let mut max = 0u8;
+    let mut sum = 0u64;
+    for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
+        let d = x.abs_diff(*y);
+        max = max.max(d);
+        sum += d as u64;
+    }
+    (max, sum as f64 / a.as_raw().len() as f64)
+}
+
+/// The parity tolerance: at most 3 levels anywhere and 0.5 on average.
+pub const MAX_LEVELS: u8 = 3;
+pub const MEAN_LEVELS: f64 = 0.5;

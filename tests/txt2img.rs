@@ -1,0 +1,195 @@
+//! txt2img parity with diffusers on the tiny SD1 model, from the diffusers
+//! folder and from the single-file checkpoint.
+
+mod common;
+
+use common::*;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    prompt: String,
+    negative_prompt: String,
+    seed: u64,
+    steps: usize,
+    cfg_scale: f64,
+    width: usize,
+    height: usize,
+    sampler: String,
+    png: String,
+}
+
+fn cases() -> Vec<Case> {
+    let text = std::fs::read_to_string(fixture("reference/sd1/cases.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn generate(model: &str, case: &Case, out: &std::path::Path) -> image::RgbImage {
+    let (seed, steps, cfg) = (case.seed.to_string(), case.steps.to_string(), case.cfg_scale.to_string());
+    let (w, h) = (case.width.to_string(), case.height.to_string());
+    let out_s = out.to_str().unwrap();
+    let o = sdgen(&[
+        "--model",
+        model,
+        "--prompt",
+        &case.prompt,
+        "--negative-prompt",
+        &case.negative_prompt,
+        "--seed",
+        &seed,
+        "--steps",
+        &steps,
+        "--cfg-scale",
+        &cfg,
+        "--width",
+        &w,
+        "--height",
+        &h,
+        "--sampler",
+        &case.sampler,
+        "--out",
+        out_s,
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "case {}: sdgen failed: {}", case.name, stderr(&o));
+    read_rgb(out)
+}
+
+#[test]
+fn folder_and_single_file_match_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = fixture("tiny-sd1");
+    let single = fixture("tiny-sd1.safetensors");
+    let mut failures = Vec::new();
+    for case in cases() {
+        let reference = read_rgb(&fixture(&format!("reference/sd1/{}", case.png)));
+        let a = generate(folder.to_str().unwrap(), &case, &dir.path().join(format!("{}-folder.png", case.name)));
+        let b = generate(single.to_str().unwrap(), &case, &dir.path().join(format!("{}-single.png", case.name)));
+        assert_eq!(a.as_raw(), b.as_raw(), "case {}: folder and single file differ", case.name);
+        let (max, mean) = level_diff(&a, &reference);
+        eprintln!("{:<24} max {max:>3} mean {mean:.4}", case.name);
+        if max > MAX_LEVELS || mean > MEAN_LEVELS {
+            failures.push(format!("{}: max {max}, mean {mean:.3}", case.name));
+        }
+    }
+    assert!(failures.is_empty(), "beyond tolerance (max {MAX_LEVELS}, mean {MEAN_LEVELS}): {failures:?}");
+}
+
+/// The references of cases that differ in prompt, seed or sampler differ far
+/// beyond the tolerance, so the parity test above can fail.
+#[test]
+fn changing_prompt_seed_or_sampler_changes_the_image() {
+    let cases = cases();
+    let mut compared = 0;
+    for (i, a) in cases.iter().enumerate() {
+        for b in &cases[i + 1..] {
+            if (a.width, a.height) != (b.width, b.height) {
+                continue;
+            }
+            let ra = read_rgb(&fixture(&format!("reference/sd1/{}", a.png)));
+            let rb = read_rgb(&fixture(&format!("reference/sd1/{}", b.png)));
+            let (max, mean) = level_diff(&ra, &rb);
+            assert!(
+                max > 10 * MAX_LEVELS && mean > 4.0 * MEAN_LEVELS,
+                "{} vs {}: only max {max}, mean {mean:.2} apart",
+                a.name,
+                b.name
+            );
+            compared += 1;
+        }
+    }
+    assert!(compared >= 10, "too few comparable cases: {compared}");
+}
+
+#[test]
+fn png_records_a1111_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("p.png");
+    let model = fixture("tiny-sd1.safetensors");
+    let o = sdgen(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red fox",
+        "--negative-prompt",
+        "blurry",
+        "--seed",
+        "42",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = sdgen::image_io::read_parameters(&out).unwrap().expect("parameters chunk");
+    let expected = format!(
+        "a red fox\nNegative prompt: blurry\nSteps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 64x64, \
+         Model hash: {}, Model: tiny-sd1, Version: sdgen {}",
+        sha256_10(&model),
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(text, expected);
+    let summary = String::from_utf8_lossy(&o.stdout);
+    assert!(summary.contains("seed 42"), "summary: {summary}");
+}
+
+fn sha256_10(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(std::fs::read(path).unwrap());
+    digest.iter().map(|b| format!("{b:02x}")).collect::<String>()[..10].to_string()
+}
+
+#[test]
+fn batch_count_uses_consecutive_seeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-sd1.safetensors");
+    let m = model.to_str().unwrap();
+    let common = ["--prompt", "a red fox", "--steps", "3", "--width", "64", "--height", "64", "--quiet"];
+    let batch = dir.path().join("fox.png");
+    let o = sdgen(
+        &[&["--model", m, "--seed", "7", "--batch-count", "2", "--out", batch.to_str().unwrap()], &common[..]].concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let single = dir.path().join("one.png");
+    let o = sdgen(&[&["--model", m, "--seed", "8", "--out", single.to_str().unwrap()], &common[..]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(dir.path().join("fox-0.png").is_file());
+    assert_eq!(read_rgb(&dir.path().join("fox-1.png")).as_raw(), read_rgb(&single).as_raw());
+    assert!(!batch.exists(), "with several images, only numbered files are written");
+}
+
+#[test]
+fn random_seed_is_printed_and_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r.png");
+    let model = fixture("tiny-sd1.safetensors");
+    let o = sdgen(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary = String::from_utf8_lossy(&o.stdout).into_owned();
+    let seed: u64 = summary
+        .split("seed ")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no seed in {summary:?}"));
+    let text = sdgen::image_io::read_parameters(&out).unwrap().unwrap();
+    assert!(text.contains(&format!("Seed: {seed},")), "{text}");
+}
