@@ -167,6 +167,12 @@ PROMPTS = [
     "สวัสดีชาวโลก",
     "ሰላም",
     "𝕳𝖊𝖑𝖑𝖔 𝓌𝑜𝓇𝓁𝒹",
+    # NFC with tokenizers' Unicode 9.0 tables: later compositions and combining classes unused
+    "\U000113c2\U000113c2 \U000113c5 tulu-tigalari",
+    "\U00011935\U00011930 \U00011938 dives akuru",
+    "\U0001611e\U0001611e\U0001611f gurung khema",
+    "q\u0345\u1df6 a\u0301\u1dfa\u0316",
+    "\u08d3\u0651\u064b arabic marks",
     # emoji
     "😀",
     "a cat 🐱 and a dog 🐶",
