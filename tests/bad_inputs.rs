@@ -17,12 +17,17 @@ struct Outcome {
 fn must_fail(model: &Path, extra: &[&str]) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
-    let mut args = vec!["--model", model.to_str().unwrap(), "--prompt", "a fox", "--steps", "1"];
-    args.extend(["--width", "64", "--height", "64", "--seed", "1", "--out", out.to_str().unwrap()]);
+    let mut args = vec!["--model", model.to_str().unwrap(), "--prompt", "a fox", "--out", out.to_str().unwrap()];
+    for (flag, value) in [("--steps", "1"), ("--width", "64"), ("--height", "64"), ("--seed", "1")] {
+        if !extra.contains(&flag) {
+            args.extend([flag, value]);
+        }
+    }
     args.extend(extra);
     let o = sdgen(&args);
     let stderr = stderr(&o);
     assert!(!o.status.success(), "expected failure, got success; stderr: {stderr}");
+    eprintln!("{}", stderr.trim_end());
     assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "panic: {stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line expected: {stderr}");
     assert!(!out.exists(), "an output file was written");

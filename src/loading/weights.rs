@@ -103,9 +103,11 @@ impl Checkpoint {
         }
         // SAFETY: the files are mapped read-only; as with every mmap, a file
         // truncated by another process while we run would fault.
-        let files = unsafe { MmapedSafetensors::multi(paths) }.map_err(|e| {
-            let names: Vec<_> = paths.iter().map(|p| p.display().to_string()).collect();
-            anyhow::anyhow!("{}: not a valid safetensors file: {e}", names.join(", "))
+        let files = unsafe { MmapedSafetensors::multi(paths) }.map_err(|e| match e {
+            candle_core::Error::WithPath { inner, path } => {
+                anyhow::anyhow!("{}: not a valid safetensors file: {inner}", path.display())
+            }
+            other => anyhow::anyhow!("{}: {other}", paths[0].display()),
         })?;
         let label = match paths {
             [one] => one.display().to_string(),

@@ -1,0 +1,112 @@
+//! Per-module parity with diffusers/transformers on the tiny SD1 model: text
+//! encoder, UNet (also at an odd latent size), VAE decoder, and the σ
+//! schedules of each sampler.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use common::fixture;
+use sdgen::loading::Model;
+use sdgen::sampling::samplers::Sampler;
+use sdgen::sampling::schedule::SchedulerConfig;
+
+fn references() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture("reference/sd1/modules.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn model() -> Model {
+    Model::load(&fixture("tiny-sd1"), &Device::Cpu, DType::F32).unwrap()
+}
+
+/// Max |a − b| relative to the reference's largest magnitude.
+fn relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
+    assert_eq!(actual.dims(), expected.dims());
+    let diff = (actual - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+    diff / scale
+}
+
+/// fp32 round-off only: both sides compute in f32 with different op orders.
+const TOLERANCE: f32 = 1e-4;
+
+#[test]
+fn text_encoder_matches_transformers() {
+    let r = references();
+    let m = model();
+    let ids = m.tokenizer.encode_padded("a red fox in the snow").ids;
+    let expected: Vec<i64> = r["clip.input_ids"].flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), expected, "token ids");
+    let ids = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let out = m.text_encoder.forward(&ids).unwrap();
+    let err = relative_error(&out, &r["clip.last_hidden_state"]);
+    eprintln!("text encoder: relative error {err:e}");
+    assert!(err < TOLERANCE, "text encoder relative error {err}");
+}
+
+#[test]
+fn unet_matches_diffusers_including_odd_latent_sizes() {
+    let r = references();
+    let m = model();
+    for prefix in ["unet", "unet_odd"] {
+        let t = r[&format!("{prefix}.timestep")].to_vec1::<f32>().unwrap()[0];
+        let out = m.unet.forward(&r[&format!("{prefix}.sample")], t, &r[&format!("{prefix}.context")]).unwrap();
+        let err = relative_error(&out, &r[&format!("{prefix}.out")]);
+        eprintln!("{prefix}: relative error {err:e}");
+        assert!(err < TOLERANCE, "{prefix}: relative error {err}");
+    }
+}
+
+#[test]
+fn vae_decoder_matches_diffusers() {
+    let r = references();
+    let m = model();
+    let out = m.vae.decode(&r["vae.latent"]).unwrap();
+    let err = relative_error(&out, &r["vae.image"]);
+    eprintln!("vae: relative error {err:e}");
+    assert!(err < TOLERANCE, "VAE relative error {err}");
+}
+
+fn close(a: f32, b: f32) -> bool {
+    (a - b).abs() <= 1e-6 * b.abs().max(1e-6)
+}
+
+#[test]
+fn schedules_match_diffusers_arrays() {
+    let r = references();
+    let cfg = SchedulerConfig::sd15();
+    let ac: Vec<f32> = r["sched.alphas_cumprod"].to_vec1().unwrap();
+    let ours = cfg.alphas_cumprod().unwrap();
+    assert!(ours.iter().zip(&ac).all(|(a, b)| close(*a, *b)), "alphas_cumprod");
+    for steps in [10, 20] {
+        for name in ["euler", "euler_a"] {
+            let s = Sampler::parse(name).unwrap().schedule(&cfg, steps).unwrap();
+            let key = |k: &str| format!("sched.{name}.{steps}.{k}");
+            let sigmas: Vec<f32> = r[&key("sigmas")].to_vec1().unwrap();
+            let timesteps: Vec<f32> = r[&key("timesteps")].to_vec1().unwrap();
+            let init = r[&key("init_noise_sigma")].to_vec1::<f32>().unwrap()[0];
+            assert_eq!(s.sigmas.len(), sigmas.len());
+            for (a, b) in s.sigmas.iter().zip(&sigmas) {
+                assert!(close(*a, *b), "{name}/{steps}: sigma {a} vs {b}");
+            }
+            for (a, b) in s.timesteps.iter().zip(&timesteps) {
+                assert!(close(*a, *b), "{name}/{steps}: timestep {a} vs {b}");
+            }
+            assert!(close(s.init_noise_scale, init), "{name}/{steps}: init noise {} vs {init}", s.init_noise_scale);
+        }
+        // DDIM: σ at each ᾱ_t, then at ᾱ_final; diffusers' init_noise_sigma is
+        // 1 in DDPM-space, i.e. √(σ₀² + 1) in σ-space.
+        let s = Sampler::Ddim.schedule(&cfg, steps).unwrap();
+        let key = |k: &str| format!("sched.ddim.{steps}.{k}");
+        let ts: Vec<i64> = r[&key("timesteps")].to_vec1().unwrap();
+        assert_eq!(s.timesteps, ts.iter().map(|&t| t as f32).collect::<Vec<_>>());
+        let mut alphas: Vec<f32> = r[&key("alphas_cumprod")].to_vec1().unwrap();
+        alphas.push(r[&key("final_alpha_cumprod")].to_vec1::<f32>().unwrap()[0]);
+        for (sigma, a) in s.sigmas.iter().zip(&alphas) {
+            assert!(close(*sigma, ((1.0 - a) / a).sqrt()), "ddim/{steps}: sigma {sigma} for alpha {a}");
+        }
+        let init = r[&key("init_noise_sigma")].to_vec1::<f32>().unwrap()[0];
+        assert!(close(s.init_noise_scale / (s.sigmas[0] * s.sigmas[0] + 1.0).sqrt(), init));
+    }
+}

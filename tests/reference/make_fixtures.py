@@ -1,0 +1,850 @@
+#!/usr/bin/env python3
+"""Generate the tiny Stable Diffusion 1.x fixtures and the diffusers reference outputs.
+
+Run from the repository root (the paths are derived from this file's location, so any
+working directory works):
+
+    python tests/reference/make_fixtures.py
+
+Everything is deterministic (fixed seeds, CPU, float32).  The script deletes and rewrites:
+
+    tests/fixtures/tiny-sd1/                     diffusers folder (tiny random SD1 model)
+    tests/fixtures/tiny-sd1.safetensors          the same model as one CompVis/LDM checkpoint (fp16)
+    tests/fixtures/reference/sd1/cases.json      pipeline cases + PNGs (diffusers outputs)
+    tests/fixtures/reference/sd1/*.png
+    tests/fixtures/reference/sd1/modules.safetensors   per-module / scheduler / RNG tensors
+
+See tests/reference/README.md and tests/fixtures/README.md.
+"""
+
+import gzip
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+torch.set_num_threads(2)
+
+import open_clip  # noqa: E402  (only for the location of bpe_simple_vocab_16e6.txt.gz)
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+
+diffusers.utils.logging.set_verbosity_error()
+transformers.utils.logging.set_verbosity_error()
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+MODEL_DIR = FIXTURES / "tiny-sd1"
+SINGLE_FILE = FIXTURES / "tiny-sd1.safetensors"
+REF_DIR = FIXTURES / "reference" / "sd1"
+
+SEED = 20240611  # base seed of all random weights
+
+# SD 1.5's scheduler/scheduler_config.json, verbatim (key order included).
+SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": diffusers.__version__,
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=2,
+    cross_attention_dim=64,
+    attention_head_dim=8,  # SD1 convention: this is the number of heads (8)
+    norm_num_groups=32,
+    use_linear_projection=False,
+)
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(32, 32, 64, 64),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=64,
+    scaling_factor=0.18215,
+)
+CLIP_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=1,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=64,
+)
+
+# Weight-shaping knobs (see README): std-normal weights scaled by gain/sqrt(fan_in),
+# residual-branch outputs by RES_GAIN, norms 1 + 0.1*N / 0.05*N, biases 0.05*N.
+GAIN = 1.0
+RES_GAIN = 0.5
+BIAS_STD = 0.05
+NORM_W_STD = 0.1
+NORM_B_STD = 0.05
+TOKEN_EMB_STD = 0.5
+POS_EMB_STD = 0.3
+UNET_ID_IN = 1.0  # conv_in: channels 0..3 = +latent, 4..7 = -latent
+UNET_ID_SHORTCUT = 2.0  # last up resnet's 1x1 shortcut passes those 8 skip channels on
+UNET_ID_OUT = 1.2  # conv_out: eps_c += UNET_ID_OUT * (ch_c - ch_{c+4})  (silu(z)-silu(-z) = z)
+UNET_F_OUT = 0.3  # scale of the remaining (random, prompt/time dependent) conv_out weights
+VAE_OUT_GAIN = 0.4  # decoder.conv_out scale: keeps images unsaturated
+
+SAMPLERS = {
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "ddim": DDIMScheduler,
+}
+
+LONG_PROMPT = (
+    "a highly detailed oil painting of an old lighthouse on a rocky cliff at sunset, "
+    "waves crashing against the rocks, seagulls flying over the water, warm orange and "
+    "purple sky with dramatic clouds, a small fishing boat returning to the harbor, "
+    "reflections on the wet stones, tall grass moving in the wind, a winding path leading "
+    "up to the lighthouse door, lanterns glowing in the windows of a cottage nearby, "
+    "stars beginning to appear in the darkening sky, trending on artstation, masterpiece"
+)
+
+CASES = [
+    # name, prompt, negative_prompt, seed, steps, cfg, width, height, sampler
+    ("cat_euler_a", "a photo of a cat", None, 42, 10, 7.5, 64, 64, "euler_a"),
+    ("cat_euler", "a photo of a cat", None, 42, 10, 7.5, 64, 64, "euler"),
+    ("cat_ddim", "a photo of a cat", None, 42, 10, 7.5, 64, 64, "ddim"),
+    ("cat_euler_seed7", "a photo of a cat", None, 7, 10, 7.5, 64, 64, "euler"),
+    ("fox_euler", "a red fox in the snow", None, 42, 10, 7.5, 64, 64, "euler"),
+    ("cat_euler_neg", "a photo of a cat", "blurry, low quality", 42, 10, 7.5, 64, 64, "euler"),
+    ("cat_euler_cfg1", "a photo of a cat", None, 42, 10, 1.0, 64, 64, "euler"),
+    ("cat_euler_a_cfg1", "a photo of a cat", None, 42, 10, 1.0, 64, 64, "euler_a"),
+    ("wide_72x48_euler", "a photo of a cat", None, 42, 10, 7.5, 72, 48, "euler"),
+    ("tall_48x72_euler_a", "a red fox in the snow", None, 1234, 10, 7.5, 48, 72, "euler_a"),
+    ("cat_euler_a_20", "a photo of a cat", None, 42, 20, 7.5, 64, 64, "euler_a"),
+    ("long_prompt_euler", LONG_PROMPT, None, 42, 10, 7.5, 64, 64, "euler"),
+    ("fox_ddim_20_bigseed", "a red fox in the snow", "cartoon", 3000000000, 20, 5.0, 64, 64, "ddim"),
+]
+
+# Pairs that differ in exactly one of sampler / seed / prompt / negative / cfg / steps.
+DIFF_PAIRS = [
+    ("cat_euler_a", "cat_euler"),
+    ("cat_euler_a", "cat_ddim"),
+    ("cat_euler", "cat_ddim"),
+    ("cat_euler", "cat_euler_seed7"),
+    ("cat_euler", "fox_euler"),
+    ("cat_euler", "long_prompt_euler"),
+    ("cat_euler", "cat_euler_neg"),
+    ("cat_euler", "cat_euler_cfg1"),
+    ("cat_euler_a", "cat_euler_a_cfg1"),
+    ("cat_euler_cfg1", "cat_euler_a_cfg1"),
+    ("cat_euler_a", "cat_euler_a_20"),
+]
+MIN_PAIR_DIFF = 5.0  # mean abs pixel difference, levels of 255
+MIN_STD = 10.0
+MAX_SATURATED = 0.02  # fraction of channel values equal to 0 or 255
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------
+
+
+def bytes_to_unicode():
+    """The reversible byte -> unicode-character table of GPT-2/CLIP byte-level BPE."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, [chr(c) for c in chars]))
+
+
+def clip_vocab_and_merges():
+    """CLIP's 49408-token vocabulary built from open_clip's bpe_simple_vocab_16e6.txt.gz."""
+    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    # line 0 is a header; CLIP uses the first 49152 - 256 - 2 merges
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    byte_chars = list(bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars]
+    tokens += ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    assert len(vocab) == len(tokens) == 49408, len(vocab)
+    assert len(merges) == 48894
+    return vocab, merges
+
+
+def write_tokenizer(out_dir: Path):
+    vocab, merges = clip_vocab_and_merges()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def write_vocab_files(d: Path):
+        with open(d / "vocab.json", "w", encoding="utf-8") as f:
+            json.dump(vocab, f, ensure_ascii=False)
+        with open(d / "merges.txt", "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n")
+            for a, b in merges:
+                f.write(f"{a} {b}\n")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, saved = Path(tmp) / "src", Path(tmp) / "saved"
+        src.mkdir()
+        write_vocab_files(src)
+        tok = CLIPTokenizer.from_pretrained(
+            str(src), model_max_length=77, pad_token="<|endoftext|>", local_files_only=True
+        )
+        # transformers 5.x saves tokenizer.json + tokenizer_config.json only; we ship SD1.5's file set
+        # (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json).
+        tok.save_pretrained(str(saved))
+        cfg = json.loads((saved / "tokenizer_config.json").read_text())
+        for k in ("is_local", "local_files_only", "name_or_path"):
+            cfg.pop(k, None)
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    write_vocab_files(out_dir)
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+    }
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+    tok = CLIPTokenizer.from_pretrained(str(out_dir), local_files_only=True)
+    ids = tok("a photo of a cat").input_ids
+    assert ids == [49406, 320, 1125, 539, 320, 2368, 49407], ids
+    assert tok.model_max_length == 77 and tok.pad_token_id == 49407, (tok.model_max_length, tok.pad_token_id)
+    assert len(tok) == 49408
+    return tok
+
+
+# --------------------------------------------------------------------------------------
+# Random weights
+# --------------------------------------------------------------------------------------
+
+
+def randn(name, shape):
+    g = torch.Generator().manual_seed(SEED ^ zlib.crc32(name.encode()))
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float64)
+
+
+RESIDUAL_OUTPUTS = ("conv2", "to_out.0", "ff.net.2", "proj_out", "out_proj", "fc2")
+
+
+@torch.no_grad()
+def init_random(model: nn.Module, prefix: str):
+    """Give every parameter a random, distinct value (no ones/zeros anywhere)."""
+    for mname, mod in model.named_modules():
+        full = prefix + mname
+        if isinstance(mod, (nn.GroupNorm, nn.LayerNorm)):
+            mod.weight.copy_(1 + NORM_W_STD * randn(full + ".weight", mod.weight.shape))
+            mod.bias.copy_(NORM_B_STD * randn(full + ".bias", mod.bias.shape))
+        elif isinstance(mod, (nn.Linear, nn.Conv2d)):
+            fan_in = mod.weight[0].numel()
+            gain = RES_GAIN if mname.endswith(RESIDUAL_OUTPUTS) else GAIN
+            mod.weight.copy_(gain / math.sqrt(fan_in) * randn(full + ".weight", mod.weight.shape))
+            if mod.bias is not None:
+                mod.bias.copy_(BIAS_STD * randn(full + ".bias", mod.bias.shape))
+        elif isinstance(mod, nn.Embedding):
+            std = TOKEN_EMB_STD if "token" in mname else POS_EMB_STD
+            mod.weight.copy_(std * randn(full + ".weight", mod.weight.shape))
+
+
+@torch.no_grad()
+def round_to_fp16(model: nn.Module):
+    for p in model.parameters():
+        p.copy_(p.half().float())
+
+
+@torch.no_grad()
+def build_unet():
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    init_random(unet, "unet.")
+    # Cross-attention output at full gain, so prompts matter.
+    for name, mod in unet.named_modules():
+        if name.endswith("attn2.to_out.0"):
+            mod.weight.mul_(1.0 / RES_GAIN)
+    # A denoiser-like path: eps ~= UNET_ID_OUT * (standardized input latent) + f(x, t, text).
+    w = unet.conv_in.weight  # [32, 4, 3, 3]
+    w[:8].mul_(0.1)
+    for c in range(4):
+        w[c, c, 1, 1] += UNET_ID_IN
+        w[4 + c, c, 1, 1] -= UNET_ID_IN
+    last = unet.up_blocks[-1].resnets[-1]
+    h_ch = last.conv_shortcut.weight.shape[1] - unet.config.block_out_channels[0]
+    cs = last.conv_shortcut.weight  # [32, 64, 1, 1]; input = cat(h, skip=conv_in output)
+    cs[:8].mul_(0.1)
+    for c in range(8):
+        cs[c, h_ch + c, 0, 0] += UNET_ID_SHORTCUT
+    wo = unet.conv_out.weight  # [4, 32, 3, 3]
+    wo.mul_(UNET_F_OUT)
+    for c in range(4):
+        wo[c, c, 1, 1] += UNET_ID_OUT
+        wo[c, 4 + c, 1, 1] -= UNET_ID_OUT
+    round_to_fp16(unet)
+    return unet.eval()
+
+
+@torch.no_grad()
+def build_vae():
+    vae = AutoencoderKL(**VAE_CONFIG)
+    init_random(vae, "vae.")
+    vae.decoder.conv_out.weight.mul_(VAE_OUT_GAIN)
+    round_to_fp16(vae)
+    return vae.eval()
+
+
+@torch.no_grad()
+def build_text_encoder():
+    te = CLIPTextModel(CLIPTextConfig(**CLIP_CONFIG))
+    init_random(te, "text_encoder.")
+    round_to_fp16(te)
+    return te.eval()
+
+
+def check_weights(name, sd):
+    seen = {}
+    for k, v in sd.items():
+        v = v.float()
+        assert v.numel() > 1 and float(v.std()) > 0, f"{name}.{k} is constant"
+        assert not torch.all(v == 0) and not torch.all(v == 1), f"{name}.{k} is zeros/ones"
+        assert torch.equal(v, v.half().float()), f"{name}.{k} is not fp16-representable"
+        digest = hashlib.sha256(v.numpy().tobytes()).hexdigest()
+        assert digest not in seen, f"{name}.{k} duplicates {seen[digest]}"
+        seen[digest] = k
+
+
+# --------------------------------------------------------------------------------------
+# diffusers -> CompVis/LDM key mapping (inverse of diffusers' single-file converter)
+# --------------------------------------------------------------------------------------
+
+UNET_RESNET_RENAMES = [
+    ("norm1.", "in_layers.0."),
+    ("conv1.", "in_layers.2."),
+    ("time_emb_proj.", "emb_layers.1."),
+    ("norm2.", "out_layers.0."),
+    ("conv2.", "out_layers.3."),
+    ("conv_shortcut.", "skip_connection."),
+]
+
+
+def _unet_resnet(rest):
+    for a, b in UNET_RESNET_RENAMES:
+        if rest.startswith(a):
+            return b + rest[len(a) :]
+    raise KeyError(rest)
+
+
+def unet_key_to_ldm(key, cfg):
+    L = cfg["layers_per_block"]
+    up_has_attn = ["CrossAttn" in t for t in cfg["up_block_types"]]
+    fixed = {
+        "time_embedding.linear_1.": "time_embed.0.",
+        "time_embedding.linear_2.": "time_embed.2.",
+        "conv_in.": "input_blocks.0.0.",
+        "conv_norm_out.": "out.0.",
+        "conv_out.": "out.2.",
+    }
+    for a, b in fixed.items():
+        if key.startswith(a):
+            return b + key[len(a) :]
+    m = re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if m:
+        b, kind, l, rest = int(m[1]), m[2], int(m[3]), m[4]
+        idx = 1 + b * (L + 1) + l
+        return f"input_blocks.{idx}.0.{_unet_resnet(rest)}" if kind == "resnets" else f"input_blocks.{idx}.1.{rest}"
+    m = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key)
+    if m:
+        return f"input_blocks.{1 + int(m[1]) * (L + 1) + L}.0.op.{m[2]}"
+    m = re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key)
+    if m:
+        return f"middle_block.{2 * int(m[1])}.{_unet_resnet(m[2])}"
+    m = re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key)
+    if m:
+        return f"middle_block.1.{m[1]}"
+    m = re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if m:
+        b, kind, l, rest = int(m[1]), m[2], int(m[3]), m[4]
+        idx = b * (L + 1) + l
+        return f"output_blocks.{idx}.0.{_unet_resnet(rest)}" if kind == "resnets" else f"output_blocks.{idx}.1.{rest}"
+    m = re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key)
+    if m:
+        b = int(m[1])
+        return f"output_blocks.{b * (L + 1) + L}.{2 if up_has_attn[b] else 1}.conv.{m[2]}"
+    raise KeyError(key)
+
+
+VAE_ATTN_RENAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def vae_key_to_ldm(key, cfg):
+    n_up = len(cfg["up_block_types"])
+    for a, b in {"quant_conv.": "quant_conv.", "post_quant_conv.": "post_quant_conv."}.items():
+        if key.startswith(a):
+            return b + key[len(a) :]
+    m = re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out|conv_norm_out)\.(.+)", key)
+    if m:
+        return f"{m[1]}.{'norm_out' if m[2] == 'conv_norm_out' else m[2]}.{m[3]}"
+    m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key)
+    if m:
+        return f"encoder.down.{m[1]}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key)
+    if m:
+        return f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
+    m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key)
+    if m:
+        return f"decoder.up.{n_up - 1 - int(m[1])}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key)
+    if m:
+        return f"decoder.up.{n_up - 1 - int(m[1])}.upsample.conv.{m[2]}"
+    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key)
+    if m:
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(.+)", key)
+    if m:
+        return f"{m[1]}.mid.attn_1.{VAE_ATTN_RENAMES[m[2]]}.{m[3]}"
+    raise KeyError(key)
+
+
+def ldm_schedule_buffers():
+    """The DDPM buffers CompVis' LatentDiffusion.register_schedule stores (computed in f64, kept f32)."""
+    n = 1000
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, n, dtype=np.float64) ** 2
+    alphas = 1.0 - betas
+    ac = np.cumprod(alphas, axis=0)
+    ac_prev = np.append(1.0, ac[:-1])
+    post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+    bufs = {
+        "betas": betas,
+        "alphas_cumprod": ac,
+        "alphas_cumprod_prev": ac_prev,
+        "sqrt_alphas_cumprod": np.sqrt(ac),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - ac),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1),
+        "posterior_variance": post_var,
+        "posterior_log_variance_clipped": np.log(np.maximum(post_var, 1e-20)),
+        "posterior_mean_coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
+        "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+    }
+    return {k: torch.tensor(v, dtype=torch.float32) for k, v in bufs.items()}
+
+
+def build_single_file(pipe):
+    sd = {}
+
+    def put(k, v):
+        assert k not in sd, f"duplicate key {k}"
+        sd[k] = v.detach().contiguous()
+
+    ucfg, vcfg = dict(pipe.unet.config), dict(pipe.vae.config)
+    for k, v in pipe.unet.state_dict().items():
+        put("model.diffusion_model." + unet_key_to_ldm(k, ucfg), v.half())
+    for k, v in pipe.vae.state_dict().items():
+        lk = vae_key_to_ldm(k, vcfg)
+        v = v.half()
+        if ".mid.attn_1." in lk and lk.endswith(".weight") and v.ndim == 2:
+            v = v[:, :, None, None]  # LDM stores the VAE attention projections as 1x1 convs
+        put("first_stage_model." + lk, v)
+    te_sd = pipe.text_encoder.state_dict()
+    for k, v in te_sd.items():
+        k = k if k.startswith("text_model.") else "text_model." + k
+        put("cond_stage_model.transformer." + k, v.half())
+    put("cond_stage_model.transformer.text_model.embeddings.position_ids", torch.arange(77, dtype=torch.int64)[None])
+    for k, v in ldm_schedule_buffers().items():
+        put(k, v)
+    # EMA bookkeeping as in the original checkpoints (flattened names, only a couple of tensors here:
+    # fewer than 100 model_ema keys, so diffusers ignores them; loaders must not use them).
+    put("model_ema.decay", torch.tensor(0.9999, dtype=torch.float32))
+    put("model_ema.num_updates", torch.tensor(470000, dtype=torch.int32))
+    for k in ("out.2.weight", "out.2.bias", "input_blocks.0.0.bias"):
+        v = sd["model.diffusion_model." + k].float()
+        ema = v + 0.01 * randn("ema." + k, v.shape).float()
+        put("model_ema.diffusion_model" + k.replace(".", ""), ema.half())
+    return sd
+
+
+# --------------------------------------------------------------------------------------
+# Pipeline helpers
+# --------------------------------------------------------------------------------------
+
+
+def set_sampler(pipe, sampler):
+    pipe.scheduler = SAMPLERS[sampler].from_config(SCHEDULER_CONFIG)
+
+
+def run_case(pipe, case, output_type="np", callback=None):
+    name, prompt, neg, seed, steps, cfg, w, h, sampler = case
+    set_sampler(pipe, sampler)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    kwargs = {}
+    if callback is not None:
+        kwargs = dict(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
+    with torch.no_grad():
+        out = pipe(
+            prompt=prompt,
+            negative_prompt=neg,
+            num_inference_steps=steps,
+            guidance_scale=cfg,
+            width=w,
+            height=h,
+            generator=gen,
+            output_type=output_type,
+            **kwargs,
+        )
+    return out.images if output_type == "latent" else out.images[0]
+
+
+def to_uint8(img):
+    return np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def state_dicts_equal(a, b, what):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb), f"{what}: key sets differ: {set(sa) ^ set(sb)}"
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), f"{what}: {k} differs"
+    return len(sa)
+
+
+def chmod_tree(path: Path):
+    for p in [path] + list(path.rglob("*")) if path.is_dir() else [path]:
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+
+
+def file_sizes(path: Path):
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [(str(p.relative_to(FIXTURES)), p.stat().st_size) for p in files]
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+
+def main():
+    t_start = time.time()
+    log(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}")
+    for p in (MODEL_DIR, REF_DIR):
+        if p.exists():
+            shutil.rmtree(p)
+    if SINGLE_FILE.exists():
+        SINGLE_FILE.unlink()
+    MODEL_DIR.mkdir(parents=True)
+    REF_DIR.mkdir(parents=True)
+
+    # ---- 1. diffusers folder -------------------------------------------------------
+    log("building tokenizer + models")
+    write_tokenizer(MODEL_DIR / "tokenizer")
+    unet, vae, te = build_unet(), build_vae(), build_text_encoder()
+    for name, m in (("unet", unet), ("vae", vae), ("text_encoder", te)):
+        check_weights(name, m.state_dict())
+    # Every component stored in fp16 (its values are fp16-exact), each in another of
+    # the file layouts diffusers folders come in, so the loader meets all three:
+    # the `.fp16` variant name (UNet), the plain name (VAE), and shards with an
+    # index (text encoder; the token table is one shard on its own).
+    unet.half().save_pretrained(str(MODEL_DIR / "unet"), safe_serialization=True, variant="fp16")
+    vae.half().save_pretrained(str(MODEL_DIR / "vae"), safe_serialization=True)
+    te.half().save_pretrained(str(MODEL_DIR / "text_encoder"), safe_serialization=True, max_shard_size="2MB")
+    for m in (unet, vae, te):
+        m.float()
+    (MODEL_DIR / "scheduler").mkdir()
+    (MODEL_DIR / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2) + "\n")
+    (MODEL_DIR / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    chmod_tree(MODEL_DIR)
+
+    folder_kw = dict(dtype=torch.float32, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(MODEL_DIR),
+        unet=UNet2DConditionModel.from_pretrained(str(MODEL_DIR), subfolder="unet", variant="fp16", **folder_kw),
+        vae=AutoencoderKL.from_pretrained(str(MODEL_DIR), subfolder="vae", **folder_kw),
+        text_encoder=CLIPTextModel.from_pretrained(str(MODEL_DIR), subfolder="text_encoder", **folder_kw),
+        safety_checker=None,
+        **folder_kw,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for name, built in (("unet", unet), ("vae", vae), ("text_encoder", te)):
+        state_dicts_equal(getattr(pipe, name), built, f"folder {name}")
+    te_index = json.loads((MODEL_DIR / "text_encoder" / "model.safetensors.index.json").read_text())
+    te_shards = sorted(set(te_index["weight_map"].values()))
+    assert len(te_shards) > 1, "the text encoder should be sharded"
+    te_keys = []
+    for shard in te_shards:
+        with safe_open(str(MODEL_DIR / "text_encoder" / shard), "pt") as f:
+            assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
+            te_keys += list(f.keys())
+    log(f"text_encoder: {len(te_keys)} fp16 tensors in {len(te_shards)} shards, e.g. {sorted(te_keys)[0]}")
+
+    # ---- 2. single-file checkpoint -----------------------------------------------------
+    log("writing + validating single-file checkpoint")
+    sd = build_single_file(pipe)
+    save_file(sd, str(SINGLE_FILE), metadata={"format": "pt"})
+    chmod_tree(SINGLE_FILE)
+    sf_pipe = StableDiffusionPipeline.from_single_file(
+        str(SINGLE_FILE), config=str(MODEL_DIR), local_files_only=True, dtype=torch.float32, safety_checker=None
+    )
+    sf_pipe.set_progress_bar_config(disable=True)
+    n_checked = 0
+    for name in ("unet", "vae", "text_encoder"):
+        n_checked += state_dicts_equal(getattr(sf_pipe, name), getattr(pipe, name), f"single-file {name}")
+    sf_case = CASES[0]
+    img_folder = run_case(pipe, sf_case)
+    img_single = run_case(sf_pipe, sf_case)
+    assert np.array_equal(img_folder, img_single), "single-file image differs from folder image"
+    sf_result = (
+        f"from_single_file: {n_checked} tensors identical to the folder pipeline; "
+        f"case {sf_case[0]} image bit-identical (max abs diff {np.abs(img_folder - img_single).max()})"
+    )
+    log(sf_result)
+    del sf_pipe
+
+    # ---- 3. pipeline cases ------------------------------------------------------------
+    n_long = len(pipe.tokenizer(LONG_PROMPT).input_ids)
+    assert n_long > 77, n_long
+    log(f"long prompt: {n_long} tokens incl. BOS/EOS (diffusers keeps the first 77)")
+    log("running pipeline cases")
+    cases_json, images, raw = [], {}, {}
+    for case in CASES:
+        name, prompt, neg, seed, steps, cfg, w, h, sampler = case
+        t0 = time.time()
+        img = run_case(pipe, case)
+        assert img.shape == (h, w, 3), img.shape
+        u8 = to_uint8(img)
+        Image.fromarray(u8, "RGB").save(REF_DIR / f"{name}.png")
+        images[name], raw[name] = u8, img
+        cases_json.append(
+            dict(
+                name=name,
+                prompt=prompt,
+                negative_prompt=neg,
+                seed=seed,
+                steps=steps,
+                cfg_scale=cfg,
+                width=w,
+                height=h,
+                sampler=sampler,
+                png=f"{name}.png",
+            )
+        )
+        log(f"  {name}: {time.time() - t0:.1f}s")
+    # PNG round trip
+    for name, u8 in images.items():
+        back = np.asarray(Image.open(REF_DIR / f"{name}.png"))
+        assert back.dtype == np.uint8 and back.shape == u8.shape and np.array_equal(back, u8)
+    meta = {
+        "model": "tests/fixtures/tiny-sd1",
+        "single_file": "tests/fixtures/tiny-sd1.safetensors",
+        "produced_by": "tests/reference/make_fixtures.py",
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "dtype": "float32",
+        "device": "cpu",
+        "pixel_conversion": "round(clip(x, 0, 1) * 255) of diffusers' output_type='np'",
+        "cases": cases_json,
+    }
+    (REF_DIR / "cases.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+
+    # ---- 4. per-module tensors -------------------------------------------------------------
+    log("per-module tensors")
+    mod = {}
+    tok = pipe.tokenizer
+
+    def ids_of(prompts):
+        return tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+    with torch.no_grad():
+        ids = ids_of(["a red fox in the snow"])
+        mod["clip.input_ids"] = ids.to(torch.int64)
+        mod["clip.last_hidden_state"] = pipe.text_encoder(ids)[0]
+
+        g = torch.Generator().manual_seed(1001)
+        mod["unet.sample"] = torch.randn((2, 4, 8, 8), generator=g)
+        mod["unet.timestep"] = torch.tensor([712.5], dtype=torch.float32)
+        mod["unet.context"] = pipe.text_encoder(ids_of(["", "a red fox in the snow"]))[0]
+        mod["unet.out"] = pipe.unet(mod["unet.sample"], mod["unet.timestep"], encoder_hidden_states=mod["unet.context"]).sample
+
+        g = torch.Generator().manual_seed(1002)
+        mod["unet_odd.sample"] = torch.randn((1, 4, 9, 6), generator=g)
+        mod["unet_odd.timestep"] = torch.tensor([301.25], dtype=torch.float32)
+        mod["unet_odd.context"] = pipe.text_encoder(ids_of(["a photo of a cat"]))[0]
+        mod["unet_odd.out"] = pipe.unet(
+            mod["unet_odd.sample"], mod["unet_odd.timestep"], encoder_hidden_states=mod["unet_odd.context"]
+        ).sample
+
+        latents = run_case(pipe, CASES[1], output_type="latent")  # cat_euler final latents
+        mod["vae.latent"] = latents / pipe.vae.config.scaling_factor
+        mod["vae.image"] = pipe.vae.decode(mod["vae.latent"]).sample
+        # the decoded latent is exactly the cat_euler PNG
+        vae_png = to_uint8((mod["vae.image"][0].permute(1, 2, 0).numpy() / 2 + 0.5))
+        assert np.array_equal(vae_png, images[CASES[1][0]])
+
+    for sampler in ("euler", "euler_a", "ddim"):
+        for steps in (10, 20):
+            s = SAMPLERS[sampler].from_config(SCHEDULER_CONFIG)
+            s.set_timesteps(steps)
+            p = f"sched.{sampler}.{steps}"
+            mod[p + ".timesteps"] = s.timesteps.clone()
+            ins = s.init_noise_sigma
+            mod[p + ".init_noise_sigma"] = (ins.reshape(1) if torch.is_tensor(ins) else torch.tensor([ins])).float()
+            if sampler == "ddim":
+                ts = s.timesteps
+                prev = ts - s.config.num_train_timesteps // steps
+                mod[p + ".alphas_cumprod"] = s.alphas_cumprod[ts].clone()
+                mod[p + ".alphas_cumprod_prev"] = torch.stack(
+                    [s.alphas_cumprod[int(t)] if t >= 0 else s.final_alpha_cumprod for t in prev]
+                ).float()
+                mod[p + ".final_alpha_cumprod"] = s.final_alpha_cumprod.reshape(1).float()
+            else:
+                mod[p + ".sigmas"] = s.sigmas.clone()
+    mod["sched.alphas_cumprod"] = DDIMScheduler.from_config(SCHEDULER_CONFIG).alphas_cumprod.clone()
+
+    # torch CPU RNG draws (what torch.Generator('cpu').manual_seed(seed) + torch.randn give)
+    for seed, shape in ((42, (1, 4, 8, 8)), (42, (1, 4, 6, 9)), (7, (1, 4, 8, 8)), (3000000000, (1, 4, 8, 8)),
+                        (2**32 + 42, (1, 4, 8, 8)), (42, (1, 3)), (42, (17,))):
+        g = torch.Generator().manual_seed(seed)
+        key = f"rng.{seed}." + "x".join(map(str, shape))
+        mod[key] = torch.randn(shape, generator=g)
+        if shape == (1, 4, 8, 8) and seed == 42:
+            mod[key + ".second"] = torch.randn(shape, generator=g)  # next draw from the same stream
+
+    # per-step latents (after each scheduler step) for three samplers
+    for case in CASES[:3]:
+        steps_lat = []
+
+        def cb(p_, i, t, kw):
+            steps_lat.append(kw["latents"].clone())
+            return {}
+
+        img = run_case(pipe, case, callback=cb)
+        assert np.array_equal(to_uint8(img), images[case[0]])
+        mod[f"trace.{case[0]}.step_latents"] = torch.stack(steps_lat)
+
+    mod = {k: v.detach().contiguous() for k, v in mod.items()}
+    for k, v in mod.items():
+        assert v.dtype in (torch.float32, torch.float64, torch.int64), (k, v.dtype)
+    save_file(mod, str(REF_DIR / "modules.safetensors"), metadata={"format": "pt"})
+    chmod_tree(REF_DIR)
+
+    # ---- 5. statistics ---------------------------------------------------------------
+    log("\nimage statistics (levels of 255):")
+    log(f"  {'case':24s} {'mean':>6s} {'std':>6s} {'sat%':>6s}")
+    for name, u8 in images.items():
+        f = u8.astype(np.float64)
+        sat = float(np.mean((u8 == 0) | (u8 == 255)))
+        log(f"  {name:24s} {f.mean():6.1f} {f.std():6.1f} {100 * sat:6.2f}")
+        assert f.std() >= MIN_STD, f"{name}: image too flat"
+        assert sat <= MAX_SATURATED, f"{name}: too many saturated pixels"
+    log("\npairs differing in one setting: mean abs pixel diff (levels)")
+    for a, b in DIFF_PAIRS:
+        d = np.abs(images[a].astype(np.float64) - images[b]).mean()
+        log(f"  {a:20s} vs {b:20s} {d:6.1f}")
+        assert d >= MIN_PAIR_DIFF, f"{a} vs {b}: only {d:.2f} levels apart"
+    same = [n for n, im in images.items() if im.shape == (64, 64, 3)]
+    dmin = min(
+        (np.abs(images[a].astype(np.float64) - images[b]).mean(), a, b) for a, b in itertools.combinations(same, 2)
+    )
+    log(f"  smallest difference over all 64x64 pairs: {dmin[0]:.1f} ({dmin[1]} vs {dmin[2]})")
+
+    # numerical robustness: the same cases in float64 with identical noise
+    log("\nfloat64 vs float32 (same noise), |diff| of the [0,255]-scaled output before rounding:")
+    from diffusers.utils import torch_utils
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion as psd
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as sea
+
+    orig = torch_utils.randn_tensor
+
+    def randn_f32(shape, generator=None, device=None, dtype=None, layout=None):
+        return orig(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+
+    psd.randn_tensor, sea.randn_tensor = randn_f32, randn_f32
+    try:
+        pipe.to(torch.float64)
+        worst = 0.0
+        for case in CASES:
+            if case[0] not in ("cat_euler_a_20", "cat_ddim", "wide_72x48_euler", "tall_48x72_euler_a", "fox_ddim_20_bigseed"):
+                continue
+            img64 = run_case(pipe, case)
+            d = np.abs(img64 - raw[case[0]]) * 255
+            worst = max(worst, d.max())
+            log(f"  {case[0]:24s} max {d.max():.5f} mean {d.mean():.6f}")
+        assert worst < 0.05, "reference outputs are numerically fragile"
+    finally:
+        psd.randn_tensor, sea.randn_tensor = orig, orig
+        pipe.to(torch.float32)
+
+    log("\nsizes (bytes):")
+    total = 0
+    for path in (MODEL_DIR, SINGLE_FILE, REF_DIR):
+        for rel, size in file_sizes(path):
+            total += size
+            log(f"  {size:10d}  {rel}")
+    log(f"  {total:10d}  total")
+    log("\n" + sf_result)
+    log(f"done in {time.time() - t_start:.0f}s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
