@@ -229,9 +229,7 @@ pub fn infer_unet(t: &Tensors) -> anyhow::Result<UNetConfig> {
         transformer_layers_per_block: PerBlock::Each(depth),
         flip_sin_to_cos: true,
         freq_shift: 0,
-        addition_embed_type: None,
-        class_embed_type: None,
-        time_cond_proj_dim: None,
+        other: Default::default(),
     })
 }
 
@@ -253,6 +251,7 @@ pub fn infer_vae(t: &Tensors, scaling_factor: f64) -> anyhow::Result<VaeConfig> 
         layers_per_block: t.count(&format!("{p}decoder.up.0.block.")) - 1,
         norm_num_groups: 32,
         scaling_factor,
+        other: Default::default(),
     })
 }
 

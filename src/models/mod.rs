@@ -7,6 +7,8 @@ pub mod clip;
 pub mod unet;
 pub mod vae;
 
+use std::collections::HashMap;
+
 use serde::Deserialize;
 
 /// A config value that diffusers writes either as one number or one per block.
@@ -26,4 +28,22 @@ impl PerBlock {
             PerBlock::Each(v) => anyhow::bail!("expected 1 or {n} values per block, got {}", v.len()),
         }
     }
+}
+
+/// Refuses config settings that our modules do not implement. `supported`
+/// lists, per key, the JSON values we can run; an absent key is fine (the
+/// default), any other value is an error instead of a silently wrong model.
+pub fn check_supported(
+    extra: &HashMap<String, serde_json::Value>,
+    supported: &[(&str, &[&str])],
+) -> anyhow::Result<()> {
+    for (key, allowed) in supported {
+        if let Some(value) = extra.get(*key) {
+            let text = value.to_string();
+            if !allowed.contains(&text.as_str()) {
+                anyhow::bail!("config {key} = {text} is not supported (supported: {})", allowed.join(", "));
+            }
+        }
+    }
+    Ok(())
 }

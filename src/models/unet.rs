@@ -1,6 +1,8 @@
 //! The conditional UNet (diffusers' `UNet2DConditionModel`) for SD 1.x/2.x
 //! layouts, configured from `unet/config.json` or from a checkpoint's tensors.
 
+use std::collections::HashMap;
+
 use anyhow::{bail, Context};
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{group_norm, linear, Conv2d, GroupNorm, Linear, VarBuilder};
@@ -40,15 +42,32 @@ pub struct UNetConfig {
     pub flip_sin_to_cos: bool,
     #[serde(default)]
     pub freq_shift: usize,
-    /// Options of other model families that this UNet does not implement;
-    /// a config that sets them is refused instead of silently misread.
-    #[serde(default)]
-    pub addition_embed_type: Option<String>,
-    #[serde(default)]
-    pub class_embed_type: Option<String>,
-    #[serde(default)]
-    pub time_cond_proj_dim: Option<usize>,
+    /// Every other key, checked against [`SUPPORTED`].
+    #[serde(flatten)]
+    pub other: HashMap<String, serde_json::Value>,
 }
+
+/// Settings of other UNet variants, with the values this UNet implements.
+const SUPPORTED: &[(&str, &[&str])] = &[
+    ("act_fn", &["\"silu\""]),
+    ("resnet_time_scale_shift", &["\"default\""]),
+    ("time_embedding_type", &["\"positional\""]),
+    ("mid_block_type", &["\"UNetMidBlock2DCrossAttn\""]),
+    ("conv_in_kernel", &["3"]),
+    ("conv_out_kernel", &["3"]),
+    ("center_input_sample", &["false"]),
+    ("only_cross_attention", &["false"]),
+    ("dual_cross_attention", &["false"]),
+    ("mid_block_scale_factor", &["1", "1.0"]),
+    ("resnet_out_scale_factor", &["1", "1.0"]),
+    ("addition_embed_type", &["null"]),
+    ("class_embed_type", &["null"]),
+    ("num_class_embeds", &["null"]),
+    ("encoder_hid_dim", &["null"]),
+    ("time_cond_proj_dim", &["null"]),
+    ("time_embedding_dim", &["null"]),
+    ("timestep_post_act", &["null"]),
+];
 
 fn four() -> usize {
     4
@@ -88,16 +107,7 @@ impl UNetConfig {
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
             bail!("block_out_channels, down_block_types and up_block_types must have the same non-zero length");
         }
-        for (what, v) in
-            [("addition_embed_type", &self.addition_embed_type), ("class_embed_type", &self.class_embed_type)]
-        {
-            if let Some(v) = v {
-                bail!("{what} = {v:?} is not supported yet");
-            }
-        }
-        if self.time_cond_proj_dim.is_some() {
-            bail!("time_cond_proj_dim (LCM guidance embedding) is not supported yet");
-        }
+        super::check_supported(&self.other, SUPPORTED)?;
         let heads = self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim);
         (0..n)
             .map(|i| {

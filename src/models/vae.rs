@@ -1,6 +1,8 @@
 //! The KL autoencoder (diffusers' `AutoencoderKL`): the decoder turns latents
 //! into images, the encoder (loaded only when an image is encoded) the reverse.
 
+use std::collections::HashMap;
+
 use anyhow::bail;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{group_norm, Conv2d, GroupNorm, VarBuilder};
@@ -23,7 +25,19 @@ pub struct VaeConfig {
     pub norm_num_groups: usize,
     #[serde(default = "sd1_scaling")]
     pub scaling_factor: f64,
+    /// Every other key, checked against [`SUPPORTED`].
+    #[serde(flatten)]
+    pub other: HashMap<String, serde_json::Value>,
 }
+
+/// Settings of other autoencoder variants, with the values implemented here.
+const SUPPORTED: &[(&str, &[&str])] = &[
+    ("act_fn", &["\"silu\""]),
+    ("mid_block_add_attention", &["true"]),
+    ("use_quant_conv", &["true"]),
+    ("use_post_quant_conv", &["true"]),
+    ("shift_factor", &["null"]),
+];
 
 fn three() -> usize {
     3
@@ -46,6 +60,7 @@ const EPS: f64 = 1e-6;
 
 impl VaeConfig {
     fn check(&self) -> anyhow::Result<()> {
+        super::check_supported(&self.other, SUPPORTED)?;
         if self.block_out_channels.is_empty() {
             bail!("block_out_channels is empty");
         }

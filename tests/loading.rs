@@ -1,0 +1,117 @@
+//! The file layouts real models come in all load to the same model: text
+//! encoder names with or without `text_model.`, f32/f16/bf16 weights, plain
+//! and `.fp16` variant names, sharded files; unused tensors are reported.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use common::fixture;
+use sdgen::loading::Model;
+use sdgen::pipeline::Request;
+use sdgen::sampling::samplers::Sampler;
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Rewrites a safetensors file with renamed and re-typed tensors.
+fn rewrite(from: &Path, to: &Path, rename: impl Fn(&str) -> String, dtype: DType) {
+    let tensors = candle_core::safetensors::load(from, &Device::Cpu).unwrap();
+    let out: HashMap<String, Tensor> =
+        tensors.into_iter().map(|(k, v)| (rename(&k), v.to_dtype(dtype).unwrap())).collect();
+    candle_core::safetensors::save(&out, to).unwrap();
+}
+
+fn render(model_path: &Path) -> Vec<u8> {
+    let model = Model::load(model_path, &Device::Cpu, DType::F32).unwrap();
+    let req = Request {
+        prompt: "a photo of a cat".into(),
+        negative_prompt: String::new(),
+        seed: 42,
+        steps: 4,
+        cfg_scale: 7.5,
+        width: 64,
+        height: 64,
+        sampler: Sampler::Euler,
+    };
+    model.txt2img(&req, &Device::Cpu, &mut |_| {}).unwrap().rgb
+}
+
+#[test]
+fn prefixed_text_encoder_and_f32_unet_give_the_same_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("m");
+    copy_dir(&fixture("tiny-sd1"), &folder);
+    let te = folder.join("text_encoder");
+    for entry in std::fs::read_dir(&te).unwrap().flatten() {
+        let p = entry.path();
+        if p.extension().is_some_and(|e| e == "safetensors") {
+            rewrite(&p, &p, |k| format!("text_model.{k}"), DType::F16);
+        }
+    }
+    // Full precision next to the fp16 variant: the plain file wins.
+    let unet = folder.join("unet");
+    rewrite(
+        &unet.join("diffusion_pytorch_model.fp16.safetensors"),
+        &unet.join("diffusion_pytorch_model.safetensors"),
+        str::to_string,
+        DType::F32,
+    );
+    assert_eq!(render(&folder), render(&fixture("tiny-sd1")));
+}
+
+#[test]
+fn bf16_weights_load_and_stay_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("m");
+    copy_dir(&fixture("tiny-sd1"), &folder);
+    let vae = folder.join("vae/diffusion_pytorch_model.safetensors");
+    rewrite(&vae, &vae, str::to_string, DType::BF16);
+    let (a, b) = (render(&folder), render(&fixture("tiny-sd1")));
+    let mean = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y) as f64).sum::<f64>() / a.len() as f64;
+    assert_ne!(a, b, "bf16 rounding must change some pixel");
+    assert!(mean < 3.0, "bf16 VAE moved pixels by {mean} levels on average");
+}
+
+#[test]
+fn unused_tensors_are_the_checkpoint_extras() {
+    let model = Model::load(&fixture("tiny-sd1.safetensors"), &Device::Cpu, DType::F32).unwrap();
+    let bytes = std::fs::read(fixture("tiny-sd1.safetensors")).unwrap();
+    let names: Vec<String> = safetensors::SafeTensors::deserialize(&bytes).unwrap().names().into_iter().map(str::to_string).collect();
+    let is_weight = |n: &str| {
+        ["model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."]
+            .iter()
+            .any(|p| n.starts_with(p))
+            && !n.ends_with("position_ids")
+    };
+    let extras: std::collections::BTreeSet<String> = names.into_iter().filter(|n| !is_weight(n)).collect();
+    assert!(extras.contains("alphas_cumprod") && extras.iter().any(|n| n.starts_with("model_ema.")));
+    assert_eq!(model.unused, extras);
+    let folder = Model::load(&fixture("tiny-sd1"), &Device::Cpu, DType::F32).unwrap();
+    assert!(folder.unused.is_empty(), "{:?}", folder.unused);
+}
+
+#[test]
+fn unsupported_config_values_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("m");
+    copy_dir(&fixture("tiny-sd1"), &folder);
+    let cfg_path = folder.join("unet/config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["resnet_time_scale_shift"] = "scale_shift".into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let err = Model::load(&folder, &Device::Cpu, DType::F32).err().expect("must fail");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("resnet_time_scale_shift") && msg.contains("UNet"), "{msg}");
+}
