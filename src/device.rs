@@ -51,6 +51,10 @@ pub fn parse_dtype(spec: Option<&str>, device: &Device) -> anyhow::Result<DType>
         }
         Some("f32" | "fp32" | "float32") => DType::F32,
         Some("f16" | "fp16" | "float16") => DType::F16,
+        // candle's CPU matmul has no bf16 kernel.
+        Some("bf16" | "bfloat16") if device.is_cpu() => {
+            bail!("--dtype bf16 is not supported on the CPU; use f32 or f16")
+        }
         Some("bf16" | "bfloat16") => DType::BF16,
         Some(other) => bail!("unknown dtype {other:?}; use f32, f16 or bf16"),
     })

@@ -85,7 +85,10 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            // One line: each cause's first line (candle appends backtraces).
+            let causes: Vec<String> =
+                e.chain().map(|c| c.to_string().lines().next().unwrap_or_default().trim().to_string()).collect();
+            eprintln!("error: {}", causes.join(": "));
             ExitCode::FAILURE
         }
     }
@@ -195,13 +198,13 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let model = Model::load(&path, &device, dtype)?;
     let hash = model.hash()?;
     loading.finish_and_clear();
-    if !model.unused.is_empty() && !args.quiet {
-        eprintln!(
-            "{}: {} stored tensors not used by the model{}",
-            path.display(),
-            model.unused.len(),
-            if args.verbose { ":" } else { " (--verbose lists them)" }
-        );
+    if !args.quiet {
+        let unused = match (model.unused.len(), args.verbose) {
+            (0, _) => String::new(),
+            (n, false) => format!("; {n} stored tensors unused (--verbose lists them)"),
+            (n, true) => format!("; {n} stored tensors unused:"),
+        };
+        eprintln!("loaded {} ({}){unused}", path.display(), model.family.name());
         if args.verbose {
             for name in &model.unused {
                 eprintln!("  {name}");

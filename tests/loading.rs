@@ -88,7 +88,8 @@ fn bf16_weights_load_and_stay_close() {
 fn unused_tensors_are_the_checkpoint_extras() {
     let model = Model::load(&fixture("tiny-sd1.safetensors"), &Device::Cpu, DType::F32).unwrap();
     let bytes = std::fs::read(fixture("tiny-sd1.safetensors")).unwrap();
-    let names: Vec<String> = safetensors::SafeTensors::deserialize(&bytes).unwrap().names().into_iter().map(str::to_string).collect();
+    let names: Vec<String> =
+        safetensors::SafeTensors::deserialize(&bytes).unwrap().names().into_iter().map(str::to_string).collect();
     let is_weight = |n: &str| {
         ["model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."]
             .iter()
