@@ -33,6 +33,14 @@ fn rewrite(from: &Path, to: &Path, rename: impl Fn(&str) -> String, dtype: DType
     candle_core::safetensors::save(&out, to).unwrap();
 }
 
+/// A writable copy of the tiny diffusers folder.
+fn folder_copy() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("m");
+    copy_dir(&fixture("tiny-sd1"), &folder);
+    (dir, folder)
+}
+
 fn render(model_path: &Path) -> Vec<u8> {
     let model = Model::load(model_path, &Device::Cpu, DType::F32).unwrap();
     let req = Request {
@@ -50,9 +58,7 @@ fn render(model_path: &Path) -> Vec<u8> {
 
 #[test]
 fn prefixed_text_encoder_and_f32_unet_give_the_same_image() {
-    let dir = tempfile::tempdir().unwrap();
-    let folder = dir.path().join("m");
-    copy_dir(&fixture("tiny-sd1"), &folder);
+    let (_dir, folder) = folder_copy();
     let te = folder.join("text_encoder");
     for entry in std::fs::read_dir(&te).unwrap().flatten() {
         let p = entry.path();
@@ -73,9 +79,7 @@ fn prefixed_text_encoder_and_f32_unet_give_the_same_image() {
 
 #[test]
 fn bf16_weights_load_and_stay_close() {
-    let dir = tempfile::tempdir().unwrap();
-    let folder = dir.path().join("m");
-    copy_dir(&fixture("tiny-sd1"), &folder);
+    let (_dir, folder) = folder_copy();
     let vae = folder.join("vae/diffusion_pytorch_model.safetensors");
     rewrite(&vae, &vae, str::to_string, DType::BF16);
     let (a, b) = (render(&folder), render(&fixture("tiny-sd1")));
@@ -105,9 +109,7 @@ fn unused_tensors_are_the_checkpoint_extras() {
 
 #[test]
 fn unsupported_config_values_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let folder = dir.path().join("m");
-    copy_dir(&fixture("tiny-sd1"), &folder);
+    let (_dir, folder) = folder_copy();
     let cfg_path = folder.join("unet/config.json");
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["resnet_time_scale_shift"] = "scale_shift".into();

@@ -109,35 +109,25 @@ fn changing_prompt_seed_or_sampler_changes_the_image() {
     assert!(compared >= 4, "too few comparable cases: {compared}");
 }
 
+/// Runs a small job on the tiny single-file model, writing `out`.
+fn run_tiny(out: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let model = fixture("tiny-sd1.safetensors");
+    let base = ["--model", model.to_str().unwrap(), "--width", "64", "--height", "64", "--out", out.to_str().unwrap()];
+    let o = sdgen(&[&base[..], args].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    o
+}
+
 #[test]
 fn png_records_a1111_parameters() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("p.png");
-    let model = fixture("tiny-sd1.safetensors");
-    let o = sdgen(&[
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "a red fox",
-        "--negative-prompt",
-        "blurry",
-        "--seed",
-        "42",
-        "--steps",
-        "2",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run_tiny(&out, &["--prompt", "a red fox", "--negative-prompt", "blurry", "--seed", "42", "--steps", "2"]);
     let text = sdgen::image_io::read_parameters(&out).unwrap().expect("parameters chunk");
     let expected = format!(
         "a red fox\nNegative prompt: blurry\nSteps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 64x64, \
          Model hash: {}, Model: tiny-sd1, Version: sdgen {}",
-        sha256_10(&model),
+        sha256_10(&fixture("tiny-sd1.safetensors")),
         env!("CARGO_PKG_VERSION")
     );
     assert_eq!(text, expected);
@@ -154,17 +144,11 @@ fn sha256_10(path: &std::path::Path) -> String {
 #[test]
 fn batch_count_uses_consecutive_seeds() {
     let dir = tempfile::tempdir().unwrap();
-    let model = fixture("tiny-sd1.safetensors");
-    let m = model.to_str().unwrap();
-    let common = ["--prompt", "a red fox", "--steps", "3", "--width", "64", "--height", "64", "--quiet"];
+    let job = ["--prompt", "a red fox", "--steps", "3", "--quiet"];
     let batch = dir.path().join("fox.png");
-    let o = sdgen(
-        &[&["--model", m, "--seed", "7", "--batch-count", "2", "--out", batch.to_str().unwrap()], &common[..]].concat(),
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    run_tiny(&batch, &[&job[..], &["--seed", "7", "--batch-count", "2"]].concat());
     let single = dir.path().join("one.png");
-    let o = sdgen(&[&["--model", m, "--seed", "8", "--out", single.to_str().unwrap()], &common[..]].concat());
-    assert!(o.status.success(), "{}", stderr(&o));
+    run_tiny(&single, &[&job[..], &["--seed", "8"]].concat());
     assert!(dir.path().join("fox-0.png").is_file());
     assert_eq!(read_rgb(&dir.path().join("fox-1.png")).as_raw(), read_rgb(&single).as_raw());
     assert!(!batch.exists(), "with several images, only numbered files are written");
@@ -174,22 +158,7 @@ fn batch_count_uses_consecutive_seeds() {
 fn random_seed_is_printed_and_stored() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("r.png");
-    let model = fixture("tiny-sd1.safetensors");
-    let o = sdgen(&[
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "x",
-        "--steps",
-        "1",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run_tiny(&out, &["--prompt", "x", "--steps", "1"]);
     let summary = String::from_utf8_lossy(&o.stdout).into_owned();
     let seed: u64 = summary
         .split("seed ")

@@ -53,10 +53,10 @@ pub fn locate(model: Option<&str>, models_dir: &Path) -> anyhow::Result<Located>
             many => {
                 let names: Vec<String> = many.iter().map(|p| p.display().to_string()).collect();
                 bail!(
-                    "{} models found in {}; choose one with --model:\n  {}",
+                    "{} models found in {}; choose one with --model: {}",
                     many.len(),
                     models_dir.display(),
-                    names.join("\n  ")
+                    names.join(", ")
                 )
             }
         };

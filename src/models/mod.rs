@@ -11,6 +11,11 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
+/// serde default for numeric config fields: `#[serde(default = "value::<N>")]`.
+pub(crate) fn value<const N: usize>() -> usize {
+    N
+}
+
 /// A config value that diffusers writes either as one number or one per block.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(untagged)]

@@ -15,14 +15,14 @@ use super::PerBlock;
 /// The subset of diffusers' UNet config that the supported families use.
 #[derive(Debug, Clone, Deserialize)]
 pub struct UNetConfig {
-    #[serde(default = "four")]
+    #[serde(default = "super::value::<4>")]
     pub in_channels: usize,
-    #[serde(default = "four")]
+    #[serde(default = "super::value::<4>")]
     pub out_channels: usize,
     pub block_out_channels: Vec<usize>,
     pub down_block_types: Vec<String>,
     pub up_block_types: Vec<String>,
-    #[serde(default = "two")]
+    #[serde(default = "super::value::<2>")]
     pub layers_per_block: usize,
     pub cross_attention_dim: usize,
     /// diffusers' misnomer: for SD 1.x/2.x this is the number of heads.
@@ -30,7 +30,7 @@ pub struct UNetConfig {
     pub attention_head_dim: PerBlock,
     #[serde(default)]
     pub num_attention_heads: Option<PerBlock>,
-    #[serde(default = "thirty_two")]
+    #[serde(default = "super::value::<32>")]
     pub norm_num_groups: usize,
     #[serde(default = "norm_eps")]
     pub norm_eps: f64,
@@ -69,17 +69,8 @@ const SUPPORTED: &[(&str, &[&str])] = &[
     ("timestep_post_act", &["null"]),
 ];
 
-fn four() -> usize {
-    4
-}
-fn two() -> usize {
-    2
-}
 fn eight() -> PerBlock {
     PerBlock::One(8)
-}
-fn thirty_two() -> usize {
-    32
 }
 fn norm_eps() -> f64 {
     1e-5

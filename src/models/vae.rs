@@ -12,16 +12,16 @@ use super::blocks::{conv1x1, conv3x3_same, norm_silu, Downsample, ResnetBlock, U
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct VaeConfig {
-    #[serde(default = "three")]
+    #[serde(default = "super::value::<3>")]
     pub in_channels: usize,
-    #[serde(default = "three")]
+    #[serde(default = "super::value::<3>")]
     pub out_channels: usize,
-    #[serde(default = "four")]
+    #[serde(default = "super::value::<4>")]
     pub latent_channels: usize,
     pub block_out_channels: Vec<usize>,
-    #[serde(default = "one")]
+    #[serde(default = "super::value::<1>")]
     pub layers_per_block: usize,
-    #[serde(default = "thirty_two")]
+    #[serde(default = "super::value::<32>")]
     pub norm_num_groups: usize,
     #[serde(default = "sd1_scaling")]
     pub scaling_factor: f64,
@@ -39,18 +39,6 @@ const SUPPORTED: &[(&str, &[&str])] = &[
     ("shift_factor", &["null"]),
 ];
 
-fn three() -> usize {
-    3
-}
-fn four() -> usize {
-    4
-}
-fn one() -> usize {
-    1
-}
-fn thirty_two() -> usize {
-    32
-}
 fn sd1_scaling() -> f64 {
     0.18215
 }
