@@ -1,12 +1,67 @@
-//! PNG output with generation parameters, written atomically, and the
-//! AUTOMATIC1111 `parameters` text that goes into it.
+//! Image files: reading inputs and masks (PNG/JPEG in any common mode),
+//! writing PNGs atomically with the AUTOMATIC1111 `parameters` text.
 
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 
-use crate::pipeline::{Image, Request};
+use crate::pipeline::{Init, Request};
+
+/// An 8-bit RGB image, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Image {
+    pub width: usize,
+    pub height: usize,
+    pub rgb: Vec<u8>,
+}
+
+/// Inputs larger than this on a side are refused before decoding.
+pub const MAX_SIDE: u32 = 16384;
+
+fn decode(path: &Path) -> anyhow::Result<image::DynamicImage> {
+    let mut reader = image::ImageReader::open(path)
+        .with_context(|| format!("{}: cannot open", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| anyhow::anyhow!("{}: not a readable PNG/JPEG image: {e}", path.display()))?;
+    if img.width() == 0 || img.height() == 0 {
+        bail!("{}: image has no pixels", path.display());
+    }
+    Ok(img)
+}
+
+/// Reads an image as 8-bit RGB (alpha dropped, as PIL's `convert("RGB")`).
+pub fn read_image(path: &Path) -> anyhow::Result<Image> {
+    let rgb = decode(path)?.to_rgb8();
+    Ok(Image { width: rgb.width() as usize, height: rgb.height() as usize, rgb: rgb.into_raw() })
+}
+
+/// Reads a mask as 8-bit gray levels: the luminance (PIL's `convert("L")`
+/// weights) of its colour, or its alpha channel when it has one and its
+/// colour is the same everywhere (a mask painted as transparency).
+pub fn read_mask_levels(path: &Path) -> anyhow::Result<(usize, usize, Vec<u8>)> {
+    let img = decode(path)?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let rgba = img.to_rgba8();
+    let px: Vec<[u8; 4]> = rgba.pixels().map(|p| p.0).collect();
+    let uniform_colour = px.iter().all(|p| p[..3] == px[0][..3]);
+    let levels = if img.color().has_alpha() && uniform_colour {
+        px.iter().map(|p| p[3]).collect()
+    } else {
+        px.iter().map(|p| luminance(p[0], p[1], p[2])).collect()
+    };
+    Ok((w, h, levels))
+}
+
+/// ITU-R 601 luma in PIL's fixed-point form.
+fn luminance(r: u8, g: u8, b: u8) -> u8 {
+    ((r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16) as u8
+}
 
 /// Everything the `parameters` chunk records about an image.
 pub struct Parameters<'a> {
@@ -25,7 +80,7 @@ impl Parameters<'_> {
             text.push_str(&format!("\nNegative prompt: {}", r.negative_prompt));
         }
         text.push_str(&format!(
-            "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {}, Model: {}, Version: sdgen {}",
+            "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {}, Model: {}",
             r.steps,
             r.sampler.a1111_name(),
             r.cfg_scale,
@@ -34,8 +89,14 @@ impl Parameters<'_> {
             r.height,
             self.model_hash,
             self.model_name,
-            env!("CARGO_PKG_VERSION"),
         ));
+        if let Some(strength) = r.strength() {
+            text.push_str(&format!(", Denoising strength: {strength}"));
+        }
+        if let Init::Inpaint { mask_blur, .. } = &r.init {
+            text.push_str(&format!(", Mask blur: {mask_blur}"));
+        }
+        text.push_str(&format!(", Version: sdgen {}", env!("CARGO_PKG_VERSION")));
         text
     }
 }

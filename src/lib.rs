@@ -3,9 +3,12 @@
 //! Layout: [`loading`] finds and reads weights into [`models`]; [`tokenizer`]
 //! and [`rng`] reproduce CLIP's tokenizer and torch's CPU generator;
 //! [`sampling`] holds schedules, the denoiser and the samplers; [`pipeline`]
-//! ties them into txt2img; [`image_io`] writes PNGs with their parameters.
+//! ties them into txt2img, img2img and inpainting, with [`editing`] doing the
+//! pixel-side work (masks, canvases, overlays); [`image_io`] reads images and
+//! writes PNGs with their parameters.
 
 pub mod device;
+pub mod editing;
 pub mod image_io;
 pub mod loading;
 pub mod models;

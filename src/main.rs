@@ -5,84 +5,31 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+mod cli;
+
 use anyhow::{bail, Context};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use sdgen::image_io::{write_png, Parameters};
+use cli::{Cli, Command, Common, EditArgs};
+use sdgen::editing::{self, Mask, Pads};
+use sdgen::image_io::{read_image, read_mask_levels, write_png, Image, Parameters};
 use sdgen::loading::locate::{locate, Located};
 use sdgen::loading::Model;
-use sdgen::pipeline::{Event, Request};
+use sdgen::pipeline::{Event, Init, Request};
 use sdgen::sampling::samplers::Sampler;
 
-/// Stable Diffusion text-to-image on the command line.
-#[derive(Debug, Parser)]
-#[command(name = "sdgen", version, about, max_term_width = 100)]
-struct Args {
-    /// Model: a .safetensors checkpoint, a diffusers folder, or a name in the
-    /// models dir. Default: the only model there (downloaded on first use).
-    #[arg(long, value_name = "NAME|PATH")]
-    model: Option<String>,
-    /// Where models live [default: $SDGEN_MODELS_DIR, else ./models].
-    #[arg(
-        long,
-        value_name = "DIR",
-        env = "SDGEN_MODELS_DIR",
-        default_value = "models",
-        hide_default_value = true,
-        hide_env = true
-    )]
-    models_dir: PathBuf,
-    /// What to draw.
-    #[arg(long, short)]
-    prompt: String,
-    /// What to steer away from.
-    #[arg(long, short, default_value = "")]
-    negative_prompt: String,
-    /// Random seed [default: random, printed and stored in the PNG].
-    #[arg(long, short)]
-    seed: Option<u64>,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 20)]
-    steps: usize,
-    /// Classifier-free guidance scale; 1 or less runs the prompt alone.
-    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
-    cfg_scale: f64,
-    /// Image width in pixels, a multiple of 8 [default: the model's native size].
-    #[arg(long, short = 'W')]
-    width: Option<usize>,
-    /// Image height in pixels, a multiple of 8 [default: the model's native size].
-    #[arg(long, short = 'H')]
-    height: Option<usize>,
-    /// Sampler: euler, euler_a or ddim.
-    #[arg(long, default_value = "euler_a")]
-    sampler: String,
-    /// Number of images; image i uses seed + i.
-    #[arg(long, default_value_t = 1)]
-    batch_count: usize,
-    /// auto (CUDA, then Metal, then CPU), cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// f32, f16 or bf16 [default: f32 on CPU, f16 on GPU].
-    #[arg(long)]
-    dtype: Option<String>,
-    /// Output PNG; with --batch-count N > 1, NAME-0.png … NAME-(N-1).png.
-    #[arg(long, short, default_value = "sdgen.png")]
-    out: PathBuf,
-    /// Never download a model (also: HF_HUB_OFFLINE=1).
-    #[arg(long)]
-    offline: bool,
-    /// No progress bars and no summary.
-    #[arg(long, short)]
-    quiet: bool,
-    /// Also list the checkpoint tensors the model did not use.
-    #[arg(long, short)]
-    verbose: bool,
-}
-
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(&args) {
+    let cli = Cli::parse();
+    let (args, init) = match &cli.command {
+        None => (&cli.common, read_init(None)),
+        Some(command) => match command {
+            Command::Img2img { common, .. } | Command::Inpaint { common, .. } | Command::Outpaint { common, .. } => {
+                (common, read_init(Some(command)))
+            }
+        },
+    };
+    match init.and_then(|init| run(args, init)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: each cause's first line (candle appends backtraces).
@@ -127,7 +74,7 @@ fn draw_target(quiet: bool) -> ProgressDrawTarget {
     }
 }
 
-fn resolve_model(args: &Args) -> anyhow::Result<PathBuf> {
+fn resolve_model(args: &Common) -> anyhow::Result<PathBuf> {
     match locate(args.model.as_deref(), &args.models_dir)? {
         Located::Found(p) => Ok(p),
         Located::Nothing => download_default(args),
@@ -135,7 +82,7 @@ fn resolve_model(args: &Args) -> anyhow::Result<PathBuf> {
 }
 
 #[cfg(feature = "download")]
-fn download_default(args: &Args) -> anyhow::Result<PathBuf> {
+fn download_default(args: &Common) -> anyhow::Result<PathBuf> {
     use sdgen::loading::hub;
     if args.offline || hub::offline_from_env() {
         bail!(
@@ -155,14 +102,91 @@ fn download_default(args: &Args) -> anyhow::Result<PathBuf> {
 }
 
 #[cfg(not(feature = "download"))]
-fn download_default(args: &Args) -> anyhow::Result<PathBuf> {
+fn download_default(args: &Common) -> anyhow::Result<PathBuf> {
     bail!(
         "no model in {}; put a .safetensors checkpoint or a diffusers folder there, or pass --model (this build cannot download)",
         args.models_dir.display()
     )
 }
 
-fn run(args: &Args) -> anyhow::Result<()> {
+/// Reads and checks the input image and mask of an editing command, before
+/// any model is loaded.
+fn read_init(command: Option<&Command>) -> anyhow::Result<Init> {
+    let image_of = |path: &Path| -> anyhow::Result<Image> { read_image(path) };
+    let inpaint = |image: Image, mask: Mask, edit: &EditArgs| Init::Inpaint {
+        image,
+        mask,
+        strength: edit.strength,
+        mask_blur: edit.mask_blur,
+    };
+    Ok(match command {
+        None => Init::Noise,
+        Some(Command::Img2img { init_image, strength, common }) => {
+            let mut image = image_of(init_image)?;
+            let (w, h) = (common.width.unwrap_or(image.width), common.height.unwrap_or(image.height));
+            if (w, h) != (image.width, image.height) {
+                if w % 8 != 0 || h % 8 != 0 {
+                    bail!("--width/--height must be multiples of 8, got {w}x{h}");
+                }
+                image = editing::resize(&image, w, h);
+            }
+            check_size(init_image, &image)?;
+            Init::Image { image, strength: *strength }
+        }
+        Some(Command::Inpaint { image, mask, edit, common }) => {
+            let pixels = image_of(image)?;
+            check_size(image, &pixels)?;
+            let (mw, mh, levels) = read_mask_levels(mask)?;
+            if (mw, mh) != (pixels.width, pixels.height) {
+                bail!(
+                    "{}: the mask is {mw}x{mh} but the image {} is {}x{}",
+                    mask.display(),
+                    image.display(),
+                    pixels.width,
+                    pixels.height
+                );
+            }
+            fixed_size(common, &pixels, "inpaint")?;
+            inpaint(pixels, Mask::from_levels(mw, mh, &levels), edit)
+        }
+        Some(Command::Outpaint { image, pad, pad_left, pad_right, pad_top, pad_bottom, edit, common }) => {
+            let pixels = image_of(image)?;
+            let pads = Pads {
+                left: pad_left.unwrap_or(*pad),
+                right: pad_right.unwrap_or(*pad),
+                top: pad_top.unwrap_or(*pad),
+                bottom: pad_bottom.unwrap_or(*pad),
+            };
+            let (canvas, mask) = editing::outpaint_canvas(&pixels, pads)?;
+            check_size(image, &canvas)?;
+            fixed_size(common, &canvas, "outpaint")?;
+            inpaint(canvas, mask, edit)
+        }
+    })
+}
+
+fn check_size(path: &Path, image: &Image) -> anyhow::Result<()> {
+    if !image.width.is_multiple_of(8) || !image.height.is_multiple_of(8) {
+        bail!(
+            "{}: image is {}x{}; sizes must be multiples of 8 (img2img can resize with --width/--height)",
+            path.display(),
+            image.width,
+            image.height
+        );
+    }
+    Ok(())
+}
+
+/// Inpainting works at the input's size: --width/--height may only repeat it.
+fn fixed_size(common: &Common, image: &Image, what: &str) -> anyhow::Result<()> {
+    let (w, h) = (common.width.unwrap_or(image.width), common.height.unwrap_or(image.height));
+    if (w, h) != (image.width, image.height) {
+        bail!("{what} works at the image's size ({}x{}); --width/--height cannot change it", image.width, image.height);
+    }
+    Ok(())
+}
+
+fn run(args: &Common, init: Init) -> anyhow::Result<()> {
     let started = Instant::now();
     let sampler = Sampler::parse(&args.sampler)?;
     if args.batch_count == 0 {
@@ -188,7 +212,15 @@ fn run(args: &Args) -> anyhow::Result<()> {
         width: args.width.unwrap_or(8),
         height: args.height.unwrap_or(8),
         sampler,
+        init,
     };
+    let input_size = match &request.init {
+        Init::Noise => None,
+        Init::Image { image, .. } | Init::Inpaint { image, .. } => Some((image.width, image.height)),
+    };
+    if let Some((w, h)) = input_size {
+        (request.width, request.height) = (w, h);
+    }
     request.validate()?;
     let device = sdgen::device::parse_device(&args.device)?;
     let dtype = sdgen::device::parse_dtype(args.dtype.as_deref(), &device)?;
@@ -211,8 +243,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
             }
         }
     }
-    request.width = args.width.unwrap_or(model.family.native_size());
-    request.height = args.height.unwrap_or(model.family.native_size());
+    if input_size.is_none() {
+        request.width = args.width.unwrap_or(model.family.native_size());
+        request.height = args.height.unwrap_or(model.family.native_size());
+    }
 
     for (i, out) in outs.iter().enumerate() {
         let req = Request { seed: seed.wrapping_add(i as u64), ..request.clone() };
@@ -237,7 +271,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             }
             Event::Decoding => bar.set_message("decoding"),
         };
-        let image = model.txt2img(&req, &device, &mut events)?;
+        let image = model.generate(&req, &device, &mut events)?;
         bar.finish_and_clear();
         let params = Parameters { request: &req, model_name: &model.name, model_hash: &hash };
         write_png(out, &image, &params.infotext())?;

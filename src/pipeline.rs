@@ -1,13 +1,36 @@
-//! Text to image: encode the prompts, sample from the seed's noise, decode.
+//! Generation: encode the prompts, start from the seed's noise (or a noised
+//! image), sample, decode, and for inpainting put the original pixels back.
+//!
+//! - txt2img: latents start as noise at the schedule's first σ.
+//! - img2img: diffusers' `StableDiffusionImg2ImgPipeline`: with K steps and
+//!   strength s, the last ⌊K·s⌋ steps run, starting from the image latents
+//!   noised to that step's σ.
+//! - inpaint: diffusers' `StableDiffusionInpaintPipeline`: 9-channel UNets
+//!   see the latent mask and the masked image's latents beside the sample;
+//!   4-channel UNets get the unmasked area re-noised from the image after
+//!   every step (the sampler hook). Strength 1 starts from pure noise.
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::editing::{self, Mask};
+use crate::image_io::Image;
 use crate::loading::Model;
 use crate::rng::TorchRng;
 use crate::sampling::denoiser::{Conditioning, UNetDenoiser};
 use crate::sampling::samplers::{sample, Sampler, StepContext};
 
-/// One txt2img job.
+/// Where the latents come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Init {
+    /// Noise only (txt2img).
+    Noise,
+    /// An image, noised to `strength` (img2img).
+    Image { image: Image, strength: f64 },
+    /// An image repainted where `mask` is set (inpaint, outpaint).
+    Inpaint { image: Image, mask: Mask, strength: f64, mask_blur: f32 },
+}
+
+/// One generation job.
 #[derive(Debug, Clone)]
 pub struct Request {
     pub prompt: String,
@@ -18,6 +41,7 @@ pub struct Request {
     pub width: usize,
     pub height: usize,
     pub sampler: Sampler,
+    pub init: Init,
 }
 
 /// What the pipeline reports while it runs.
@@ -43,15 +67,24 @@ impl Request {
         if !self.cfg_scale.is_finite() || self.cfg_scale < 0.0 {
             anyhow::bail!("cfg scale must be a number ≥ 0, got {}", self.cfg_scale);
         }
+        if let Some(s) = self.strength() {
+            if !(s > 0.0 && s <= 1.0) {
+                anyhow::bail!("strength must be in (0, 1], got {s}");
+            }
+            if (self.steps as f64 * s) < 1.0 {
+                anyhow::bail!("strength {s} × {} steps runs no step; raise --strength or --steps", self.steps);
+            }
+        }
         Ok(())
     }
-}
 
-/// An 8-bit RGB image, row-major.
-pub struct Image {
-    pub width: usize,
-    pub height: usize,
-    pub rgb: Vec<u8>,
+    /// The denoising strength of image-based jobs.
+    pub fn strength(&self) -> Option<f64> {
+        match &self.init {
+            Init::Noise => None,
+            Init::Image { strength, .. } | Init::Inpaint { strength, .. } => Some(*strength),
+        }
+    }
 }
 
 impl Model {
@@ -65,38 +98,123 @@ impl Model {
         Ok(self.text_encoder.forward(&ids)?)
     }
 
-    /// Runs one txt2img job on `device`.
-    pub fn txt2img(&self, req: &Request, device: &Device, events: &mut dyn FnMut(Event)) -> anyhow::Result<Image> {
+    /// Scaled latents (VAE posterior mean × scaling factor) of an image, with
+    /// the pixels under `mask` blanked first.
+    fn encode_image(&self, image: &Image, mask: Option<&Mask>, device: &Device) -> anyhow::Result<Tensor> {
+        let pixels = editing::to_tensor(image, mask, device)?.to_dtype(self.unet.dtype())?;
+        Ok((self.vae.encode_mean(&pixels)? * self.vae.config.scaling_factor)?)
+    }
+
+    /// Whether the UNet takes the mask and masked image beside the sample.
+    pub fn is_inpainting(&self) -> bool {
+        self.unet.config.in_channels == self.vae.config.latent_channels * 2 + 1
+    }
+
+    /// Runs one job on `device`.
+    pub fn generate(&self, req: &Request, device: &Device, events: &mut dyn FnMut(Event)) -> anyhow::Result<Image> {
         req.validate()?;
         let scale = self.vae.config.downscale();
         if !req.width.is_multiple_of(scale) || !req.height.is_multiple_of(scale) {
             anyhow::bail!("width and height must be multiples of {scale} for this model's VAE");
         }
+        let (source, mask) = match &req.init {
+            Init::Noise => (None, None),
+            Init::Image { image, .. } => (Some(image), None),
+            Init::Inpaint { image, mask, .. } => (Some(image), Some(mask)),
+        };
+        if let Some(image) = source {
+            if (image.width, image.height) != (req.width, req.height) {
+                anyhow::bail!(
+                    "the input image is {}x{}, the job {}x{}",
+                    image.width,
+                    image.height,
+                    req.width,
+                    req.height
+                );
+            }
+        }
+        if let Some(m) = mask {
+            if (m.width, m.height) != (req.width, req.height) {
+                anyhow::bail!("the mask is {}x{} but the image is {}x{}", m.width, m.height, req.width, req.height);
+            }
+        }
+        if self.is_inpainting() && mask.is_none() {
+            anyhow::bail!("this is an inpainting model (9-channel UNet): use `sdgen inpaint` or `sdgen outpaint`");
+        }
+
         events(Event::EncodingText);
         let cond = self.encode_text(&req.prompt, device, events)?;
         let uncond =
             if req.cfg_scale > 1.0 { Some(self.encode_text(&req.negative_prompt, device, events)?) } else { None };
         let conditioning = Conditioning { cond, uncond, cfg_scale: req.cfg_scale };
-        let schedule = req.sampler.schedule(&self.scheduler, req.steps)?;
-        let shape = (1, self.unet.config.in_channels, req.height / scale, req.width / scale);
+
+        let mut schedule = req.sampler.schedule(&self.scheduler, req.steps)?;
+        if let Some(s) = req.strength() {
+            // diffusers: run the last min(⌊K·s⌋, K) steps.
+            let run = ((req.steps as f64 * s) as usize).min(req.steps);
+            schedule = schedule.tail(req.steps - run);
+        }
+        let dtype = self.unet.dtype();
+        let shape = (1, self.vae.config.latent_channels, req.height / scale, req.width / scale);
         // Noise comes from the CPU generator on every device, so a seed gives
         // the same image everywhere (and the same as diffusers/ComfyUI).
         let mut rng = TorchRng::new(req.seed);
-        let noise = Tensor::from_vec(rng.randn(shape.0 * shape.1 * shape.2 * shape.3), shape, device)?;
-        let dtype = self.unet.dtype();
-        let x = (noise * schedule.init_noise_scale as f64)?.to_dtype(dtype)?;
-        let mut denoiser = UNetDenoiser::new(&self.unet, &schedule, self.prediction, &conditioning)?;
+        let noise =
+            Tensor::from_vec(rng.randn(shape.0 * shape.1 * shape.2 * shape.3), shape, device)?.to_dtype(dtype)?;
+        let image_latents = match source {
+            Some(image) => Some(self.encode_image(image, None, device)?),
+            None => None,
+        };
+        let sigma0 = schedule.sigmas[0] as f64;
+        // diffusers' inpaint pipeline starts from pure noise at strength 1;
+        // img2img always noises the image.
+        let pure_noise = matches!(req.init, Init::Inpaint { strength, .. } if strength >= 1.0);
+        let x = match &image_latents {
+            Some(x0) if !pure_noise => (x0 + (&noise * sigma0)?)?,
+            _ => (&noise * schedule.init_noise_scale as f64)?,
+        };
+
+        let latent_mask = match mask {
+            Some(m) => Some(m.latent(scale, device)?.to_dtype(dtype)?),
+            None => None,
+        };
+        let extra = match (&latent_mask, mask) {
+            (Some(lm), Some(m)) if self.is_inpainting() => Some(Tensor::cat(
+                &[lm, &self.encode_image(source.expect("inpaint has an image"), Some(m), device)?],
+                1,
+            )?),
+            _ => None,
+        };
+        // 4-channel inpainting: blend the unmasked area back after each step.
+        let blend = match (&latent_mask, &image_latents) {
+            (Some(lm), Some(x0)) if extra.is_none() => Some((lm, x0)),
+            _ => None,
+        };
+
+        let mut denoiser = UNetDenoiser::new(&self.unet, &schedule, self.prediction, &conditioning, extra)?;
         let total = schedule.timesteps.len();
+        let last_sigma_scale = 1.0 / schedule.final_scale() as f64;
+        let sigmas = schedule.sigmas.clone();
         let mut ctx = StepContext { sigmas: &schedule.sigmas, rng: &mut rng, device };
-        let mut hook = |i: usize, x: Tensor| {
+        let mut hook = |i: usize, x: Tensor| -> anyhow::Result<Tensor> {
             events(Event::Step { done: i + 1, total });
-            Ok(x)
+            let Some((m, x0)) = blend else { return Ok(x) };
+            // The image at the σ the step landed on: noised with the initial
+            // noise, or clean after the last step (σ-space: scaled so that
+            // the final DDPM-space latents are exactly the image's).
+            let target =
+                if i + 1 < total { (x0 + (&noise * sigmas[i + 1] as f64)?)? } else { (x0 * last_sigma_scale)? };
+            Ok((m.broadcast_mul(&(x - &target)?)? + target)?)
         };
         let latents = sample(req.sampler, &mut denoiser, x, &mut ctx, &mut hook)?;
+
         events(Event::Decoding);
         let latents = (latents * (schedule.final_scale() as f64 / self.vae.config.scaling_factor))?;
-        let decoded = self.vae.decode(&latents)?;
-        to_image(&decoded)
+        let generated = to_image(&self.vae.decode(&latents)?)?;
+        Ok(match &req.init {
+            Init::Inpaint { image, mask, mask_blur, .. } => editing::overlay(&generated, image, mask, *mask_blur),
+            _ => generated,
+        })
     }
 }
 

@@ -10,7 +10,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use common::fixture;
 use sdgen::loading::Model;
-use sdgen::pipeline::Request;
+use sdgen::pipeline::{Init, Request};
 use sdgen::sampling::samplers::Sampler;
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -52,8 +52,9 @@ fn render(model_path: &Path) -> Vec<u8> {
         width: 64,
         height: 64,
         sampler: Sampler::Euler,
+        init: Init::Noise,
     };
-    model.txt2img(&req, &Device::Cpu, &mut |_| {}).unwrap().rgb
+    model.generate(&req, &Device::Cpu, &mut |_| {}).unwrap().rgb
 }
 
 #[test]

@@ -44,17 +44,26 @@ pub struct UNetDenoiser<'a> {
     /// `[uncond; cond]` when guided, else `cond`.
     context: Tensor,
     cfg_scale: Option<f64>,
+    /// Channels appended to the scaled sample (an inpainting UNet's latent
+    /// mask and masked-image latents).
+    extra: Option<Tensor>,
 }
 
 impl<'a> UNetDenoiser<'a> {
     /// Guidance runs only for `cfg_scale > 1` (with a negative embedding), as
     /// in diffusers; otherwise one conditional UNet pass per step.
-    pub fn new(unet: &'a UNet, schedule: &'a Schedule, prediction: Prediction, c: &Conditioning) -> Result<Self> {
+    pub fn new(
+        unet: &'a UNet,
+        schedule: &'a Schedule,
+        prediction: Prediction,
+        c: &Conditioning,
+        extra: Option<Tensor>,
+    ) -> Result<Self> {
         let (context, cfg_scale) = match &c.uncond {
             Some(u) if c.cfg_scale > 1.0 => (Tensor::cat(&[u, &c.cond], 0)?, Some(c.cfg_scale)),
             _ => (c.cond.clone(), None),
         };
-        Ok(Self { unet, schedule, prediction, context, cfg_scale })
+        Ok(Self { unet, schedule, prediction, context, cfg_scale, extra })
     }
 }
 
@@ -62,7 +71,10 @@ impl Denoise for UNetDenoiser<'_> {
     fn denoise(&mut self, x: &Tensor, sigma: f32) -> anyhow::Result<Tensor> {
         let t = self.schedule.timestep(sigma)?;
         let c_in = (sigma * sigma + 1.0).sqrt() as f64;
-        let input = (x / c_in)?;
+        let input = match &self.extra {
+            Some(extra) => Tensor::cat(&[&(x / c_in)?, extra], 1)?,
+            None => (x / c_in)?,
+        };
         let out = match self.cfg_scale {
             Some(scale) => {
                 let both = self.unet.forward(&Tensor::cat(&[&input, &input], 0)?, t, &self.context)?;

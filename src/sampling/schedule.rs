@@ -205,6 +205,13 @@ impl Schedule {
         Ok(Self { sigmas, timesteps: ts.iter().map(|&t| t as f32).collect(), init_noise_scale })
     }
 
+    /// The schedule from step `start` on (img2img's partial denoising).
+    pub fn tail(mut self, start: usize) -> Self {
+        self.sigmas.drain(..start);
+        self.timesteps.drain(..start);
+        self
+    }
+
     /// The UNet timestep for a σ of this schedule.
     pub fn timestep(&self, sigma: f32) -> anyhow::Result<f32> {
         match self.sigmas.iter().position(|&s| s == sigma) {

@@ -1,0 +1,151 @@
+//! Command-line arguments: txt2img options at the top level, and the image
+//! editing subcommands that share them.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Stable Diffusion on the command line: txt2img (no subcommand), img2img,
+/// inpaint, outpaint.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sdgen",
+    version,
+    about,
+    max_term_width = 100,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Transform an image by a prompt.
+    Img2img {
+        /// The image to start from (PNG/JPEG); its size is the output size
+        /// unless --width/--height resize it.
+        #[arg(long, value_name = "PATH")]
+        init_image: PathBuf,
+        /// How much to change it: 1 repaints everything, small values keep it close.
+        #[arg(long, default_value_t = 0.75)]
+        strength: f64,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Repaint the white part of a mask.
+    Inpaint {
+        /// The image to edit (PNG/JPEG).
+        #[arg(long, value_name = "PATH")]
+        image: PathBuf,
+        /// Same size as the image; white (≥ 50 % luminance, or alpha for a
+        /// single-colour image with transparency) = repaint.
+        #[arg(long, value_name = "PATH")]
+        mask: PathBuf,
+        #[command(flatten)]
+        edit: EditArgs,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Extend an image beyond its borders.
+    Outpaint {
+        /// The image to extend (PNG/JPEG).
+        #[arg(long, value_name = "PATH")]
+        image: PathBuf,
+        /// Pixels to add on every side (multiples of 8); the --pad-* options override it per side.
+        #[arg(long, default_value_t = 0)]
+        pad: usize,
+        #[arg(long)]
+        pad_left: Option<usize>,
+        #[arg(long)]
+        pad_right: Option<usize>,
+        #[arg(long)]
+        pad_top: Option<usize>,
+        #[arg(long)]
+        pad_bottom: Option<usize>,
+        #[command(flatten)]
+        edit: EditArgs,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// Options of the mask-based commands.
+#[derive(Debug, Args)]
+pub struct EditArgs {
+    /// How much of the masked area to repaint: 1 starts from pure noise.
+    #[arg(long, default_value_t = 1.0)]
+    pub strength: f64,
+    /// Fade the result in from the mask's edge over PX pixels (inward only).
+    #[arg(long, value_name = "PX", default_value_t = 0.0)]
+    pub mask_blur: f32,
+}
+
+/// Options every command shares.
+#[derive(Debug, Args)]
+pub struct Common {
+    /// Model: a .safetensors checkpoint, a diffusers folder, or a name in the
+    /// models dir. Default: the only model there (downloaded on first use).
+    #[arg(long, value_name = "NAME|PATH")]
+    pub model: Option<String>,
+    /// Where models live [default: $SDGEN_MODELS_DIR, else ./models].
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "SDGEN_MODELS_DIR",
+        default_value = "models",
+        hide_default_value = true,
+        hide_env = true
+    )]
+    pub models_dir: PathBuf,
+    /// What to draw.
+    #[arg(long, short)]
+    pub prompt: String,
+    /// What to steer away from.
+    #[arg(long, short, default_value = "")]
+    pub negative_prompt: String,
+    /// Random seed [default: random, printed and stored in the PNG].
+    #[arg(long, short)]
+    pub seed: Option<u64>,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Classifier-free guidance scale; 1 or less runs the prompt alone.
+    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
+    pub cfg_scale: f64,
+    /// Image width in pixels, a multiple of 8 [default: the model's native
+    /// size; for editing, the input's].
+    #[arg(long, short = 'W')]
+    pub width: Option<usize>,
+    /// Image height in pixels, a multiple of 8 [default: as for --width].
+    #[arg(long, short = 'H')]
+    pub height: Option<usize>,
+    /// Sampler: euler, euler_a or ddim.
+    #[arg(long, default_value = "euler_a")]
+    pub sampler: String,
+    /// Number of images; image i uses seed + i.
+    #[arg(long, default_value_t = 1)]
+    pub batch_count: usize,
+    /// auto (CUDA, then Metal, then CPU), cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// f32, f16 or bf16 [default: f32 on CPU, f16 on GPU].
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Output PNG; with --batch-count N > 1, NAME-0.png … NAME-(N-1).png.
+    #[arg(long, short, default_value = "sdgen.png")]
+    pub out: PathBuf,
+    /// Never download a model (also: HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+    /// No progress bars and no summary.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Also list the checkpoint tensors the model did not use.
+    #[arg(long, short)]
+    pub verbose: bool,
+}

@@ -1,0 +1,225 @@
+//! Pixel-side work of image editing: binary masks and their latent-size
+//! version, outpainting canvases, the final overlay of original pixels, and
+//! the conversion of images to the VAE's `[-1, 1]` tensors.
+
+use anyhow::bail;
+use candle_core::{Device, Tensor};
+
+use crate::image_io::Image;
+
+/// A binary mask, row-major; `true` marks pixels to repaint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mask {
+    pub width: usize,
+    pub height: usize,
+    pub bits: Vec<bool>,
+}
+
+impl Mask {
+    /// Binarises gray levels at 0.5 (`level / 255 ≥ 0.5`), as diffusers'
+    /// mask processor does.
+    pub fn from_levels(width: usize, height: usize, levels: &[u8]) -> Self {
+        Self { width, height, bits: levels.iter().map(|&v| v >= 128).collect() }
+    }
+
+    /// The mask at latent resolution as `(1, 1, H/f, W/f)` f32: latent pixel
+    /// (i, j) takes image pixel (f·i, f·j), like torch's nearest interpolation.
+    pub fn latent(&self, factor: usize, device: &Device) -> candle_core::Result<Tensor> {
+        let (h, w) = (self.height / factor, self.width / factor);
+        let values: Vec<f32> = (0..h)
+            .flat_map(|i| (0..w).map(move |j| (i, j)))
+            .map(|(i, j)| if self.bits[i * factor * self.width + j * factor] { 1.0 } else { 0.0 })
+            .collect();
+        Tensor::from_vec(values, (1, 1, h, w), device)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.bits.iter().any(|b| *b)
+    }
+}
+
+/// Pixels in `[0, 255]` → `(1, 3, H, W)` in `[-1, 1]`, as diffusers'
+/// image processor computes it in f32. Pixels under `mask` become 0.
+pub fn to_tensor(image: &Image, mask: Option<&Mask>, device: &Device) -> candle_core::Result<Tensor> {
+    let (h, w) = (image.height, image.width);
+    let mut chw = vec![0f32; 3 * h * w];
+    for (p, px) in image.rgb.chunks_exact(3).enumerate() {
+        if mask.is_some_and(|m| m.bits[p]) {
+            continue;
+        }
+        for c in 0..3 {
+            chw[c * h * w + p] = (px[c] as f32 / 255.0) * 2.0 - 1.0;
+        }
+    }
+    Tensor::from_vec(chw, (1, 3, h, w), device)
+}
+
+/// Extra pixels on each side of an outpainted image.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Pads {
+    pub left: usize,
+    pub right: usize,
+    pub top: usize,
+    pub bottom: usize,
+}
+
+/// The outpainting canvas: `image` extended by replicating its edge pixels,
+/// and the mask of the added area.
+pub fn outpaint_canvas(image: &Image, pads: Pads) -> anyhow::Result<(Image, Mask)> {
+    for (side, v) in [("left", pads.left), ("right", pads.right), ("top", pads.top), ("bottom", pads.bottom)] {
+        if v % 8 != 0 {
+            bail!("--pad-{side} must be a multiple of 8, got {v}");
+        }
+    }
+    if pads == Pads::default() {
+        bail!("outpaint needs at least one non-zero --pad");
+    }
+    let (w, h) = (image.width + pads.left + pads.right, image.height + pads.top + pads.bottom);
+    let mut rgb = Vec::with_capacity(3 * w * h);
+    let mut bits = Vec::with_capacity(w * h);
+    for y in 0..h {
+        let sy = y.saturating_sub(pads.top).min(image.height - 1);
+        for x in 0..w {
+            let sx = x.saturating_sub(pads.left).min(image.width - 1);
+            let s = 3 * (sy * image.width + sx);
+            rgb.extend_from_slice(&image.rgb[s..s + 3]);
+            let inside =
+                (pads.top..pads.top + image.height).contains(&y) && (pads.left..pads.left + image.width).contains(&x);
+            bits.push(!inside);
+        }
+    }
+    Ok((Image { width: w, height: h, rgb }, Mask { width: w, height: h, bits }))
+}
+
+/// Puts the original pixels back outside the mask (A1111's overlay), so
+/// nothing there changes by even one level. With `blur > 0` the generated
+/// pixels fade in from the mask's edge over about `blur` pixels, inward
+/// only: outside the mask the original stays exact.
+pub fn overlay(generated: &Image, original: &Image, mask: &Mask, blur: f32) -> Image {
+    let alpha = feather(mask, blur);
+    let rgb = generated
+        .rgb
+        .iter()
+        .zip(&original.rgb)
+        .enumerate()
+        .map(|(i, (&g, &o))| {
+            let a = alpha[i / 3];
+            if a <= 0.0 {
+                o
+            } else if a >= 1.0 {
+                g
+            } else {
+                (o as f32 + (g as f32 - o as f32) * a).round() as u8
+            }
+        })
+        .collect();
+    Image { width: generated.width, height: generated.height, rgb }
+}
+
+/// Per-pixel weight of the generated image: 0 outside the mask, rising to 1
+/// inside it over `blur` pixels (a Gaussian-blurred mask, remapped so its
+/// edge value 0.5 becomes 0).
+fn feather(mask: &Mask, blur: f32) -> Vec<f32> {
+    let hard: Vec<f32> = mask.bits.iter().map(|&b| if b { 1.0 } else { 0.0 }).collect();
+    if blur <= 0.0 {
+        return hard;
+    }
+    let radius = (3.0 * blur).ceil() as isize;
+    let kernel: Vec<f32> = (-radius..=radius).map(|d| (-(d * d) as f32 / (2.0 * blur * blur)).exp()).collect();
+    let total: f32 = kernel.iter().sum();
+    let (w, h) = (mask.width as isize, mask.height as isize);
+    // Separable blur, clamping at the borders.
+    let pass = |src: &[f32], horizontal: bool| -> Vec<f32> {
+        (0..h * w)
+            .map(|p| {
+                let (y, x) = (p / w, p % w);
+                kernel
+                    .iter()
+                    .enumerate()
+                    .map(|(k, wt)| {
+                        let d = k as isize - radius;
+                        let (yy, xx) =
+                            if horizontal { (y, (x + d).clamp(0, w - 1)) } else { ((y + d).clamp(0, h - 1), x) };
+                        wt * src[(yy * w + xx) as usize]
+                    })
+                    .sum::<f32>()
+                    / total
+            })
+            .collect()
+    };
+    let blurred = pass(&pass(&hard, true), false);
+    hard.iter().zip(blurred).map(|(m, b)| m * (2.0 * b - 1.0).clamp(0.0, 1.0)).collect()
+}
+
+/// High-quality resize (Lanczos3), as diffusers resizes inputs with PIL.
+pub fn resize(image: &Image, width: usize, height: usize) -> Image {
+    let buf = image::RgbImage::from_raw(image.width as u32, image.height as u32, image.rgb.clone())
+        .expect("buffer matches its size");
+    let out = image::imageops::resize(&buf, width as u32, height as u32, image::imageops::FilterType::Lanczos3);
+    Image { width, height, rgb: out.into_raw() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(w: usize, h: usize) -> Image {
+        Image { width: w, height: h, rgb: (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect() }
+    }
+
+    #[test]
+    fn latent_mask_takes_the_top_left_pixel_of_each_cell() {
+        let mut bits = vec![false; 16 * 16];
+        bits[8 * 16 + 8] = true; // pixel (8, 8) → latent (1, 1)
+        bits[9 * 16 + 9] = true; // inside cell (1, 1) but not its corner: ignored
+        bits[7] = true; // pixel (0, 7) → nothing
+        let m = Mask { width: 16, height: 16, bits };
+        let t = m.latent(8, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(t, vec![0.0, 0.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn outpaint_canvas_replicates_edges_and_masks_the_new_area() {
+        let img = image(8, 8);
+        let pads = Pads { left: 8, right: 0, top: 0, bottom: 8 };
+        let (canvas, mask) = outpaint_canvas(&img, pads).unwrap();
+        assert_eq!((canvas.width, canvas.height), (16, 16));
+        // Original at offset (8, 0).
+        for y in 0..8 {
+            assert_eq!(&canvas.rgb[3 * (y * 16 + 8)..3 * (y * 16 + 16)], &img.rgb[3 * y * 8..3 * (y + 1) * 8]);
+            assert!(!mask.bits[y * 16 + 8] && mask.bits[y * 16 + 7]);
+        }
+        // Bottom-left corner copies the original's bottom-left pixel.
+        assert_eq!(&canvas.rgb[3 * (15 * 16)..3 * (15 * 16) + 3], &img.rgb[3 * 56..3 * 56 + 3]);
+        assert!(outpaint_canvas(&img, Pads { left: 4, ..Pads::default() }).is_err());
+        assert!(outpaint_canvas(&img, Pads::default()).is_err());
+    }
+
+    #[test]
+    fn overlay_keeps_unmasked_pixels_exact_with_and_without_blur() {
+        let (orig, generated) = (image(16, 16), Image { width: 16, height: 16, rgb: vec![200; 768] });
+        let bits: Vec<bool> = (0..256).map(|p| (4..12).contains(&(p % 16)) && (4..12).contains(&(p / 16))).collect();
+        let mask = Mask { width: 16, height: 16, bits };
+        for blur in [0.0, 2.0] {
+            let out = overlay(&generated, &orig, &mask, blur);
+            for p in 0..256 {
+                if !mask.bits[p] {
+                    assert_eq!(out.rgb[3 * p..3 * p + 3], orig.rgb[3 * p..3 * p + 3]);
+                }
+            }
+        }
+        let hard = overlay(&generated, &orig, &mask, 0.0);
+        let soft = overlay(&generated, &orig, &mask, 2.0);
+        let edge = 3 * (4 * 16 + 4);
+        assert_eq!(hard.rgb[edge], 200);
+        assert_ne!(soft.rgb[edge], 200, "the blur fades in at the mask's edge");
+    }
+
+    #[test]
+    fn masked_pixels_become_zero_in_the_tensor() {
+        let img = Image { width: 2, height: 1, rgb: vec![255, 0, 51, 255, 255, 255] };
+        let mask = Mask { width: 2, height: 1, bits: vec![false, true] };
+        let t = to_tensor(&img, Some(&mask), &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(t, vec![1.0, 0.0, -1.0, 0.0, 51.0 / 255.0 * 2.0 - 1.0, 0.0]);
+    }
+}
