@@ -32,7 +32,7 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         init_image: PathBuf,
         /// How much to change it: 1 repaints everything, small values keep it close.
-        #[arg(long, default_value_t = 0.75)]
+        #[arg(long, default_value_t = 0.75, allow_negative_numbers = true)]
         strength: f64,
         #[command(flatten)]
         common: Common,
@@ -78,7 +78,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct EditArgs {
     /// How much of the masked area to repaint: 1 starts from pure noise.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub strength: f64,
     /// Fade the result in from the mask's edge over PX pixels (inward only).
     #[arg(long, value_name = "PX", default_value_t = 0.0)]

@@ -78,6 +78,17 @@ impl Request {
         Ok(())
     }
 
+    /// Jobs with equal keys can share UNet calls.
+    pub fn batch_key(&self) -> (usize, usize, usize, Sampler, u64, u8, Option<u64>) {
+        let kind = match self.init {
+            Init::Noise => 0,
+            Init::Image { .. } => 1,
+            Init::Inpaint { .. } => 2,
+        };
+        let strength = self.strength().map(f64::to_bits);
+        (self.width, self.height, self.steps, self.sampler, self.cfg_scale.to_bits(), kind, strength)
+    }
+
     /// The denoising strength of image-based jobs.
     pub fn strength(&self) -> Option<f64> {
         match &self.init {
@@ -112,40 +123,71 @@ impl Model {
 
     /// Runs one job on `device`.
     pub fn generate(&self, req: &Request, device: &Device, events: &mut dyn FnMut(Event)) -> anyhow::Result<Image> {
-        req.validate()?;
+        Ok(self.generate_batch(std::slice::from_ref(req), device, events)?.remove(0))
+    }
+
+    /// Runs jobs that share a [`Request::batch_key`] through the UNet
+    /// together. Each image has its own generator, so the result equals
+    /// one-by-one generation up to float rounding.
+    pub fn generate_batch(
+        &self,
+        reqs: &[Request],
+        device: &Device,
+        events: &mut dyn FnMut(Event),
+    ) -> anyhow::Result<Vec<Image>> {
+        let Some(req) = reqs.first() else { return Ok(Vec::new()) };
+        for r in reqs {
+            r.validate()?;
+            if r.batch_key() != req.batch_key() {
+                anyhow::bail!("jobs of one batch must share size, steps, sampler, guidance and input kind");
+            }
+        }
         let scale = self.vae.config.downscale();
         if !req.width.is_multiple_of(scale) || !req.height.is_multiple_of(scale) {
             anyhow::bail!("width and height must be multiples of {scale} for this model's VAE");
         }
-        let (source, mask) = match &req.init {
-            Init::Noise => (None, None),
-            Init::Image { image, .. } => (Some(image), None),
-            Init::Inpaint { image, mask, .. } => (Some(image), Some(mask)),
-        };
-        if let Some(image) = source {
-            if (image.width, image.height) != (req.width, req.height) {
-                anyhow::bail!(
-                    "the input image is {}x{}, the job {}x{}",
-                    image.width,
-                    image.height,
-                    req.width,
-                    req.height
-                );
+        let mut sources = Vec::new();
+        let mut masks = Vec::new();
+        for r in reqs {
+            let (source, mask) = match &r.init {
+                Init::Noise => (None, None),
+                Init::Image { image, .. } => (Some(image), None),
+                Init::Inpaint { image, mask, .. } => (Some(image), Some(mask)),
+            };
+            if let Some(image) = source {
+                if (image.width, image.height) != (r.width, r.height) {
+                    anyhow::bail!(
+                        "the input image is {}x{}, the job {}x{}",
+                        image.width,
+                        image.height,
+                        r.width,
+                        r.height
+                    );
+                }
+                sources.push(image);
+            }
+            if let Some(m) = mask {
+                if (m.width, m.height) != (r.width, r.height) {
+                    anyhow::bail!("the mask is {}x{} but the image is {}x{}", m.width, m.height, r.width, r.height);
+                }
+                masks.push(m);
             }
         }
-        if let Some(m) = mask {
-            if (m.width, m.height) != (req.width, req.height) {
-                anyhow::bail!("the mask is {}x{} but the image is {}x{}", m.width, m.height, req.width, req.height);
-            }
-        }
-        if self.is_inpainting() && mask.is_none() {
+        if self.is_inpainting() && masks.is_empty() {
             anyhow::bail!("this is an inpainting model (9-channel UNet): use `sdgen inpaint` or `sdgen outpaint`");
         }
 
         events(Event::EncodingText);
-        let cond = self.encode_text(&req.prompt, device, events)?;
-        let uncond =
-            if req.cfg_scale > 1.0 { Some(self.encode_text(&req.negative_prompt, device, events)?) } else { None };
+        let encode_all = |texts: Vec<&str>, events: &mut dyn FnMut(Event)| -> anyhow::Result<Tensor> {
+            let each = texts.iter().map(|t| self.encode_text(t, device, events)).collect::<anyhow::Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&each, 0)?)
+        };
+        let cond = encode_all(reqs.iter().map(|r| r.prompt.as_str()).collect(), events)?;
+        let uncond = if req.cfg_scale > 1.0 {
+            Some(encode_all(reqs.iter().map(|r| r.negative_prompt.as_str()).collect(), events)?)
+        } else {
+            None
+        };
         let conditioning = Conditioning { cond, uncond, cfg_scale: req.cfg_scale };
 
         let mut schedule = req.sampler.schedule(&self.scheduler, req.steps)?;
@@ -155,34 +197,42 @@ impl Model {
             schedule = schedule.tail(req.steps - run);
         }
         let dtype = self.unet.dtype();
-        let shape = (1, self.vae.config.latent_channels, req.height / scale, req.width / scale);
-        // Noise comes from the CPU generator on every device, so a seed gives
-        // the same image everywhere (and the same as diffusers/ComfyUI).
-        let mut rng = TorchRng::new(req.seed);
-        let noise =
-            Tensor::from_vec(rng.randn(shape.0 * shape.1 * shape.2 * shape.3), shape, device)?.to_dtype(dtype)?;
-        let image_latents = match source {
-            Some(image) => Some(self.encode_image(image, None, device)?),
-            None => None,
+        let (c, h, w) = (self.vae.config.latent_channels, req.height / scale, req.width / scale);
+        // Noise comes from each seed's CPU generator on every device, so a seed
+        // gives the same image everywhere (and the same as diffusers/ComfyUI).
+        let mut rngs: Vec<TorchRng> = reqs.iter().map(|r| TorchRng::new(r.seed)).collect();
+        let values: Vec<f32> = rngs.iter_mut().flat_map(|r| r.randn(c * h * w)).collect();
+        let noise = Tensor::from_vec(values, (reqs.len(), c, h, w), device)?.to_dtype(dtype)?;
+        let image_latents = if sources.is_empty() {
+            None
+        } else {
+            let each =
+                sources.iter().map(|i| self.encode_image(i, None, device)).collect::<anyhow::Result<Vec<_>>>()?;
+            Some(Tensor::cat(&each, 0)?)
         };
-        let sigma0 = schedule.sigmas[0] as f64;
         // diffusers' inpaint pipeline starts from pure noise at strength 1;
         // img2img always noises the image.
         let pure_noise = matches!(req.init, Init::Inpaint { strength, .. } if strength >= 1.0);
         let x = match &image_latents {
-            Some(x0) if !pure_noise => (x0 + (&noise * sigma0)?)?,
+            Some(x0) if !pure_noise => (x0 + (&noise * schedule.sigmas[0] as f64)?)?,
             _ => (&noise * schedule.init_noise_scale as f64)?,
         };
 
-        let latent_mask = match mask {
-            Some(m) => Some(m.latent(scale, device)?.to_dtype(dtype)?),
-            None => None,
+        let latent_mask = if masks.is_empty() {
+            None
+        } else {
+            let each = masks.iter().map(|m| m.latent(scale, device)).collect::<candle_core::Result<Vec<_>>>()?;
+            Some(Tensor::cat(&each, 0)?.to_dtype(dtype)?)
         };
-        let extra = match (&latent_mask, mask) {
-            (Some(lm), Some(m)) if self.is_inpainting() => Some(Tensor::cat(
-                &[lm, &self.encode_image(source.expect("inpaint has an image"), Some(m), device)?],
-                1,
-            )?),
+        let extra = match &latent_mask {
+            Some(lm) if self.is_inpainting() => {
+                let masked = sources
+                    .iter()
+                    .zip(&masks)
+                    .map(|(i, m)| self.encode_image(i, Some(m), device))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                Some(Tensor::cat(&[lm, &Tensor::cat(&masked, 0)?], 1)?)
+            }
             _ => None,
         };
         // 4-channel inpainting: blend the unmasked area back after each step.
@@ -195,7 +245,7 @@ impl Model {
         let total = schedule.timesteps.len();
         let last_sigma_scale = 1.0 / schedule.final_scale() as f64;
         let sigmas = schedule.sigmas.clone();
-        let mut ctx = StepContext { sigmas: &schedule.sigmas, rng: &mut rng, device };
+        let mut ctx = StepContext { sigmas: &schedule.sigmas, rngs: &mut rngs, device };
         let mut hook = |i: usize, x: Tensor| -> anyhow::Result<Tensor> {
             events(Event::Step { done: i + 1, total });
             let Some((m, x0)) = blend else { return Ok(x) };
@@ -210,11 +260,18 @@ impl Model {
 
         events(Event::Decoding);
         let latents = (latents * (schedule.final_scale() as f64 / self.vae.config.scaling_factor))?;
-        let generated = to_image(&self.vae.decode(&latents)?)?;
-        Ok(match &req.init {
-            Init::Inpaint { image, mask, mask_blur, .. } => editing::overlay(&generated, image, mask, *mask_blur),
-            _ => generated,
-        })
+        reqs.iter()
+            .enumerate()
+            .map(|(b, r)| {
+                let generated = to_image(&self.vae.decode(&latents.narrow(0, b, 1)?)?)?;
+                Ok(match &r.init {
+                    Init::Inpaint { image, mask, mask_blur, .. } => {
+                        editing::overlay(&generated, image, mask, *mask_blur)
+                    }
+                    _ => generated,
+                })
+            })
+            .collect()
     }
 }
 

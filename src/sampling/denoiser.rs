@@ -29,8 +29,8 @@ pub trait Denoise {
     fn denoise(&mut self, x: &Tensor, sigma: f32) -> anyhow::Result<Tensor>;
 }
 
-/// The conditioning for one image: the prompt's text embeddings and, when
-/// guided, the negative prompt's.
+/// The conditioning of a batch: the prompts' text embeddings `(B, L, D)`
+/// and, when guided, the negative prompts'.
 pub struct Conditioning {
     pub cond: Tensor,
     pub uncond: Option<Tensor>,
@@ -78,7 +78,8 @@ impl Denoise for UNetDenoiser<'_> {
         let out = match self.cfg_scale {
             Some(scale) => {
                 let both = self.unet.forward(&Tensor::cat(&[&input, &input], 0)?, t, &self.context)?;
-                let (uncond, cond) = (both.narrow(0, 0, 1)?, both.narrow(0, 1, 1)?);
+                let b = x.dim(0)?;
+                let (uncond, cond) = (both.narrow(0, 0, b)?, both.narrow(0, b, b)?);
                 (&uncond + ((cond - &uncond)? * scale)?)?
             }
             None => self.unet.forward(&input, t, &self.context)?,

@@ -75,14 +75,17 @@ impl Sampler {
 /// What a step needs besides the sample: the schedule and the noise source.
 pub struct StepContext<'a> {
     pub sigmas: &'a [f32],
-    pub rng: &'a mut TorchRng,
+    /// One generator per image of the batch, each continuing its seed's stream.
+    pub rngs: &'a mut [TorchRng],
     pub device: &'a Device,
 }
 
 impl StepContext<'_> {
-    /// Fresh unit noise shaped like `x`, continuing the seed's stream.
+    /// Fresh unit noise shaped like `x`, each image's from its own generator,
+    /// so a batch draws exactly what one-by-one runs would.
     fn noise_like(&mut self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let values = self.rng.randn(x.elem_count());
+        let per_image = x.elem_count() / self.rngs.len();
+        let values: Vec<f32> = self.rngs.iter_mut().flat_map(|r| r.randn(per_image)).collect();
         Tensor::from_vec(values, x.shape(), self.device)?.to_dtype(x.dtype())
     }
 }
