@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 /// Stable Diffusion on the command line: txt2img (no subcommand), img2img,
-/// inpaint, outpaint.
+/// inpaint, outpaint, batch, replay.
 #[derive(Debug, Parser)]
 #[command(
     name = "sdgen",
@@ -51,6 +51,35 @@ pub enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Generate every job of a prompt file into a folder (resumable).
+    Batch {
+        /// Prompt file: one job per line (plain text, `#` comments, `--option`
+        /// lines with shell quoting) or JSON Lines (`.jsonl`); `-` = stdin.
+        file: PathBuf,
+        /// Folder for the images and the manifest (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out_dir: PathBuf,
+        /// Consecutive images with equal size, steps, sampler and guidance
+        /// share UNet calls, up to this many.
+        #[arg(long, default_value_t = 1)]
+        batch_size: usize,
+        /// Only jobs with index ≡ K (mod N), for splitting one file across machines.
+        #[arg(long, value_name = "K/N")]
+        shard: Option<String>,
+        /// Regenerate images already in the manifest.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Regenerate an image from the parameters stored in its PNG; options
+    /// given here override the stored ones.
+    Replay {
+        /// A PNG written by sdgen or AUTOMATIC1111.
+        image: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Extend an image beyond its borders.
     Outpaint {
         /// The image to extend (PNG/JPEG).
@@ -86,7 +115,7 @@ pub struct EditArgs {
 }
 
 /// Options every command shares.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct Common {
     /// Model: a .safetensors checkpoint, a diffusers folder, or a name in the
     /// models dir. Default: the only model there (downloaded on first use).
@@ -102,21 +131,22 @@ pub struct Common {
         hide_env = true
     )]
     pub models_dir: PathBuf,
-    /// What to draw.
+    /// What to draw (required except for batch and replay).
     #[arg(long, short)]
-    pub prompt: String,
-    /// What to steer away from.
-    #[arg(long, short, default_value = "")]
-    pub negative_prompt: String,
-    /// Random seed [default: random, printed and stored in the PNG].
+    pub prompt: Option<String>,
+    /// What to steer away from [default: none].
+    #[arg(long, short)]
+    pub negative_prompt: Option<String>,
+    /// Random seed [default: random, printed and stored in the PNG; for
+    /// batch, the base seed of the file].
     #[arg(long, short)]
     pub seed: Option<u64>,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 20)]
-    pub steps: usize,
-    /// Classifier-free guidance scale; 1 or less runs the prompt alone.
-    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
-    pub cfg_scale: f64,
+    /// Denoising steps [default: 20].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale; 1 or less runs the prompt alone [default: 7.5].
+    #[arg(long, allow_negative_numbers = true)]
+    pub cfg_scale: Option<f64>,
     /// Image width in pixels, a multiple of 8 [default: the model's native
     /// size; for editing, the input's].
     #[arg(long, short = 'W')]
@@ -124,21 +154,22 @@ pub struct Common {
     /// Image height in pixels, a multiple of 8 [default: as for --width].
     #[arg(long, short = 'H')]
     pub height: Option<usize>,
-    /// Sampler: euler, euler_a or ddim.
-    #[arg(long, default_value = "euler_a")]
-    pub sampler: String,
-    /// Number of images; image i uses seed + i.
-    #[arg(long, default_value_t = 1)]
-    pub batch_count: usize,
+    /// Sampler: euler, euler_a or ddim [default: euler_a].
+    #[arg(long)]
+    pub sampler: Option<String>,
+    /// Number of images; image i uses seed + i [default: 1].
+    #[arg(long)]
+    pub batch_count: Option<usize>,
     /// auto (CUDA, then Metal, then CPU), cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// f32, f16 or bf16 [default: f32 on CPU, f16 on GPU].
     #[arg(long)]
     pub dtype: Option<String>,
-    /// Output PNG; with --batch-count N > 1, NAME-0.png … NAME-(N-1).png.
-    #[arg(long, short, default_value = "sdgen.png")]
-    pub out: PathBuf,
+    /// Output PNG; with --batch-count N > 1, NAME-0.png … NAME-(N-1).png
+    /// [default: sdgen.png; for replay, IMAGE-replay.png].
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
     /// Never download a model (also: HF_HUB_OFFLINE=1).
     #[arg(long)]
     pub offline: bool,
@@ -148,4 +179,22 @@ pub struct Common {
     /// Also list the checkpoint tensors the model did not use.
     #[arg(long, short)]
     pub verbose: bool,
+}
+
+impl Common {
+    /// The per-image options as batch defaults (the seed is the file's base
+    /// seed, not a per-job one).
+    pub fn job_defaults(&self) -> sdgen::batch::JobOptions {
+        sdgen::batch::JobOptions {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            seed: None,
+            steps: self.steps,
+            cfg_scale: self.cfg_scale,
+            width: self.width,
+            height: self.height,
+            sampler: self.sampler.clone(),
+            batch_count: self.batch_count,
+        }
+    }
 }

@@ -6,8 +6,6 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 
-use crate::pipeline::{Init, Request};
-
 /// An 8-bit RGB image, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Image {
@@ -61,44 +59,6 @@ pub fn read_mask_levels(path: &Path) -> anyhow::Result<(usize, usize, Vec<u8>)> 
 /// ITU-R 601 luma in PIL's fixed-point form.
 fn luminance(r: u8, g: u8, b: u8) -> u8 {
     ((r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16) as u8
-}
-
-/// Everything the `parameters` chunk records about an image.
-pub struct Parameters<'a> {
-    pub request: &'a Request,
-    pub model_name: &'a str,
-    pub model_hash: &'a str,
-}
-
-impl Parameters<'_> {
-    /// AUTOMATIC1111's infotext: prompt, optional negative prompt line, then
-    /// `Key: value` pairs.
-    pub fn infotext(&self) -> String {
-        let r = self.request;
-        let mut text = r.prompt.clone();
-        if !r.negative_prompt.is_empty() {
-            text.push_str(&format!("\nNegative prompt: {}", r.negative_prompt));
-        }
-        text.push_str(&format!(
-            "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {}, Model: {}",
-            r.steps,
-            r.sampler.a1111_name(),
-            r.cfg_scale,
-            r.seed,
-            r.width,
-            r.height,
-            self.model_hash,
-            self.model_name,
-        ));
-        if let Some(strength) = r.strength() {
-            text.push_str(&format!(", Denoising strength: {strength}"));
-        }
-        if let Init::Inpaint { mask_blur, .. } = &r.init {
-            text.push_str(&format!(", Mask blur: {mask_blur}"));
-        }
-        text.push_str(&format!(", Version: sdgen {}", env!("CARGO_PKG_VERSION")));
-        text
-    }
 }
 
 /// Writes `image` as an 8-bit RGB PNG with a `parameters` text chunk (tEXt

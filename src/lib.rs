@@ -7,9 +7,11 @@
 //! pixel-side work (masks, canvases, overlays); [`image_io`] reads images and
 //! writes PNGs with their parameters.
 
+pub mod batch;
 pub mod device;
 pub mod editing;
 pub mod image_io;
+pub mod infotext;
 pub mod loading;
 pub mod models;
 pub mod pipeline;

@@ -13,7 +13,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use cli::{Cli, Command, Common, EditArgs};
 use sdgen::editing::{self, Mask, Pads};
-use sdgen::image_io::{read_image, read_mask_levels, write_png, Image, Parameters};
+use sdgen::image_io::{read_image, read_mask_levels, write_png, Image};
+use sdgen::infotext::Parameters;
 use sdgen::loading::locate::{locate, Located};
 use sdgen::loading::Model;
 use sdgen::pipeline::{Event, Init, Request};
@@ -21,16 +22,20 @@ use sdgen::sampling::samplers::Sampler;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (args, init) = match &cli.command {
-        None => (&cli.common, read_init(None)),
-        Some(command) => match command {
-            Command::Img2img { common, .. } | Command::Inpaint { common, .. } | Command::Outpaint { common, .. } => {
-                (common, read_init(Some(command)))
-            }
-        },
+    let result = match &cli.command {
+        None => read_init(None).and_then(|init| run_single(&cli.common, init)).map(|_| ExitCode::SUCCESS),
+        Some(Command::Batch { file, out_dir, batch_size, shard, force, common }) => {
+            run_batch(file, out_dir, *batch_size, shard.as_deref(), *force, common)
+        }
+        Some(Command::Replay { image, common }) => run_replay(image, common).map(|_| ExitCode::SUCCESS),
+        Some(
+            command @ (Command::Img2img { common, .. }
+            | Command::Inpaint { common, .. }
+            | Command::Outpaint { common, .. }),
+        ) => read_init(Some(command)).and_then(|init| run_single(common, init)).map(|_| ExitCode::SUCCESS),
     };
-    match init.and_then(|init| run(args, init)) {
-        Ok(()) => ExitCode::SUCCESS,
+    match result {
+        Ok(code) => code,
         Err(e) => {
             // One line: each cause's first line (candle appends backtraces).
             let causes: Vec<String> =
@@ -120,7 +125,7 @@ fn read_init(command: Option<&Command>) -> anyhow::Result<Init> {
         mask_blur: edit.mask_blur,
     };
     Ok(match command {
-        None => Init::Noise,
+        None | Some(Command::Batch { .. } | Command::Replay { .. }) => Init::Noise,
         Some(Command::Img2img { init_image, strength, common }) => {
             let mut image = image_of(init_image)?;
             let (w, h) = (common.width.unwrap_or(image.width), common.height.unwrap_or(image.height));
@@ -186,46 +191,15 @@ fn fixed_size(common: &Common, image: &Image, what: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn run(args: &Common, init: Init) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let sampler = Sampler::parse(&args.sampler)?;
-    if args.batch_count == 0 {
-        bail!("--batch-count must be at least 1");
-    }
-    let outs = output_paths(&args.out, args.batch_count);
-    if args.out.extension().is_none_or(|e| !e.eq_ignore_ascii_case("png")) {
-        bail!("{}: output must be a .png file", args.out.display());
-    }
-    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.is_dir() {
-            bail!("{}: output folder {} does not exist", args.out.display(), dir.display());
-        }
-    }
-    let seed = args.seed.unwrap_or_else(random_seed);
-    // Check sizes before loading; the native size is known only afterwards.
-    let mut request = Request {
-        prompt: args.prompt.clone(),
-        negative_prompt: args.negative_prompt.clone(),
-        seed,
-        steps: args.steps,
-        cfg_scale: args.cfg_scale,
-        width: args.width.unwrap_or(8),
-        height: args.height.unwrap_or(8),
-        sampler,
-        init,
-    };
-    let input_size = match &request.init {
-        Init::Noise => None,
-        Init::Image { image, .. } | Init::Inpaint { image, .. } => Some((image.width, image.height)),
-    };
-    if let Some((w, h)) = input_size {
-        (request.width, request.height) = (w, h);
-    }
-    request.validate()?;
-    let device = sdgen::device::parse_device(&args.device)?;
-    let dtype = sdgen::device::parse_dtype(args.dtype.as_deref(), &device)?;
+/// The model, its hash and the device, loaded as `args` say.
+struct Loaded {
+    model: Model,
+    hash: String,
+    device: candle_core::Device,
+}
 
-    let path = resolve_model(args)?;
+fn load(args: &Common, path: PathBuf, device: candle_core::Device) -> anyhow::Result<Loaded> {
+    let dtype = sdgen::device::parse_dtype(args.dtype.as_deref(), &device)?;
     let loading = spinner(args.quiet, "loading model");
     let model = Model::load(&path, &device, dtype)?;
     let hash = model.hash()?;
@@ -243,36 +217,101 @@ fn run(args: &Common, init: Init) -> anyhow::Result<()> {
             }
         }
     }
-    if input_size.is_none() {
-        request.width = args.width.unwrap_or(model.family.native_size());
-        request.height = args.height.unwrap_or(model.family.native_size());
-    }
+    Ok(Loaded { model, hash, device })
+}
 
-    for (i, out) in outs.iter().enumerate() {
-        let req = Request { seed: seed.wrapping_add(i as u64), ..request.clone() };
-        let bar = ProgressBar::with_draw_target(Some(req.steps as u64), draw_target(args.quiet));
+/// A progress bar over one image's steps, fed by pipeline events.
+struct StepBar {
+    bar: ProgressBar,
+    quiet: bool,
+}
+
+impl StepBar {
+    fn new(target: ProgressDrawTarget, steps: usize, quiet: bool) -> Self {
+        let bar = ProgressBar::with_draw_target(Some(steps as u64), target);
         bar.set_style(
             ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} {per_sec} ETA {eta}")
                 .expect("valid template")
                 .progress_chars("=> "),
         );
-        bar.set_message("encoding");
-        let quiet = args.quiet;
-        let mut events = |e: Event| match e {
+        Self { bar, quiet }
+    }
+
+    fn event(&self, e: Event) {
+        match e {
             Event::Warning(w) => {
-                if !quiet {
-                    bar.suspend(|| eprintln!("warning: {w}"));
+                if !self.quiet {
+                    self.bar.suspend(|| eprintln!("warning: {w}"));
                 }
             }
-            Event::EncodingText => bar.set_message("encoding"),
-            Event::Step { done, .. } => {
-                bar.set_message("denoising");
-                bar.set_position(done as u64);
+            Event::EncodingText => self.bar.set_message("encoding"),
+            Event::Step { done, total } => {
+                self.bar.set_length(total as u64);
+                self.bar.set_message("denoising");
+                self.bar.set_position(done as u64);
             }
-            Event::Decoding => bar.set_message("decoding"),
-        };
-        let image = model.generate(&req, &device, &mut events)?;
-        bar.finish_and_clear();
+            Event::Decoding => self.bar.set_message("decoding"),
+        }
+    }
+}
+
+fn check_out_path(out: &Path) -> anyhow::Result<()> {
+    if out.extension().is_none_or(|e| !e.eq_ignore_ascii_case("png")) {
+        bail!("{}: output must be a .png file", out.display());
+    }
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            bail!("{}: output folder {} does not exist", out.display(), dir.display());
+        }
+    }
+    Ok(())
+}
+
+/// The request the common options describe; the size defaults to the input
+/// image's, else to a placeholder until the model's native size is known.
+fn request_from(args: &Common, init: Init, seed: u64) -> anyhow::Result<Request> {
+    let input = match &init {
+        Init::Noise => None,
+        Init::Image { image, .. } | Init::Inpaint { image, .. } => Some((image.width, image.height)),
+    };
+    let (w, h) = input.unwrap_or((args.width.unwrap_or(8), args.height.unwrap_or(8)));
+    let request = Request {
+        prompt: args.prompt.clone().context("--prompt is required")?,
+        negative_prompt: args.negative_prompt.clone().unwrap_or_default(),
+        seed,
+        steps: args.steps.unwrap_or(20),
+        cfg_scale: args.cfg_scale.unwrap_or(7.5),
+        width: w,
+        height: h,
+        sampler: Sampler::parse(args.sampler.as_deref().unwrap_or("euler_a"))?,
+        init,
+    };
+    request.validate()?;
+    Ok(request)
+}
+
+/// txt2img and the editing commands: one job, `--batch-count` images.
+fn run_single(args: &Common, init: Init) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let count = args.batch_count.unwrap_or(1);
+    if count == 0 {
+        bail!("--batch-count must be at least 1");
+    }
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("sdgen.png"));
+    check_out_path(&out)?;
+    let fixed_size = init != Init::Noise;
+    let mut request = request_from(args, init, args.seed.unwrap_or_else(random_seed))?;
+    let device = sdgen::device::parse_device(&args.device)?;
+    let Loaded { model, hash, device } = load(args, resolve_model(args)?, device)?;
+    if !fixed_size {
+        request.width = args.width.unwrap_or(model.family.native_size());
+        request.height = args.height.unwrap_or(model.family.native_size());
+    }
+    for (i, out) in output_paths(&out, count).iter().enumerate() {
+        let req = Request { seed: request.seed.wrapping_add(i as u64), ..request.clone() };
+        let bar = StepBar::new(draw_target(args.quiet), req.steps, args.quiet);
+        let image = model.generate(&req, &device, &mut |e| bar.event(e))?;
+        bar.bar.finish_and_clear();
         let params = Parameters { request: &req, model_name: &model.name, model_hash: &hash };
         write_png(out, &image, &params.infotext())?;
         if !args.quiet {
@@ -280,4 +319,148 @@ fn run(args: &Common, init: Init) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Exit status of a batch stopped by Ctrl-C (128 + SIGINT, as shells report it).
+const INTERRUPTED: u8 = 130;
+
+fn run_batch(
+    file: &Path,
+    out_dir: &Path,
+    batch_size: usize,
+    shard: Option<&str>,
+    force: bool,
+    args: &Common,
+) -> anyhow::Result<ExitCode> {
+    use sdgen::batch::{self, BatchEvent, Manifest, RunOptions, Shard};
+    let started = Instant::now();
+    let defaults = args.job_defaults();
+    let jobs = batch::read_jobs(file, &defaults)?;
+    if jobs.is_empty() {
+        eprintln!("{}: no jobs in the file; nothing to do", file.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let shard = shard.map(Shard::parse).transpose()?;
+    let base_seed = args.seed.unwrap_or_else(|| {
+        let s = random_seed();
+        eprintln!("base seed {s} (pass --seed {s} to reproduce this batch)");
+        s
+    });
+    let planned = batch::plan(&jobs, &defaults, base_seed, shard);
+    std::fs::create_dir_all(out_dir).with_context(|| format!("{}: cannot create", out_dir.display()))?;
+    let manifest_name = shard.map_or_else(|| "manifest.jsonl".to_string(), |s| s.manifest_name());
+    let mut manifest = Manifest::open(&out_dir.join(manifest_name), force)?;
+    if planned.iter().all(|p| manifest.is_done(out_dir, &p.file)) {
+        eprintln!("all {} images are already done in {}", planned.len(), out_dir.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let device = sdgen::device::parse_device(&args.device)?;
+    let Loaded { model, hash, device } = load(args, resolve_model(args)?, device)?;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(INTERRUPTED as i32);
+        }
+        eprintln!("\nstopping after the current image (Ctrl-C again to quit now)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+
+    let bars = indicatif::MultiProgress::with_draw_target(draw_target(args.quiet));
+    let overall = bars.add(ProgressBar::new(planned.len() as u64));
+    overall.set_style(
+        ProgressStyle::with_template("images [{bar:30}] {pos}/{len} ETA {eta} {msg}").expect("valid template"),
+    );
+    let steps = bars.add(ProgressBar::new(1));
+    let step_bar = StepBar { bar: steps, quiet: args.quiet };
+    step_bar.bar.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} {per_sec}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let options = RunOptions { out_dir, batch_size, model_hash: &hash, stop: &stop };
+    let summary = batch::run(&model, &device, &planned, &mut manifest, &options, &mut |e| match e {
+        BatchEvent::Started { files, done, .. } => {
+            overall.set_position(done as u64);
+            overall.set_message(files.join(" "));
+        }
+        BatchEvent::Pipeline(e) => step_bar.event(e),
+        BatchEvent::Finished { .. } => overall.inc(1),
+        BatchEvent::Failed { file, error } => {
+            overall.inc(1);
+            bars.suspend(|| eprintln!("{file}: failed: {error}"));
+        }
+    })?;
+    bars.clear().ok();
+    eprintln!(
+        "{} done, {} skipped, {} failed{} in {:.1} s ({})",
+        summary.done,
+        summary.skipped,
+        summary.failed,
+        if summary.interrupted { ", interrupted" } else { "" },
+        started.elapsed().as_secs_f64(),
+        out_dir.display()
+    );
+    Ok(if summary.interrupted {
+        ExitCode::from(INTERRUPTED)
+    } else if summary.failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Regenerates an image from its `parameters` chunk.
+fn run_replay(image: &Path, args: &Common) -> anyhow::Result<()> {
+    let text = sdgen::image_io::read_parameters(image)?
+        .with_context(|| format!("{}: no generation parameters in this PNG", image.display()))?;
+    let recorded = sdgen::infotext::parse(&text).to_request().with_context(|| format!("{}", image.display()))?;
+    let r = &recorded.request;
+    let overridden = Common {
+        prompt: args.prompt.clone().or(Some(r.prompt.clone())),
+        negative_prompt: args.negative_prompt.clone().or(Some(r.negative_prompt.clone())),
+        seed: args.seed.or(Some(r.seed)),
+        steps: args.steps.or(Some(r.steps)),
+        cfg_scale: args.cfg_scale.or(Some(r.cfg_scale)),
+        width: args.width.or(Some(r.width)),
+        height: args.height.or(Some(r.height)),
+        sampler: args.sampler.clone().or(Some(r.sampler.name().to_string())),
+        batch_count: args.batch_count,
+        out: args.out.clone().or_else(|| {
+            let stem = image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            Some(PathBuf::from(format!("{stem}-replay.png")))
+        }),
+        model: match &args.model {
+            Some(m) => Some(m.clone()),
+            None => Some(find_recorded_model(&args.models_dir, &recorded)?.display().to_string()),
+        },
+        ..args.clone()
+    };
+    run_single(&overridden, Init::Noise)
+}
+
+/// The model an infotext names: by name in the models dir, else by hash.
+fn find_recorded_model(models_dir: &Path, recorded: &sdgen::infotext::Recorded) -> anyhow::Result<PathBuf> {
+    if let Some(name) = &recorded.model_name {
+        if let Ok(Located::Found(p)) = locate(Some(name), models_dir) {
+            return Ok(p);
+        }
+    }
+    if let Some(hash) = &recorded.model_hash {
+        for candidate in sdgen::loading::locate::list_models(models_dir) {
+            if sdgen::loading::model_hash(&candidate).is_ok_and(|h| h.eq_ignore_ascii_case(hash)) {
+                return Ok(candidate);
+            }
+        }
+    }
+    bail!(
+        "the model {:?} (hash {}) is not in {}; pass --model",
+        recorded.model_name.as_deref().unwrap_or("?"),
+        recorded.model_hash.as_deref().unwrap_or("?"),
+        models_dir.display()
+    )
 }

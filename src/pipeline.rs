@@ -31,7 +31,7 @@ pub enum Init {
 }
 
 /// One generation job.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Request {
     pub prompt: String,
     pub negative_prompt: String,

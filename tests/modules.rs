@@ -110,3 +110,28 @@ fn schedules_match_diffusers_arrays() {
         assert!(close(s.init_noise_scale / (s.sigmas[0] * s.sigmas[0] + 1.0).sqrt(), init));
     }
 }
+
+fn edit_references() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture("reference/edit/modules.safetensors"), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn vae_encoder_mean_matches_diffusers() {
+    let r = edit_references();
+    let mean = model().vae.encode_mean(&r["vae_encode.image"]).unwrap();
+    let err = relative_error(&mean, &r["vae_encode.mean"]);
+    eprintln!("vae encoder: relative error {err:e}");
+    assert!(err < TOLERANCE, "VAE encoder relative error {err}");
+}
+
+#[test]
+fn inpainting_unet_matches_diffusers() {
+    let r = edit_references();
+    let m = Model::load(&fixture("tiny-sd1-inpaint"), &Device::Cpu, DType::F32).unwrap();
+    assert!(m.is_inpainting());
+    let t = r["unet9.timestep"].to_vec1::<f32>().unwrap()[0];
+    let out = m.unet.forward(&r["unet9.sample"], t, &r["unet9.context"]).unwrap();
+    let err = relative_error(&out, &r["unet9.out"]);
+    eprintln!("unet9: relative error {err:e}");
+    assert!(err < TOLERANCE, "inpainting UNet relative error {err}");
+}

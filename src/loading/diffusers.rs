@@ -58,7 +58,8 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<Model> 
         class: String,
     }
     let index: ModelIndex = read_json(&dir.join("model_index.json"))?;
-    if index.class != "StableDiffusionPipeline" {
+    // SD 1.x/2.x pipelines; inpainting ones differ only in the UNet's inputs.
+    if !matches!(index.class.as_str(), "StableDiffusionPipeline" | "StableDiffusionInpaintPipeline") {
         bail!("{}: pipeline {} is not supported yet", dir.display(), index.class);
     }
     let scheduler: SchedulerConfig = read_json(&dir.join("scheduler/scheduler_config.json"))?;

@@ -81,20 +81,34 @@ impl Model {
 
     /// First 10 hex digits of the SHA-256 of [`Model::hash_file`].
     pub fn hash(&self) -> anyhow::Result<String> {
-        let mut file = std::fs::File::open(&self.hash_file)
-            .with_context(|| format!("{}: cannot open", self.hash_file.display()))?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buf).with_context(|| format!("{}: read failed", self.hash_file.display()))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        Ok(hex[..10].to_string())
+        file_hash(&self.hash_file)
     }
+}
+
+/// The model hash of a checkpoint file or diffusers folder, without loading it.
+pub fn model_hash(path: &Path) -> anyhow::Result<String> {
+    if path.is_dir() {
+        let unet = diffusers::weight_files(&path.join("unet"), "diffusion_pytorch_model")?;
+        file_hash(&unet[0])
+    } else {
+        file_hash(path)
+    }
+}
+
+/// First 10 hex digits of a file's SHA-256 (A1111's "Model hash").
+fn file_hash(path: &Path) -> anyhow::Result<String> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).with_context(|| format!("{}: read failed", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok(hex[..10].to_string())
 }
 
 /// The name A1111 shows for a model path: the file stem or folder name.

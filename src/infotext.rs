@@ -1,0 +1,237 @@
+//! AUTOMATIC1111's "infotext", the `parameters` text stored in PNGs: the
+//! prompt, an optional `Negative prompt:` line, then `Key: value` pairs.
+//! Written for every image; parsed back by `sdgen replay`.
+
+use anyhow::{bail, Context};
+
+use crate::pipeline::{Init, Request};
+use crate::sampling::samplers::Sampler;
+
+/// Everything the `parameters` chunk records about an image.
+pub struct Parameters<'a> {
+    pub request: &'a Request,
+    pub model_name: &'a str,
+    pub model_hash: &'a str,
+}
+
+impl Parameters<'_> {
+    pub fn infotext(&self) -> String {
+        let r = self.request;
+        let mut text = r.prompt.clone();
+        if !r.negative_prompt.is_empty() {
+            text.push_str(&format!("\nNegative prompt: {}", r.negative_prompt));
+        }
+        let mut fields = vec![
+            ("Steps", r.steps.to_string()),
+            ("Sampler", r.sampler.a1111_name().to_string()),
+            ("CFG scale", r.cfg_scale.to_string()),
+            ("Seed", r.seed.to_string()),
+            ("Size", format!("{}x{}", r.width, r.height)),
+            ("Model hash", self.model_hash.to_string()),
+            ("Model", self.model_name.to_string()),
+        ];
+        if let Some(strength) = r.strength() {
+            fields.push(("Denoising strength", strength.to_string()));
+        }
+        if let Init::Inpaint { mask_blur, .. } = &r.init {
+            fields.push(("Mask blur", mask_blur.to_string()));
+        }
+        fields.push(("Version", format!("sdgen {}", env!("CARGO_PKG_VERSION"))));
+        let pairs: Vec<String> = fields.iter().map(|(k, v)| format!("{k}: {}", quote(v))).collect();
+        text.push('\n');
+        text.push_str(&pairs.join(", "));
+        text
+    }
+}
+
+/// A1111 quotes values that contain a comma or a colon.
+fn quote(v: &str) -> String {
+    if v.contains([',', ':', '"']) {
+        format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+    } else {
+        v.to_string()
+    }
+}
+
+/// A parsed infotext.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Infotext {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub fields: Vec<(String, String)>,
+}
+
+impl Infotext {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Splits `Key: value, Key: "quoted, value", …`; `None` if the line is not
+/// such a list (then it is part of the prompt, as in A1111).
+fn parse_fields(line: &str) -> Option<Vec<(String, String)>> {
+    let mut fields = Vec::new();
+    let mut rest = line.trim();
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once(':')?;
+        let key = key.trim();
+        if key.is_empty() || !key.chars().all(|c| c.is_alphanumeric() || " -/_".contains(c)) {
+            return None;
+        }
+        let after = after.trim_start();
+        let (value, tail) = if let Some(quoted) = after.strip_prefix('"') {
+            let mut value = String::new();
+            let mut chars = quoted.char_indices();
+            let mut end = None;
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next().map(|(_, c)| c)),
+                    '"' => {
+                        end = Some(i + 1);
+                        break;
+                    }
+                    c => value.push(c),
+                }
+            }
+            (value, &quoted[end?..])
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            (after[..end].trim().to_string(), &after[end..])
+        };
+        fields.push((key.to_string(), value));
+        rest = tail.trim_start().strip_prefix(',').unwrap_or(tail).trim_start();
+        if !tail.trim_start().is_empty() && !tail.trim_start().starts_with(',') {
+            return None;
+        }
+    }
+    (fields.len() >= 3).then_some(fields)
+}
+
+pub fn parse(text: &str) -> Infotext {
+    let mut lines: Vec<&str> = text.trim().split('\n').collect();
+    let fields = lines.last().and_then(|l| parse_fields(l)).unwrap_or_default();
+    if !fields.is_empty() {
+        lines.pop();
+    }
+    let (mut prompt, mut negative, mut in_negative) = (Vec::new(), Vec::new(), false);
+    for line in lines {
+        if let Some(n) = line.strip_prefix("Negative prompt:") {
+            in_negative = true;
+            negative.push(n.trim_start());
+        } else if in_negative {
+            negative.push(line);
+        } else {
+            prompt.push(line);
+        }
+    }
+    Infotext { prompt: prompt.join("\n"), negative_prompt: negative.join("\n"), fields }
+}
+
+/// The generation settings of a txt2img infotext, and the model it names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recorded {
+    pub request: Request,
+    pub model_name: Option<String>,
+    pub model_hash: Option<String>,
+}
+
+/// Keys sdgen writes or can ignore when replaying.
+const KNOWN: &[&str] = &[
+    "Steps",
+    "Sampler",
+    "CFG scale",
+    "Seed",
+    "Size",
+    "Model hash",
+    "Model",
+    "Version",
+    "Denoising strength",
+    "Mask blur",
+];
+
+impl Infotext {
+    /// The txt2img request this text describes; unknown keys and editing
+    /// images (which need their input files) are errors.
+    pub fn to_request(&self) -> anyhow::Result<Recorded> {
+        let unknown: Vec<&str> = self.fields.iter().map(|(k, _)| k.as_str()).filter(|k| !KNOWN.contains(k)).collect();
+        if !unknown.is_empty() {
+            bail!("unsupported parameters: {}", unknown.join(", "));
+        }
+        if self.get("Denoising strength").is_some() || self.get("Mask blur").is_some() {
+            bail!("this image was made from another image (img2img/inpaint); replay needs its input and supports txt2img only");
+        }
+        let need = |k: &str| self.get(k).with_context(|| format!("the parameters have no {k:?}"));
+        let number = |k: &str| -> anyhow::Result<f64> {
+            let v = need(k)?;
+            v.parse().with_context(|| format!("{k}: {v:?} is not a number"))
+        };
+        let size = need("Size")?;
+        let (w, h) = size
+            .split_once('x')
+            .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)))
+            .with_context(|| format!("Size: {size:?} is not WxH"))?;
+        let seed = need("Seed")?;
+        let request = Request {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            seed: seed.parse().with_context(|| format!("Seed: {seed:?} is not a seed"))?,
+            steps: number("Steps")? as usize,
+            cfg_scale: number("CFG scale")?,
+            width: w,
+            height: h,
+            sampler: Sampler::parse(need("Sampler")?)?,
+            init: Init::Noise,
+        };
+        Ok(Recorded {
+            request,
+            model_name: self.get("Model").map(str::to_string),
+            model_hash: self.get("Model hash").map(str::to_string),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> Request {
+        Request {
+            prompt: "a fox, red\nsecond line".into(),
+            negative_prompt: "blurry: bad".into(),
+            seed: 42,
+            steps: 20,
+            cfg_scale: 7.5,
+            width: 512,
+            height: 768,
+            sampler: Sampler::EulerAncestral,
+            init: Init::Noise,
+        }
+    }
+
+    #[test]
+    fn writes_and_reads_back() {
+        let r = request();
+        let text = Parameters { request: &r, model_name: "my, model", model_hash: "0123456789" }.infotext();
+        assert!(text.contains(
+            "Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 512x768, Model hash: 0123456789, Model: \"my, model\""
+        ));
+        let parsed = parse(&text);
+        let rec = parsed.to_request().unwrap();
+        assert_eq!(rec.request, r);
+        assert_eq!(rec.model_name.as_deref(), Some("my, model"));
+        assert_eq!(rec.model_hash.as_deref(), Some("0123456789"));
+    }
+
+    #[test]
+    fn reads_a1111_text_and_rejects_unknown_keys() {
+        let a1111 = "masterpiece, fox\nNegative prompt: ugly\nSteps: 30, Sampler: DDIM, CFG scale: 6, Seed: 7, Size: 512x512, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2";
+        let parsed = parse(a1111);
+        assert_eq!(parsed.prompt, "masterpiece, fox");
+        assert_eq!(parsed.negative_prompt, "ugly");
+        let err = parsed.to_request().unwrap_err().to_string();
+        assert!(err.contains("Clip skip"), "{err}");
+        let no_params = parse("just a prompt, with: a colon");
+        assert!(no_params.fields.is_empty());
+        assert!(no_params.to_request().unwrap_err().to_string().contains("the parameters have no"));
+    }
+}
