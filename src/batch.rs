@@ -439,6 +439,10 @@ pub fn run(
     let mut summary = Summary::default();
     let mut todo = Vec::new();
     for p in planned {
+        // Only this run writes these names (shards have their own jobs).
+        let path = opts.out_dir.join(&p.file);
+        crate::image_io::remove_stale_temp_files(&path)
+            .with_context(|| format!("{}: cannot clean up temporary files", opts.out_dir.display()))?;
         if manifest.is_done(opts.out_dir, &p.file) {
             summary.skipped += 1;
         } else {

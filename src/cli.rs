@@ -173,7 +173,7 @@ pub struct Common {
     /// Never download a model (also: HF_HUB_OFFLINE=1).
     #[arg(long)]
     pub offline: bool,
-    /// No progress bars and no summary.
+    /// No progress bars and no per-image summary (batch still reports its totals).
     #[arg(long, short)]
     pub quiet: bool,
     /// Also list the checkpoint tensors the model did not use.

@@ -71,8 +71,8 @@ pub fn write_png(path: &Path, image: &Image, parameters: &str) -> anyhow::Result
         _ => Path::new("."),
     };
     let tmp = tempfile::Builder::new()
-        .prefix(".sdgen-")
-        .suffix(".png.tmp")
+        .prefix(&temp_prefix(path))
+        .suffix(".tmp")
         .tempfile_in(dir)
         .with_context(|| format!("{}: cannot create a file in {}", path.display(), dir.display()))?;
     {
@@ -92,6 +92,28 @@ pub fn write_png(path: &Path, image: &Image, parameters: &str) -> anyhow::Result
     }
     tmp.as_file().sync_all().with_context(|| format!("{}: write failed", path.display()))?;
     tmp.persist(path).map_err(|e| anyhow::anyhow!("{}: cannot write: {}", path.display(), e.error))?;
+    Ok(())
+}
+
+/// Temporary files for `path` are named `.NAME.<random>.tmp` beside it, so
+/// a process killed mid-write leaves litter that can be told apart.
+fn temp_prefix(path: &Path) -> String {
+    format!(".{}.", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default())
+}
+
+/// Removes temporary files a killed writer of `path` may have left.
+pub fn remove_stale_temp_files(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let prefix = temp_prefix(path);
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&prefix) && name.ends_with(".tmp") {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
     Ok(())
 }
 
