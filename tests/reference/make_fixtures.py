@@ -4,7 +4,9 @@
 Run from the repository root (the paths are derived from this file's location, so any
 working directory works):
 
-    python tests/reference/make_fixtures.py
+    python tests/reference/make_fixtures.py               # everything
+    python tests/reference/make_fixtures.py --edit-only   # only the last three entries below,
+                                                          # from the existing tiny-sd1 folder
 
 Everything is deterministic (fixed seeds, CPU, float32).  The script deletes and rewrites:
 
@@ -13,6 +15,9 @@ Everything is deterministic (fixed seeds, CPU, float32).  The script deletes and
     tests/fixtures/reference/sd1/cases.json      pipeline cases + PNGs (diffusers outputs)
     tests/fixtures/reference/sd1/*.png
     tests/fixtures/reference/sd1/modules.safetensors   per-module / scheduler / RNG tensors
+    tests/fixtures/images/                       editing inputs: init.png, small.png, mask_{rect,circle}.png
+    tests/fixtures/tiny-sd1-inpaint/             9-channel inpainting model (unet/ + symlinks into tiny-sd1/)
+    tests/fixtures/reference/edit/               img2img / inpaint / outpaint cases + PNGs + modules.safetensors
 
 See tests/reference/README.md and tests/fixtures/README.md.
 """
@@ -49,6 +54,8 @@ from diffusers import (  # noqa: E402
     DDIMScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -580,13 +587,626 @@ def file_sizes(path: Path):
 
 
 # --------------------------------------------------------------------------------------
+# Image editing: img2img, inpaint, outpaint (tests/fixtures/reference/edit/)
+# --------------------------------------------------------------------------------------
+
+IMAGES_DIR = FIXTURES / "images"
+INPAINT_DIR = FIXTURES / "tiny-sd1-inpaint"
+EDIT_DIR = FIXTURES / "reference" / "edit"
+# tiny-sd1-inpaint shares these with tiny-sd1 through relative symlinks (no copies)
+INPAINT_SHARED = ("scheduler", "text_encoder", "tokenizer", "vae")
+INPAINT_MODEL_INDEX = dict(MODEL_INDEX, _class_name="StableDiffusionInpaintPipeline")
+
+UNET9_CONFIG = dict(
+    sample_size=8,
+    in_channels=9,  # 4 noisy latents + 1 mask + 4 masked-image latents
+    out_channels=4,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    cross_attention_dim=64,
+    attention_head_dim=8,
+    norm_num_groups=32,
+    use_linear_projection=False,
+)
+UNET9_ID_OUT = 1.7  # as UNET_ID_OUT, for the 9-channel UNet
+UNET9_F_OUT = 0.3  # as UNET_F_OUT
+UNET9_ID_MASKED = 0.8  # conv_out: eps_c -= UNET9_ID_MASKED * (standardized masked-image latent c)
+UNET9_MASK_GAIN = 3.0  # conv_in's random weights on the mask channel, scaled up
+UNET9_ID_MASK = 0.5  # conv_out: eps_c += (-1)^c * UNET9_ID_MASK * silu(standardized mask)
+UNET9_ATTN2_GAIN = 2.0  # extra factor on the cross-attention outputs (on top of 1/RES_GAIN)
+
+RECT = (13, 45, 9, 37)  # mask_rect.png: x in [13, 45), y in [9, 37)
+CIRCLE = (38.0, 27.0, 17.0)  # mask_circle.png: centre x, centre y, radius (pixel (x, y) sits at x+0.5, y+0.5)
+SMALL_CROP = (10, 4)  # small.png = init.png[4:52, 10:58]
+OUTPAINT_PADS = {"left": 16, "right": 8, "top": 0, "bottom": 16}  # small.png (48x48) -> canvas 72x64
+
+
+def _edit_case(name, mode, model, prompt, neg, seed, sampler, strength, image, mask=None, pads=None):
+    return dict(
+        name=name, mode=mode, model=model, prompt=prompt, negative_prompt=neg, seed=seed, steps=10,
+        cfg_scale=7.5, sampler=sampler, strength=strength, image=image, mask=mask, pads=pads,
+    )
+
+
+APPLE, ORANGES, CASTLE, LAND = (
+    "a red apple on a wooden table",
+    "a bowl of oranges",
+    "a stone castle on a hill",
+    "a wide mountain landscape",
+)
+INIT, RECT_M, CIRC_M, SMALL = "images/init.png", "images/mask_rect.png", "images/mask_circle.png", "images/small.png"
+EDIT_CASES = [
+    _edit_case("img2img_s05_euler_a", "img2img", "tiny-sd1", CASTLE, "", 42, "euler_a", 0.5, INIT),
+    _edit_case("img2img_s08_euler_a", "img2img", "tiny-sd1", CASTLE, "", 42, "euler_a", 0.8, INIT),
+    _edit_case("img2img_s05_ddim", "img2img", "tiny-sd1", CASTLE, "blurry, low quality", 7, "ddim", 0.5, INIT),
+    _edit_case("img2img_s08_ddim", "img2img", "tiny-sd1", CASTLE, "blurry, low quality", 7, "ddim", 0.8, INIT),
+    _edit_case("inpaint_rect_euler", "inpaint", "tiny-sd1", APPLE, "", 42, "euler", 1.0, INIT, RECT_M),
+    _edit_case("inpaint_circle_euler_a", "inpaint", "tiny-sd1", ORANGES, "", 1234, "euler_a", 1.0, INIT, CIRC_M),
+    _edit_case("inpaint_rect_ddim_s075", "inpaint", "tiny-sd1", APPLE, "cartoon", 42, "ddim", 0.75, INIT, RECT_M),
+    _edit_case("inpaint9_rect_euler", "inpaint", "tiny-sd1-inpaint", APPLE, "", 42, "euler", 1.0, INIT, RECT_M),
+    _edit_case("inpaint9_circle_ddim", "inpaint", "tiny-sd1-inpaint", ORANGES, "", 1234, "ddim", 1.0, INIT, CIRC_M),
+    _edit_case("inpaint9_rect_euler_a_s06", "inpaint", "tiny-sd1-inpaint", APPLE, "blurry", 5, "euler_a", 0.6, INIT, RECT_M),
+    _edit_case("outpaint_euler", "outpaint", "tiny-sd1", LAND, "", 42, "euler", 1.0, SMALL, pads=OUTPAINT_PADS),
+    _edit_case("outpaint9_euler_a", "outpaint", "tiny-sd1-inpaint", LAND, "", 42, "euler_a", 1.0, SMALL, pads=OUTPAINT_PADS),
+]
+UNET9_CAPTURE_CASE = "inpaint9_rect_euler"  # its first UNet call goes to modules.safetensors
+EDIT_ALT_PROMPT = "a photo of a cat"
+MIN_EDIT_DIFF = 6.0  # levels: mean abs change of the repainted pixels under another prompt/seed/sampler
+MIN_IMAGE_DIFF = {"img2img": 1.0, "inpaint": 6.0, "outpaint": 6.0}  # ... when the input picture is mirrored
+EDIT_F64_CASES = ("img2img_s08_ddim", "inpaint_circle_euler_a", "inpaint_rect_ddim_s075", "inpaint9_rect_euler_a_s06",
+                  "outpaint_euler", "outpaint9_euler_a")
+
+
+def make_init_image():
+    """64x64 RGB: gradients, a disk, a box, a triangle, hash texture + ripple; values in [20, 235]."""
+    yi, xi = np.mgrid[0:64, 0:64]
+    x, y = xi.astype(np.float64), yi.astype(np.float64)
+    img = np.stack([60 + 120 * x / 63, 70 + 100 * y / 63, 160 - 70 * (x + y) / 126], axis=-1)
+    disk = (x + 0.5 - 20) ** 2 + (y + 0.5 - 21) ** 2 <= 10.5**2
+    img[disk] = 0.3 * img[disk] + 0.7 * np.array([205.0, 90.0, 70.0])
+    img[(x >= 38) & (x < 58) & (y >= 36) & (y < 57)] = [55.0, 115.0, 185.0]
+    tri = (x >= 4) & (y <= 60) & (y >= 40 + (x - 4) * 20 / 26)
+    img[tri] = 0.5 * img[tri] + 0.5 * np.array([230.0, 215.0, 90.0])
+    for c in range(3):
+        h = ((xi * 73856093) ^ (yi * 19349663) ^ ((c + 1) * 83492791)) % 23 - 11  # hash texture, +-11
+        img[..., c] += h + 8 * np.sin(0.8 * x + 2 * c) * np.cos(0.6 * y)
+    return np.round(np.clip(img, 20, 235)).astype(np.uint8)
+
+
+def make_masks():
+    yi, xi = np.mgrid[0:64, 0:64]
+    x0, x1, y0, y1 = RECT
+    rect = ((xi >= x0) & (xi < x1) & (yi >= y0) & (yi < y1)).astype(np.uint8) * 255
+    cx, cy, r = CIRCLE
+    circle = (((xi + 0.5 - cx) ** 2 + (yi + 0.5 - cy) ** 2) <= r * r).astype(np.uint8) * 255
+    return rect, circle
+
+
+def binarize(mask_u8):
+    """What diffusers' mask processor gives (x/255 >= 0.5): True = repaint."""
+    return mask_u8 >= 128
+
+
+def pixels_to_tensor(u8):
+    """uint8 HxWx3 -> [1,3,H,W] float32 in [-1,1] as VaeImageProcessor: (x/255)*2-1 in float32."""
+    x = 2.0 * (u8.astype(np.float32) / 255.0) - 1.0
+    assert x.dtype == np.float32
+    return torch.from_numpy(x).permute(2, 0, 1)[None].contiguous()
+
+
+def vae_mean(vae, x):
+    with torch.no_grad():
+        return vae.encode(x).latent_dist.mean
+
+
+def edit_inputs(case):
+    """(canvas uint8 HxWx3, mask uint8 HxW with 0/255 or None) as sdgen builds them."""
+    img = np.asarray(Image.open(FIXTURES / case["image"]).convert("RGB"))
+    if case["mode"] == "img2img":
+        return img, None
+    if case["mode"] == "inpaint":
+        mask = np.asarray(Image.open(FIXTURES / case["mask"]))
+        assert mask.shape == img.shape[:2]
+        return img, mask
+    p = case["pads"]
+    canvas = np.pad(img, ((p["top"], p["bottom"]), (p["left"], p["right"]), (0, 0)), mode="edge")
+    mask = np.full(canvas.shape[:2], 255, dtype=np.uint8)
+    mask[p["top"] : p["top"] + img.shape[0], p["left"] : p["left"] + img.shape[1]] = 0
+    return canvas, mask
+
+
+@torch.no_grad()
+def build_unet_inpaint():
+    """Random 9-channel UNet; same denoiser path as build_unet, plus a direct masked-image-latent path."""
+    torch.manual_seed(0)  # (the default init is overwritten anyway)
+    unet = UNet2DConditionModel(**UNET9_CONFIG)
+    init_random(unet, "unet_inpaint.")
+    for name, mod in unet.named_modules():
+        if name.endswith("attn2.to_out.0"):
+            mod.weight.mul_(UNET9_ATTN2_GAIN / RES_GAIN)
+    w = unet.conv_in.weight  # [32, 9, 3, 3]; input = cat(latents, mask, masked-image latents)
+    w[:, 4].mul_(UNET9_MASK_GAIN)
+    w[:17].mul_(0.1)
+    w[16, 4, 1, 1] += UNET_ID_IN  # mask
+    for c in range(4):
+        w[c, c, 1, 1] += UNET_ID_IN  # +latent
+        w[4 + c, c, 1, 1] -= UNET_ID_IN  # -latent
+        w[8 + c, 5 + c, 1, 1] += UNET_ID_IN  # +masked-image latent
+        w[12 + c, 5 + c, 1, 1] -= UNET_ID_IN  # -masked-image latent
+    last = unet.up_blocks[-1].resnets[-1]
+    h_ch = last.conv_shortcut.weight.shape[1] - unet.config.block_out_channels[0]
+    cs = last.conv_shortcut.weight  # [32, 64, 1, 1]; input = cat(h, skip = conv_in output)
+    cs[:17].mul_(0.1)
+    for c in range(17):
+        cs[c, h_ch + c, 0, 0] += UNET_ID_SHORTCUT
+    wo = unet.conv_out.weight  # [4, 32, 3, 3]
+    wo.mul_(UNET9_F_OUT)
+    for c in range(4):
+        wo[c, c, 1, 1] += UNET9_ID_OUT
+        wo[c, 4 + c, 1, 1] -= UNET9_ID_OUT
+        wo[c, 8 + c, 1, 1] -= UNET9_ID_MASKED
+        wo[c, 12 + c, 1, 1] += UNET9_ID_MASKED
+        wo[c, 16, 1, 1] += (-1) ** c * UNET9_ID_MASK
+    round_to_fp16(unet)
+    return unet.eval()
+
+
+def run_edit(pipes, case, canvas, mask, prompt=None, seed=None, sampler=None, masked_source=None,
+             unet_mask_override=None, dtype=torch.float32):
+    """One case through diffusers; returns (uint8 image after the overlay, raw float output).
+
+    The image (and masked image) go in as VAE posterior-mean latents, so diffusers' VAE encode
+    draws nothing from the generator. For the sensitivity checks only: masked_source, another
+    picture to take the masked image from; unet_mask_override, a constant for the 9-channel
+    UNet's mask input channel."""
+    kind = "img2img" if case["mode"] == "img2img" else "inpaint"
+    pipe = pipes[(kind, case["model"])]
+    set_sampler(pipe, sampler or case["sampler"])
+    sf = pipe.vae.config.scaling_factor
+    x = pixels_to_tensor(canvas).to(dtype)
+    image_latents = vae_mean(pipe.vae, x) * sf
+    kw = dict(
+        prompt=prompt or case["prompt"],
+        negative_prompt=case["negative_prompt"],
+        num_inference_steps=case["steps"],
+        guidance_scale=case["cfg_scale"],
+        strength=case["strength"],
+        generator=torch.Generator("cpu").manual_seed(case["seed"] if seed is None else seed),
+        output_type="np",
+    )
+    with torch.no_grad():
+        if kind == "img2img":
+            out = pipe(image=image_latents, **kw)
+        else:
+            keep = torch.from_numpy(~binarize(mask))[None, None].to(dtype)  # 1 where the pixel is kept
+            src = x if masked_source is None else pixels_to_tensor(masked_source).to(dtype)
+            masked_latents = vae_mean(pipe.vae, src * keep) * sf
+            h, w = mask.shape
+            hook = None
+            if unet_mask_override is not None:
+
+                def set_mask(module, args):
+                    args[0][:, 4] = unet_mask_override
+
+                hook = pipe.unet.register_forward_pre_hook(set_mask)
+            try:
+                out = pipe(
+                    image=image_latents,
+                    mask_image=Image.fromarray(mask, "L"),
+                    masked_image_latents=masked_latents,
+                    height=h,
+                    width=w,
+                    **kw,
+                )
+            finally:
+                if hook is not None:
+                    hook.remove()
+    raw = out.images[0]
+    assert raw.shape == canvas.shape, (raw.shape, canvas.shape)
+    u8 = to_uint8(raw)
+    if mask is not None:
+        u8 = np.where(binarize(mask)[..., None], u8, canvas)  # overlay: kept pixels exactly from the input
+    return u8, raw
+
+
+@torch.no_grad()
+def manual_edit(pipe, case, canvas, mask):
+    """The same case written out without diffusers' pipelines (only its schedulers' scale_model_input
+    and step): the semantics sdgen implements. Returns the raw decoded image in [0, 1], HxWx3."""
+    sched = SAMPLERS[case["sampler"]].from_config(SCHEDULER_CONFIG)
+    k = case["steps"]
+    sched.set_timesteps(k)
+    t_start = k - min(int(k * case["strength"]), k)  # the last int(K*strength) steps run
+    ts = sched.timesteps[t_start:]
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(t_start)
+
+    def noised(latents, noise, i):  # add_noise at the schedule's i-th timestep
+        if case["sampler"] == "ddim":
+            ac = sched.alphas_cumprod[int(sched.timesteps[i])]
+            return ac**0.5 * latents + (1 - ac) ** 0.5 * noise
+        return latents + noise * sched.sigmas[i]
+
+    def embed(text):
+        ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        return pipe.text_encoder(ids)[0]
+
+    ctx = torch.cat([embed(case["negative_prompt"]), embed(case["prompt"])])
+    sf = pipe.vae.config.scaling_factor
+    x = pixels_to_tensor(canvas)
+    image_latents = vae_mean(pipe.vae, x) * sf
+    gen = torch.Generator("cpu").manual_seed(case["seed"])
+    noise = torch.randn(image_latents.shape, generator=gen, dtype=torch.float32)
+    if case["mode"] == "img2img" or case["strength"] < 1.0:
+        latents = noised(image_latents, noise, t_start)
+    else:  # inpaint/outpaint at strength 1: pure noise, even for the 4-channel model
+        latents = noise * sched.init_noise_sigma
+    nine = pipe.unet.config.in_channels == 9
+    if mask is not None:
+        repaint = torch.from_numpy(binarize(mask)).float()[None, None]
+        m_lat = repaint[:, :, ::8, ::8]  # nearest: latent (i, j) <- pixel (8i, 8j)
+        masked_latents = vae_mean(pipe.vae, x * (1 - repaint)) * sf
+    for i, t in enumerate(ts):
+        inp = sched.scale_model_input(torch.cat([latents] * 2), t)
+        if nine:  # the mask and the masked-image latents are not scaled
+            inp = torch.cat([inp, torch.cat([m_lat] * 2), torch.cat([masked_latents] * 2)], dim=1)
+        uncond, cond = pipe.unet(inp, t, encoder_hidden_states=ctx).sample.chunk(2)
+        eps = uncond + case["cfg_scale"] * (cond - uncond)
+        latents = sched.step(eps, t, latents, generator=gen).prev_sample
+        if mask is not None and not nine:  # blend: same noise, next timestep; clean latents after the last step
+            known = noised(image_latents, noise, t_start + i + 1) if i < len(ts) - 1 else image_latents
+            latents = (1 - m_lat) * known + m_lat * latents
+    img = pipe.vae.decode(latents / sf).sample
+    return (img / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+
+
+def chmod_plain(path: Path):
+    """chmod_tree that leaves symlinks (and what they point to) alone."""
+    for p in [path] + list(path.rglob("*")):
+        if not p.is_symlink():
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+
+
+def make_edit_fixtures(pipe):
+    """Input images, masks, the 9-channel model and the img2img/inpaint/outpaint references."""
+    t0 = time.time()
+    for p in (IMAGES_DIR, INPAINT_DIR, EDIT_DIR):
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+        elif p.exists():
+            shutil.rmtree(p)
+    for p in (IMAGES_DIR, INPAINT_DIR, EDIT_DIR):
+        p.mkdir(parents=True)
+
+    # ---- input images and masks ------------------------------------------------------
+    log("\nediting fixtures: images, masks")
+    init = make_init_image()
+    sx, sy = SMALL_CROP
+    small = init[sy : sy + 48, sx : sx + 48]
+    rect, circle = make_masks()
+    Image.fromarray(init, "RGB").save(IMAGES_DIR / "init.png")
+    Image.fromarray(np.ascontiguousarray(small), "RGB").save(IMAGES_DIR / "small.png")
+    Image.fromarray(rect, "L").save(IMAGES_DIR / "mask_rect.png")
+    Image.fromarray(circle, "L").save(IMAGES_DIR / "mask_circle.png")
+    for name, arr, mode in (("init", init, "RGB"), ("small", small, "RGB"), ("mask_rect", rect, "L"),
+                            ("mask_circle", circle, "L")):
+        im = Image.open(IMAGES_DIR / f"{name}.png")
+        assert im.mode == mode and np.array_equal(np.asarray(im), arr), name
+    assert 20 <= init.min() and init.max() <= 235 and init.std() > 30, (init.min(), init.max(), init.std())
+    assert set(np.unique(rect)) == {0, 255} and set(np.unique(circle)) == {0, 255}
+    # nearest latent downsampling of the unaligned rectangle differs from the pixel mask's coverage
+    rect_lat = binarize(rect)[::8, ::8]
+    assert rect_lat.sum() * 64 != binarize(rect).sum()
+    log(f"  init.png mean {init.mean():.1f} std {init.std():.1f} range {init.min()}..{init.max()}; "
+        f"rect {binarize(rect).sum()} px (latent {int(rect_lat.sum())} cells), circle {binarize(circle).sum()} px "
+        f"(latent {int(binarize(circle)[::8, ::8].sum())} cells)")
+
+    # ---- tiny-sd1-inpaint ----------------------------------------------------------------
+    log("building tiny-sd1-inpaint (9-channel UNet)")
+    unet9 = build_unet_inpaint()
+    check_weights("unet9", unet9.state_dict())
+    sd1_digests = {hashlib.sha256(v.float().numpy().tobytes()).hexdigest() for v in pipe.unet.state_dict().values()}
+    for k, v in unet9.state_dict().items():
+        assert hashlib.sha256(v.float().numpy().tobytes()).hexdigest() not in sd1_digests, f"unet9.{k} copies tiny-sd1"
+    unet9.half().save_pretrained(str(INPAINT_DIR / "unet"), safe_serialization=True)
+    unet9.float()
+    for name in INPAINT_SHARED:
+        os.symlink(f"../tiny-sd1/{name}", INPAINT_DIR / name, target_is_directory=True)
+    (INPAINT_DIR / "model_index.json").write_text(json.dumps(INPAINT_MODEL_INDEX, indent=2) + "\n")
+    chmod_plain(INPAINT_DIR)
+    unet_file = INPAINT_DIR / "unet" / "diffusion_pytorch_model.safetensors"
+    with safe_open(str(unet_file), "pt") as f:
+        assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
+        n_unet9 = len(list(f.keys()))
+    pipe9 = StableDiffusionInpaintPipeline.from_pretrained(
+        str(INPAINT_DIR), safety_checker=None, dtype=torch.float32, local_files_only=True
+    )
+    pipe9.set_progress_bar_config(disable=True)
+    assert type(pipe9.scheduler).__name__ == "PNDMScheduler" and pipe9.unet.dtype == torch.float32
+    state_dicts_equal(pipe9.unet, unet9, "tiny-sd1-inpaint unet")
+    state_dicts_equal(pipe9.vae, pipe.vae, "tiny-sd1-inpaint vae")
+    state_dicts_equal(pipe9.text_encoder, pipe.text_encoder, "tiny-sd1-inpaint text_encoder")
+    assert pipe9.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    n_params = sum(p.numel() for p in unet9.parameters())
+    load_result = (f"StableDiffusionInpaintPipeline.from_pretrained(tiny-sd1-inpaint): UNet {n_unet9} F16 tensors "
+                   f"({n_params} parameters) identical to the built one; vae/text_encoder/tokenizer via symlinks "
+                   f"identical to tiny-sd1's")
+    log("  " + load_result)
+
+    components = dict(pipe.components)
+    pipes = {
+        ("img2img", "tiny-sd1"): StableDiffusionImg2ImgPipeline(**components),
+        ("inpaint", "tiny-sd1"): StableDiffusionInpaintPipeline(**components),
+        ("inpaint", "tiny-sd1-inpaint"): pipe9,
+    }
+    for p in pipes.values():
+        p.set_progress_bar_config(disable=True)
+
+    # the conventions sdgen uses agree with diffusers' own processors
+    x_init = pixels_to_tensor(init)
+    assert torch.equal(x_init, pipe9.image_processor.preprocess(Image.fromarray(init, "RGB")))
+    for m in (rect, circle):
+        mc = pipe9.mask_processor.preprocess(Image.fromarray(m, "L"), height=64, width=64)
+        assert torch.equal(mc[0, 0] >= 0.5, torch.from_numpy(binarize(m))) and set(mc.unique().tolist()) == {0.0, 1.0}
+        lat = torch.nn.functional.interpolate(mc, size=(8, 8))
+        assert torch.equal(lat[0, 0] >= 0.5, torch.from_numpy(binarize(m)[::8, ::8]))
+
+    # ---- cases ---------------------------------------------------------------------------
+    log("running editing cases")
+    mod = {"vae_encode.image": x_init, "vae_encode.mean": vae_mean(pipe.vae, x_init)}
+    assert torch.equal(mod["vae_encode.mean"], vae_mean(pipe9.vae, x_init))
+    cases_json, results, inputs = [], {}, {}
+    for case in EDIT_CASES:
+        t1 = time.time()
+        canvas, mask = edit_inputs(case)
+        inputs[case["name"]] = (canvas, mask)
+        captured = []
+        hook = None
+        if case["name"] == UNET9_CAPTURE_CASE:
+
+            def grab(module, args, kwargs, output):
+                if not captured:
+                    captured.append((args[0].clone(), args[1], kwargs["encoder_hidden_states"].clone(), output[0].clone()))
+
+            hook = pipe9.unet.register_forward_hook(grab, with_kwargs=True)
+        try:
+            u8, raw = run_edit(pipes, case, canvas, mask)
+        finally:
+            if hook is not None:
+                hook.remove()
+        if captured:
+            sample, t, ctx, out = captured[0]
+            mod["unet9.sample"] = sample
+            mod["unet9.timestep"] = torch.as_tensor(t, dtype=torch.float32).reshape(1)
+            mod["unet9.context"] = ctx
+            with torch.no_grad():
+                again = pipe9.unet(sample, mod["unet9.timestep"], encoder_hidden_states=ctx).sample
+            assert torch.equal(again, out), "unet9 capture does not replay"
+            mod["unet9.out"] = out
+        name = case["name"]
+        Image.fromarray(u8, "RGB").save(EDIT_DIR / f"{name}.png")
+        results[name] = (u8, raw)
+        entry = dict(case)
+        entry.update(width=canvas.shape[1], height=canvas.shape[0], png=f"{name}.png", canvas=None, canvas_mask=None)
+        if case["mode"] == "outpaint":
+            Image.fromarray(canvas, "RGB").save(EDIT_DIR / f"{name}_canvas.png")
+            Image.fromarray(mask, "L").save(EDIT_DIR / f"{name}_mask.png")
+            entry.update(canvas=f"{name}_canvas.png", canvas_mask=f"{name}_mask.png")
+        cases_json.append(entry)
+        log(f"  {name}: {time.time() - t1:.1f}s")
+    assert len(mod) == 6, sorted(mod)
+
+    # read back: PNGs exact, and every kept pixel equals the input exactly
+    for case in EDIT_CASES:
+        name = case["name"]
+        canvas, mask = inputs[name]
+        back = np.asarray(Image.open(EDIT_DIR / f"{name}.png"))
+        assert back.dtype == np.uint8 and np.array_equal(back, results[name][0]), name
+        if mask is not None:
+            keep = ~binarize(mask)
+            assert np.array_equal(back[keep], canvas[keep]), f"{name}: kept pixels differ from the input"
+            assert not np.array_equal(back[~keep], canvas[~keep])
+        if case["mode"] == "outpaint":
+            p = case["pads"]
+            sm = np.asarray(Image.open(FIXTURES / case["image"]).convert("RGB"))
+            assert np.array_equal(back[p["top"] : p["top"] + sm.shape[0], p["left"] : p["left"] + sm.shape[1]], sm)
+            assert np.array_equal(np.asarray(Image.open(EDIT_DIR / f"{name}_canvas.png")), canvas)
+            assert np.array_equal(np.asarray(Image.open(EDIT_DIR / f"{name}_mask.png")), mask)
+
+    # the semantics written out by hand (README) give the same images
+    log("re-implementation without diffusers' pipelines vs diffusers (levels, before rounding):")
+    worst = 0.0
+    for case in EDIT_CASES:
+        canvas, mask = inputs[case["name"]]
+        kind = "img2img" if case["mode"] == "img2img" else "inpaint"
+        mine = manual_edit(pipes[(kind, case["model"])], case, canvas, mask)
+        d = np.abs(mine - results[case["name"]][1]).max() * 255
+        worst = max(worst, d)
+        log(f"  {case['name']:26s} max {d:.5f}")
+    assert worst < 0.01, "the hand-written semantics differ from diffusers"
+
+    meta = {
+        "models": {"tiny-sd1": "tests/fixtures/tiny-sd1", "tiny-sd1-inpaint": "tests/fixtures/tiny-sd1-inpaint"},
+        "paths": "image and mask are relative to tests/fixtures; png, canvas and canvas_mask to this folder",
+        "produced_by": "tests/reference/make_fixtures.py",
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "dtype": "float32",
+        "device": "cpu",
+        "pixel_input": "x/255*2-1 in float32 (VaeImageProcessor), no resizing",
+        "vae_encoding": "posterior mean * 0.18215 (no sampling; the generator only draws the noise)",
+        "mask": "grayscale, repaint where value >= 128; masked image = 0 there; latent mask = mask[8i, 8j]",
+        "overlay": "after decoding, pixels with mask 0 are copied from the input (canvas) unchanged",
+        "pixel_conversion": "round(clip(x, 0, 1) * 255) of diffusers' output_type='np', then the overlay",
+        "cases": cases_json,
+    }
+    (EDIT_DIR / "cases.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    mod = {k: v.detach().float().contiguous() for k, v in mod.items()}
+    save_file(mod, str(EDIT_DIR / "modules.safetensors"), metadata={"format": "pt"})
+
+    # ---- statistics and sensitivity ----------------------------------------------------------
+    log("\nediting statistics (levels of 255; 'region' = the repainted pixels, whole image for img2img):")
+    log(f"  {'case':26s} {'mean':>6s} {'std':>6s} {'sat%':>6s} {'reg.std':>7s} {'vs in':>6s} {'vs rt':>6s} {'overlay':>7s}")
+    vs_rt = {}
+    for case in EDIT_CASES:
+        name = case["name"]
+        canvas, mask = inputs[name]
+        u8, raw = results[name]
+        f = u8.astype(np.float64)
+        region = np.ones(canvas.shape[:2], bool) if mask is None else binarize(mask)
+        sat = float(np.mean((u8 == 0) | (u8 == 255)))
+        with torch.no_grad():  # the VAE round trip of the input (what img2img gives as strength -> 0)
+            rt = pipe.vae.decode(vae_mean(pipe.vae, pixels_to_tensor(canvas))).sample
+        rt = to_uint8(rt[0].permute(1, 2, 0).numpy() / 2 + 0.5).astype(np.float64)
+        d_in = np.abs(f - canvas)[region].mean()
+        vs_rt[name] = np.abs(f - rt)[region].mean()
+        overlay = "-" if mask is None else f"{np.abs(to_uint8(raw).astype(np.float64) - canvas)[~region].mean():7.1f}"
+        log(f"  {name:26s} {f.mean():6.1f} {f.std():6.1f} {100 * sat:6.2f} {f[region].std():7.1f} {d_in:6.1f} "
+            f"{vs_rt[name]:6.1f} {overlay:>7s}")
+        assert sat <= MAX_SATURATED and f[region].std() >= MIN_STD, name
+    log("  ('vs in' / 'vs rt': mean |output - input| / |output - VAE round trip of the input| over the region;")
+    log("   'overlay': mean |diffusers' output - input| over the kept pixels, which the overlay restores;")
+    log("   the random VAE is no autoencoder, so decode(encode(x)) is far from x)")
+    for smp in ("euler_a", "ddim"):
+        assert vs_rt[f"img2img_s05_{smp}"] < vs_rt[f"img2img_s08_{smp}"], smp
+
+    log("\nsensitivity: mean abs change of the region when one setting changes (levels)")
+    log(f"  {'case':26s} {'prompt':>7s} {'seed+1':>7s} {'euler':>6s} {'euler_a':>7s} {'ddim':>6s} {'mirror':>7s}")
+    sens_min = 1e9
+    for case in EDIT_CASES:
+        name = case["name"]
+        canvas, mask = inputs[name]
+        region = np.ones(canvas.shape[:2], bool) if mask is None else binarize(mask)
+        base = results[name][0].astype(np.float64)
+        variants = [dict(prompt=EDIT_ALT_PROMPT), dict(seed=case["seed"] + 1)]
+        variants += [dict(sampler=s_) if s_ != case["sampler"] else None for s_ in SAMPLERS]
+        # the input picture mirrored (for inpaint/outpaint the mask stays): image (and masked image) latents change
+        variants.append(dict(canvas=np.ascontiguousarray(canvas[:, ::-1])))
+        cols = []
+        for kw in variants:
+            if kw is None:
+                cols.append("     -")
+                continue
+            kw = dict(kw)
+            cv = kw.pop("canvas", canvas)
+            other = run_edit(pipes, case, cv, mask, **kw)[0]
+            other = np.where(region[..., None], other, canvas)  # compare the region only
+            d = np.abs(other.astype(np.float64) - base)[region].mean()
+            if kw:
+                sens_min = min(sens_min, d)
+            cols.append(f"{d:6.1f}")
+            floor = MIN_EDIT_DIFF if kw else MIN_IMAGE_DIFF[case["mode"]]
+            assert d >= floor, f"{name}: {kw or 'mirrored input'} changes the region by only {d:.2f} levels"
+        log(f"  {name:26s} {cols[0]:>7s} {cols[1]:>7s} {cols[2]:>6s} {cols[3]:>7s} {cols[4]:>6s} {cols[5]:>7s}")
+    log(f"  smallest prompt/seed/sampler change: {sens_min:.1f}")
+    for a, b in (("img2img_s05_euler_a", "img2img_s08_euler_a"), ("img2img_s05_ddim", "img2img_s08_ddim")):
+        d = np.abs(results[a][0].astype(np.float64) - results[b][0]).mean()
+        log(f"  strength 0.5 vs 0.8: {a} / {b}: {d:.1f}")
+        assert d >= MIN_EDIT_DIFF
+
+    # the 9-channel model uses its mask and masked-image inputs
+    log("\n9-channel UNet: effect of its extra inputs")
+    s9, t9, c9 = mod["unet9.sample"], mod["unet9.timestep"], mod["unet9.context"]
+    with torch.no_grad():
+        scale = mod["unet9.out"].abs().mean()
+        for what, sl in (("mask", slice(4, 5)), ("masked-image latent", slice(5, 9))):
+            s2 = s9.clone()
+            s2[:, sl] = 0
+            o2 = pipe9.unet(s2, t9, encoder_hidden_states=c9).sample
+            rel = float((o2 - mod["unet9.out"]).abs().mean() / scale)
+            log(f"  first step of {UNET9_CAPTURE_CASE}: zeroing the {what} channel(s) changes eps by {100 * rel:.0f}%"
+                " (mean abs, relative)")
+            assert rel > 0.1, what
+    for name in ("inpaint9_rect_euler", "outpaint9_euler_a"):
+        case = next(c for c in EDIT_CASES if c["name"] == name)
+        canvas, mask = inputs[name]
+        region = binarize(mask)
+        for label, kw in (("masked image from the mirrored picture", dict(masked_source=np.ascontiguousarray(canvas[:, ::-1]))),
+                          ("mask channel all ones", dict(unet_mask_override=1.0))):
+            other = run_edit(pipes, case, canvas, mask, **kw)[0]
+            d = np.abs(other.astype(np.float64) - results[name][0])[region].mean()
+            log(f"  {name}: {label}: region changes by {d:.1f} levels")
+            assert d >= MIN_EDIT_DIFF, (name, label)
+
+    # numerical robustness: float64 with the same noise
+    log("\nediting, float64 vs float32 (same noise), |diff| of the [0,255]-scaled output before rounding:")
+    from diffusers.utils import torch_utils
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as pimg
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as pinp
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as sea
+
+    orig = torch_utils.randn_tensor
+
+    def randn_f32(shape, generator=None, device=None, dtype=None, layout=None):
+        return orig(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+
+    pimg.randn_tensor, pinp.randn_tensor, sea.randn_tensor = randn_f32, randn_f32, randn_f32
+    try:
+        pipe.to(torch.float64)
+        pipe9.to(torch.float64)
+        worst = 0.0
+        for case in EDIT_CASES:
+            if case["name"] not in EDIT_F64_CASES:
+                continue
+            canvas, mask = inputs[case["name"]]
+            raw64 = run_edit(pipes, case, canvas, mask, dtype=torch.float64)[1]
+            d = np.abs(raw64 - results[case["name"]][1]) * 255
+            worst = max(worst, d.max())
+            log(f"  {case['name']:26s} max {d.max():.5f} mean {d.mean():.6f}")
+        assert worst < 0.05, "editing references are numerically fragile"
+    finally:
+        pimg.randn_tensor, pinp.randn_tensor, sea.randn_tensor = orig, orig, orig
+        pipe.to(torch.float32)
+        pipe9.to(torch.float32)
+
+    chmod_plain(IMAGES_DIR)
+    chmod_plain(EDIT_DIR)
+    log(f"\n{load_result}\nediting fixtures done in {time.time() - t0:.0f}s")
+    return load_result
+
+
+# --------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------
+
+
+def load_folder_pipeline():
+    folder_kw = dict(dtype=torch.float32, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(MODEL_DIR),
+        unet=UNet2DConditionModel.from_pretrained(str(MODEL_DIR), subfolder="unet", variant="fp16", **folder_kw),
+        vae=AutoencoderKL.from_pretrained(str(MODEL_DIR), subfolder="vae", **folder_kw),
+        text_encoder=CLIPTextModel.from_pretrained(str(MODEL_DIR), subfolder="text_encoder", **folder_kw),
+        safety_checker=None,
+        **folder_kw,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def print_sizes(paths):
+    log("\nsizes (bytes):")
+    total = 0
+    for path in paths:
+        for rel, size in file_sizes(path):
+            total += size
+            log(f"  {size:10d}  {rel}")
+    log(f"  {total:10d}  total")
 
 
 def main():
     t_start = time.time()
     log(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}")
+    if sys.argv[1:] == ["--edit-only"]:
+        # Regenerate only images/, tiny-sd1-inpaint/ and reference/edit/ from the existing tiny-sd1.
+        make_edit_fixtures(load_folder_pipeline())
+        print_sizes((IMAGES_DIR, INPAINT_DIR, EDIT_DIR))
+        log(f"done in {time.time() - t_start:.0f}s")
+        return
+    assert not sys.argv[1:], f"unknown arguments {sys.argv[1:]} (only --edit-only)"
     for p in (MODEL_DIR, REF_DIR):
         if p.exists():
             shutil.rmtree(p)
@@ -615,16 +1235,7 @@ def main():
     (MODEL_DIR / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
     chmod_tree(MODEL_DIR)
 
-    folder_kw = dict(dtype=torch.float32, local_files_only=True)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(MODEL_DIR),
-        unet=UNet2DConditionModel.from_pretrained(str(MODEL_DIR), subfolder="unet", variant="fp16", **folder_kw),
-        vae=AutoencoderKL.from_pretrained(str(MODEL_DIR), subfolder="vae", **folder_kw),
-        text_encoder=CLIPTextModel.from_pretrained(str(MODEL_DIR), subfolder="text_encoder", **folder_kw),
-        safety_checker=None,
-        **folder_kw,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_folder_pipeline()
     for name, built in (("unet", unet), ("vae", vae), ("text_encoder", te)):
         state_dicts_equal(getattr(pipe, name), built, f"folder {name}")
     te_index = json.loads((MODEL_DIR / "text_encoder" / "model.safetensors.index.json").read_text())
@@ -835,14 +1446,12 @@ def main():
         psd.randn_tensor, sea.randn_tensor = orig, orig
         pipe.to(torch.float32)
 
-    log("\nsizes (bytes):")
-    total = 0
-    for path in (MODEL_DIR, SINGLE_FILE, REF_DIR):
-        for rel, size in file_sizes(path):
-            total += size
-            log(f"  {size:10d}  {rel}")
-    log(f"  {total:10d}  total")
+    # ---- 6. image editing (img2img / inpaint / outpaint) --------------------------------------
+    edit_result = make_edit_fixtures(pipe)
+
+    print_sizes((MODEL_DIR, SINGLE_FILE, REF_DIR, IMAGES_DIR, INPAINT_DIR, EDIT_DIR))
     log("\n" + sf_result)
+    log(edit_result)
     log(f"done in {time.time() - t_start:.0f}s")
 
 
