@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::pipeline::{Init, Request};
-use crate::sampling::samplers::Sampler;
+use crate::sampling::samplers::{resolve, Sampler};
+use crate::sampling::schedule::ScheduleKind;
 
 /// The per-image options a job line may set; unset ones take the command
 /// line's values.
@@ -30,12 +31,23 @@ pub struct JobOptions {
     pub width: Option<usize>,
     pub height: Option<usize>,
     pub sampler: Option<String>,
+    pub schedule: Option<String>,
     pub batch_count: Option<usize>,
 }
 
 /// The option names a job may use (kebab-case; snake_case is accepted too).
-pub const JOB_OPTIONS: &[&str] =
-    &["prompt", "negative-prompt", "seed", "steps", "cfg-scale", "width", "height", "sampler", "batch-count"];
+pub const JOB_OPTIONS: &[&str] = &[
+    "prompt",
+    "negative-prompt",
+    "seed",
+    "steps",
+    "cfg-scale",
+    "width",
+    "height",
+    "sampler",
+    "schedule",
+    "batch-count",
+];
 
 fn parse_num<T: std::str::FromStr>(key: &str, value: &str) -> anyhow::Result<T> {
     value.trim().parse().map_err(|_| anyhow::anyhow!("--{key}: {value:?} is not a valid number"))
@@ -53,7 +65,11 @@ impl JobOptions {
             "cfg-scale" => self.cfg_scale = Some(parse_num(&key, value)?),
             "width" => self.width = Some(parse_num(&key, value)?),
             "height" => self.height = Some(parse_num(&key, value)?),
-            "sampler" => self.sampler = Some(Sampler::parse(value)?.name().to_string()),
+            "sampler" => {
+                Sampler::parse_with_schedule(value)?;
+                self.sampler = Some(value.to_string());
+            }
+            "schedule" => self.schedule = Some(ScheduleKind::parse(value)?.name().to_string()),
             "batch-count" => self.batch_count = Some(parse_num(&key, value)?),
             other => bail!("unknown option --{other} (job options: {})", JOB_OPTIONS.join(", ")),
         }
@@ -71,6 +87,7 @@ impl JobOptions {
             width: self.width.or(defaults.width),
             height: self.height.or(defaults.height),
             sampler: self.sampler.clone().or_else(|| defaults.sampler.clone()),
+            schedule: self.schedule.clone().or_else(|| defaults.schedule.clone()),
             batch_count: self.batch_count.or(defaults.batch_count),
         }
     }
@@ -94,6 +111,7 @@ impl JobOptions {
         if let Some(c) = self.cfg_scale.filter(|c| !c.is_finite() || *c < 0.0) {
             bail!("--cfg-scale must be a number ≥ 0, got {c}");
         }
+        resolve(self.sampler.as_deref(), self.schedule.as_deref())?;
         Ok(())
     }
 }
@@ -289,6 +307,7 @@ impl Planned {
     /// The generation request, with the model's native size as default.
     pub fn request(&self, native_size: usize) -> anyhow::Result<Request> {
         let o = &self.options;
+        let (sampler, schedule) = resolve(o.sampler.as_deref(), o.schedule.as_deref())?;
         Ok(Request {
             prompt: o.prompt.clone().unwrap_or_default(),
             negative_prompt: o.negative_prompt.clone().unwrap_or_default(),
@@ -297,7 +316,8 @@ impl Planned {
             cfg_scale: o.cfg_scale.unwrap_or(7.5),
             width: o.width.unwrap_or(native_size),
             height: o.height.unwrap_or(native_size),
-            sampler: Sampler::parse(o.sampler.as_deref().unwrap_or("euler_a"))?,
+            sampler,
+            schedule,
             init: Init::Noise,
         })
     }
@@ -316,6 +336,7 @@ pub struct ManifestEntry {
     pub width: usize,
     pub height: usize,
     pub sampler: String,
+    pub schedule: String,
     pub file: String,
     pub sha256: String,
     pub seconds: f64,
@@ -492,6 +513,7 @@ pub fn run(
                 width: r.width,
                 height: r.height,
                 sampler: r.sampler.name().to_string(),
+                schedule: r.schedule.name().to_string(),
                 file: p.file.clone(),
                 sha256: sha256_hex(&bytes),
                 seconds,
@@ -587,6 +609,7 @@ mod tests {
             width: 8,
             height: 8,
             sampler: "euler".into(),
+            schedule: "normal".into(),
             file: "a.png".into(),
             sha256: sha256_hex(b"png"),
             seconds: 0.1,

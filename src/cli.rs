@@ -72,6 +72,8 @@ pub enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// List the samplers and schedules.
+    Samplers,
     /// Regenerate an image from the parameters stored in its PNG; options
     /// given here override the stored ones.
     Replay {
@@ -154,9 +156,14 @@ pub struct Common {
     /// Image height in pixels, a multiple of 8 [default: as for --width].
     #[arg(long, short = 'H')]
     pub height: Option<usize>,
-    /// Sampler: euler, euler_a or ddim [default: euler_a].
+    /// Sampler: a name from `sdgen samplers` (e.g. dpmpp_2m, euler_a) or an
+    /// A1111 name ("DPM++ 2M Karras") [default: dpmpp_2m with karras].
     #[arg(long)]
     pub sampler: Option<String>,
+    /// Schedule: normal, karras, exponential, beta, trailing, leading,
+    /// linspace [default: karras with the default sampler, else normal].
+    #[arg(long)]
+    pub schedule: Option<String>,
     /// Number of images; image i uses seed + i [default: 1].
     #[arg(long)]
     pub batch_count: Option<usize>,
@@ -194,6 +201,7 @@ impl Common {
             width: self.width,
             height: self.height,
             sampler: self.sampler.clone(),
+            schedule: self.schedule.clone(),
             batch_count: self.batch_count,
         }
     }

@@ -5,7 +5,8 @@
 use anyhow::{bail, Context};
 
 use crate::pipeline::{Init, Request};
-use crate::sampling::samplers::Sampler;
+use crate::sampling::samplers::resolve;
+use crate::sampling::schedule::ScheduleKind;
 
 /// Everything the `parameters` chunk records about an image.
 pub struct Parameters<'a> {
@@ -24,12 +25,16 @@ impl Parameters<'_> {
         let mut fields = vec![
             ("Steps", r.steps.to_string()),
             ("Sampler", r.sampler.a1111_name().to_string()),
+            ("Schedule type", r.schedule.a1111_name().to_string()),
             ("CFG scale", r.cfg_scale.to_string()),
             ("Seed", r.seed.to_string()),
             ("Size", format!("{}x{}", r.width, r.height)),
             ("Model hash", self.model_hash.to_string()),
             ("Model", self.model_name.to_string()),
         ];
+        if r.schedule == ScheduleKind::Normal {
+            fields.retain(|(k, _)| *k != "Schedule type");
+        }
         if let Some(strength) = r.strength() {
             fields.push(("Denoising strength", strength.to_string()));
         }
@@ -139,6 +144,7 @@ pub struct Recorded {
 const KNOWN: &[&str] = &[
     "Steps",
     "Sampler",
+    "Schedule type",
     "CFG scale",
     "Seed",
     "Size",
@@ -171,6 +177,7 @@ impl Infotext {
             .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)))
             .with_context(|| format!("Size: {size:?} is not WxH"))?;
         let seed = need("Seed")?;
+        let (sampler, schedule) = resolve(Some(need("Sampler")?), self.get("Schedule type"))?;
         let request = Request {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
@@ -179,7 +186,8 @@ impl Infotext {
             cfg_scale: number("CFG scale")?,
             width: w,
             height: h,
-            sampler: Sampler::parse(need("Sampler")?)?,
+            sampler,
+            schedule,
             init: Init::Noise,
         };
         Ok(Recorded {
@@ -193,6 +201,7 @@ impl Infotext {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampling::samplers::Sampler;
 
     fn request() -> Request {
         Request {
@@ -203,7 +212,8 @@ mod tests {
             cfg_scale: 7.5,
             width: 512,
             height: 768,
-            sampler: Sampler::EulerAncestral,
+            sampler: Sampler::DpmPP2M,
+            schedule: ScheduleKind::Karras,
             init: Init::Noise,
         }
     }
@@ -213,7 +223,7 @@ mod tests {
         let r = request();
         let text = Parameters { request: &r, model_name: "my, model", model_hash: "0123456789" }.infotext();
         assert!(text.contains(
-            "Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 512x768, Model hash: 0123456789, Model: \"my, model\""
+            "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 512x768, Model hash: 0123456789, Model: \"my, model\""
         ));
         let parsed = parse(&text);
         let rec = parsed.to_request().unwrap();

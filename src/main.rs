@@ -18,7 +18,6 @@ use sdgen::infotext::Parameters;
 use sdgen::loading::locate::{locate, Located};
 use sdgen::loading::Model;
 use sdgen::pipeline::{Event, Init, Request};
-use sdgen::sampling::samplers::Sampler;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -28,6 +27,10 @@ fn main() -> ExitCode {
             run_batch(file, out_dir, *batch_size, shard.as_deref(), *force, common)
         }
         Some(Command::Replay { image, common }) => run_replay(image, common).map(|_| ExitCode::SUCCESS),
+        Some(Command::Samplers) => {
+            list_samplers();
+            Ok(ExitCode::SUCCESS)
+        }
         Some(
             command @ (Command::Img2img { common, .. }
             | Command::Inpaint { common, .. }
@@ -125,7 +128,7 @@ fn read_init(command: Option<&Command>) -> anyhow::Result<Init> {
         mask_blur: edit.mask_blur,
     };
     Ok(match command {
-        None | Some(Command::Batch { .. } | Command::Replay { .. }) => Init::Noise,
+        None | Some(Command::Batch { .. } | Command::Replay { .. } | Command::Samplers) => Init::Noise,
         Some(Command::Img2img { init_image, strength, common }) => {
             let mut image = image_of(init_image)?;
             let (w, h) = (common.width.unwrap_or(image.width), common.height.unwrap_or(image.height));
@@ -275,6 +278,7 @@ fn request_from(args: &Common, init: Init, seed: u64) -> anyhow::Result<Request>
         Init::Image { image, .. } | Init::Inpaint { image, .. } => Some((image.width, image.height)),
     };
     let (w, h) = input.unwrap_or((args.width.unwrap_or(8), args.height.unwrap_or(8)));
+    let (sampler, schedule) = sdgen::sampling::samplers::resolve(args.sampler.as_deref(), args.schedule.as_deref())?;
     let request = Request {
         prompt: args.prompt.clone().context("--prompt is required")?,
         negative_prompt: args.negative_prompt.clone().unwrap_or_default(),
@@ -283,7 +287,8 @@ fn request_from(args: &Common, init: Init, seed: u64) -> anyhow::Result<Request>
         cfg_scale: args.cfg_scale.unwrap_or(7.5),
         width: w,
         height: h,
-        sampler: Sampler::parse(args.sampler.as_deref().unwrap_or("euler_a"))?,
+        sampler,
+        schedule,
         init,
     };
     request.validate()?;
@@ -414,6 +419,19 @@ fn run_batch(
     })
 }
 
+fn list_samplers() {
+    use sdgen::sampling::samplers::SAMPLERS;
+    println!("samplers (--sampler; A1111 names work too):");
+    for (_, name, a1111, deterministic, what) in SAMPLERS {
+        let kind = if *deterministic { "deterministic" } else { "ancestral" };
+        println!("  {name:<14} {a1111:<14} {kind:<13} {what}");
+    }
+    println!("schedules (--schedule):");
+    for (name, what) in sdgen::sampling::schedule::SCHEDULE_NAMES {
+        println!("  {name:<14} {what}");
+    }
+}
+
 /// Regenerates an image from its `parameters` chunk.
 fn run_replay(image: &Path, args: &Common) -> anyhow::Result<()> {
     let text = sdgen::image_io::read_parameters(image)?
@@ -429,6 +447,7 @@ fn run_replay(image: &Path, args: &Common) -> anyhow::Result<()> {
         width: args.width.or(Some(r.width)),
         height: args.height.or(Some(r.height)),
         sampler: args.sampler.clone().or(Some(r.sampler.name().to_string())),
+        schedule: args.schedule.clone().or(Some(r.schedule.name().to_string())),
         batch_count: args.batch_count,
         out: args.out.clone().or_else(|| {
             let stem = image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();

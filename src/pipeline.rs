@@ -17,7 +17,8 @@ use crate::image_io::Image;
 use crate::loading::Model;
 use crate::rng::TorchRng;
 use crate::sampling::denoiser::{Conditioning, UNetDenoiser};
-use crate::sampling::samplers::{sample, Sampler, StepContext};
+use crate::sampling::samplers::{sample, Sampler};
+use crate::sampling::schedule::ScheduleKind;
 
 /// Where the latents come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +42,7 @@ pub struct Request {
     pub width: usize,
     pub height: usize,
     pub sampler: Sampler,
+    pub schedule: ScheduleKind,
     pub init: Init,
 }
 
@@ -79,14 +81,14 @@ impl Request {
     }
 
     /// Jobs with equal keys can share UNet calls.
-    pub fn batch_key(&self) -> (usize, usize, usize, Sampler, u64, u8, Option<u64>) {
+    pub fn batch_key(&self) -> (usize, usize, usize, Sampler, ScheduleKind, u64, u8, Option<u64>) {
         let kind = match self.init {
             Init::Noise => 0,
             Init::Image { .. } => 1,
             Init::Inpaint { .. } => 2,
         };
         let strength = self.strength().map(f64::to_bits);
-        (self.width, self.height, self.steps, self.sampler, self.cfg_scale.to_bits(), kind, strength)
+        (self.width, self.height, self.steps, self.sampler, self.schedule, self.cfg_scale.to_bits(), kind, strength)
     }
 
     /// The denoising strength of image-based jobs.
@@ -190,11 +192,11 @@ impl Model {
         };
         let conditioning = Conditioning { cond, uncond, cfg_scale: req.cfg_scale };
 
-        let mut schedule = req.sampler.schedule(&self.scheduler, req.steps)?;
+        let mut schedule = req.sampler.schedule(&self.scheduler, req.steps, req.schedule)?;
         if let Some(s) = req.strength() {
             // diffusers: run the last min(⌊K·s⌋, K) steps.
             let run = ((req.steps as f64 * s) as usize).min(req.steps);
-            schedule = schedule.tail(req.steps - run);
+            schedule = schedule.from_step(req.steps - run);
         }
         let dtype = self.unet.dtype();
         let (c, h, w) = (self.vae.config.latent_channels, req.height / scale, req.width / scale);
@@ -214,7 +216,7 @@ impl Model {
         // img2img always noises the image.
         let pure_noise = matches!(req.init, Init::Inpaint { strength, .. } if strength >= 1.0);
         let x = match &image_latents {
-            Some(x0) if !pure_noise => (x0 + (&noise * schedule.sigmas[0] as f64)?)?,
+            Some(x0) if !pure_noise => (x0 + (&noise * schedule.sigmas[schedule.start] as f64)?)?,
             _ => (&noise * schedule.init_noise_scale as f64)?,
         };
 
@@ -242,12 +244,11 @@ impl Model {
         };
 
         let mut denoiser = UNetDenoiser::new(&self.unet, &schedule, self.prediction, &conditioning, extra)?;
-        let total = schedule.timesteps.len();
+        let (first, total) = (schedule.start, schedule.timesteps.len());
         let last_sigma_scale = 1.0 / schedule.final_scale() as f64;
         let sigmas = schedule.sigmas.clone();
-        let mut ctx = StepContext { sigmas: &schedule.sigmas, rngs: &mut rngs, device };
         let mut hook = |i: usize, x: Tensor| -> anyhow::Result<Tensor> {
-            events(Event::Step { done: i + 1, total });
+            events(Event::Step { done: i + 1 - first, total: total - first });
             let Some((m, x0)) = blend else { return Ok(x) };
             // The image at the σ the step landed on: noised with the initial
             // noise, or clean after the last step (σ-space: scaled so that
@@ -256,7 +257,7 @@ impl Model {
                 if i + 1 < total { (x0 + (&noise * sigmas[i + 1] as f64)?)? } else { (x0 * last_sigma_scale)? };
             Ok((m.broadcast_mul(&(x - &target)?)? + target)?)
         };
-        let latents = sample(req.sampler, &mut denoiser, x, &mut ctx, &mut hook)?;
+        let latents = sample(req.sampler, &mut denoiser, x, &schedule, &mut rngs, &mut hook)?;
 
         events(Event::Decoding);
         let latents = (latents * (schedule.final_scale() as f64 / self.vae.config.scaling_factor))?;

@@ -12,6 +12,7 @@ use common::fixture;
 use sdgen::loading::Model;
 use sdgen::pipeline::{Init, Request};
 use sdgen::sampling::samplers::Sampler;
+use sdgen::sampling::schedule::ScheduleKind;
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -52,6 +53,7 @@ fn render(model_path: &Path) -> Vec<u8> {
         width: 64,
         height: 64,
         sampler: Sampler::Euler,
+        schedule: ScheduleKind::Normal,
         init: Init::Noise,
     };
     model.generate(&req, &Device::Cpu, &mut |_| {}).unwrap().rgb

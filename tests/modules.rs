@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use common::fixture;
 use sdgen::loading::Model;
 use sdgen::sampling::samplers::Sampler;
-use sdgen::sampling::schedule::SchedulerConfig;
+use sdgen::sampling::schedule::{ScheduleKind, SchedulerConfig};
 
 fn references() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture("reference/sd1/modules.safetensors"), &Device::Cpu).unwrap()
@@ -81,7 +81,7 @@ fn schedules_match_diffusers_arrays() {
     assert!(ours.iter().zip(&ac).all(|(a, b)| close(*a, *b)), "alphas_cumprod");
     for steps in [10, 20] {
         for name in ["euler", "euler_a"] {
-            let s = Sampler::parse(name).unwrap().schedule(&cfg, steps).unwrap();
+            let s = Sampler::parse(name).unwrap().schedule(&cfg, steps, ScheduleKind::Normal).unwrap();
             let key = |k: &str| format!("sched.{name}.{steps}.{k}");
             let sigmas: Vec<f32> = r[&key("sigmas")].to_vec1().unwrap();
             let timesteps: Vec<f32> = r[&key("timesteps")].to_vec1().unwrap();
@@ -97,7 +97,7 @@ fn schedules_match_diffusers_arrays() {
         }
         // DDIM: σ at each ᾱ_t, then at ᾱ_final; diffusers' init_noise_sigma is
         // 1 in DDPM-space, i.e. √(σ₀² + 1) in σ-space.
-        let s = Sampler::Ddim.schedule(&cfg, steps).unwrap();
+        let s = Sampler::Ddim.schedule(&cfg, steps, ScheduleKind::Normal).unwrap();
         let key = |k: &str| format!("sched.ddim.{steps}.{k}");
         let ts: Vec<i64> = r[&key("timesteps")].to_vec1().unwrap();
         assert_eq!(s.timesteps, ts.iter().map(|&t| t as f32).collect::<Vec<_>>());

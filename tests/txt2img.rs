@@ -125,7 +125,7 @@ fn png_records_a1111_parameters() {
     let o = run_tiny(&out, &["--prompt", "a red fox", "--negative-prompt", "blurry", "--seed", "42", "--steps", "2"]);
     let text = sdgen::image_io::read_parameters(&out).unwrap().expect("parameters chunk");
     let expected = format!(
-        "a red fox\nNegative prompt: blurry\nSteps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 64x64, \
+        "a red fox\nNegative prompt: blurry\nSteps: 2, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 64x64, \
          Model hash: {}, Model: tiny-sd1, Version: sdgen {}",
         sha256_10(&fixture("tiny-sd1.safetensors")),
         env!("CARGO_PKG_VERSION")

@@ -69,7 +69,7 @@ impl<'a> UNetDenoiser<'a> {
 
 impl Denoise for UNetDenoiser<'_> {
     fn denoise(&mut self, x: &Tensor, sigma: f32) -> anyhow::Result<Tensor> {
-        let t = self.schedule.timestep(sigma)?;
+        let t = self.schedule.timestep(sigma);
         let c_in = (sigma * sigma + 1.0).sqrt() as f64;
         let input = match &self.extra {
             Some(extra) => Tensor::cat(&[&(x / c_in)?, extra], 1)?,

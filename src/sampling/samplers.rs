@@ -2,82 +2,191 @@
 //! σ schedule and a denoiser; [`sample`] is the one loop they share, and it
 //! calls the per-step hook (inpaint blending, previews, progress).
 //!
-//! How each maps to diffusers (σ-space `x = x_ddpm · √(σ² + 1)`):
-//! - `euler`: EulerDiscreteScheduler, already in σ-space; starts at
-//!   `σ_max · noise` (linspace spacing), ends at σ = 0.
-//! - `euler_a`: EulerAncestralDiscreteScheduler, same schedule; each step
-//!   goes down to σ_down with Euler and adds σ_up of fresh noise, drawn from
-//!   the seed's generator after the initial latents (diffusers' order).
-//! - `ddim`: DDIMScheduler (η = 0). Its DDPM-space update equals an Euler
-//!   step between σ(ᾱ_t) and σ(ᾱ_prev); it starts from unit noise in
-//!   DDPM-space (`√(σ₀² + 1) · noise` here) and ends at ᾱ₀, so the result is
-//!   divided by `√(σ_last² + 1)` before decoding.
+//! Each equals a diffusers scheduler (or k-diffusion, for `dpmpp_2s_a`),
+//! rewritten in σ-space (`x = x_ddpm · √(σ² + 1)`, the sample diffusers'
+//! Euler-family schedulers hold; DDPM-space schedulers — DDIM, DPM-Solver —
+//! start from unit noise, i.e. `√(σ₀² + 1)` here, and their sample is
+//! divided by `√(σ_last² + 1)` at the end, a no-op when σ_last = 0):
+//! - `euler`: EulerDiscreteScheduler; `x += (σ' − σ)·d`, `d = (x − x̂₀)/σ`.
+//! - `euler_a`: EulerAncestralDiscreteScheduler: Euler to σ_down, then σ_up
+//!   of fresh noise (every step, the last included).
+//! - `heun`: HeunDiscreteScheduler: Euler predictor, trapezoid corrector with
+//!   a second UNet call at σ' (Euler alone into σ' = 0).
+//! - `dpm_2` / `dpm_2_a`: KDPM2(Ancestral)DiscreteScheduler: a midpoint at
+//!   the geometric mean of σ and σ' (σ_down), whose timestep is interpolated
+//!   in log σ; the ancestral one adds σ_up of noise after each full step but
+//!   the last.
+//! - `lms`: LMSDiscreteScheduler: 4th-order linear multistep on d, with the
+//!   Lagrange weights integrated exactly (diffusers integrates numerically).
+//! - `dpmpp_2m` / `dpmpp_2m_sde`: DPMSolverMultistepScheduler (dpmsolver++ /
+//!   sde-dpmsolver++, order 2, midpoint): first order on the first step and
+//!   into σ = 0; the SDE variant draws noise every step.
+//! - `dpmpp_2s_a`: k-diffusion's `sample_dpmpp_2s_ancestral`.
+//! - `ddim`: DDIMScheduler (η = 0): an Euler step between σ(ᾱ_t) and
+//!   σ(ᾱ_prev), ending at ᾱ₀.
 
 use anyhow::bail;
 use candle_core::{Device, Tensor};
 
 use super::denoiser::Denoise;
-use super::schedule::{Schedule, SchedulerConfig};
+use super::schedule::{Grid, Schedule, ScheduleKind, SchedulerConfig};
 use crate::rng::TorchRng;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Sampler {
     Euler,
     EulerAncestral,
+    Heun,
+    Dpm2,
+    Dpm2Ancestral,
+    Lms,
+    DpmPP2M,
+    DpmPP2MSde,
+    DpmPP2SAncestral,
     Ddim,
 }
 
-pub const SAMPLER_NAMES: &[&str] = &["euler", "euler_a", "ddim"];
+/// Every sampler: name, A1111 display name, deterministic?, what it is for.
+pub const SAMPLERS: &[(Sampler, &str, &str, bool, &str)] = &[
+    (Sampler::Euler, "euler", "Euler", true, "simple and fast; a good baseline"),
+    (Sampler::EulerAncestral, "euler_a", "Euler a", false, "varied, soft results at few steps"),
+    (Sampler::Heun, "heun", "Heun", true, "2nd order, two UNet calls per step: accurate, slower"),
+    (Sampler::Dpm2, "dpm_2", "DPM2", true, "2nd order midpoint method, two UNet calls per step"),
+    (Sampler::Dpm2Ancestral, "dpm_2_a", "DPM2 a", false, "ancestral DPM2"),
+    (Sampler::Lms, "lms", "LMS", true, "4th-order linear multistep; best with karras"),
+    (Sampler::DpmPP2M, "dpmpp_2m", "DPM++ 2M", true, "2nd-order multistep: sharp at 20-30 steps (the default)"),
+    (Sampler::DpmPP2MSde, "dpmpp_2m_sde", "DPM++ 2M SDE", false, "stochastic DPM++ 2M: more detail, noisier"),
+    (Sampler::DpmPP2SAncestral, "dpmpp_2s_a", "DPM++ 2S a", false, "2nd-order single-step ancestral"),
+    (Sampler::Ddim, "ddim", "DDIM", true, "the original deterministic sampler"),
+];
 
 impl Sampler {
+    fn row(self) -> &'static (Sampler, &'static str, &'static str, bool, &'static str) {
+        SAMPLERS.iter().find(|r| r.0 == self).expect("every sampler has a row")
+    }
+
+    /// A sampler by its name (ComfyUI style, e.g. `dpmpp_2m`) or A1111
+    /// display name (`DPM++ 2M`, case-insensitive); an A1111 name may carry
+    /// its schedule (`DPM++ 2M Karras`), returned beside it.
+    pub fn parse_with_schedule(name: &str) -> anyhow::Result<(Self, Option<ScheduleKind>)> {
+        let lower = name.trim().to_ascii_lowercase();
+        for (suffix, kind) in [(" karras", ScheduleKind::Karras), (" exponential", ScheduleKind::Exponential)] {
+            if let Some(base) = lower.strip_suffix(suffix) {
+                return Ok((Self::parse(base)?, Some(kind)));
+            }
+        }
+        Ok((Self::parse(&lower)?, None))
+    }
+
     pub fn parse(name: &str) -> anyhow::Result<Self> {
-        Ok(match name.to_ascii_lowercase().as_str() {
-            "euler" => Sampler::Euler,
-            "euler_a" | "euler a" | "euler_ancestral" => Sampler::EulerAncestral,
-            "ddim" => Sampler::Ddim,
-            other => bail!("unknown sampler {other:?}; available: {}", SAMPLER_NAMES.join(", ")),
-        })
+        let lower = name.trim().to_ascii_lowercase();
+        let aliases = [("euler_ancestral", Sampler::EulerAncestral), ("k_lms", Sampler::Lms)];
+        if let Some((_, s)) = aliases.iter().find(|(a, _)| *a == lower) {
+            return Ok(*s);
+        }
+        if let Some(row) = SAMPLERS.iter().find(|r| r.1 == lower || r.2.to_ascii_lowercase() == lower) {
+            return Ok(row.0);
+        }
+        let names: Vec<&str> = SAMPLERS.iter().map(|r| r.1).collect();
+        let closest = names.iter().min_by_key(|n| edit_distance(n, &lower)).expect("samplers exist");
+        bail!("unknown sampler {name:?} (did you mean {closest}?); available: {}", names.join(", "))
     }
 
     pub fn name(self) -> &'static str {
-        match self {
-            Sampler::Euler => "euler",
-            Sampler::EulerAncestral => "euler_a",
-            Sampler::Ddim => "ddim",
-        }
+        self.row().1
     }
 
     /// The name AUTOMATIC1111 shows (and writes into PNG metadata).
     pub fn a1111_name(self) -> &'static str {
+        self.row().2
+    }
+
+    /// Whether the sampler draws fresh noise while sampling.
+    pub fn is_ancestral(self) -> bool {
+        !self.row().3
+    }
+
+    /// How this sampler's diffusers scheduler lays out its timesteps.
+    fn grid(self) -> Grid {
+        let discrete =
+            |f32_linspace, round_karras, conversions| Grid::Discrete { f32_linspace, round_karras, conversions };
         match self {
-            Sampler::Euler => "Euler",
-            Sampler::EulerAncestral => "Euler a",
-            Sampler::Ddim => "DDIM",
+            Sampler::Euler => discrete(false, false, true),
+            // EulerAncestralDiscreteScheduler has no karras/exponential/beta.
+            Sampler::EulerAncestral => discrete(true, false, false),
+            Sampler::Heun | Sampler::Lms => discrete(true, false, true),
+            Sampler::Dpm2 | Sampler::Dpm2Ancestral => discrete(true, true, true),
+            // Driven by EulerDiscreteScheduler's σ, as the references do.
+            Sampler::DpmPP2SAncestral => discrete(false, false, true),
+            Sampler::DpmPP2M | Sampler::DpmPP2MSde => Grid::Multistep,
+            Sampler::Ddim => Grid::Ddim,
         }
     }
 
     /// The schedule diffusers' scheduler class for this sampler builds from `cfg`.
-    pub fn schedule(self, cfg: &SchedulerConfig, steps: usize) -> anyhow::Result<Schedule> {
-        match self {
-            Sampler::Euler | Sampler::EulerAncestral => Schedule::euler(cfg, steps),
-            Sampler::Ddim => Schedule::ddim(cfg, steps),
-        }
+    pub fn schedule(self, cfg: &SchedulerConfig, steps: usize, kind: ScheduleKind) -> anyhow::Result<Schedule> {
+        Schedule::build(cfg, steps, kind, self.grid())
+            .map_err(|e| anyhow::anyhow!("sampler {} with schedule {}: {e}", self.name(), kind.name()))
     }
 
     fn step_fn(self) -> StepFn {
         match self {
-            Sampler::Euler | Sampler::Ddim => euler_step,
-            Sampler::EulerAncestral => euler_ancestral_step,
+            Sampler::Euler | Sampler::Ddim => euler,
+            Sampler::EulerAncestral => euler_ancestral,
+            Sampler::Heun => heun,
+            Sampler::Dpm2 => dpm_2,
+            Sampler::Dpm2Ancestral => dpm_2_ancestral,
+            Sampler::Lms => lms,
+            Sampler::DpmPP2M => dpmpp_2m,
+            Sampler::DpmPP2MSde => dpmpp_2m_sde,
+            Sampler::DpmPP2SAncestral => dpmpp_2s_ancestral,
         }
     }
 }
 
-/// What a step needs besides the sample: the schedule and the noise source.
+/// The sampler and schedule the user asked for: `--sampler` (an A1111 name
+/// may include the schedule) and `--schedule`; neither means today's A1111
+/// default, DPM++ 2M with the Karras schedule; a sampler alone runs with its
+/// scheduler's own spacing.
+pub fn resolve(sampler: Option<&str>, schedule: Option<&str>) -> anyhow::Result<(Sampler, ScheduleKind)> {
+    let schedule = schedule.map(ScheduleKind::parse).transpose()?;
+    let Some(name) = sampler else {
+        return Ok((Sampler::DpmPP2M, schedule.unwrap_or(ScheduleKind::Karras)));
+    };
+    let (sampler, implied) = Sampler::parse_with_schedule(name)?;
+    match (implied, schedule) {
+        (Some(a), Some(b)) if a != b => {
+            bail!("--sampler {name:?} implies the {} schedule but --schedule says {}", a.name(), b.name())
+        }
+        (a, b) => Ok((sampler, b.or(a).unwrap_or(ScheduleKind::Normal))),
+    }
+}
+
+/// Levenshtein distance, for "did you mean" suggestions.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// What a step needs besides the sample: the schedule, the noise source and
+/// what multistep samplers remember.
 pub struct StepContext<'a> {
     pub sigmas: &'a [f32],
     /// One generator per image of the batch, each continuing its seed's stream.
     pub rngs: &'a mut [TorchRng],
     pub device: &'a Device,
+    /// Earlier steps' values (x̂₀ or d), oldest first; empty at the first step run.
+    pub history: Vec<Tensor>,
 }
 
 impl StepContext<'_> {
@@ -88,51 +197,242 @@ impl StepContext<'_> {
         let values: Vec<f32> = self.rngs.iter_mut().flat_map(|r| r.randn(per_image)).collect();
         Tensor::from_vec(values, x.shape(), self.device)?.to_dtype(x.dtype())
     }
+
+    fn pair(&self, i: usize) -> (f64, f64) {
+        (self.sigmas[i] as f64, self.sigmas[i + 1] as f64)
+    }
+
+    /// Keeps the last `n` history entries after pushing `v`.
+    fn remember(&mut self, v: Tensor, n: usize) {
+        self.history.push(v);
+        if self.history.len() > n {
+            self.history.remove(0);
+        }
+    }
 }
 
 type StepFn = fn(&mut dyn Denoise, &Tensor, usize, &mut StepContext) -> anyhow::Result<Tensor>;
 
-/// Euler: `x += (σ' − σ) · (x − x̂₀)/σ`.
-fn euler_step(model: &mut dyn Denoise, x: &Tensor, i: usize, ctx: &mut StepContext) -> anyhow::Result<Tensor> {
-    let (s, next) = (ctx.sigmas[i], ctx.sigmas[i + 1]);
-    let denoised = model.denoise(x, s)?;
-    let d = ((x - denoised)? / s as f64)?;
-    Ok((x + (d * (next - s) as f64)?)?)
+/// `d = (x − x̂₀)/σ`, the ODE derivative.
+fn derivative(model: &mut dyn Denoise, x: &Tensor, sigma: f64) -> anyhow::Result<Tensor> {
+    let denoised = model.denoise(x, sigma as f32)?;
+    Ok(((x - denoised)? / sigma)?)
 }
 
-/// Euler ancestral: Euler down to σ_down, then add σ_up of fresh noise, with
-/// σ_up² + σ_down² = σ'² (η = 1).
-fn euler_ancestral_step(
-    model: &mut dyn Denoise,
-    x: &Tensor,
-    i: usize,
-    ctx: &mut StepContext,
-) -> anyhow::Result<Tensor> {
-    let (s, next) = (ctx.sigmas[i], ctx.sigmas[i + 1]);
+/// `x + d·dt`.
+fn advance(x: &Tensor, d: &Tensor, dt: f64) -> anyhow::Result<Tensor> {
+    Ok((x + (d * dt)?)?)
+}
+
+fn euler(model: &mut dyn Denoise, x: &Tensor, i: usize, ctx: &mut StepContext) -> anyhow::Result<Tensor> {
+    let (s, next) = ctx.pair(i);
+    advance(x, &derivative(model, x, s)?, next - s)
+}
+
+/// σ_up and σ_down of an ancestral step from σ to σ' (η = 1).
+fn ancestral(s: f64, next: f64) -> (f64, f64) {
     let up = (next * next * (s * s - next * next) / (s * s)).sqrt();
-    let down = (next * next - up * up).sqrt();
-    let denoised = model.denoise(x, s)?;
-    let d = ((x - denoised)? / s as f64)?;
-    let x = (x + (d * (down - s) as f64)?)?;
-    let noise = ctx.noise_like(&x)?;
-    Ok((x + (noise * up as f64)?)?)
+    (up, (next * next - up * up).sqrt())
 }
 
-/// Runs `sampler` over the schedule from `x` (already scaled by the
-/// schedule's initial noise factor), calling `hook(step, x)` after every step;
-/// the hook may replace the latents. Returns σ-space latents at the last σ.
+fn euler_ancestral(model: &mut dyn Denoise, x: &Tensor, i: usize, ctx: &mut StepContext) -> anyhow::Result<Tensor> {
+    let (s, next) = ctx.pair(i);
+    let (up, down) = ancestral(s, next);
+    let x = advance(x, &derivative(model, x, s)?, down - s)?;
+    let noise = ctx.noise_like(&x)?;
+    Ok((x + (noise * up)?)?)
+}
+
+fn heun(model: &mut dyn Denoise, x: &Tensor, i: usize, ctx: &mut StepContext) -> anyhow::Result<Tensor> {
+    let (s, next) = ctx.pair(i);
+    let d = derivative(model, x, s)?;
+    if next == 0.0 {
+        return advance(x, &d, next - s);
+    }
+    let predicted = advance(x, &d, next - s)?;
+    let d2 = derivative(model, &predicted, next)?;
+    advance(x, &((d + d2)? * 0.5)?, next - s)
+}
+
+/// The geometric mean of two σ, computed as torch's `log().lerp(…, 0.5).exp()` in f32.
+fn log_midpoint(a: f64, b: f64) -> f64 {
+    let (la, lb) = ((a as f32).ln(), (b as f32).ln());
+    (la + 0.5 * (lb - la)).exp() as f64
+}
+
+/// DPM-Solver-2 from σ to `target` through the log-σ midpoint.
+fn dpm_2_to(model: &mut dyn Denoise, x: &Tensor, s: f64, target: f64) -> anyhow::Result<Tensor> {
+    let d = derivative(model, x, s)?;
+    if target == 0.0 {
+        return advance(x, &d, target - s);
+    }
+    let mid = log_midpoint(s, target);
+    let x_mid = advance(x, &d, mid - s)?;
+    advance(x, &derivative(model, &x_mid, mid)?, target - s)
+}
+
+fn dpm_2(model: &mut dyn Denoise, x: &Tensor, i: usize, ctx: &mut StepContext) -> anyhow::Result<Tensor> {
+    let (s, next) = ctx.pair(i);
+    dpm_2_to(model, x, s, next)
+}
+
+fn dpm_2_ancestral(model: &mut dyn Denoise, x: &Tensor, i: usize, ctx: &mut StepContext) -> anyhow::Result<Tensor> {
+    let (s, next) = ctx.pair(i);
+    let (up, down) = ancestral(s, next);
+    let x = dpm_2_to(model, x, s, down)?;
+    if next == 0.0 {
+        return Ok(x);
+    }
+    let noise = ctx.noise_like(&x)?;
+    Ok((x + (noise * up)?)?)
+}
+
+/// ∫ from `a` to `b` of the Lagrange basis polynomial of node `j` over `nodes`.
+fn lagrange_integral(nodes: &[f64], j: usize, a: f64, b: f64) -> f64 {
+    // Coefficients of Π_{k≠j} (τ − nodes[k]) / (nodes[j] − nodes[k]), lowest first.
+    let mut poly = vec![1.0];
+    for (_, &node) in nodes.iter().enumerate().filter(|(k, _)| *k != j) {
+        let denom = nodes[j] - node;
+        let mut next = vec![0.0; poly.len() + 1];
+        for (p, c) in poly.iter().enumerate() {
+            next[p + 1] += c / denom;
+            next[p] -= c * node / denom;
+        }
+        poly = next;
+    }
+    poly.iter().enumerate().map(|(p, c)| c * (b.powi(p as i32 + 1) - a.powi(p as i32 + 1)) / (p as f64 + 1.0)).sum()
+}
+
+fn lms(model: &mut dyn Denoise, x: &Tensor, i: usize, ctx: &mut StepContext) -> anyhow::Result<Tensor> {
+    const ORDER: usize = 4;
+    let (s, next) = ctx.pair(i);
+    let d = derivative(model, x, s)?;
+    ctx.remember(d, ORDER);
+    // diffusers sizes the formula by the absolute step (so img2img's first
+    // steps use higher-order weights for the derivatives they have).
+    let order = (i + 1).min(ORDER);
+    let nodes: Vec<f64> = (0..order).map(|k| ctx.sigmas[i - k] as f64).collect();
+    let mut x = x.clone();
+    for (j, d) in ctx.history.iter().rev().enumerate().take(order) {
+        x = advance(&x, d, lagrange_integral(&nodes, j, s, next))?;
+    }
+    Ok(x)
+}
+
+/// λ = −ln σ, the log signal-to-noise ratio of DPM-Solver.
+fn lambda(sigma: f64) -> f64 {
+    -sigma.ln()
+}
+
+/// The second-order DPM-Solver++ estimate from this and the previous x̂₀.
+fn dpmpp_2m_estimate(ctx: &StepContext, i: usize, denoised: &Tensor) -> anyhow::Result<Tensor> {
+    let (s, next) = ctx.pair(i);
+    let Some(prev) = ctx.history.last().filter(|_| next > 0.0) else {
+        return Ok(denoised.clone());
+    };
+    let h = lambda(next) - lambda(s);
+    let r = (lambda(s) - lambda(ctx.sigmas[i - 1] as f64)) / h;
+    Ok(((denoised * (1.0 + 1.0 / (2.0 * r)))? - (prev * (1.0 / (2.0 * r)))?)?)
+}
+
+fn dpmpp_2m(model: &mut dyn Denoise, x: &Tensor, i: usize, ctx: &mut StepContext) -> anyhow::Result<Tensor> {
+    let (s, next) = ctx.pair(i);
+    let denoised = model.denoise(x, s as f32)?;
+    let estimate = dpmpp_2m_estimate(ctx, i, &denoised)?;
+    ctx.remember(denoised, 1);
+    let ratio = next / s;
+    Ok(((x * ratio)? + (estimate * (1.0 - ratio))?)?)
+}
+
+fn dpmpp_2m_sde(model: &mut dyn Denoise, x: &Tensor, i: usize, ctx: &mut StepContext) -> anyhow::Result<Tensor> {
+    let (s, next) = ctx.pair(i);
+    let denoised = model.denoise(x, s as f32)?;
+    let noise = ctx.noise_like(x)?;
+    if next == 0.0 {
+        ctx.remember(denoised.clone(), 1);
+        return Ok(denoised);
+    }
+    // The midpoint estimate D0 + D1/2 is the same combination as in 2M.
+    let estimate = dpmpp_2m_estimate(ctx, i, &denoised)?;
+    ctx.remember(denoised, 1);
+    let h = lambda(next) - lambda(s);
+    let decay = (-h).exp();
+    let x = ((x * (next / s * decay))? + (estimate * (1.0 - (-2.0 * h).exp()))?)?;
+    Ok((x + (noise * (next * (1.0 - (-2.0 * h).exp()).sqrt()))?)?)
+}
+
+fn dpmpp_2s_ancestral(model: &mut dyn Denoise, x: &Tensor, i: usize, ctx: &mut StepContext) -> anyhow::Result<Tensor> {
+    let (s, next) = ctx.pair(i);
+    let denoised = model.denoise(x, s as f32)?;
+    let up = next.min((next * next * (s * s - next * next) / (s * s)).sqrt());
+    let down = (next * next - up * up).sqrt();
+    let x = if down == 0.0 {
+        advance(x, &((x - &denoised)? / s)?, down - s)?
+    } else {
+        let (t, t_next) = (lambda(s), lambda(down));
+        let h = t_next - t;
+        let mid = (-(t + 0.5 * h)).exp();
+        let x_mid = ((x * (mid / s))? - (&denoised * (-h * 0.5).exp_m1())?)?;
+        let denoised_mid = model.denoise(&x_mid, mid as f32)?;
+        ((x * (down / s))? - (denoised_mid * (-h).exp_m1())?)?
+    };
+    if next > 0.0 {
+        let noise = ctx.noise_like(&x)?;
+        return Ok((x + (noise * up)?)?);
+    }
+    Ok(x)
+}
+
+/// Runs `sampler` over the schedule's steps from `x` (already scaled by the
+/// schedule's initial noise factor, or noised to its first step), calling
+/// `hook(step, x)` after every step; the hook may replace the latents.
+/// Returns σ-space latents at the last σ.
 pub fn sample(
     sampler: Sampler,
     model: &mut dyn Denoise,
     x: Tensor,
-    ctx: &mut StepContext,
+    schedule: &Schedule,
+    rngs: &mut [TorchRng],
     hook: &mut dyn FnMut(usize, Tensor) -> anyhow::Result<Tensor>,
 ) -> anyhow::Result<Tensor> {
     let step = sampler.step_fn();
+    let device = x.device().clone();
+    let mut ctx = StepContext { sigmas: &schedule.sigmas, rngs, device: &device, history: Vec::new() };
     let mut x = x;
-    for i in 0..ctx.sigmas.len() - 1 {
-        let next = step(model, &x, i, ctx)?;
+    for i in schedule.steps() {
+        let next = step(model, &x, i, &mut ctx)?;
         x = hook(i, next)?;
     }
     Ok(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_aliases_and_suggestions() {
+        assert_eq!(Sampler::parse("DPM++ 2M").unwrap(), Sampler::DpmPP2M);
+        assert_eq!(Sampler::parse("euler a").unwrap(), Sampler::EulerAncestral);
+        assert_eq!(
+            Sampler::parse_with_schedule("DPM++ 2M Karras").unwrap(),
+            (Sampler::DpmPP2M, Some(ScheduleKind::Karras))
+        );
+        let err = Sampler::parse("dpmpp_2n").unwrap_err().to_string();
+        assert!(err.contains("did you mean dpmpp_2m"), "{err}");
+        for row in SAMPLERS {
+            assert_eq!(Sampler::parse(row.1).unwrap(), row.0);
+            assert_eq!(Sampler::parse(row.2).unwrap(), row.0);
+        }
+    }
+
+    #[test]
+    fn lagrange_weights_integrate_polynomials_exactly() {
+        // Weights of a 3-node rule reproduce ∫ τ² over [a, b].
+        let nodes = [3.0, 2.0, 1.5];
+        let (a, b) = (3.0, 1.0);
+        let exact = (b * b * b - a * a * a) / 3.0;
+        let rule: f64 = (0..3).map(|j| lagrange_integral(&nodes, j, a, b) * nodes[j] * nodes[j]).sum();
+        assert!((rule - exact).abs() < 1e-12, "{rule} vs {exact}");
+    }
 }

@@ -133,22 +133,122 @@ impl Spacing {
             other => bail!("timestep_spacing {other:?} is not supported"),
         })
     }
+}
 
-    /// Descending timesteps for `k` steps, as f64 like diffusers' numpy arrays.
-    fn timesteps(self, cfg: &SchedulerConfig, k: usize) -> Vec<f64> {
-        let t = cfg.num_train_timesteps;
+/// How σ values are placed (diffusers' `use_*_sigmas` options).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SigmaKind {
+    /// σ of each timestep, from the training table.
+    Table,
+    Karras,
+    Exponential,
+    Beta,
+}
+
+/// `--schedule`: a σ placement or a timestep spacing, each defined by what
+/// diffusers does with the matching scheduler option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ScheduleKind {
+    /// The scheduler's own spacing from the model config.
+    Normal,
+    Karras,
+    Exponential,
+    Beta,
+    Trailing,
+    Leading,
+    Linspace,
+}
+
+pub const SCHEDULE_NAMES: &[(&str, &str)] = &[
+    ("normal", "the scheduler's own timestep spacing from the model config"),
+    ("karras", "Karras et al. σ spacing (use_karras_sigmas): more steps at low noise"),
+    ("exponential", "σ evenly spaced in log σ (use_exponential_sigmas)"),
+    ("beta", "σ at Beta(0.6, 0.6) quantiles (use_beta_sigmas)"),
+    ("trailing", "timesteps ending at the last training step: for Turbo/LCM models"),
+    ("leading", "timesteps starting at step 0 (+ steps_offset)"),
+    ("linspace", "timesteps evenly spread over the whole training range"),
+];
+
+impl ScheduleKind {
+    pub fn parse(name: &str) -> anyhow::Result<Self> {
+        Ok(match name.trim().to_ascii_lowercase().as_str() {
+            "normal" | "automatic" | "default" => ScheduleKind::Normal,
+            "karras" => ScheduleKind::Karras,
+            "exponential" => ScheduleKind::Exponential,
+            "beta" => ScheduleKind::Beta,
+            "trailing" => ScheduleKind::Trailing,
+            "leading" => ScheduleKind::Leading,
+            "linspace" => ScheduleKind::Linspace,
+            other => {
+                let names: Vec<&str> = SCHEDULE_NAMES.iter().map(|(n, _)| *n).collect();
+                bail!("unknown schedule {other:?}; available: {}", names.join(", "))
+            }
+        })
+    }
+
+    pub fn name(self) -> &'static str {
         match self {
-            Spacing::Linspace => linspace_f64(0.0, (t - 1) as f64, k).into_iter().rev().collect(),
-            Spacing::Leading => {
-                let ratio = t / k;
-                (0..k).rev().map(|i| (i * ratio + cfg.steps_offset) as f64).collect()
-            }
-            Spacing::Trailing => {
-                let ratio = t as f64 / k as f64;
-                (0..k).map(|i| (t as f64 - i as f64 * ratio).round_ties_even() - 1.0).collect()
-            }
+            ScheduleKind::Normal => "normal",
+            ScheduleKind::Karras => "karras",
+            ScheduleKind::Exponential => "exponential",
+            ScheduleKind::Beta => "beta",
+            ScheduleKind::Trailing => "trailing",
+            ScheduleKind::Leading => "leading",
+            ScheduleKind::Linspace => "linspace",
         }
     }
+
+    /// How AUTOMATIC1111 writes it after `Schedule type:`.
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            ScheduleKind::Normal => "Automatic",
+            ScheduleKind::Karras => "Karras",
+            ScheduleKind::Exponential => "Exponential",
+            ScheduleKind::Beta => "Beta",
+            ScheduleKind::Trailing => "Trailing",
+            ScheduleKind::Leading => "Leading",
+            ScheduleKind::Linspace => "Linspace",
+        }
+    }
+
+    fn spacing(self) -> Option<Spacing> {
+        match self {
+            ScheduleKind::Trailing => Some(Spacing::Trailing),
+            ScheduleKind::Leading => Some(Spacing::Leading),
+            ScheduleKind::Linspace => Some(Spacing::Linspace),
+            _ => None,
+        }
+    }
+
+    fn sigma_kind(self) -> SigmaKind {
+        match self {
+            ScheduleKind::Karras => SigmaKind::Karras,
+            ScheduleKind::Exponential => SigmaKind::Exponential,
+            ScheduleKind::Beta => SigmaKind::Beta,
+            _ => SigmaKind::Table,
+        }
+    }
+}
+
+/// How a diffusers scheduler class lays out its timesteps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Grid {
+    /// Euler, Euler a, Heun, DPM2, DPM2 a, LMS: K float timesteps, σ
+    /// interpolated in t, then 0; unit noise scaled to σ_max (√(σ_max²+1)
+    /// with leading spacing).
+    Discrete {
+        /// Linspace timesteps rounded to f32 (all but EulerDiscreteScheduler).
+        f32_linspace: bool,
+        /// Karras timesteps rounded to integers (the KDPM2 classes).
+        round_karras: bool,
+        /// Whether the class has the karras/exponential/beta options.
+        conversions: bool,
+    },
+    /// DPM-Solver, UniPC, DEIS: K integer timesteps out of K + 1 grid points,
+    /// samples in DDPM-space (unit initial noise), final σ 0.
+    Multistep,
+    /// DDIM: integer timesteps, DDPM-space, ends at ᾱ₀ or 1.
+    Ddim,
 }
 
 /// A sampling schedule in σ-space.
@@ -160,63 +260,165 @@ pub struct Schedule {
     pub timesteps: Vec<f32>,
     /// Multiplier of unit noise for the initial latents in σ-space.
     pub init_noise_scale: f32,
+    /// The first step to run (img2img runs only the tail of a schedule, but
+    /// multistep samplers still see the earlier σ, as diffusers' do).
+    pub start: usize,
+    /// log σ of every training timestep (f32), to find the timestep of a σ
+    /// between the schedule's (midpoints of second-order samplers).
+    log_sigmas: Vec<f32>,
 }
 
 impl Schedule {
-    /// EulerDiscreteScheduler / EulerAncestralDiscreteScheduler: σ interpolated
-    /// linearly in t from the training σ table, then 0. The initial noise is
-    /// σ_max for linspace/trailing spacing and √(σ_max² + 1) for leading.
-    pub fn euler(cfg: &SchedulerConfig, steps: usize) -> anyhow::Result<Self> {
-        check_steps(cfg, steps)?;
-        let spacing = Spacing::parse(cfg.timestep_spacing.as_deref().unwrap_or("linspace"))?;
-        let table: Vec<f64> = cfg.alphas_cumprod()?.into_iter().map(|a| sigma_of(a) as f64).collect();
-        let ts = spacing.timesteps(cfg, steps);
-        let mut sigmas: Vec<f32> = ts.iter().map(|&t| interp(t, &table) as f32).collect();
-        sigmas.push(0.0);
-        let max = sigmas.iter().copied().fold(0f32, f32::max);
-        let init_noise_scale = match spacing {
-            Spacing::Linspace | Spacing::Trailing => max,
-            Spacing::Leading => (max * max + 1.0).sqrt(),
-        };
-        Ok(Self { sigmas, timesteps: ts.iter().map(|&t| t as f32).collect(), init_noise_scale })
-    }
-
-    /// DDIMScheduler with η = 0, which in σ-space is an Euler step from
-    /// σ(ᾱ_t) to σ(ᾱ_prev). Its sample starts as plain unit noise in
-    /// DDPM-space, i.e. `√(σ₀² + 1)` in σ-space, and the last step lands on
-    /// ᾱ₀ (`set_alpha_to_one = false`), not on σ = 0.
-    pub fn ddim(cfg: &SchedulerConfig, steps: usize) -> anyhow::Result<Self> {
-        check_steps(cfg, steps)?;
-        let spacing = Spacing::parse(cfg.timestep_spacing.as_deref().unwrap_or("leading"))?;
-        if spacing != Spacing::Leading {
-            // With other spacings diffusers steps to t − T/k, which is not the
-            // next timestep; that is not one σ list.
-            bail!("the ddim sampler supports leading timestep spacing only");
+    /// The schedule diffusers' scheduler class of kind `grid` computes for
+    /// `steps` steps with the `--schedule` option `kind`.
+    pub fn build(cfg: &SchedulerConfig, steps: usize, kind: ScheduleKind, grid: Grid) -> anyhow::Result<Self> {
+        if steps == 0 || steps > cfg.num_train_timesteps {
+            bail!("steps must be between 1 and {}, got {steps}", cfg.num_train_timesteps);
         }
         let ac = cfg.alphas_cumprod()?;
-        let ts: Vec<usize> = spacing.timesteps(cfg, steps).into_iter().map(|t| t as usize).collect();
-        if let Some(&t) = ts.iter().find(|&&t| t >= ac.len()) {
-            bail!("timestep {t} is outside the {} training steps (steps_offset too large)", ac.len());
-        }
-        let final_alpha = if cfg.set_alpha_to_one { 1.0 } else { ac[0] };
-        let mut sigmas: Vec<f32> = ts.iter().map(|&t| sigma_of(ac[t])).collect();
-        sigmas.push(sigma_of(final_alpha));
-        let init_noise_scale = (sigmas[0] * sigmas[0] + 1.0).sqrt();
-        Ok(Self { sigmas, timesteps: ts.iter().map(|&t| t as f32).collect(), init_noise_scale })
+        let table32: Vec<f32> = ac.iter().map(|&a| sigma_of(a)).collect();
+        let table: Vec<f64> = table32.iter().map(|&s| s as f64).collect();
+        let log_sigmas: Vec<f32> = table32.iter().map(|s| s.ln()).collect();
+        let default_spacing = match grid {
+            Grid::Discrete { .. } | Grid::Multistep => "linspace",
+            Grid::Ddim => "leading",
+        };
+        let spacing = match kind.spacing() {
+            Some(s) => s,
+            None => Spacing::parse(cfg.timestep_spacing.as_deref().unwrap_or(default_spacing))?,
+        };
+        let sigma_kind = kind.sigma_kind();
+        let t_count = cfg.num_train_timesteps;
+        let k = steps;
+        let (mut timesteps, mut sigmas, init) = match grid {
+            Grid::Discrete { f32_linspace, round_karras, conversions } => {
+                if sigma_kind != SigmaKind::Table && !conversions {
+                    bail!("this sampler's diffusers scheduler has no {} schedule", kind.name());
+                }
+                let mut ts: Vec<f64> = match spacing {
+                    Spacing::Linspace => {
+                        let ts = linspace_f64(0.0, (t_count - 1) as f64, k).into_iter().rev();
+                        ts.map(|t| if f32_linspace { t as f32 as f64 } else { t }).collect()
+                    }
+                    Spacing::Leading => {
+                        let ratio = t_count / k;
+                        (0..k).rev().map(|i| (i * ratio + cfg.steps_offset) as f64).collect()
+                    }
+                    Spacing::Trailing => trailing(t_count, k),
+                };
+                let mut sigmas: Vec<f64> = ts.iter().map(|&t| interp(t, &table)).collect();
+                if sigma_kind != SigmaKind::Table {
+                    let (lo, hi) = (*sigmas.last().expect("k ≥ 1"), sigmas[0]);
+                    sigmas = convert_sigmas(sigma_kind, lo, hi, k);
+                    ts = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas)).collect();
+                    if round_karras && sigma_kind == SigmaKind::Karras {
+                        ts.iter_mut().for_each(|t| *t = t.round_ties_even());
+                    }
+                }
+                let mut sigmas32: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
+                sigmas32.push(0.0);
+                let max = sigmas32.iter().copied().fold(0f32, f32::max);
+                let init = match spacing {
+                    Spacing::Linspace | Spacing::Trailing => max,
+                    Spacing::Leading => (max * max + 1.0).sqrt(),
+                };
+                (ts, sigmas32, init)
+            }
+            Grid::Multistep => {
+                let mut ts: Vec<f64> = match spacing {
+                    Spacing::Linspace => {
+                        let grid = linspace_f64(0.0, (t_count - 1) as f64, k + 1);
+                        grid.into_iter().map(f64::round_ties_even).rev().take(k).collect()
+                    }
+                    Spacing::Leading => {
+                        let ratio = t_count / (k + 1);
+                        (1..=k).rev().map(|i| (i * ratio + cfg.steps_offset) as f64).collect()
+                    }
+                    Spacing::Trailing => trailing(t_count, k),
+                };
+                let mut sigmas: Vec<f64> = ts.iter().map(|&t| interp(t, &table)).collect();
+                if sigma_kind != SigmaKind::Table {
+                    sigmas = convert_sigmas(sigma_kind, table[0], table[t_count - 1], k);
+                    // Karras timesteps are rounded; the others are truncated
+                    // by the cast to int64.
+                    ts = sigmas
+                        .iter()
+                        .map(|&s| {
+                            let t = sigma_to_t(s, &log_sigmas);
+                            if sigma_kind == SigmaKind::Karras {
+                                t.round_ties_even()
+                            } else {
+                                t.trunc()
+                            }
+                        })
+                        .collect();
+                }
+                let mut sigmas32: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
+                sigmas32.push(0.0);
+                let init = (sigmas32[0] * sigmas32[0] + 1.0).sqrt();
+                (ts, sigmas32, init)
+            }
+            Grid::Ddim => {
+                if sigma_kind != SigmaKind::Table {
+                    bail!("the ddim sampler's diffusers scheduler has no {} schedule", kind.name());
+                }
+                let ratio = t_count / k;
+                let ts: Vec<f64> = match spacing {
+                    Spacing::Leading => (0..k).rev().map(|i| (i * ratio + cfg.steps_offset) as f64).collect(),
+                    Spacing::Trailing => trailing(t_count, k),
+                    Spacing::Linspace => {
+                        linspace_f64(0.0, (t_count - 1) as f64, k).into_iter().rev().map(f64::round_ties_even).collect()
+                    }
+                };
+                // diffusers steps DDIM from t to t − T/K; that is one σ list
+                // only when t − T/K is the next timestep.
+                for w in ts.windows(2) {
+                    if w[0] - ratio as f64 != w[1] {
+                        bail!(
+                            "ddim with {} spacing and {k} steps is not supported (steps would not chain)",
+                            kind.name()
+                        );
+                    }
+                }
+                if let Some(&t) = ts.iter().find(|&&t| t as usize >= t_count) {
+                    bail!("timestep {t} is outside the {t_count} training steps (steps_offset too large)");
+                }
+                let final_alpha = if cfg.set_alpha_to_one { 1.0 } else { ac[0] };
+                let mut sigmas: Vec<f32> = ts.iter().map(|&t| sigma_of(ac[t as usize])).collect();
+                sigmas.push(sigma_of(final_alpha));
+                let init = (sigmas[0] * sigmas[0] + 1.0).sqrt();
+                (ts, sigmas, init)
+            }
+        };
+        timesteps.truncate(k);
+        sigmas.truncate(k + 1);
+        Ok(Self {
+            sigmas,
+            timesteps: timesteps.iter().map(|&t| t as f32).collect(),
+            init_noise_scale: init,
+            start: 0,
+            log_sigmas,
+        })
     }
 
-    /// The schedule from step `start` on (img2img's partial denoising).
-    pub fn tail(mut self, start: usize) -> Self {
-        self.sigmas.drain(..start);
-        self.timesteps.drain(..start);
+    /// This schedule from step `start` on (img2img's partial denoising).
+    pub fn from_step(mut self, start: usize) -> Self {
+        self.start = start.min(self.timesteps.len().saturating_sub(1));
         self
     }
 
-    /// The UNet timestep for a σ of this schedule.
-    pub fn timestep(&self, sigma: f32) -> anyhow::Result<f32> {
+    /// The steps that run: `start..len`.
+    pub fn steps(&self) -> std::ops::Range<usize> {
+        self.start..self.timesteps.len()
+    }
+
+    /// The UNet timestep for σ: the schedule's own where σ is one of its
+    /// steps, else interpolated in log σ over the training table (diffusers'
+    /// and k-diffusion's `sigma_to_t`).
+    pub fn timestep(&self, sigma: f32) -> f32 {
         match self.sigmas.iter().position(|&s| s == sigma) {
-            Some(i) if i < self.timesteps.len() => Ok(self.timesteps[i]),
-            _ => bail!("σ = {sigma} is not a step of this schedule"),
+            Some(i) if i < self.timesteps.len() => self.timesteps[i],
+            _ => sigma_to_t(sigma as f64, &self.log_sigmas) as f32,
         }
     }
 
@@ -228,11 +430,125 @@ impl Schedule {
     }
 }
 
-fn check_steps(cfg: &SchedulerConfig, steps: usize) -> anyhow::Result<()> {
-    if steps == 0 || steps > cfg.num_train_timesteps {
-        bail!("steps must be between 1 and {}, got {steps}", cfg.num_train_timesteps);
+/// Trailing spacing: `round(arange(T, 0, −T/K)) − 1`.
+fn trailing(t_count: usize, k: usize) -> Vec<f64> {
+    let ratio = t_count as f64 / k as f64;
+    (0..k).map(|i| (t_count as f64 - i as f64 * ratio).round_ties_even() - 1.0).collect()
+}
+
+/// K σ values from `hi` down to `lo` placed as `kind` says.
+fn convert_sigmas(kind: SigmaKind, lo: f64, hi: f64, k: usize) -> Vec<f64> {
+    let ramp = linspace_f64(0.0, 1.0, k);
+    match kind {
+        SigmaKind::Table => unreachable!("only conversions come here"),
+        SigmaKind::Karras => {
+            let rho = 7.0;
+            let (min_inv, max_inv) = (lo.powf(1.0 / rho), hi.powf(1.0 / rho));
+            ramp.iter().map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho)).collect()
+        }
+        SigmaKind::Exponential => linspace_f64(hi.ln(), lo.ln(), k).into_iter().map(f64::exp).collect(),
+        SigmaKind::Beta => ramp.iter().map(|r| lo + beta_ppf(1.0 - r, 0.6, 0.6) * (hi - lo)).collect(),
     }
-    Ok(())
+}
+
+/// diffusers' `_sigma_to_t`: the fractional timestep whose σ, interpolated
+/// linearly in log σ between training steps, is `sigma`.
+fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    let n = log_sigmas.len();
+    let low = log_sigmas.iter().rposition(|&l| l as f64 <= log_sigma).unwrap_or(0).min(n - 2);
+    let (lo, hi) = (log_sigmas[low] as f64, log_sigmas[low + 1] as f64);
+    let w = ((lo - log_sigma) / (lo - hi)).clamp(0.0, 1.0);
+    (1.0 - w) * low as f64 + w * (low + 1) as f64
+}
+
+/// The `q`-quantile of the Beta(a, b) distribution (scipy's `beta.ppf`), by
+/// bisection on the regularized incomplete beta function.
+fn beta_ppf(q: f64, a: f64, b: f64) -> f64 {
+    if q <= 0.0 {
+        return 0.0;
+    }
+    if q >= 1.0 {
+        return 1.0;
+    }
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if incomplete_beta(mid, a, b) < q {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+        if hi - lo <= f64::EPSILON * mid.max(1e-300) {
+            break;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// Regularized incomplete beta I_x(a, b), by its continued fraction.
+fn incomplete_beta(x: f64, a: f64, b: f64) -> f64 {
+    if x <= 0.0 {
+        return 0.0;
+    }
+    if x >= 1.0 {
+        return 1.0;
+    }
+    let ln_front = ln_gamma(a + b) - ln_gamma(a) - ln_gamma(b) + a * x.ln() + b * (1.0 - x).ln();
+    if x < (a + 1.0) / (a + b + 2.0) {
+        ln_front.exp() * beta_fraction(x, a, b) / a
+    } else {
+        1.0 - ln_front.exp() * beta_fraction(1.0 - x, b, a) / b
+    }
+}
+
+/// Lentz's method for the incomplete beta continued fraction.
+fn beta_fraction(x: f64, a: f64, b: f64) -> f64 {
+    let tiny = 1e-300;
+    let mut c = 1.0;
+    let mut d = 1.0 - (a + b) * x / (a + 1.0);
+    d = 1.0 / if d.abs() < tiny { tiny } else { d };
+    let mut h = d;
+    for m in 1..500 {
+        let m = m as f64;
+        for num in [
+            m * (b - m) * x / ((a + 2.0 * m - 1.0) * (a + 2.0 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2.0 * m) * (a + 2.0 * m + 1.0)),
+        ] {
+            d = 1.0 + num * d;
+            d = 1.0 / if d.abs() < tiny { tiny } else { d };
+            c = 1.0 + num / c;
+            c = if c.abs() < tiny { tiny } else { c };
+            h *= d * c;
+        }
+        if (d * c - 1.0).abs() < 1e-16 {
+            break;
+        }
+    }
+    h
+}
+
+/// ln Γ(x) for x > 0 (Lanczos approximation, g = 7, n = 9).
+fn ln_gamma(x: f64) -> f64 {
+    const COEF: [f64; 9] = [
+        0.999_999_999_999_809_9,
+        676.520_368_121_885_1,
+        -1_259.139_216_722_402_8,
+        771.323_428_777_653_1,
+        -176.615_029_162_140_6,
+        12.507_343_278_686_905,
+        -0.138_571_095_265_720_12,
+        9.984_369_578_019_572e-6,
+        1.505_632_735_149_311_6e-7,
+    ];
+    if x < 0.5 {
+        let pi = std::f64::consts::PI;
+        return (pi / (pi * x).sin()).ln() - ln_gamma(1.0 - x);
+    }
+    let x = x - 1.0;
+    let t = x + 7.5;
+    let series = COEF[1..].iter().enumerate().fold(COEF[0], |acc, (i, c)| acc + c / (x + i as f64 + 1.0));
+    0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + series.ln()
 }
 
 /// `np.interp(x, arange(len), table)`.
@@ -253,17 +569,21 @@ fn interp(x: f64, table: &[f64]) -> f64 {
 mod tests {
     use super::*;
 
+    const EULER: Grid = Grid::Discrete { f32_linspace: false, round_karras: false, conversions: true };
+
     #[test]
     fn ddim_leading_timesteps_match_diffusers() {
-        let s = Schedule::ddim(&SchedulerConfig::sd15(), 10).unwrap();
+        let s = Schedule::build(&SchedulerConfig::sd15(), 10, ScheduleKind::Normal, Grid::Ddim).unwrap();
         assert_eq!(s.timesteps, vec![901.0, 801.0, 701.0, 601.0, 501.0, 401.0, 301.0, 201.0, 101.0, 1.0]);
         assert_eq!(s.sigmas.len(), 11);
         assert!(*s.sigmas.last().unwrap() > 0.0);
+        assert!(Schedule::build(&SchedulerConfig::sd15(), 10, ScheduleKind::Linspace, Grid::Ddim).is_err());
+        assert!(Schedule::build(&SchedulerConfig::sd15(), 10, ScheduleKind::Karras, Grid::Ddim).is_err());
     }
 
     #[test]
     fn euler_linspace_ends_at_zero_and_starts_at_sigma_max() {
-        let s = Schedule::euler(&SchedulerConfig::sd15(), 20).unwrap();
+        let s = Schedule::build(&SchedulerConfig::sd15(), 20, ScheduleKind::Normal, EULER).unwrap();
         assert_eq!(s.timesteps[0], 999.0);
         assert_eq!(*s.timesteps.last().unwrap(), 0.0);
         assert_eq!(*s.sigmas.last().unwrap(), 0.0);
@@ -272,7 +592,27 @@ mod tests {
     }
 
     #[test]
+    fn sigma_to_t_inverts_the_table_and_interpolates_between() {
+        let s = Schedule::build(&SchedulerConfig::sd15(), 10, ScheduleKind::Normal, EULER).unwrap();
+        for t in [0usize, 1, 500, 998, 999] {
+            let sigma = s.log_sigmas[t].exp();
+            assert!((s.timestep(sigma * 1.0000001) - t as f32).abs() < 1e-2, "t {t}");
+        }
+        let mid = (s.log_sigmas[100] * 0.5 + s.log_sigmas[101] * 0.5).exp();
+        assert!((s.timestep(mid) - 100.5).abs() < 1e-3);
+    }
+
+    #[test]
+    fn beta_quantiles_match_scipy() {
+        // scipy.stats.beta.ppf(q, 0.6, 0.6)
+        for (q, want) in [(0.5, 0.5), (0.1, 0.039_584_405_588_780_85), (0.9, 0.960_415_594_411_219_2)] {
+            let got = beta_ppf(q, 0.6, 0.6);
+            assert!((got - want).abs() < 1e-9, "ppf({q}) = {got}, want {want}");
+        }
+    }
+
+    #[test]
     fn zero_steps_is_an_error() {
-        assert!(Schedule::euler(&SchedulerConfig::sd15(), 0).is_err());
+        assert!(Schedule::build(&SchedulerConfig::sd15(), 0, ScheduleKind::Normal, EULER).is_err());
     }
 }
