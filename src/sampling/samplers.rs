@@ -43,6 +43,8 @@ pub enum Sampler {
     DpmPP2M,
     DpmPP2MSde,
     DpmPP2SAncestral,
+    UniPc,
+    Deis,
     Ddim,
 }
 
@@ -57,6 +59,8 @@ pub const SAMPLERS: &[(Sampler, &str, &str, bool, &str)] = &[
     (Sampler::DpmPP2M, "dpmpp_2m", "DPM++ 2M", true, "2nd-order multistep: sharp at 20-30 steps (the default)"),
     (Sampler::DpmPP2MSde, "dpmpp_2m_sde", "DPM++ 2M SDE", false, "stochastic DPM++ 2M: more detail, noisier"),
     (Sampler::DpmPP2SAncestral, "dpmpp_2s_a", "DPM++ 2S a", false, "2nd-order single-step ancestral"),
+    (Sampler::UniPc, "unipc", "UniPC", true, "predictor-corrector multistep: good at 10-20 steps"),
+    (Sampler::Deis, "deis", "DEIS", true, "exponential-integrator multistep: good at few steps"),
     (Sampler::Ddim, "ddim", "DDIM", true, "the original deterministic sampler"),
 ];
 
@@ -118,7 +122,8 @@ impl Sampler {
             Sampler::Dpm2 | Sampler::Dpm2Ancestral => discrete(true, true, true),
             // Driven by EulerDiscreteScheduler's σ, as the references do.
             Sampler::DpmPP2SAncestral => discrete(false, false, true),
-            Sampler::DpmPP2M | Sampler::DpmPP2MSde => Grid::Multistep,
+            Sampler::DpmPP2M | Sampler::DpmPP2MSde | Sampler::UniPc => Grid::Multistep { deis_final: false },
+            Sampler::Deis => Grid::Multistep { deis_final: true },
             Sampler::Ddim => Grid::Ddim,
         }
     }
@@ -140,6 +145,8 @@ impl Sampler {
             Sampler::DpmPP2M => dpmpp_2m,
             Sampler::DpmPP2MSde => dpmpp_2m_sde,
             Sampler::DpmPP2SAncestral => dpmpp_2s_ancestral,
+            Sampler::UniPc => unipc,
+            Sampler::Deis => deis,
         }
     }
 }
@@ -187,6 +194,9 @@ pub struct StepContext<'a> {
     pub device: &'a Device,
     /// Earlier steps' values (x̂₀ or d), oldest first; empty at the first step run.
     pub history: Vec<Tensor>,
+    /// UniPC's corrector: the sample its last predictor started from, and
+    /// that predictor's order.
+    pub last_sample: Option<(Tensor, usize)>,
 }
 
 impl StepContext<'_> {
@@ -383,6 +393,103 @@ fn dpmpp_2s_ancestral(model: &mut dyn Denoise, x: &Tensor, i: usize, ctx: &mut S
     Ok(x)
 }
 
+/// UniPC's update from σ_s to σ_t (bh2 weights, x̂₀ prediction): the
+/// first-order DPM-Solver++ step plus weighted differences of earlier x̂₀.
+/// `earlier` holds (x̂₀, σ) of steps before `s`, newest first; `current` is
+/// the corrector's x̂₀ at σ_t (None for the predictor).
+fn unipc_update(
+    x: &Tensor,
+    (s, t): (f64, f64),
+    m0: &Tensor,
+    earlier: &[(&Tensor, f64)],
+    current: Option<&Tensor>,
+) -> anyhow::Result<Tensor> {
+    let ratio = t / s;
+    let base = ((x * ratio)? + (m0 * (1.0 - ratio))?)?;
+    if t == 0.0 {
+        return Ok(base);
+    }
+    let h = lambda(t) - lambda(s);
+    let hh = -h;
+    let b_h = hh.exp_m1();
+    let rks: Vec<f64> = earlier.iter().map(|(_, sk)| (lambda(*sk) - lambda(s)) / h).collect();
+    let diffs: Vec<Tensor> =
+        earlier.iter().zip(&rks).map(|((m, _), rk)| Ok((((*m) - m0)? / *rk)?)).collect::<anyhow::Result<_>>()?;
+    // b_k = k! · φ_{k+1}(h) / B(h), from φ₁ recursively.
+    let order = earlier.len() + usize::from(current.is_some());
+    let mut b = Vec::with_capacity(order);
+    let (mut phi, mut factorial) = (hh.exp_m1() / hh - 1.0, 1.0);
+    for k in 1..=order.max(1) {
+        b.push(phi * factorial / b_h);
+        factorial *= (k + 1) as f64;
+        phi = phi / hh - 1.0 / factorial;
+    }
+    let rhos: Vec<f64> = match (earlier.len(), current) {
+        (0, _) => vec![0.5],
+        // The predictor's order-2 weight is fixed in diffusers.
+        (1, None) => vec![0.5],
+        (1, Some(_)) => {
+            // Solve [[1, 1], [r, 1]] ρ = b.
+            let r = rks[0];
+            let det = 1.0 - r;
+            vec![(b[0] - b[1]) / det, (b[1] - r * b[0]) / det]
+        }
+        (n, _) => bail!("UniPC order {} is not supported", n + 1),
+    };
+    let mut correction = Tensor::zeros_like(x)?;
+    for (d, rho) in diffs.iter().zip(&rhos) {
+        correction = (correction + (d * *rho)?)?;
+    }
+    if let Some(m_t) = current {
+        let rho_t = *rhos.last().expect("one weight at least");
+        correction = (correction + ((m_t - m0)? * rho_t)?)?;
+    }
+    Ok((base - (correction * b_h)?)?)
+}
+
+fn unipc(model: &mut dyn Denoise, x: &Tensor, i: usize, ctx: &mut StepContext) -> anyhow::Result<Tensor> {
+    let denoised = model.denoise(x, ctx.sigmas[i])?;
+    let sigma = |k: usize| ctx.sigmas[k] as f64;
+    // Correct the sample the last predictor produced, with the new x̂₀.
+    let x = match (ctx.last_sample.take(), ctx.history.last()) {
+        (Some((last, order)), Some(m0)) => {
+            let earlier: Vec<(&Tensor, f64)> =
+                ctx.history.iter().rev().skip(1).take(order - 1).zip([sigma(i.saturating_sub(2))]).collect();
+            unipc_update(&last, (sigma(i - 1), sigma(i)), m0, &earlier, Some(&denoised))?
+        }
+        _ => x.clone(),
+    };
+    let steps_done = ctx.history.len();
+    ctx.remember(denoised, 2);
+    // Order 2 once a previous x̂₀ exists, first order into the last step.
+    let remaining = ctx.sigmas.len() - 1 - i;
+    let order = 2.min(remaining).min(steps_done + 1);
+    ctx.last_sample = Some((x.clone(), order));
+    let m0 = ctx.history.last().expect("just pushed");
+    let earlier: Vec<(&Tensor, f64)> = if order == 2 { vec![(&ctx.history[0], sigma(i - 1))] } else { Vec::new() };
+    unipc_update(&x, (sigma(i), sigma(i + 1)), m0, &earlier, None)
+}
+
+/// DEIS (log-ρ, order 2) on ε = (x − x̂₀)/σ: first order is an Euler step;
+/// second order integrates the ε polynomial in log σ.
+fn deis(model: &mut dyn Denoise, x: &Tensor, i: usize, ctx: &mut StepContext) -> anyhow::Result<Tensor> {
+    let (s, t) = ctx.pair(i);
+    let eps = ((x - model.denoise(x, s as f32)?)? / s)?;
+    let last_step = i + 2 == ctx.sigmas.len() && ctx.sigmas.len() - 1 < 15;
+    let out = match ctx.history.last() {
+        Some(eps_prev) if !last_step => {
+            let s1 = ctx.sigmas[i - 1] as f64;
+            let ind = |t: f64, b: f64, c: f64| t * (-c.ln() + t.ln() - 1.0) / (b.ln() - c.ln());
+            let coef0 = ind(t, s, s1) - ind(s, s, s1);
+            let coef1 = ind(t, s1, s) - ind(s, s1, s);
+            ((x + (&eps * coef0)?)? + (eps_prev * coef1)?)?
+        }
+        _ => advance(x, &eps, t - s)?,
+    };
+    ctx.remember(eps, 1);
+    Ok(out)
+}
+
 /// Runs `sampler` over the schedule's steps from `x` (already scaled by the
 /// schedule's initial noise factor, or noised to its first step), calling
 /// `hook(step, x)` after every step; the hook may replace the latents.
@@ -397,7 +504,8 @@ pub fn sample(
 ) -> anyhow::Result<Tensor> {
     let step = sampler.step_fn();
     let device = x.device().clone();
-    let mut ctx = StepContext { sigmas: &schedule.sigmas, rngs, device: &device, history: Vec::new() };
+    let mut ctx =
+        StepContext { sigmas: &schedule.sigmas, rngs, device: &device, history: Vec::new(), last_sample: None };
     let mut x = x;
     for i in schedule.steps() {
         let next = step(model, &x, i, &mut ctx)?;

@@ -245,8 +245,12 @@ pub enum Grid {
         conversions: bool,
     },
     /// DPM-Solver, UniPC, DEIS: K integer timesteps out of K + 1 grid points,
-    /// samples in DDPM-space (unit initial noise), final σ 0.
-    Multistep,
+    /// samples in DDPM-space (unit initial noise).
+    Multistep {
+        /// DEIS ends at the training table's smallest σ (normal schedule) or
+        /// repeats its last σ (karras/exponential/beta); the others end at 0.
+        deis_final: bool,
+    },
     /// DDIM: integer timesteps, DDPM-space, ends at ᾱ₀ or 1.
     Ddim,
 }
@@ -280,7 +284,7 @@ impl Schedule {
         let table: Vec<f64> = table32.iter().map(|&s| s as f64).collect();
         let log_sigmas: Vec<f32> = table32.iter().map(|s| s.ln()).collect();
         let default_spacing = match grid {
-            Grid::Discrete { .. } | Grid::Multistep => "linspace",
+            Grid::Discrete { .. } | Grid::Multistep { .. } => "linspace",
             Grid::Ddim => "leading",
         };
         let spacing = match kind.spacing() {
@@ -324,7 +328,7 @@ impl Schedule {
                 };
                 (ts, sigmas32, init)
             }
-            Grid::Multistep => {
+            Grid::Multistep { deis_final } => {
                 let mut ts: Vec<f64> = match spacing {
                     Spacing::Linspace => {
                         let grid = linspace_f64(0.0, (t_count - 1) as f64, k + 1);
@@ -354,7 +358,12 @@ impl Schedule {
                         .collect();
                 }
                 let mut sigmas32: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
-                sigmas32.push(0.0);
+                let last = match (deis_final, sigma_kind) {
+                    (false, _) => 0.0,
+                    (true, SigmaKind::Table) => table32[0],
+                    (true, _) => *sigmas32.last().expect("k ≥ 1"),
+                };
+                sigmas32.push(last);
                 let init = (sigmas32[0] * sigmas32[0] + 1.0).sqrt();
                 (ts, sigmas32, init)
             }
