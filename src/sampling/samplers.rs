@@ -46,6 +46,8 @@ pub enum Sampler {
     UniPc,
     Deis,
     Ddim,
+    Plms,
+    Ddpm,
 }
 
 /// Every sampler: name, A1111 display name, deterministic?, what it is for.
@@ -62,6 +64,8 @@ pub const SAMPLERS: &[(Sampler, &str, &str, bool, &str)] = &[
     (Sampler::UniPc, "unipc", "UniPC", true, "predictor-corrector multistep: good at 10-20 steps"),
     (Sampler::Deis, "deis", "DEIS", true, "exponential-integrator multistep: good at few steps"),
     (Sampler::Ddim, "ddim", "DDIM", true, "the original deterministic sampler"),
+    (Sampler::Plms, "pndm", "PLMS", true, "pseudo linear multistep (PNDM without Runge-Kutta warm-up)"),
+    (Sampler::Ddpm, "ddpm", "DDPM", false, "the original ancestral sampler; needs many steps"),
 ];
 
 impl Sampler {
@@ -84,7 +88,7 @@ impl Sampler {
 
     pub fn parse(name: &str) -> anyhow::Result<Self> {
         let lower = name.trim().to_ascii_lowercase();
-        let aliases = [("euler_ancestral", Sampler::EulerAncestral), ("k_lms", Sampler::Lms)];
+        let aliases = [("euler_ancestral", Sampler::EulerAncestral), ("k_lms", Sampler::Lms), ("plms", Sampler::Plms)];
         if let Some((_, s)) = aliases.iter().find(|(a, _)| *a == lower) {
             return Ok(*s);
         }
@@ -124,7 +128,8 @@ impl Sampler {
             Sampler::DpmPP2SAncestral => discrete(false, false, true),
             Sampler::DpmPP2M | Sampler::DpmPP2MSde | Sampler::UniPc => Grid::Multistep { deis_final: false },
             Sampler::Deis => Grid::Multistep { deis_final: true },
-            Sampler::Ddim => Grid::Ddim,
+            Sampler::Ddim | Sampler::Plms => Grid::Ddim { final_alpha_one: false },
+            Sampler::Ddpm => Grid::Ddim { final_alpha_one: true },
         }
     }
 
@@ -147,6 +152,8 @@ impl Sampler {
             Sampler::DpmPP2SAncestral => dpmpp_2s_ancestral,
             Sampler::UniPc => unipc,
             Sampler::Deis => deis,
+            Sampler::Plms => plms,
+            Sampler::Ddpm => ddpm,
         }
     }
 }
@@ -189,6 +196,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// what multistep samplers remember.
 pub struct StepContext<'a> {
     pub sigmas: &'a [f32],
+    pub timesteps: &'a [f32],
     /// One generator per image of the batch, each continuing its seed's stream.
     pub rngs: &'a mut [TorchRng],
     pub device: &'a Device,
@@ -490,6 +498,53 @@ fn deis(model: &mut dyn Denoise, x: &Tensor, i: usize, ctx: &mut StepContext) ->
     Ok(out)
 }
 
+/// PNDMScheduler with `skip_prk_steps` (PLMS) on ε: the first step is a
+/// trapezoid (a second UNet call at the predicted sample, whose ε is not
+/// remembered), later ones Adams–Bashforth of order 2, 3, 4 over the ε of
+/// the steps run; each step is a DDIM (σ-space Euler) step with that ε.
+fn plms(model: &mut dyn Denoise, x: &Tensor, i: usize, ctx: &mut StepContext) -> anyhow::Result<Tensor> {
+    let (s, next) = ctx.pair(i);
+    let eps = ((x - model.denoise(x, s as f32)?)? / s)?;
+    if ctx.history.is_empty() {
+        let predicted = advance(x, &eps, next - s)?;
+        let eps_next = ((&predicted - model.denoise(&predicted, next as f32)?)? / next)?;
+        let combined = ((&eps + eps_next)? * 0.5)?;
+        ctx.remember(eps, 4);
+        return advance(x, &combined, next - s);
+    }
+    ctx.remember(eps, 4);
+    let e: Vec<&Tensor> = ctx.history.iter().rev().collect();
+    let combined = match e.len() {
+        2 => ((e[0] * 1.5)? - (e[1] * 0.5)?)?,
+        3 => (((e[0] * (23.0 / 12.0))? - (e[1] * (16.0 / 12.0))?)? + (e[2] * (5.0 / 12.0))?)?,
+        _ => {
+            ((((e[0] * (55.0 / 24.0))? - (e[1] * (59.0 / 24.0))?)? + (e[2] * (37.0 / 24.0))?)?
+                - (e[3] * (9.0 / 24.0))?)?
+        }
+    };
+    advance(x, &combined, next - s)
+}
+
+/// DDPMScheduler ("fixed_small" variance): the posterior mean of x at ᾱ'
+/// given x̂₀, plus its standard deviation of fresh noise (drawn whenever the
+/// timestep is above 0, as diffusers does), written in σ-space.
+fn ddpm(model: &mut dyn Denoise, x: &Tensor, i: usize, ctx: &mut StepContext) -> anyhow::Result<Tensor> {
+    let (s, next) = ctx.pair(i);
+    let denoised = model.denoise(x, s as f32)?;
+    let (a, a_prev) = (1.0 / (1.0 + s * s), 1.0 / (1.0 + next * next));
+    let (b, b_prev) = (1.0 - a, 1.0 - a_prev);
+    let (a_cur, b_cur) = (a / a_prev, 1.0 - a / a_prev);
+    let x_ddpm = (x * a.sqrt())?;
+    let mean = ((denoised * (a_prev.sqrt() * b_cur / b))? + (x_ddpm * (a_cur.sqrt() * b_prev / b))?)?;
+    let mean = if ctx.timesteps[i] > 0.0 {
+        let std = (b_prev / b * b_cur).max(1e-20).sqrt();
+        (mean + (ctx.noise_like(x)? * std)?)?
+    } else {
+        mean
+    };
+    Ok((mean / a_prev.sqrt())?)
+}
+
 /// Runs `sampler` over the schedule's steps from `x` (already scaled by the
 /// schedule's initial noise factor, or noised to its first step), calling
 /// `hook(step, x)` after every step; the hook may replace the latents.
@@ -504,8 +559,14 @@ pub fn sample(
 ) -> anyhow::Result<Tensor> {
     let step = sampler.step_fn();
     let device = x.device().clone();
-    let mut ctx =
-        StepContext { sigmas: &schedule.sigmas, rngs, device: &device, history: Vec::new(), last_sample: None };
+    let mut ctx = StepContext {
+        sigmas: &schedule.sigmas,
+        timesteps: &schedule.timesteps,
+        rngs,
+        device: &device,
+        history: Vec::new(),
+        last_sample: None,
+    };
     let mut x = x;
     for i in schedule.steps() {
         let next = step(model, &x, i, &mut ctx)?;

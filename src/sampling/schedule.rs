@@ -251,8 +251,9 @@ pub enum Grid {
         /// repeats its last σ (karras/exponential/beta); the others end at 0.
         deis_final: bool,
     },
-    /// DDIM: integer timesteps, DDPM-space, ends at ᾱ₀ or 1.
-    Ddim,
+    /// DDIM, PNDM, DDPM: integer timesteps stepping by T/K, DDPM-space;
+    /// the last step lands on ᾱ = 1 (DDPM, or `set_alpha_to_one`) or ᾱ₀.
+    Ddim { final_alpha_one: bool },
 }
 
 /// A sampling schedule in σ-space.
@@ -285,7 +286,7 @@ impl Schedule {
         let log_sigmas: Vec<f32> = table32.iter().map(|s| s.ln()).collect();
         let default_spacing = match grid {
             Grid::Discrete { .. } | Grid::Multistep { .. } => "linspace",
-            Grid::Ddim => "leading",
+            Grid::Ddim { .. } => "leading",
         };
         let spacing = match kind.spacing() {
             Some(s) => s,
@@ -367,9 +368,9 @@ impl Schedule {
                 let init = (sigmas32[0] * sigmas32[0] + 1.0).sqrt();
                 (ts, sigmas32, init)
             }
-            Grid::Ddim => {
+            Grid::Ddim { final_alpha_one } => {
                 if sigma_kind != SigmaKind::Table {
-                    bail!("the ddim sampler's diffusers scheduler has no {} schedule", kind.name());
+                    bail!("this sampler's diffusers scheduler has no {} schedule", kind.name());
                 }
                 let ratio = t_count / k;
                 let ts: Vec<f64> = match spacing {
@@ -392,7 +393,7 @@ impl Schedule {
                 if let Some(&t) = ts.iter().find(|&&t| t as usize >= t_count) {
                     bail!("timestep {t} is outside the {t_count} training steps (steps_offset too large)");
                 }
-                let final_alpha = if cfg.set_alpha_to_one { 1.0 } else { ac[0] };
+                let final_alpha = if final_alpha_one || cfg.set_alpha_to_one { 1.0 } else { ac[0] };
                 let mut sigmas: Vec<f32> = ts.iter().map(|&t| sigma_of(ac[t as usize])).collect();
                 sigmas.push(sigma_of(final_alpha));
                 let init = (sigmas[0] * sigmas[0] + 1.0).sqrt();
@@ -579,15 +580,16 @@ mod tests {
     use super::*;
 
     const EULER: Grid = Grid::Discrete { f32_linspace: false, round_karras: false, conversions: true };
+    const DDIM: Grid = Grid::Ddim { final_alpha_one: false };
 
     #[test]
     fn ddim_leading_timesteps_match_diffusers() {
-        let s = Schedule::build(&SchedulerConfig::sd15(), 10, ScheduleKind::Normal, Grid::Ddim).unwrap();
+        let s = Schedule::build(&SchedulerConfig::sd15(), 10, ScheduleKind::Normal, DDIM).unwrap();
         assert_eq!(s.timesteps, vec![901.0, 801.0, 701.0, 601.0, 501.0, 401.0, 301.0, 201.0, 101.0, 1.0]);
         assert_eq!(s.sigmas.len(), 11);
         assert!(*s.sigmas.last().unwrap() > 0.0);
-        assert!(Schedule::build(&SchedulerConfig::sd15(), 10, ScheduleKind::Linspace, Grid::Ddim).is_err());
-        assert!(Schedule::build(&SchedulerConfig::sd15(), 10, ScheduleKind::Karras, Grid::Ddim).is_err());
+        assert!(Schedule::build(&SchedulerConfig::sd15(), 10, ScheduleKind::Linspace, DDIM).is_err());
+        assert!(Schedule::build(&SchedulerConfig::sd15(), 10, ScheduleKind::Karras, DDIM).is_err());
     }
 
     #[test]
