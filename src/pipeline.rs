@@ -185,7 +185,8 @@ impl Model {
             Ok(Tensor::cat(&each, 0)?)
         };
         let cond = encode_all(reqs.iter().map(|r| r.prompt.as_str()).collect(), events)?;
-        let uncond = if req.cfg_scale > 1.0 {
+        // LCM UNets embed the guidance scale instead of a negative pass.
+        let uncond = if req.cfg_scale > 1.0 && self.unet.config.time_cond_proj_dim.is_none() {
             Some(encode_all(reqs.iter().map(|r| r.negative_prompt.as_str()).collect(), events)?)
         } else {
             None

@@ -51,7 +51,7 @@ fn unet_matches_diffusers_including_odd_latent_sizes() {
     let m = model();
     for prefix in ["unet", "unet_odd"] {
         let t = r[&format!("{prefix}.timestep")].to_vec1::<f32>().unwrap()[0];
-        let out = m.unet.forward(&r[&format!("{prefix}.sample")], t, &r[&format!("{prefix}.context")]).unwrap();
+        let out = m.unet.forward(&r[&format!("{prefix}.sample")], t, &r[&format!("{prefix}.context")], None).unwrap();
         let err = relative_error(&out, &r[&format!("{prefix}.out")]);
         eprintln!("{prefix}: relative error {err:e}");
         assert!(err < TOLERANCE, "{prefix}: relative error {err}");
@@ -130,7 +130,7 @@ fn inpainting_unet_matches_diffusers() {
     let m = Model::load(&fixture("tiny-sd1-inpaint"), &Device::Cpu, DType::F32).unwrap();
     assert!(m.is_inpainting());
     let t = r["unet9.timestep"].to_vec1::<f32>().unwrap()[0];
-    let out = m.unet.forward(&r["unet9.sample"], t, &r["unet9.context"]).unwrap();
+    let out = m.unet.forward(&r["unet9.sample"], t, &r["unet9.context"], None).unwrap();
     let err = relative_error(&out, &r["unet9.out"]);
     eprintln!("unet9: relative error {err:e}");
     assert!(err < TOLERANCE, "inpainting UNet relative error {err}");

@@ -45,6 +45,7 @@ const VAE_ATTENTION: &[(&str, &str, Transform)] = &[
 const UNET_TOP: &[(&str, &str, Transform)] = &[
     ("time_embedding.linear_1.", "time_embed.0.", Keep),
     ("time_embedding.linear_2.", "time_embed.2.", Keep),
+    ("time_embedding.cond_proj.", "time_embed.cond_proj.", Keep),
     ("conv_in.", "input_blocks.0.0.", Keep),
     ("conv_norm_out.", "out.0.", Keep),
     ("conv_out.", "out.2.", Keep),
@@ -229,6 +230,7 @@ pub fn infer_unet(t: &Tensors) -> anyhow::Result<UNetConfig> {
         transformer_layers_per_block: PerBlock::Each(depth),
         flip_sin_to_cos: true,
         freq_shift: 0,
+        time_cond_proj_dim: t.shape(&format!("{p}time_embed.cond_proj.weight")).ok().map(|s| s[1]),
         other: Default::default(),
     })
 }

@@ -42,6 +42,9 @@ pub struct UNetConfig {
     pub flip_sin_to_cos: bool,
     #[serde(default)]
     pub freq_shift: usize,
+    /// Width of the guidance-scale embedding of LCM-distilled UNets.
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
     /// Every other key, checked against [`SUPPORTED`].
     #[serde(flatten)]
     pub other: HashMap<String, serde_json::Value>,
@@ -64,7 +67,6 @@ const SUPPORTED: &[(&str, &[&str])] = &[
     ("class_embed_type", &["null"]),
     ("num_class_embeds", &["null"]),
     ("encoder_hid_dim", &["null"]),
-    ("time_cond_proj_dim", &["null"]),
     ("time_embedding_dim", &["null"]),
     ("timestep_post_act", &["null"]),
 ];
@@ -166,6 +168,8 @@ pub struct UNet {
     freq_shift: usize,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    /// LCM: projects the guidance embedding onto the timestep features.
+    cond_proj: Option<Linear>,
     conv_in: Conv2d,
     down: Vec<DownBlock>,
     mid: (ResnetBlock, SpatialTransformer, ResnetBlock),
@@ -252,6 +256,10 @@ impl UNet {
             freq_shift: config.freq_shift,
             time_linear_1: linear(c0, temb, vb.pp("time_embedding.linear_1"))?,
             time_linear_2: linear(temb, temb, vb.pp("time_embedding.linear_2"))?,
+            cond_proj: match config.time_cond_proj_dim {
+                Some(d) => Some(candle_nn::linear_no_bias(d, c0, vb.pp("time_embedding.cond_proj"))?),
+                None => None,
+            },
             conv_in: conv3x3_same(config.in_channels, c0, vb.pp("conv_in"))?,
             down,
             mid,
@@ -279,10 +287,14 @@ impl UNet {
     }
 
     /// Predicts the model output for `sample: (B, C, H, W)` at timestep `t`
-    /// under `context: (B, L, D)`.
-    pub fn forward(&self, sample: &Tensor, t: f32, context: &Tensor) -> Result<Tensor> {
+    /// under `context: (B, L, D)`; LCM UNets also take `guidance: (B, d)`,
+    /// the embedded guidance scale.
+    pub fn forward(&self, sample: &Tensor, t: f32, context: &Tensor, guidance: Option<&Tensor>) -> Result<Tensor> {
         let batch = sample.dim(0)?;
-        let feats = self.timestep_features(t, batch, sample.device())?.to_dtype(sample.dtype())?;
+        let mut feats = self.timestep_features(t, batch, sample.device())?.to_dtype(sample.dtype())?;
+        if let (Some(proj), Some(g)) = (&self.cond_proj, guidance) {
+            feats = (feats + proj.forward(g)?)?;
+        }
         let temb = self.time_linear_1.forward(&feats)?;
         let temb = self.time_linear_2.forward(&candle_nn::ops::silu(&temb)?)?;
         let mut h = self.conv_in.forward(sample)?;
@@ -312,4 +324,15 @@ impl UNet {
         }
         self.conv_out.forward(&norm_silu(&self.conv_norm_out, &h)?)
     }
+}
+
+/// The LCM guidance-scale embedding of `w` (diffusers' `get_guidance_scale_embedding`):
+/// sinusoids of `1000·w`, computed in f32, `(1, dim)`.
+pub fn guidance_embedding(w: f32, dim: usize, device: &Device) -> Result<Tensor> {
+    let half = dim / 2;
+    let step = 10000f32.ln() / (half as f32 - 1.0);
+    let args: Vec<f32> = (0..half).map(|i| w * 1000.0 * (i as f32 * -step).exp()).collect();
+    let mut row: Vec<f32> = args.iter().map(|a| a.sin()).chain(args.iter().map(|a| a.cos())).collect();
+    row.resize(dim, 0.0);
+    Tensor::from_vec(row, (1, dim), device)
 }

@@ -47,6 +47,8 @@ pub struct UNetDenoiser<'a> {
     /// Channels appended to the scaled sample (an inpainting UNet's latent
     /// mask and masked-image latents).
     extra: Option<Tensor>,
+    /// LCM UNets: the embedded guidance scale, in place of guidance.
+    guidance: Option<Tensor>,
 }
 
 impl<'a> UNetDenoiser<'a> {
@@ -59,11 +61,21 @@ impl<'a> UNetDenoiser<'a> {
         c: &Conditioning,
         extra: Option<Tensor>,
     ) -> Result<Self> {
+        let batch = c.cond.dim(0)?;
+        // An LCM UNet embeds w = cfg − 1 and runs once, unguided.
+        let guidance = match unet.config.time_cond_proj_dim {
+            Some(dim) => Some(
+                crate::models::unet::guidance_embedding(c.cfg_scale as f32 - 1.0, dim, c.cond.device())?
+                    .repeat((batch, 1))?
+                    .to_dtype(c.cond.dtype())?,
+            ),
+            None => None,
+        };
         let (context, cfg_scale) = match &c.uncond {
-            Some(u) if c.cfg_scale > 1.0 => (Tensor::cat(&[u, &c.cond], 0)?, Some(c.cfg_scale)),
+            Some(u) if c.cfg_scale > 1.0 && guidance.is_none() => (Tensor::cat(&[u, &c.cond], 0)?, Some(c.cfg_scale)),
             _ => (c.cond.clone(), None),
         };
-        Ok(Self { unet, schedule, prediction, context, cfg_scale, extra })
+        Ok(Self { unet, schedule, prediction, context, cfg_scale, extra, guidance })
     }
 }
 
@@ -77,12 +89,12 @@ impl Denoise for UNetDenoiser<'_> {
         };
         let out = match self.cfg_scale {
             Some(scale) => {
-                let both = self.unet.forward(&Tensor::cat(&[&input, &input], 0)?, t, &self.context)?;
+                let both = self.unet.forward(&Tensor::cat(&[&input, &input], 0)?, t, &self.context, None)?;
                 let b = x.dim(0)?;
                 let (uncond, cond) = (both.narrow(0, 0, b)?, both.narrow(0, b, b)?);
                 (&uncond + ((cond - &uncond)? * scale)?)?
             }
-            None => self.unet.forward(&input, t, &self.context)?,
+            None => self.unet.forward(&input, t, &self.context, self.guidance.as_ref())?,
         };
         let s = sigma as f64;
         Ok(match self.prediction {

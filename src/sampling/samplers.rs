@@ -48,6 +48,7 @@ pub enum Sampler {
     Ddim,
     Plms,
     Ddpm,
+    Lcm,
 }
 
 /// Every sampler: name, A1111 display name, deterministic?, what it is for.
@@ -66,6 +67,7 @@ pub const SAMPLERS: &[(Sampler, &str, &str, bool, &str)] = &[
     (Sampler::Ddim, "ddim", "DDIM", true, "the original deterministic sampler"),
     (Sampler::Plms, "pndm", "PLMS", true, "pseudo linear multistep (PNDM without Runge-Kutta warm-up)"),
     (Sampler::Ddpm, "ddpm", "DDPM", false, "the original ancestral sampler; needs many steps"),
+    (Sampler::Lcm, "lcm", "LCM", false, "for LCM-distilled models: 1-8 steps, cfg 1-2"),
 ];
 
 impl Sampler {
@@ -130,6 +132,7 @@ impl Sampler {
             Sampler::Deis => Grid::Multistep { deis_final: true },
             Sampler::Ddim | Sampler::Plms => Grid::Ddim { final_alpha_one: false },
             Sampler::Ddpm => Grid::Ddim { final_alpha_one: true },
+            Sampler::Lcm => Grid::Lcm,
         }
     }
 
@@ -154,6 +157,7 @@ impl Sampler {
             Sampler::Deis => deis,
             Sampler::Plms => plms,
             Sampler::Ddpm => ddpm,
+            Sampler::Lcm => lcm,
         }
     }
 }
@@ -543,6 +547,23 @@ fn ddpm(model: &mut dyn Denoise, x: &Tensor, i: usize, ctx: &mut StepContext) ->
         mean
     };
     Ok((mean / a_prev.sqrt())?)
+}
+
+/// LCMScheduler: the consistency function `c_skip·x + c_out·x̂₀` (boundary
+/// scalings at 10·t), re-noised to the next timestep with fresh noise except
+/// after the last step.
+fn lcm(model: &mut dyn Denoise, x: &Tensor, i: usize, ctx: &mut StepContext) -> anyhow::Result<Tensor> {
+    let (s, next) = ctx.pair(i);
+    let denoised = model.denoise(x, s as f32)?;
+    let scaled = ctx.timesteps[i] as f64 * 10.0;
+    let c_skip = 0.25 / (scaled * scaled + 0.25);
+    let c_out = scaled / (scaled * scaled + 0.25).sqrt();
+    let consistent = ((denoised * c_out)? + (x * (c_skip / (s * s + 1.0).sqrt()))?)?;
+    if i + 2 == ctx.sigmas.len() {
+        return Ok(consistent);
+    }
+    let noise = ctx.noise_like(x)?;
+    Ok((consistent + (noise * next)?)?)
 }
 
 /// Runs `sampler` over the schedule's steps from `x` (already scaled by the

@@ -30,6 +30,9 @@ pub struct SchedulerConfig {
     /// Absent in SD 1.5's file: then each scheduler class uses its own default.
     #[serde(default)]
     pub timestep_spacing: Option<String>,
+    /// LCM: the distillation's step count, whose timesteps LCM subsamples.
+    #[serde(default)]
+    pub original_inference_steps: Option<usize>,
 }
 
 fn thousand() -> usize {
@@ -64,6 +67,7 @@ impl SchedulerConfig {
             steps_offset: 1,
             set_alpha_to_one: false,
             timestep_spacing: None,
+            original_inference_steps: None,
         }
     }
 
@@ -254,6 +258,8 @@ pub enum Grid {
     /// DDIM, PNDM, DDPM: integer timesteps stepping by T/K, DDPM-space;
     /// the last step lands on ᾱ = 1 (DDPM, or `set_alpha_to_one`) or ᾱ₀.
     Ddim { final_alpha_one: bool },
+    /// LCMScheduler: K of the distillation's timesteps (every T/50-th), DDPM-space.
+    Lcm,
 }
 
 /// A sampling schedule in σ-space.
@@ -286,7 +292,7 @@ impl Schedule {
         let log_sigmas: Vec<f32> = table32.iter().map(|s| s.ln()).collect();
         let default_spacing = match grid {
             Grid::Discrete { .. } | Grid::Multistep { .. } => "linspace",
-            Grid::Ddim { .. } => "leading",
+            Grid::Ddim { .. } | Grid::Lcm => "leading",
         };
         let spacing = match kind.spacing() {
             Some(s) => s,
@@ -396,6 +402,26 @@ impl Schedule {
                 let final_alpha = if final_alpha_one || cfg.set_alpha_to_one { 1.0 } else { ac[0] };
                 let mut sigmas: Vec<f32> = ts.iter().map(|&t| sigma_of(ac[t as usize])).collect();
                 sigmas.push(sigma_of(final_alpha));
+                let init = (sigmas[0] * sigmas[0] + 1.0).sqrt();
+                (ts, sigmas, init)
+            }
+            Grid::Lcm => {
+                if kind != ScheduleKind::Normal {
+                    bail!("the lcm sampler's diffusers scheduler has no {} schedule", kind.name());
+                }
+                let original = cfg.original_inference_steps.unwrap_or(50);
+                if k > original {
+                    bail!("LCM runs at most {original} steps (original_inference_steps)");
+                }
+                let stride = t_count / original;
+                let origin: Vec<usize> = (1..=original).rev().map(|j| j * stride - 1).collect();
+                let ts: Vec<f64> = linspace_f64(0.0, origin.len() as f64, k + 1)
+                    .iter()
+                    .take(k)
+                    .map(|x| origin[*x as usize] as f64)
+                    .collect();
+                let mut sigmas: Vec<f32> = ts.iter().map(|&t| table32[t as usize]).collect();
+                sigmas.push(0.0);
                 let init = (sigmas[0] * sigmas[0] + 1.0).sqrt();
                 (ts, sigmas, init)
             }
