@@ -138,8 +138,13 @@ impl Sampler {
 
     /// The schedule diffusers' scheduler class for this sampler builds from `cfg`.
     pub fn schedule(self, cfg: &SchedulerConfig, steps: usize, kind: ScheduleKind) -> anyhow::Result<Schedule> {
-        Schedule::build(cfg, steps, kind, self.grid())
-            .map_err(|e| anyhow::anyhow!("sampler {} with schedule {}: {e}", self.name(), kind.name()))
+        let context = |e| anyhow::anyhow!("sampler {} with schedule {}: {e}", self.name(), kind.name());
+        let schedule = Schedule::build(cfg, steps, kind, self.grid()).map_err(context)?;
+        // PLMS's warm-up pairs the next timestep with the landing sample.
+        if self == Sampler::Plms && schedule.landing[..] != schedule.sigmas[1..] {
+            return Err(context(anyhow::anyhow!("steps of T/K do not meet this spacing's timesteps")));
+        }
+        Ok(schedule)
     }
 
     fn step_fn(self) -> StepFn {
@@ -200,6 +205,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// what multistep samplers remember.
 pub struct StepContext<'a> {
     pub sigmas: &'a [f32],
+    pub landing: &'a [f32],
     pub timesteps: &'a [f32],
     /// One generator per image of the batch, each continuing its seed's stream.
     pub rngs: &'a mut [TorchRng],
@@ -220,8 +226,9 @@ impl StepContext<'_> {
         Tensor::from_vec(values, x.shape(), self.device)?.to_dtype(x.dtype())
     }
 
+    /// σ of step `i` and where its update lands.
     fn pair(&self, i: usize) -> (f64, f64) {
-        (self.sigmas[i] as f64, self.sigmas[i + 1] as f64)
+        (self.sigmas[i] as f64, self.landing[i] as f64)
     }
 
     /// Keeps the last `n` history entries after pushing `v`.
@@ -582,6 +589,7 @@ pub fn sample(
     let device = x.device().clone();
     let mut ctx = StepContext {
         sigmas: &schedule.sigmas,
+        landing: &schedule.landing,
         timesteps: &schedule.timesteps,
         rngs,
         device: &device,
@@ -590,7 +598,12 @@ pub fn sample(
     };
     let mut x = x;
     for i in schedule.steps() {
-        let next = step(model, &x, i, &mut ctx)?;
+        let mut next = step(model, &x, i, &mut ctx)?;
+        let (landed, expected) = (schedule.landing[i] as f64, schedule.sigmas[i + 1] as f64);
+        if landed != expected {
+            // Same DDPM-space sample, read at the next step's σ.
+            next = (next * ((1.0 + expected * expected) / (1.0 + landed * landed)).sqrt())?;
+        }
         x = hook(i, next)?;
     }
     Ok(x)

@@ -271,6 +271,11 @@ pub struct Schedule {
     pub timesteps: Vec<f32>,
     /// Multiplier of unit noise for the initial latents in σ-space.
     pub init_noise_scale: f32,
+    /// Where step i's update lands: `sigmas[i + 1]`, except for DDIM-style
+    /// schedulers whose step t → t − T/K misses the next timestep; the
+    /// sampler loop then re-reads the DDPM-space sample at `sigmas[i + 1]`,
+    /// as diffusers' next step does.
+    pub landing: Vec<f32>,
     /// The first step to run (img2img runs only the tail of a schedule, but
     /// multistep samplers still see the earlier σ, as diffusers' do).
     pub start: usize,
@@ -301,6 +306,7 @@ impl Schedule {
         let sigma_kind = kind.sigma_kind();
         let t_count = cfg.num_train_timesteps;
         let k = steps;
+        let mut landing = Vec::new();
         let (mut timesteps, mut sigmas, init) = match grid {
             Grid::Discrete { f32_linspace, round_karras, conversions } => {
                 if sigma_kind != SigmaKind::Table && !conversions {
@@ -386,22 +392,21 @@ impl Schedule {
                         linspace_f64(0.0, (t_count - 1) as f64, k).into_iter().rev().map(f64::round_ties_even).collect()
                     }
                 };
-                // diffusers steps DDIM from t to t − T/K; that is one σ list
-                // only when t − T/K is the next timestep.
-                for w in ts.windows(2) {
-                    if w[0] - ratio as f64 != w[1] {
-                        bail!(
-                            "ddim with {} spacing and {k} steps is not supported (steps would not chain)",
-                            kind.name()
-                        );
-                    }
-                }
                 if let Some(&t) = ts.iter().find(|&&t| t as usize >= t_count) {
                     bail!("timestep {t} is outside the {t_count} training steps (steps_offset too large)");
                 }
                 let final_alpha = if final_alpha_one || cfg.set_alpha_to_one { 1.0 } else { ac[0] };
                 let mut sigmas: Vec<f32> = ts.iter().map(|&t| sigma_of(ac[t as usize])).collect();
                 sigmas.push(sigma_of(final_alpha));
+                // diffusers steps from t to t − T/K, which need not be the
+                // next timestep (trailing/linspace spacing).
+                landing = ts
+                    .iter()
+                    .map(|&t| {
+                        let prev = t as i64 - ratio as i64;
+                        sigma_of(if prev >= 0 { ac[prev as usize] } else { final_alpha })
+                    })
+                    .collect();
                 let init = (sigmas[0] * sigmas[0] + 1.0).sqrt();
                 (ts, sigmas, init)
             }
@@ -428,10 +433,14 @@ impl Schedule {
         };
         timesteps.truncate(k);
         sigmas.truncate(k + 1);
+        if landing.is_empty() {
+            landing = sigmas[1..].to_vec();
+        }
         Ok(Self {
             sigmas,
             timesteps: timesteps.iter().map(|&t| t as f32).collect(),
             init_noise_scale: init,
+            landing,
             start: 0,
             log_sigmas,
         })
@@ -614,7 +623,9 @@ mod tests {
         assert_eq!(s.timesteps, vec![901.0, 801.0, 701.0, 601.0, 501.0, 401.0, 301.0, 201.0, 101.0, 1.0]);
         assert_eq!(s.sigmas.len(), 11);
         assert!(*s.sigmas.last().unwrap() > 0.0);
-        assert!(Schedule::build(&SchedulerConfig::sd15(), 10, ScheduleKind::Linspace, DDIM).is_err());
+        let odd = Schedule::build(&SchedulerConfig::sd15(), 6, ScheduleKind::Trailing, DDIM).unwrap();
+        assert_eq!(odd.timesteps[..2], [999.0, 832.0]);
+        assert!(odd.landing[0] > odd.sigmas[1], "999 − 166 = 833 lands above t = 832");
         assert!(Schedule::build(&SchedulerConfig::sd15(), 10, ScheduleKind::Karras, DDIM).is_err());
     }
 
