@@ -48,8 +48,8 @@ fn path_str(rel: &str) -> String {
     fixture(rel).to_str().unwrap().to_string()
 }
 
-/// The sdgen command line for a case.
-fn args(case: &Case, out: &Path) -> Vec<String> {
+/// The subcommand and editing options of a case.
+fn edit_args(case: &Case) -> Vec<String> {
     let mut a: Vec<String> = vec![case.mode.clone()];
     let image_flag = if case.mode == "img2img" { "--init-image" } else { "--image" };
     a.extend([image_flag.into(), path_str(&case.image), "--strength".into(), case.strength.to_string()]);
@@ -61,25 +61,6 @@ fn args(case: &Case, out: &Path) -> Vec<String> {
             a.extend([format!("--pad-{side}"), v.to_string()]);
         }
     }
-    a.extend([
-        "--model".into(),
-        path_str(&case.model),
-        "--prompt".into(),
-        case.prompt.clone(),
-        "--negative-prompt".into(),
-        case.negative_prompt.clone(),
-        "--seed".into(),
-        case.seed.to_string(),
-        "--steps".into(),
-        case.steps.to_string(),
-        "--cfg-scale".into(),
-        case.cfg_scale.to_string(),
-        "--sampler".into(),
-        case.sampler.clone(),
-        "--out".into(),
-        out.to_str().unwrap().into(),
-        "--quiet".into(),
-    ]);
     a
 }
 
@@ -89,10 +70,18 @@ fn editing_matches_diffusers_and_keeps_unmasked_pixels() {
     let mut failures = Vec::new();
     for case in cases() {
         let out = dir.path().join(format!("{}.png", case.name));
-        let a = args(&case, &out);
-        let o = sdgen(&a.iter().map(String::as_str).collect::<Vec<_>>());
-        assert!(o.status.success(), "case {}: {}", case.name, stderr(&o));
-        let ours = read_rgb(&out);
+        let model = fixture(&case.model);
+        let job = Job {
+            model: &model,
+            prompt: &case.prompt,
+            negative_prompt: &case.negative_prompt,
+            seed: case.seed,
+            steps: case.steps,
+            cfg_scale: case.cfg_scale,
+            sampler: &case.sampler,
+            out: &out,
+        };
+        let ours = job.run(&edit_args(&case), &case.name);
         let reference = read_rgb(&fixture(&format!("reference/edit/{}", case.png)));
         let (max, mean) = level_diff(&ours, &reference);
         eprintln!("{:<28} max {max:>3} mean {mean:.4}", case.name);

@@ -42,38 +42,26 @@ fn cases() -> Vec<Case> {
 
 fn run(case: &Case, out: &std::path::Path) -> image::RgbImage {
     let model = fixture(case.model.as_deref().unwrap_or("tiny-sd1"));
-    let mut args: Vec<String> = Vec::new();
+    let mut before: Vec<String> = Vec::new();
     if case.mode.as_deref() == Some("img2img") {
         let image = fixture(case.image.as_deref().expect("img2img case has an image"));
-        args.extend(["img2img".into(), "--init-image".into(), image.to_str().unwrap().into()]);
-        args.extend(["--strength".into(), case.strength.expect("img2img strength").to_string()]);
+        before.extend(["img2img".into(), "--init-image".into(), image.to_str().unwrap().into()]);
+        before.extend(["--strength".into(), case.strength.expect("img2img strength").to_string()]);
     } else {
-        args.extend(["--width".into(), case.width.to_string(), "--height".into(), case.height.to_string()]);
+        before.extend(["--width".into(), case.width.to_string(), "--height".into(), case.height.to_string()]);
     }
-    args.extend([
-        "--model".into(),
-        model.to_str().unwrap().into(),
-        "--prompt".into(),
-        case.prompt.clone(),
-        "--negative-prompt".into(),
-        case.negative_prompt.clone().unwrap_or_default(),
-        "--seed".into(),
-        case.seed.to_string(),
-        "--steps".into(),
-        case.steps.to_string(),
-        "--cfg-scale".into(),
-        case.cfg_scale.to_string(),
-        "--sampler".into(),
-        case.sampler.clone(),
-        "--schedule".into(),
-        case.schedule.clone(),
-        "--out".into(),
-        out.to_str().unwrap().into(),
-        "--quiet".into(),
-    ]);
-    let o = sdgen(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(o.status.success(), "case {}: {}", case.name, stderr(&o));
-    read_rgb(out)
+    before.extend(["--schedule".into(), case.schedule.clone()]);
+    let job = Job {
+        model: &model,
+        prompt: &case.prompt,
+        negative_prompt: case.negative_prompt.as_deref().unwrap_or(""),
+        seed: case.seed,
+        steps: case.steps,
+        cfg_scale: case.cfg_scale,
+        sampler: &case.sampler,
+        out,
+    };
+    job.run(&before, &case.name)
 }
 
 #[test]

@@ -30,35 +30,19 @@ fn cases() -> Vec<Case> {
     serde_json::from_str::<Cases>(&text).unwrap().cases
 }
 
-fn generate(model: &str, case: &Case, out: &std::path::Path) -> image::RgbImage {
-    let (seed, steps, cfg) = (case.seed.to_string(), case.steps.to_string(), case.cfg_scale.to_string());
-    let (w, h) = (case.width.to_string(), case.height.to_string());
-    let out_s = out.to_str().unwrap();
-    let o = sdgen(&[
-        "--model",
+fn generate(model: &std::path::Path, case: &Case, out: &std::path::Path) -> image::RgbImage {
+    let job = Job {
         model,
-        "--prompt",
-        &case.prompt,
-        "--negative-prompt",
-        case.negative_prompt.as_deref().unwrap_or(""),
-        "--seed",
-        &seed,
-        "--steps",
-        &steps,
-        "--cfg-scale",
-        &cfg,
-        "--width",
-        &w,
-        "--height",
-        &h,
-        "--sampler",
-        &case.sampler,
-        "--out",
-        out_s,
-        "--quiet",
-    ]);
-    assert!(o.status.success(), "case {}: sdgen failed: {}", case.name, stderr(&o));
-    read_rgb(out)
+        prompt: &case.prompt,
+        negative_prompt: case.negative_prompt.as_deref().unwrap_or(""),
+        seed: case.seed,
+        steps: case.steps,
+        cfg_scale: case.cfg_scale,
+        sampler: &case.sampler,
+        out,
+    };
+    let size = ["--width".to_string(), case.width.to_string(), "--height".to_string(), case.height.to_string()];
+    job.run(&size, &case.name)
 }
 
 #[test]
@@ -69,8 +53,8 @@ fn folder_and_single_file_match_diffusers() {
     let mut failures = Vec::new();
     for case in cases() {
         let reference = read_rgb(&fixture(&format!("reference/sd1/{}", case.png)));
-        let a = generate(folder.to_str().unwrap(), &case, &dir.path().join(format!("{}-folder.png", case.name)));
-        let b = generate(single.to_str().unwrap(), &case, &dir.path().join(format!("{}-single.png", case.name)));
+        let a = generate(&folder, &case, &dir.path().join(format!("{}-folder.png", case.name)));
+        let b = generate(&single, &case, &dir.path().join(format!("{}-single.png", case.name)));
         assert_eq!(a.as_raw(), b.as_raw(), "case {}: folder and single file differ", case.name);
         let (max, mean) = level_diff(&a, &reference);
         eprintln!("{:<24} max {max:>3} mean {mean:.4}", case.name);

@@ -43,3 +43,42 @@ pub fn level_diff(a: &image::RgbImage, b: &image::RgbImage) -> (u8, f64) {
 /// The parity tolerance: at most 3 levels anywhere and 0.5 on average.
 pub const MAX_LEVELS: u8 = 3;
 pub const MEAN_LEVELS: f64 = 0.5;
+
+/// The options every reference case sets, as sdgen arguments.
+pub struct Job<'a> {
+    pub model: &'a Path,
+    pub prompt: &'a str,
+    pub negative_prompt: &'a str,
+    pub seed: u64,
+    pub steps: usize,
+    pub cfg_scale: f64,
+    pub sampler: &'a str,
+    pub out: &'a Path,
+}
+
+impl Job<'_> {
+    pub fn args(&self) -> Vec<String> {
+        let pairs = [
+            ("--model", self.model.to_str().unwrap().to_string()),
+            ("--prompt", self.prompt.to_string()),
+            ("--negative-prompt", self.negative_prompt.to_string()),
+            ("--seed", self.seed.to_string()),
+            ("--steps", self.steps.to_string()),
+            ("--cfg-scale", self.cfg_scale.to_string()),
+            ("--sampler", self.sampler.to_string()),
+            ("--out", self.out.to_str().unwrap().to_string()),
+        ];
+        let mut args: Vec<String> = pairs.into_iter().flat_map(|(k, v)| [k.to_string(), v]).collect();
+        args.push("--quiet".into());
+        args
+    }
+
+    /// Runs sdgen with these options after `before` (a subcommand and its
+    /// options) and returns the image it wrote.
+    pub fn run(&self, before: &[String], name: &str) -> image::RgbImage {
+        let args: Vec<String> = before.iter().cloned().chain(self.args()).collect();
+        let o = sdgen(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(o.status.success(), "case {name}: sdgen failed: {}", stderr(&o));
+        read_rgb(self.out)
+    }
+}
