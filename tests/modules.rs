@@ -135,3 +135,18 @@ fn inpainting_unet_matches_diffusers() {
     eprintln!("unet9: relative error {err:e}");
     assert!(err < TOLERANCE, "inpainting UNet relative error {err}");
 }
+
+#[test]
+fn lcm_guidance_embedding_and_unet_match_diffusers() {
+    let r = candle_core::safetensors::load(fixture("reference/samplers/modules.safetensors"), &Device::Cpu).unwrap();
+    // The reference cases use cfg 8: w = 7.
+    let w = sdgen::models::unet::guidance_embedding(7.0, 32, &Device::Cpu).unwrap();
+    let err = relative_error(&w, &r["lcm.w_embedding"]);
+    assert!(err < TOLERANCE, "guidance embedding relative error {err}");
+    let m = Model::load(&fixture("tiny-lcm"), &Device::Cpu, DType::F32).unwrap();
+    let t = r["lcm.timestep"].to_vec1::<f32>().unwrap()[0];
+    let out = m.unet.forward(&r["lcm.sample"], t, &r["lcm.context"], Some(&r["lcm.w_embedding"])).unwrap();
+    let err = relative_error(&out, &r["lcm.out"]);
+    eprintln!("lcm unet: relative error {err:e}");
+    assert!(err < TOLERANCE, "LCM UNet relative error {err}");
+}

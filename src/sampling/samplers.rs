@@ -130,8 +130,8 @@ impl Sampler {
             Sampler::DpmPP2SAncestral => discrete(false, false, true),
             Sampler::DpmPP2M | Sampler::DpmPP2MSde | Sampler::UniPc => Grid::Multistep { deis_final: false },
             Sampler::Deis => Grid::Multistep { deis_final: true },
-            Sampler::Ddim | Sampler::Plms => Grid::Ddim { final_alpha_one: false },
-            Sampler::Ddpm => Grid::Ddim { final_alpha_one: true },
+            Sampler::Ddim | Sampler::Plms => Grid::Ddim { ddpm: false },
+            Sampler::Ddpm => Grid::Ddim { ddpm: true },
             Sampler::Lcm => Grid::Lcm,
         }
     }
@@ -139,7 +139,10 @@ impl Sampler {
     /// The schedule diffusers' scheduler class for this sampler builds from `cfg`.
     pub fn schedule(self, cfg: &SchedulerConfig, steps: usize, kind: ScheduleKind) -> anyhow::Result<Schedule> {
         let context = |e| anyhow::anyhow!("sampler {} with schedule {}: {e}", self.name(), kind.name());
-        let schedule = Schedule::build(cfg, steps, kind, self.grid()).map_err(context)?;
+        let mut schedule = Schedule::build(cfg, steps, kind, self.grid()).map_err(context)?;
+        if self == Sampler::DpmPP2SAncestral {
+            schedule = schedule.k_diffusion_style();
+        }
         // PLMS's warm-up pairs the next timestep with the landing sample.
         if self == Sampler::Plms && schedule.landing[..] != schedule.sigmas[1..] {
             return Err(context(anyhow::anyhow!("steps of T/K do not meet this spacing's timesteps")));

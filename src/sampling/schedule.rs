@@ -255,9 +255,10 @@ pub enum Grid {
         /// repeats its last σ (karras/exponential/beta); the others end at 0.
         deis_final: bool,
     },
-    /// DDIM, PNDM, DDPM: integer timesteps stepping by T/K, DDPM-space;
-    /// the last step lands on ᾱ = 1 (DDPM, or `set_alpha_to_one`) or ᾱ₀.
-    Ddim { final_alpha_one: bool },
+    /// DDIM, PNDM, DDPM: integer timesteps, DDPM-space. DDIM and PNDM step
+    /// by T/K and end at ᾱ₀ (or 1 with `set_alpha_to_one`); DDPM steps to
+    /// the next listed timestep and ends at ᾱ = 1.
+    Ddim { ddpm: bool },
     /// LCMScheduler: K of the distillation's timesteps (every T/50-th), DDPM-space.
     Lcm,
 }
@@ -380,7 +381,7 @@ impl Schedule {
                 let init = (sigmas32[0] * sigmas32[0] + 1.0).sqrt();
                 (ts, sigmas32, init)
             }
-            Grid::Ddim { final_alpha_one } => {
+            Grid::Ddim { ddpm } => {
                 if sigma_kind != SigmaKind::Table {
                     bail!("this sampler's diffusers scheduler has no {} schedule", kind.name());
                 }
@@ -395,18 +396,21 @@ impl Schedule {
                 if let Some(&t) = ts.iter().find(|&&t| t as usize >= t_count) {
                     bail!("timestep {t} is outside the {t_count} training steps (steps_offset too large)");
                 }
-                let final_alpha = if final_alpha_one || cfg.set_alpha_to_one { 1.0 } else { ac[0] };
+                let final_alpha = if ddpm || cfg.set_alpha_to_one { 1.0 } else { ac[0] };
                 let mut sigmas: Vec<f32> = ts.iter().map(|&t| sigma_of(ac[t as usize])).collect();
                 sigmas.push(sigma_of(final_alpha));
                 // diffusers steps from t to t − T/K, which need not be the
                 // next timestep (trailing/linspace spacing).
-                landing = ts
-                    .iter()
-                    .map(|&t| {
-                        let prev = t as i64 - ratio as i64;
-                        sigma_of(if prev >= 0 { ac[prev as usize] } else { final_alpha })
-                    })
-                    .collect();
+                landing = if ddpm {
+                    Vec::new()
+                } else {
+                    ts.iter()
+                        .map(|&t| {
+                            let prev = t as i64 - ratio as i64;
+                            sigma_of(if prev >= 0 { ac[prev as usize] } else { final_alpha })
+                        })
+                        .collect()
+                };
                 let init = (sigmas[0] * sigmas[0] + 1.0).sqrt();
                 (ts, sigmas, init)
             }
@@ -449,6 +453,16 @@ impl Schedule {
     /// This schedule from step `start` on (img2img's partial denoising).
     pub fn from_step(mut self, start: usize) -> Self {
         self.start = start.min(self.timesteps.len().saturating_sub(1));
+        self
+    }
+
+    /// k-diffusion's conventions: every timestep from its σ by log-σ
+    /// interpolation (its denoiser sees only σ), and initial noise at σ₀.
+    pub fn k_diffusion_style(mut self) -> Self {
+        for (t, s) in self.timesteps.iter_mut().zip(&self.sigmas) {
+            *t = sigma_to_t(*s as f64, &self.log_sigmas) as f32;
+        }
+        self.init_noise_scale = self.sigmas[0];
         self
     }
 
@@ -615,7 +629,7 @@ mod tests {
     use super::*;
 
     const EULER: Grid = Grid::Discrete { f32_linspace: false, round_karras: false, conversions: true };
-    const DDIM: Grid = Grid::Ddim { final_alpha_one: false };
+    const DDIM: Grid = Grid::Ddim { ddpm: false };
 
     #[test]
     fn ddim_leading_timesteps_match_diffusers() {

@@ -22,8 +22,10 @@ Everything is deterministic (fixed seeds, CPU, float32).  The script deletes and
 See tests/reference/README.md and tests/fixtures/README.md.
 """
 
+import functools
 import gzip
 import hashlib
+import inspect
 import itertools
 import json
 import math
@@ -52,11 +54,21 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 from diffusers import (  # noqa: E402
     AutoencoderKL,
     DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LCMScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    UniPCMultistepScheduler,
     UNet2DConditionModel,
 )
 
@@ -325,9 +337,10 @@ def round_to_fp16(model: nn.Module):
 
 
 @torch.no_grad()
-def build_unet():
-    unet = UNet2DConditionModel(**UNET_CONFIG)
-    init_random(unet, "unet.")
+def build_unet(config=UNET_CONFIG, prefix="unet.", id_out=UNET_ID_OUT, f_out=UNET_F_OUT):
+    """tiny-sd1's UNet (the defaults); tiny-lcm's with its own config, seed prefix and identity gain."""
+    unet = UNet2DConditionModel(**config)
+    init_random(unet, prefix)
     # Cross-attention output at full gain, so prompts matter.
     for name, mod in unet.named_modules():
         if name.endswith("attn2.to_out.0"):
@@ -345,10 +358,10 @@ def build_unet():
     for c in range(8):
         cs[c, h_ch + c, 0, 0] += UNET_ID_SHORTCUT
     wo = unet.conv_out.weight  # [4, 32, 3, 3]
-    wo.mul_(UNET_F_OUT)
+    wo.mul_(f_out)
     for c in range(4):
-        wo[c, c, 1, 1] += UNET_ID_OUT
-        wo[c, 4 + c, 1, 1] -= UNET_ID_OUT
+        wo[c, c, 1, 1] += id_out
+        wo[c, 4 + c, 1, 1] -= id_out
     round_to_fp16(unet)
     return unet.eval()
 
@@ -1169,6 +1182,738 @@ def make_edit_fixtures(pipe):
 
 
 # --------------------------------------------------------------------------------------
+# Samplers and schedules (tests/fixtures/reference/samplers/, tests/fixtures/tiny-lcm/)
+# --------------------------------------------------------------------------------------
+
+LCM_DIR = FIXTURES / "tiny-lcm"
+SAMPLERS_DIR = FIXTURES / "reference" / "samplers"
+# tiny-lcm shares everything but its UNet with tiny-sd1 (relative symlinks), scheduler config included
+LCM_SHARED = ("scheduler", "text_encoder", "tokenizer", "vae")
+LCM_UNET_CONFIG = dict(UNET_CONFIG, time_cond_proj_dim=32)  # adds time_embedding.cond_proj: Linear(32 -> 32, no bias)
+LCM_F_OUT = 1.0  # as UNET_F_OUT: there is no CFG to amplify the prompt, so the random path is stronger
+LCM_ATTN2_GAIN = 3.0  # extra factor on the cross-attention outputs (on top of 1/RES_GAIN)
+LCM_COND_PROJ_GAIN = 6.0  # extra factor on cond_proj (the guidance-scale embedding's way in)
+
+# sdgen sampler name -> (diffusers scheduler class, options for from_config). dpmpp_2s_a is not a
+# diffusers scheduler: k-diffusion's sample_dpmpp_2s_ancestral runs on EulerDiscreteScheduler's sigmas.
+SAMPLER_TABLE = {
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "dpm_2": (KDPM2DiscreteScheduler, {}),
+    "dpm_2_a": (KDPM2AncestralDiscreteScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpmpp_2s_a": (EulerDiscreteScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "deis": (DEISMultistepScheduler, {}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    "ddpm": (DDPMScheduler, {}),
+    "lcm": (LCMScheduler, {}),
+}
+SCHEDULE_TABLE = {  # sdgen --schedule -> from_config options
+    "normal": {},
+    "karras": {"use_karras_sigmas": True},
+    "exponential": {"use_exponential_sigmas": True},
+    "beta": {"use_beta_sigmas": True},
+    "trailing": {"timestep_spacing": "trailing"},
+    "leading": {"timestep_spacing": "leading"},
+    "linspace": {"timestep_spacing": "linspace"},
+}
+SCHEDULE_STEPS = (1, 4, 6, 20)
+TRACED = ("dpmpp_2m", "dpmpp_2m_sde", "unipc", "deis", "pndm", "ddpm", "lms", "heun", "dpm_2", "dpm_2_a",
+          "dpmpp_2s_a", "lcm")
+K_DIFFUSION_VERSION = "0.1.1.post1"
+SAMPLER_PROMPT = "a photo of a cat"
+# (the per-step noise of these diffusers schedulers comes from their module's randn_tensor)
+NOISE_MODULES = ("euler_ancestral_discrete", "k_dpm_2_ancestral_discrete", "dpmsolver_multistep", "ddpm", "lcm",
+                 "ddim", "euler_discrete")
+MIN_SAMPLER_DIFF = 6.0  # levels: every sampler is at least this far (mean abs) from some other sampler
+MIN_VS_EULER = 2.0  # levels: ... and this far from euler
+MIN_LCM_CFG_DIFF = 2.0  # levels: lcm at cfg 8 vs cfg 2 (the guidance embedding; see README)
+# cases allowed to look like the same sampler's normal 6-step image, and why
+NEAR_NORMAL = {
+    "dpmpp_2m_trailing": "DPMSolver's linspace timesteps are round(linspace(0, 999, N+1))[::-1][:-1], trailing's "
+                         "round(arange(1000, 0, -1000/N)) - 1: each differs by at most 1 (6 steps: 500/499, 333/332)",
+}
+
+
+def import_k_diffusion():
+    """k_diffusion.sampling and k_diffusion.external from the PyPI package, without running the package
+    __init__: that imports the training/evaluation modules (clean-fid, clip, kornia, wandb, ...), which
+    requirements.txt does not install. sampling.py itself needs scipy, torchdiffeq, torchsde and tqdm."""
+    import importlib.metadata
+    import importlib.util
+    import types
+
+    version = importlib.metadata.version("k-diffusion")
+    assert version == K_DIFFUSION_VERSION, f"k-diffusion {version}, expected {K_DIFFUSION_VERSION}"
+    if "k_diffusion" not in sys.modules:
+        spec = importlib.util.find_spec("k_diffusion")
+        pkg = types.ModuleType("k_diffusion")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        pkg.__file__ = spec.origin
+        sys.modules["k_diffusion"] = pkg
+    import k_diffusion.external as kd_external
+    import k_diffusion.sampling as kd_sampling
+
+    return kd_sampling, kd_external
+
+
+def tiny_scheduler_config():
+    return json.loads((MODEL_DIR / "scheduler" / "scheduler_config.json").read_text())
+
+
+def schedule_dropped(sampler, schedule):
+    """The schedule options the sampler's class does not take. from_config drops them without a word."""
+    cls = SAMPLER_TABLE[sampler][0]
+    params = inspect.signature(cls.__init__).parameters
+    return [k for k in SCHEDULE_TABLE[schedule] if k not in params]
+
+
+def make_scheduler(sampler, schedule):
+    cls, opts = SAMPLER_TABLE[sampler]
+    return cls.from_config(tiny_scheduler_config(), **opts, **SCHEDULE_TABLE[schedule])
+
+
+def cfg_eps_denoiser(unet, alphas_cumprod, context, cfg_scale):
+    """k-diffusion's DiscreteEpsDDPMDenoiser (c_in = 1/sqrt(sigma^2+1), c_out = -sigma, timestep from sigma by
+    log-sigma interpolation over the training sigmas, not quantized) around the diffusers UNet, with
+    classifier-free guidance as diffusers does it: one batch-2 call [uncond, cond], uncond + cfg*(cond - uncond).
+    Every denoised output is appended to .outputs."""
+    _, kd_external = import_k_diffusion()
+
+    class CFGEpsDenoiser(kd_external.DiscreteEpsDDPMDenoiser):
+        def get_eps(self, x, t):
+            out = self.inner_model(torch.cat([x, x]), t, encoder_hidden_states=context).sample
+            uncond, cond = out.chunk(2)
+            return uncond + cfg_scale * (cond - uncond)
+
+        def forward(self, x, sigma):
+            denoised = super().forward(x, sigma)
+            self.outputs.append(denoised.detach().clone())
+            return denoised
+
+    model = CFGEpsDenoiser(unet, alphas_cumprod, quantize=False)
+    model.outputs = []
+    return model
+
+
+class Recorder:
+    """Around one sampling run: records every UNet call (its sample, after scale_model_input, and timestep),
+    every scheduler step (its input sample, model output and result) and the noise the schedulers draw.
+    It changes no computation. With noise_f32 (float64 re-runs) all noise is drawn in float32 and then cast,
+    so a float64 run sees the same numbers."""
+
+    def __init__(self, unet, scheduler=None, noise_f32=False):
+        self.unet, self.scheduler, self.noise_f32 = unet, scheduler, noise_f32
+
+    def _randn(self, orig, record):
+        def randn(shape, generator=None, device=None, dtype=None, layout=None):
+            if self.noise_f32:
+                x = orig(shape, generator=generator, device=device, dtype=torch.float32, layout=layout).to(dtype)
+            else:
+                x = orig(shape, generator=generator, device=device, dtype=dtype, layout=layout)
+            if record:
+                self.noise.append(x.detach().clone())
+            return x
+
+        return randn
+
+    def __enter__(self):
+        import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion as psd
+        import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as pimg
+        import importlib
+
+        self.unet_in, self.unet_t, self.unet_batch = [], [], []
+        self.step_in, self.eps, self.latents, self.noise, self.denoised = [], [], [], [], []
+
+        def pre(module, args, kwargs):
+            sample = args[0]
+            t = args[1] if len(args) > 1 else kwargs["timestep"]
+            if sample.shape[0] == 2:  # CFG batch [uncond, cond]: the same latents twice
+                assert torch.equal(sample[0], sample[1])
+            self.unet_batch.append(sample.shape[0])
+            self.unet_in.append(sample[:1].detach().clone())
+            t = torch.as_tensor(t).reshape(-1)
+            assert t.numel() == 1
+            self.unet_t.append(t[0].item())
+
+        self.hook = self.unet.register_forward_pre_hook(pre, with_kwargs=True)
+        self.patched = []
+        for mod, record in [(psd, False), (pimg, False)] + [
+            (importlib.import_module(f"diffusers.schedulers.scheduling_{m}"), True) for m in NOISE_MODULES
+        ]:
+            self.patched.append((mod, mod.randn_tensor))
+            mod.randn_tensor = self._randn(mod.randn_tensor, record)
+        if self.scheduler is not None:
+            orig_step = self.scheduler.step
+
+            @functools.wraps(orig_step)  # keeps the signature: pipelines pass `generator` only if step takes it
+            def step(model_output, timestep, sample, *args, **kwargs):
+                self.step_in.append(sample.detach().clone())
+                self.eps.append(model_output.detach().clone())
+                out = orig_step(model_output, timestep, sample, *args, **kwargs)
+                self.latents.append((out[0] if isinstance(out, tuple) else out.prev_sample).detach().clone())
+                return out
+
+            self.scheduler.step = step
+        return self
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+        for mod, orig in self.patched:
+            mod.randn_tensor = orig
+        if self.scheduler is not None:
+            del self.scheduler.step
+        return False
+
+
+@torch.no_grad()
+def run_dpmpp_2s_a(pipe, case, gen, dtype):
+    """k-diffusion's sample_dpmpp_2s_ancestral (eta 1, s_noise 1) on EulerDiscreteScheduler's sigmas."""
+    kd_sampling, _ = import_k_diffusion()
+    euler = make_scheduler("dpmpp_2s_a", case["schedule"])
+    euler.set_timesteps(case["steps"])
+    sigmas = euler.sigmas.to(dtype)
+    cond, uncond = pipe.encode_prompt(case["prompt"], torch.device("cpu"), 1, True, case["negative_prompt"])
+    model = cfg_eps_denoiser(pipe.unet, euler.alphas_cumprod, torch.cat([uncond, cond]), case["cfg_scale"])
+    shape = (1, pipe.unet.config.in_channels, case["height"] // 8, case["width"] // 8)
+    with Recorder(pipe.unet, noise_f32=dtype != torch.float32) as rec:
+        x = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype) * sigmas[0]
+        rec.step_in.append(x.clone())
+
+        def noise_sampler(sigma, sigma_next):
+            n = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
+            rec.noise.append(n.clone())
+            return n
+
+        def callback(d):
+            if d["i"] > 0:
+                rec.latents.append(d["x"].clone())
+
+        x = kd_sampling.sample_dpmpp_2s_ancestral(model, x, sigmas, callback=callback, disable=True,
+                                                   noise_sampler=noise_sampler)
+        rec.latents.append(x.clone())
+        rec.denoised = model.outputs
+        image = pipe.vae.decode(x / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True])[0], rec
+
+
+@torch.no_grad()
+def run_sampler_case(pipes, case, dtype=torch.float32, **overrides):
+    """One case through diffusers (k-diffusion for dpmpp_2s_a); returns (raw HxWx3 in [0,1], Recorder)."""
+    case = dict(case, **overrides)
+    pipe = pipes[(case["mode"], case["model"])]
+    gen = torch.Generator("cpu").manual_seed(case["seed"])
+    if case["sampler"] == "dpmpp_2s_a":
+        return run_dpmpp_2s_a(pipe, case, gen, dtype)
+    pipe.scheduler = make_scheduler(case["sampler"], case["schedule"])
+    kw = dict(prompt=case["prompt"], negative_prompt=case["negative_prompt"], num_inference_steps=case["steps"],
+              guidance_scale=case["cfg_scale"], generator=gen, output_type="np")
+    if case["mode"] == "img2img":
+        x = pixels_to_tensor(np.asarray(Image.open(FIXTURES / case["image"]).convert("RGB"))).to(dtype)
+        kw.update(image=vae_mean(pipe.vae, x) * pipe.vae.config.scaling_factor, strength=case["strength"])
+    else:
+        kw.update(width=case["width"], height=case["height"])
+    with Recorder(pipe.unet, pipe.scheduler, noise_f32=dtype != torch.float32) as rec:
+        out = pipe(**kw)
+    return out.images[0], rec
+
+
+def _sampler_case(name, sampler, schedule, steps=6, cfg=7.5, mode="txt2img", strength=None, model="tiny-sd1"):
+    return dict(name=name, mode=mode, model=model, sampler=sampler, schedule=schedule, prompt=SAMPLER_PROMPT,
+                negative_prompt="", seed=42, steps=steps, cfg_scale=cfg, width=64, height=64, strength=strength,
+                image=INIT if mode == "img2img" else None)
+
+
+def sampler_cases():
+    plain = [s for s in SAMPLER_TABLE if s != "lcm"]
+    cases = [_sampler_case(f"{s}_normal", s, "normal") for s in plain]
+    cases += [_sampler_case(f"{s}_karras", s, "karras") for s in plain if not schedule_dropped(s, "karras")]
+    cases += [
+        _sampler_case("euler_exponential", "euler", "exponential"),
+        _sampler_case("euler_beta", "euler", "beta"),
+        _sampler_case("dpmpp_2m_trailing", "dpmpp_2m", "trailing"),
+        _sampler_case("euler_a_trailing_1step", "euler_a", "trailing", steps=1),
+        _sampler_case("ddim_trailing", "ddim", "trailing"),
+        _sampler_case("dpmpp_2m_exponential", "dpmpp_2m", "exponential"),
+        _sampler_case("euler_normal_1step", "euler", "normal", steps=1),
+        _sampler_case("dpmpp_2m_normal_1step", "dpmpp_2m", "normal", steps=1),
+    ]
+    cases += [_sampler_case(f"img2img_{s}_s06", s, "normal", mode="img2img", strength=0.6)
+              for s in ("heun", "dpmpp_2m", "lms")]
+    cases += [
+        _sampler_case("lcm_normal", "lcm", "normal", steps=4, cfg=8.0, model="tiny-lcm"),
+        _sampler_case("lcm_normal_1step", "lcm", "normal", steps=1, cfg=8.0, model="tiny-lcm"),
+    ]
+    return cases
+
+
+def scheduler_description(sampler, schedule):
+    cls, opts = SAMPLER_TABLE[sampler]
+    d = {"class": cls.__name__, "options": {**opts, **SCHEDULE_TABLE[schedule]}}
+    if sampler == "dpmpp_2s_a":
+        d = {"class": f"k_diffusion.sampling.sample_dpmpp_2s_ancestral (k-diffusion {K_DIFFUSION_VERSION})",
+             "sigmas": {"class": cls.__name__, "options": dict(SCHEDULE_TABLE[schedule])},
+             "denoiser": "k_diffusion.external.DiscreteEpsDDPMDenoiser(unet, alphas_cumprod, quantize=False) with CFG"}
+    dropped = schedule_dropped(sampler, schedule)
+    if dropped:
+        d["dropped_options"] = dropped
+    return d
+
+
+# ---- schedule tables ---------------------------------------------------------------------
+
+
+def _as_tensor(v):
+    """A scheduler value as it is held: tensors keep their dtype, Python floats become float64."""
+    if torch.is_tensor(v):
+        return v.detach().clone().reshape(-1) if v.ndim == 0 else v.detach().clone()
+    if isinstance(v, np.ndarray):
+        return torch.from_numpy(v.copy())
+    return torch.tensor([float(v)], dtype=torch.float64)
+
+
+def scheduler_arrays(sampler, s, steps):
+    """What a sigma-space reimplementation wants to compare against, for one set_timesteps(steps)."""
+    a = {"timesteps": _as_tensor(s.timesteps)}
+    if sampler == "dpmpp_2s_a":
+        kd_sampling, kd_external = import_k_diffusion()
+        kd = kd_external.DiscreteEpsDDPMDenoiser(None, s.alphas_cumprod, quantize=False)
+        sig = s.sigmas
+        a["sigmas"] = sig.clone()
+        a["timesteps"] = kd.sigma_to_t(sig[:-1]).clone()  # what the UNet gets at each step's first call
+        a["init_noise_sigma"] = sig[:1].clone()
+        ups, downs, mids = [], [], []
+        for i in range(len(sig) - 1):
+            down, up = kd_sampling.get_ancestral_step(sig[i], sig[i + 1])
+            downs.append(torch.as_tensor(down, dtype=sig.dtype))
+            ups.append(torch.as_tensor(up, dtype=sig.dtype))
+            if down > 0:  # as sample_dpmpp_2s_ancestral: t = -log(sigma), midpoint s = t + h/2
+                t, t_next = sig[i].log().neg(), torch.as_tensor(down).log().neg()
+                mids.append((t + 0.5 * (t_next - t)).neg().exp())
+        a["sigmas_down"], a["sigmas_up"] = torch.stack(downs), torch.stack(ups)
+        if mids:
+            a["sigmas_mid"] = torch.stack(mids)
+            a["timesteps_mid"] = kd.sigma_to_t(a["sigmas_mid"]).clone()
+        return a
+    if torch.is_tensor(getattr(s, "sigmas", None)):
+        a["sigmas"] = s.sigmas.clone()
+    a["init_noise_sigma"] = _as_tensor(s.init_noise_sigma)
+    if isinstance(s, (DPMSolverMultistepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler)):
+        alpha_t, sigma_t = s._sigma_to_alpha_sigma_t(s.sigmas)
+        a["alpha_t"], a["sigma_t"] = alpha_t.clone(), sigma_t.clone()
+        a["lambda_t"] = torch.log(alpha_t) - torch.log(sigma_t)
+    elif isinstance(s, (KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler)):
+        a["sigmas_interpol"] = s.sigmas_interpol.clone()
+        if isinstance(s, KDPM2AncestralDiscreteScheduler):
+            a["sigmas_up"], a["sigmas_down"] = s.sigmas_up.clone(), s.sigmas_down.clone()
+    elif isinstance(s, LMSDiscreteScheduler):
+        coeffs = torch.zeros((len(s.timesteps), 4), dtype=torch.float64)
+        for i in range(len(s.timesteps)):
+            order = min(i + 1, 4)  # step() with the default order 4, from the first step on
+            for k in range(order):
+                coeffs[i, k] = s.get_lms_coefficient(order, i, k)
+        a["lms_coeffs"] = coeffs
+    elif isinstance(s, DDIMScheduler):
+        ts = s.timesteps
+        prev = ts - s.config.num_train_timesteps // steps
+        a["prev_timesteps"] = prev.clone()
+        a["alphas_cumprod"] = s.alphas_cumprod[ts].clone()
+        a["alphas_cumprod_prev"] = torch.stack(
+            [s.alphas_cumprod[int(p)] if p >= 0 else s.final_alpha_cumprod for p in prev])
+    elif isinstance(s, PNDMScheduler):  # per UNet call, the (t, t_prev) pair _get_prev_sample uses
+        ratio = s.config.num_train_timesteps // steps
+        ts, prevs = [], []
+        for c, t in enumerate(s.timesteps.tolist()):
+            t_use, prev = (t + ratio, t) if c == 1 else (t, t - ratio)
+            ts.append(t_use)
+            prevs.append(prev)
+        a["step_t"], a["step_prev_t"] = torch.tensor(ts), torch.tensor(prevs)
+        a["alphas_cumprod"] = s.alphas_cumprod[a["step_t"]].clone()
+        a["alphas_cumprod_prev"] = torch.stack(
+            [s.alphas_cumprod[p] if p >= 0 else s.final_alpha_cumprod for p in prevs])
+    elif isinstance(s, DDPMScheduler):
+        prev = torch.stack([torch.as_tensor(s.previous_timestep(t)) for t in s.timesteps])
+        a["prev_timesteps"] = prev
+        a["alphas_cumprod"] = s.alphas_cumprod[s.timesteps].clone()
+        a["alphas_cumprod_prev"] = torch.stack([s.alphas_cumprod[p] if p >= 0 else s.one for p in prev])
+        a["variance"] = torch.stack([s._get_variance(t) for t in s.timesteps])
+    elif isinstance(s, LCMScheduler):
+        ts = s.timesteps
+        prev = torch.cat([ts[1:], ts[-1:]])  # the last step returns `denoised`, prev is unused
+        a["alphas_cumprod"] = s.alphas_cumprod[ts].clone()
+        a["alphas_cumprod_prev"] = s.alphas_cumprod[prev].clone()
+        c = [s.get_scalings_for_boundary_condition_discrete(t) for t in ts]
+        a["c_skip"] = torch.stack([torch.as_tensor(x[0]) for x in c])
+        a["c_out"] = torch.stack([torch.as_tensor(x[1]) for x in c])
+    return a
+
+
+def same_array(a, b):
+    """Bit-for-bit equal, NaN == NaN (KDPM2's unused sigmas_interpol[0] and KDPM2A's last sigmas_up are NaN)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        return bool(torch.all((a == b) | (torch.isnan(a) & torch.isnan(b))))
+    return torch.equal(a, b)
+
+
+def make_schedule_tables():
+    """schedules.safetensors + schedules.json: every sampler x schedule x steps diffusers accepts."""
+    tensors, entries = {}, []
+    for sampler in SAMPLER_TABLE:
+        for schedule in SCHEDULE_TABLE:
+            for steps in SCHEDULE_STEPS:
+                prefix = f"{sampler}.{schedule}.{steps}"
+                cls, opts = SAMPLER_TABLE[sampler]
+                entry = dict(key_prefix=prefix, sampler=sampler, schedule=schedule, steps=steps, **{"class": cls.__name__},
+                             options={**opts, **SCHEDULE_TABLE[schedule]})
+                dropped = schedule_dropped(sampler, schedule)
+                try:
+                    s = make_scheduler(sampler, schedule)
+                    s.set_timesteps(steps)
+                    arrays = scheduler_arrays(sampler, s, steps)
+                except Exception as e:  # noqa: BLE001  (recorded, not hidden)
+                    entry.update(status="raised", error=f"{type(e).__name__}: {e}")
+                    entries.append(entry)
+                    continue
+                normal = make_scheduler(sampler, "normal")
+                normal.set_timesteps(steps)
+                ref = scheduler_arrays(sampler, normal, steps)
+                same = sorted(ref) == sorted(arrays) and all(same_array(ref[k], arrays[k]) for k in ref)
+                entry["equals_normal"] = bool(same)
+                if dropped:
+                    assert same, f"{prefix}: a dropped option changed the schedule"
+                    entry.update(status="ignored", dropped_options=dropped)
+                    entries.append(entry)
+                    continue
+                entry.update(status="ok", arrays={})
+                for k, v in arrays.items():
+                    tensors[f"{prefix}.{k}"] = v.contiguous()
+                    entry["arrays"][k] = f"{str(v.dtype).replace('torch.', '')} {list(v.shape)}"
+                entries.append(entry)
+    base = DDIMScheduler.from_config(tiny_scheduler_config())
+    ac = base.alphas_cumprod.clone()
+    tensors["train.alphas_cumprod"] = ac
+    tensors["train.sigmas"] = ((1 - ac) / ac) ** 0.5
+    _, kd_external = import_k_diffusion()
+    assert torch.equal(kd_external.DiscreteEpsDDPMDenoiser(None, ac, quantize=False).sigmas, tensors["train.sigmas"])
+    for sampler in SAMPLER_TABLE:  # every class builds the same table
+        assert torch.equal(make_scheduler(sampler, "normal").alphas_cumprod, ac), sampler
+    return tensors, entries
+
+
+def cls_name(sampler):
+    return SAMPLER_TABLE[sampler][0].__name__
+
+
+# ---- tiny-lcm --------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def build_unet_lcm():
+    """tiny-sd1's UNet recipe with time_cond_proj_dim 32, its own seeds (prefix unet_lcm.) and gains."""
+    torch.manual_seed(0)  # (the default init is overwritten anyway)
+    unet = build_unet(LCM_UNET_CONFIG, "unet_lcm.", UNET_ID_OUT, LCM_F_OUT)
+    for name, mod in unet.named_modules():
+        if name.endswith("attn2.to_out.0"):
+            mod.weight.mul_(LCM_ATTN2_GAIN)
+    unet.time_embedding.cond_proj.weight.mul_(LCM_COND_PROJ_GAIN)
+    round_to_fp16(unet)
+    return unet.eval()
+
+
+def make_lcm_model(pipe):
+    for p in (LCM_DIR,):
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+        elif p.exists():
+            shutil.rmtree(p)
+    LCM_DIR.mkdir(parents=True)
+    unet = build_unet_lcm()
+    check_weights("unet_lcm", unet.state_dict())
+    cp = unet.time_embedding.cond_proj
+    assert cp.in_features == 32 and cp.out_features == 32 and cp.bias is None
+    sd1_digests = {hashlib.sha256(v.float().numpy().tobytes()).hexdigest() for v in pipe.unet.state_dict().values()}
+    for k, v in unet.state_dict().items():
+        assert hashlib.sha256(v.float().numpy().tobytes()).hexdigest() not in sd1_digests, f"unet_lcm.{k} copies tiny-sd1"
+    assert set(unet.state_dict()) - set(pipe.unet.state_dict()) == {"time_embedding.cond_proj.weight"}
+    unet.half().save_pretrained(str(LCM_DIR / "unet"), safe_serialization=True)
+    unet.float()
+    for name in LCM_SHARED:
+        os.symlink(f"../tiny-sd1/{name}", LCM_DIR / name, target_is_directory=True)
+    (LCM_DIR / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    chmod_plain(LCM_DIR)
+    with safe_open(str(LCM_DIR / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
+        n_tensors = len(list(f.keys()))
+    lcm = StableDiffusionPipeline.from_pretrained(str(LCM_DIR), safety_checker=None, dtype=torch.float32,
+                                                  local_files_only=True)
+    lcm.set_progress_bar_config(disable=True)
+    assert lcm.unet.config.time_cond_proj_dim == 32 and type(lcm.scheduler).__name__ == "PNDMScheduler"
+    state_dicts_equal(lcm.unet, unet, "tiny-lcm unet")
+    state_dicts_equal(lcm.vae, pipe.vae, "tiny-lcm vae")
+    state_dicts_equal(lcm.text_encoder, pipe.text_encoder, "tiny-lcm text_encoder")
+    n_params = sum(p.numel() for p in unet.parameters())
+    msg = (f"StableDiffusionPipeline.from_pretrained(tiny-lcm): UNet {n_tensors} F16 tensors ({n_params} parameters, "
+           f"time_cond_proj_dim 32) identical to the built one; vae/text_encoder/tokenizer/scheduler via symlinks")
+    log("  " + msg)
+    return lcm, msg
+
+
+# ---- the fixtures ------------------------------------------------------------------------
+
+
+def make_sampler_fixtures(pipe):
+    """tiny-lcm/ and reference/samplers/: images, schedule tables, per-step traces."""
+    t0 = time.time()
+    kd_sampling, _ = import_k_diffusion()
+    if SAMPLERS_DIR.exists():
+        shutil.rmtree(SAMPLERS_DIR)
+    SAMPLERS_DIR.mkdir(parents=True)
+    log("\nsampler fixtures: tiny-lcm")
+    lcm_pipe, lcm_msg = make_lcm_model(pipe)
+    pipes = {
+        ("txt2img", "tiny-sd1"): pipe,
+        ("img2img", "tiny-sd1"): StableDiffusionImg2ImgPipeline(**pipe.components),
+        ("txt2img", "tiny-lcm"): lcm_pipe,
+    }
+    for p in pipes.values():
+        p.set_progress_bar_config(disable=True)
+
+    # ---- schedule tables -------------------------------------------------------------------
+    log("schedule tables")
+    sched_tensors, sched_entries = make_schedule_tables()
+    save_file(sched_tensors, str(SAMPLERS_DIR / "schedules.safetensors"), metadata={"format": "pt"})
+    support = {}
+    for e in sched_entries:
+        support.setdefault(e["sampler"], {}).setdefault(e["schedule"], []).append(e)
+    for sampler, row in support.items():
+        for schedule, es in row.items():
+            statuses = {e["status"] for e in es}
+            if statuses == {"ok"} and schedule != "normal" and all(e["equals_normal"] for e in es):
+                statuses = {"= normal"}
+            row[schedule] = "/".join(sorted(statuses))
+    raised = [e for e in sched_entries if e["status"] == "raised"]
+    log(f"  {len(sched_tensors)} tensors; {sum(e['status'] == 'ok' for e in sched_entries)} ok, "
+        f"{sum(e['status'] == 'ignored' for e in sched_entries)} ignored, {len(raised)} raised")
+    for e in raised:
+        log(f"  raised: {e['key_prefix']}: {e['error']}")
+    log(f"  {'sampler':13s} " + " ".join(f"{s:>12s}" for s in SCHEDULE_TABLE))
+    for sampler, row in support.items():
+        log(f"  {sampler:13s} " + " ".join(f"{row[s]:>12s}" for s in SCHEDULE_TABLE))
+
+    # ---- cases -------------------------------------------------------------------------------
+    log("running sampler cases")
+    cases = sampler_cases()
+    results, recs, cases_json = {}, {}, []
+    for case in cases:
+        t1 = time.time()
+        raw, rec = run_sampler_case(pipes, case)
+        assert raw.shape == (case["height"], case["width"], 3)
+        u8 = to_uint8(raw)
+        Image.fromarray(u8, "RGB").save(SAMPLERS_DIR / f"{case['name']}.png")
+        results[case["name"]], recs[case["name"]] = (u8, raw), rec
+        entry = dict(case, png=f"{case['name']}.png", scheduler=scheduler_description(case["sampler"], case["schedule"]),
+                     unet_calls=len(rec.unet_t), unet_batch=rec.unet_batch[0], noise_draws=len(rec.noise))
+        cases_json.append(entry)
+        log(f"  {case['name']:26s} {len(rec.unet_t):2d} UNet calls (batch {rec.unet_batch[0]}), "
+            f"{len(rec.noise)} noise draws: {time.time() - t1:.1f}s")
+    for case in cases:
+        back = np.asarray(Image.open(SAMPLERS_DIR / f"{case['name']}.png"))
+        assert back.dtype == np.uint8 and np.array_equal(back, results[case["name"]][0]), case["name"]
+
+    # the pipeline behaviours the README describes
+    lcm_rec = recs["lcm_normal"]
+    assert lcm_rec.unet_batch == [1] * 4 and len(lcm_rec.unet_t) == 4, "LCM: one conditional UNet pass per step"
+    assert all(b == 2 for n, r in recs.items() if not n.startswith("lcm") for b in r.unet_batch), "CFG batch"
+    for name in ("img2img_heun_s06", "img2img_dpmpp_2m_s06", "img2img_lms_s06"):
+        full = make_scheduler(next(c for c in cases if c["name"] == name)["sampler"], "normal")
+        full.set_timesteps(6)
+        k = min(int(6 * 0.6), 6)
+        assert k == 3 and recs[name].unet_t == full.timesteps[(6 - k) * full.order:].tolist(), name
+
+    # ---- traces --------------------------------------------------------------------------------
+    traces = {}
+    for sampler in TRACED:
+        name = "lcm_normal" if sampler == "lcm" else f"{sampler}_normal"
+        rec = recs[name]
+        p = f"trace.{sampler}."
+        traces[p + "latents"] = torch.cat(rec.latents)[:, None].float()
+        traces[p + "unet_t"] = torch.tensor(rec.unet_t, dtype=torch.float64)
+        traces[p + "unet_in"] = torch.cat(rec.unet_in)[:, None].float()
+        traces[p + "init_latents"] = rec.step_in[0].float()
+        if sampler == "dpmpp_2s_a":
+            traces[p + "denoised"] = torch.cat(rec.denoised)[:, None].float()
+        else:
+            traces[p + "eps"] = torch.cat(rec.eps)[:, None].float()
+        if rec.noise:
+            traces[p + "noise"] = torch.cat(rec.noise)[:, None].float()
+        # the last latents are what the VAE decodes
+        with torch.no_grad():
+            pp = pipes[("txt2img", "tiny-lcm" if sampler == "lcm" else "tiny-sd1")]
+            img = pp.vae.decode(traces[p + "latents"][-1] / pp.vae.config.scaling_factor).sample
+        assert np.array_equal(to_uint8(img[0].permute(1, 2, 0).numpy() / 2 + 0.5), results[name][0]), sampler
+    traces = {k: v.contiguous() for k, v in traces.items()}
+    save_file(traces, str(SAMPLERS_DIR / "traces.safetensors"), metadata={"format": "pt"})
+
+    # ---- LCM module tensors ----------------------------------------------------------------------
+    mod = {}
+    with torch.no_grad():
+        w = torch.tensor(8.0 - 1).repeat(1)
+        mod["lcm.w_embedding"] = lcm_pipe.get_guidance_scale_embedding(w, embedding_dim=32)
+        mod["lcm.sample"] = lcm_rec.unet_in[0]
+        mod["lcm.timestep"] = torch.tensor([lcm_rec.unet_t[0]], dtype=torch.float32)
+        cond, _ = lcm_pipe.encode_prompt(SAMPLER_PROMPT, torch.device("cpu"), 1, False)
+        mod["lcm.context"] = cond
+        mod["lcm.out"] = lcm_pipe.unet(mod["lcm.sample"], mod["lcm.timestep"], encoder_hidden_states=cond,
+                                       timestep_cond=mod["lcm.w_embedding"]).sample
+        assert torch.equal(mod["lcm.out"], lcm_rec.eps[0]), "the LCM pipeline's first UNet call differs"
+        no_cond = lcm_pipe.unet(mod["lcm.sample"], mod["lcm.timestep"], encoder_hidden_states=cond).sample
+        cond_effect = float((no_cond - mod["lcm.out"]).abs().mean() / mod["lcm.out"].abs().mean())
+    mod = {k: v.detach().float().contiguous() for k, v in mod.items()}
+    save_file(mod, str(SAMPLERS_DIR / "modules.safetensors"), metadata={"format": "pt"})
+    log(f"  lcm: dropping timestep_cond changes the first UNet output by {100 * cond_effect:.0f}% (mean abs, relative)")
+
+    # ---- statistics and sensitivity ------------------------------------------------------------
+    log("\nsampler image statistics (levels of 255):")
+    for case in cases:
+        u8 = results[case["name"]][0]
+        f = u8.astype(np.float64)
+        sat = float(np.mean((u8 == 0) | (u8 == 255)))
+        log(f"  {case['name']:26s} mean {f.mean():6.1f} std {f.std():5.1f} sat {100 * sat:5.2f}%")
+        assert f.std() >= MIN_STD, f"{case['name']}: image too flat"
+        assert sat <= MAX_SATURATED, f"{case['name']}: too many saturated pixels"
+
+    def diff(a, b):
+        return float(np.abs(results[a][0].astype(np.float64) - results[b][0]).mean())
+
+    plain = [s for s in SAMPLER_TABLE if s != "lcm"]
+    matrix = {a: {b: round(diff(f"{a}_normal", f"{b}_normal"), 2) for b in plain} for a in plain}
+    log("\nmean abs difference between samplers, normal schedule, 6 steps (levels):")
+    log("  " + " " * 13 + "".join(f"{b[:7]:>8s}" for b in plain))
+    for a in plain:
+        log(f"  {a:13s}" + "".join(f"{matrix[a][b]:8.1f}" for b in plain))
+    for a in plain:
+        far = max(matrix[a][b] for b in plain if b != a)
+        assert far >= MIN_SAMPLER_DIFF, f"{a}: within {far:.2f} levels of every other sampler"
+        assert a == "euler" or matrix[a]["euler"] > MIN_VS_EULER, f"{a} vs euler: only {matrix[a]['euler']:.2f}"
+    nearest = min((matrix[a][b], a, b) for a, b in itertools.combinations(plain, 2))
+    log(f"  closest pair: {nearest[1]} / {nearest[2]}: {nearest[0]:.2f}")
+    other = {}
+    log("\nschedules, steps and img2img against the same sampler's normal 6-step image (levels):")
+    for case in cases:
+        if case["schedule"] == "normal" and case["steps"] == 6 and case["mode"] == "txt2img":
+            continue
+        if case["sampler"] == "lcm":
+            continue
+        d = diff(case["name"], f"{case['sampler']}_normal")
+        other[case["name"]] = round(d, 2)
+        why = NEAR_NORMAL.get(case["name"])
+        log(f"  {case['name']:26s} {d:6.1f}" + (f"  (expected: {why})" if why else ""))
+        assert d > MIN_VS_EULER or why, f"{case['name']}: the schedule/steps/mode has no visible effect"
+    lcm_sens = {}
+    for label, kw in (("cfg 8 -> 2", dict(cfg_scale=2.0)), ("4 steps -> 1", dict(steps=1)),
+                      ("prompt", dict(prompt="a red fox in the snow")), ("seed+1", dict(seed=43))):
+        u8 = to_uint8(run_sampler_case(pipes, next(c for c in cases if c["name"] == "lcm_normal"), **kw)[0])
+        lcm_sens[label] = round(float(np.abs(u8.astype(np.float64) - results["lcm_normal"][0]).mean()), 2)
+    log(f"  lcm_normal: {lcm_sens}")
+    assert lcm_sens["cfg 8 -> 2"] >= MIN_LCM_CFG_DIFF and min(lcm_sens.values()) >= MIN_LCM_CFG_DIFF
+    assert min(v for k, v in lcm_sens.items() if k != "cfg 8 -> 2") >= MIN_SAMPLER_DIFF, lcm_sens
+
+    # numerical robustness: float64 with the same noise
+    log("\nsamplers, float64 vs float32 (same noise), |diff| of the [0,255]-scaled output before rounding:")
+    worst = 0.0
+    f64_max = {}
+    try:
+        for p in pipes.values():
+            p.to(torch.float64)
+        for case in cases:
+            raw64 = run_sampler_case(pipes, case, dtype=torch.float64)[0]
+            d = float(np.abs(raw64 - results[case["name"]][1]).max() * 255)
+            f64_max[case["name"]] = round(d, 5)
+            worst = max(worst, d)
+        log("  " + ", ".join(f"{k} {v:.4f}" for k, v in f64_max.items()))
+        log(f"  worst {worst:.5f}")
+        assert worst < 0.05, "sampler references are numerically fragile"
+    finally:
+        for p in pipes.values():
+            p.to(torch.float32)
+
+    # ---- cases.json ----------------------------------------------------------------------------------
+    karras = {s: (scheduler_description(s, "karras").get("dropped_options") and
+                  f"{cls_name(s)} has no use_karras_sigmas: from_config drops it silently, the schedule stays normal")
+              or "supported" for s in SAMPLER_TABLE}
+    meta = {
+        "models": {"tiny-sd1": "tests/fixtures/tiny-sd1", "tiny-lcm": "tests/fixtures/tiny-lcm"},
+        "paths": "image is relative to tests/fixtures; png to this folder",
+        "produced_by": "tests/reference/make_fixtures.py",
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "k_diffusion": K_DIFFUSION_VERSION,
+        "dtype": "float32",
+        "device": "cpu",
+        "scheduler_config": "tests/fixtures/tiny-sd1/scheduler/scheduler_config.json (every case, tiny-lcm too)",
+        "schedules": SCHEDULE_TABLE,
+        "samplers": {s: {"class": c.__name__, "options": o} for s, (c, o) in SAMPLER_TABLE.items()},
+        "dpmpp_2s_a": ("k_diffusion.sampling.sample_dpmpp_2s_ancestral(model, x, sigmas, eta=1, s_noise=1, "
+                       "noise_sampler=lambda s, sn: torch.randn(shape, generator=gen)); sigmas = "
+                       "EulerDiscreteScheduler.from_config(config, **schedule).set_timesteps(steps).sigmas; "
+                       "x = randn(generator) * sigmas[0]; model = DiscreteEpsDDPMDenoiser(unet, alphas_cumprod, "
+                       "quantize=False) with CFG (one batch-2 call, uncond + cfg*(cond-uncond))"),
+        "lcm": ("StableDiffusionPipeline(tiny-lcm) with LCMScheduler.from_config(config): unet.config.time_cond_proj_dim "
+                "is set, so the pipeline runs one conditional UNet pass per step (no CFG batch, the negative prompt is "
+                "unused) with timestep_cond = get_guidance_scale_embedding(cfg - 1, embedding_dim=32)"),
+        "img2img": ("StableDiffusionImg2ImgPipeline, image = VAE posterior mean * 0.18215 (nothing sampled); "
+                    "n = min(int(steps*strength), steps) steps run: timesteps[(steps-n)*order:], "
+                    "set_begin_index((steps-n)*order)"),
+        "karras_support": karras,
+        "unet_calls": "UNet evaluations of the case (each a CFG batch of 2 unless unet_batch is 1)",
+        "noise_draws": "randn draws of the latent shape by the sampler after the initial latents, in order",
+        "sampler_differences": matrix,
+        "differences_vs_normal": other,
+        "lcm_sensitivity": lcm_sens,
+        "float64_max_levels": f64_max,
+        "pixel_conversion": "round(clip(x, 0, 1) * 255) of diffusers' output_type='np'",
+        "cases": cases_json,
+    }
+    (SAMPLERS_DIR / "cases.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    steps_json = {
+        "produced_by": "tests/reference/make_fixtures.py",
+        "diffusers": diffusers.__version__,
+        "k_diffusion": K_DIFFUSION_VERSION,
+        "scheduler_config": "tests/fixtures/tiny-sd1/scheduler/scheduler_config.json",
+        "created_with": "<class>.from_config(scheduler_config, **options); set_timesteps(steps)",
+        "steps": list(SCHEDULE_STEPS),
+        "schedules": SCHEDULE_TABLE,
+        "samplers": {s: scheduler_description(s, "normal") for s in SAMPLER_TABLE},
+        "status": {"ok": "arrays stored as <key_prefix>.<array> (dtype and shape listed); equals_normal: every array "
+                   "equals the normal schedule's",
+                   "ignored": "the class's __init__ has no such option (dropped_options): from_config drops it without "
+                   "an error or a log message, even at debug level, and the schedule equals the normal one; nothing "
+                   "stored",
+                   "raised": "from_config or set_timesteps raised `error`; nothing stored"},
+        "train": {"train.alphas_cumprod": "float32 [1000], diffusers' table (betas = linspace(sqrt(0.00085), "
+                  "sqrt(0.012), 1000, float32)**2, cumprod of 1-betas)",
+                  "train.sigmas": "float32 [1000], ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5 in float32"},
+        "entries": sched_entries,
+    }
+    head = json.dumps(steps_json, indent=2, ensure_ascii=False)
+    head = head[: head.index('  "entries": [')]  # one line per entry below
+    body = ",\n".join("    " + json.dumps(e, ensure_ascii=False) for e in sched_entries)
+    (SAMPLERS_DIR / "schedules.json").write_text(head + '  "entries": [\n' + body + "\n  ]\n}\n")
+    json.loads((SAMPLERS_DIR / "schedules.json").read_text())
+    chmod_plain(SAMPLERS_DIR)
+    log(f"\n{lcm_msg}\nsampler fixtures done in {time.time() - t0:.0f}s")
+    return lcm_msg
+
+
+# --------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------
 
@@ -1206,7 +1951,13 @@ def main():
         print_sizes((IMAGES_DIR, INPAINT_DIR, EDIT_DIR))
         log(f"done in {time.time() - t_start:.0f}s")
         return
-    assert not sys.argv[1:], f"unknown arguments {sys.argv[1:]} (only --edit-only)"
+    if sys.argv[1:] == ["--samplers-only"]:
+        # Regenerate only tiny-lcm/ and reference/samplers/ from the existing tiny-sd1 and images/init.png.
+        make_sampler_fixtures(load_folder_pipeline())
+        print_sizes((LCM_DIR / "unet", LCM_DIR / "model_index.json", SAMPLERS_DIR))
+        log(f"done in {time.time() - t_start:.0f}s")
+        return
+    assert not sys.argv[1:], f"unknown arguments {sys.argv[1:]} (only --edit-only or --samplers-only)"
     for p in (MODEL_DIR, REF_DIR):
         if p.exists():
             shutil.rmtree(p)
@@ -1449,9 +2200,14 @@ def main():
     # ---- 6. image editing (img2img / inpaint / outpaint) --------------------------------------
     edit_result = make_edit_fixtures(pipe)
 
-    print_sizes((MODEL_DIR, SINGLE_FILE, REF_DIR, IMAGES_DIR, INPAINT_DIR, EDIT_DIR))
+    # ---- 7. samplers and schedules (tiny-lcm, reference/samplers) -------------------------------
+    sampler_result = make_sampler_fixtures(pipe)
+
+    print_sizes((MODEL_DIR, SINGLE_FILE, REF_DIR, IMAGES_DIR, INPAINT_DIR, EDIT_DIR, LCM_DIR / "unet",
+                 LCM_DIR / "model_index.json", SAMPLERS_DIR))
     log("\n" + sf_result)
     log(edit_result)
+    log(sampler_result)
     log(f"done in {time.time() - t_start:.0f}s")
 
 
