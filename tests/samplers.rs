@@ -205,3 +205,55 @@ fn every_schedule_matches_diffusers_arrays() {
         "unexpectedly refused: {refused:?}"
     );
 }
+
+/// Every sampler also runs img2img (a partial schedule) and inpainting, and
+/// inpainting keeps the unmasked pixels.
+#[test]
+fn every_sampler_edits_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = fixture("images/init.png");
+    let mask = fixture("images/mask_rect.png");
+    let input = read_rgb(&init);
+    let mask_img = image::open(&mask).unwrap().to_luma8();
+    for row in sdgen::sampling::samplers::SAMPLERS {
+        let model = fixture(if row.1 == "lcm" { "tiny-lcm" } else { "tiny-sd1" });
+        for mode in ["img2img", "inpaint"] {
+            let out = dir.path().join(format!("{}-{mode}.png", row.1));
+            let mut before: Vec<String> = vec![mode.into()];
+            if mode == "img2img" {
+                before.extend([
+                    "--init-image".into(),
+                    init.to_str().unwrap().into(),
+                    "--strength".into(),
+                    "0.5".into(),
+                ]);
+            } else {
+                before.extend([
+                    "--image".into(),
+                    init.to_str().unwrap().into(),
+                    "--mask".into(),
+                    mask.to_str().unwrap().into(),
+                ]);
+            }
+            let job = Job {
+                model: &model,
+                prompt: "a red apple",
+                negative_prompt: "",
+                seed: 3,
+                steps: 4,
+                cfg_scale: 7.5,
+                sampler: row.1,
+                out: &out,
+            };
+            let img = job.run(&before, &format!("{} {mode}", row.1));
+            if mode == "inpaint" {
+                for (x, y, px) in input.enumerate_pixels() {
+                    if mask_img.get_pixel(x, y).0[0] < 128 {
+                        assert_eq!(img.get_pixel(x, y), px, "{}: unmasked pixel changed", row.1);
+                    }
+                }
+            }
+            assert_ne!(img.as_raw(), input.as_raw(), "{} {mode} changed nothing", row.1);
+        }
+    }
+}
