@@ -51,37 +51,6 @@ pub enum Command {
         #[command(flatten)]
         common: Common,
     },
-    /// Generate every job of a prompt file into a folder (resumable).
-    Batch {
-        /// Prompt file: one job per line (plain text, `#` comments, `--option`
-        /// lines with shell quoting) or JSON Lines (`.jsonl`); `-` = stdin.
-        file: PathBuf,
-        /// Folder for the images and the manifest (created if missing).
-        #[arg(long, value_name = "DIR")]
-        out_dir: PathBuf,
-        /// Consecutive images with equal size, steps, sampler and guidance
-        /// share UNet calls, up to this many.
-        #[arg(long, default_value_t = 1)]
-        batch_size: usize,
-        /// Only jobs with index ≡ K (mod N), for splitting one file across machines.
-        #[arg(long, value_name = "K/N")]
-        shard: Option<String>,
-        /// Regenerate images already in the manifest.
-        #[arg(long)]
-        force: bool,
-        #[command(flatten)]
-        common: Common,
-    },
-    /// List the samplers and schedules.
-    Samplers,
-    /// Regenerate an image from the parameters stored in its PNG; options
-    /// given here override the stored ones.
-    Replay {
-        /// A PNG written by sdgen or AUTOMATIC1111.
-        image: PathBuf,
-        #[command(flatten)]
-        common: Common,
-    },
     /// Extend an image beyond its borders.
     Outpaint {
         /// The image to extend (PNG/JPEG).
@@ -103,6 +72,37 @@ pub enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Generate every job of a prompt file into a folder (resumable).
+    Batch {
+        /// Prompt file: one job per line (plain text, `#` comments, `--option`
+        /// lines with shell quoting) or JSON Lines (`.jsonl`); `-` = stdin.
+        file: PathBuf,
+        /// Folder for the images and the manifest (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out_dir: PathBuf,
+        /// Consecutive images with equal size, steps, sampler and guidance
+        /// share UNet calls, up to this many.
+        #[arg(long, default_value_t = 1)]
+        batch_size: usize,
+        /// Only jobs with index ≡ K (mod N), for splitting one file across machines.
+        #[arg(long, value_name = "K/N")]
+        shard: Option<String>,
+        /// Regenerate images already in the manifest.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Regenerate an image from the parameters stored in its PNG; options
+    /// given here override the stored ones.
+    Replay {
+        /// A PNG written by sdgen or AUTOMATIC1111.
+        image: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List the samplers and schedules.
+    Samplers,
 }
 
 /// Options of the mask-based commands.
