@@ -103,6 +103,26 @@ pub enum Command {
     },
     /// List the samplers and schedules.
     Samplers,
+    /// Developer tools.
+    #[command(subcommand)]
+    Dev(DevCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Write a model with random weights and the real shapes of a family
+    /// (a diffusers folder, f16), for benchmarks.
+    RandomModel {
+        /// Model family: sd15.
+        #[arg(long, default_value = "sd15")]
+        family: String,
+        /// Folder to create.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 /// Options of the mask-based commands.
@@ -186,6 +206,10 @@ pub struct Common {
     /// Also list the checkpoint tensors the model did not use.
     #[arg(long, short)]
     pub verbose: bool,
+    /// Print per-phase timings (load, text encoding, each UNet step, VAE
+    /// decode, peak memory) as one JSON line on stderr.
+    #[arg(long)]
+    pub timings: bool,
 }
 
 impl Common {

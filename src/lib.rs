@@ -15,6 +15,7 @@ pub mod infotext;
 pub mod loading;
 pub mod models;
 pub mod pipeline;
+pub mod random_model;
 pub mod rng;
 pub mod sampling;
 pub mod tokenizer;

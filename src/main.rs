@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use cli::{Cli, Command, Common, EditArgs};
+use cli::{Cli, Command, Common, DevCommand, EditArgs};
 use sdgen::editing::{self, Mask, Pads};
 use sdgen::image_io::{read_image, read_mask_levels, write_png, Image};
 use sdgen::infotext::Parameters;
@@ -30,6 +30,9 @@ fn main() -> ExitCode {
         Some(Command::Samplers) => {
             list_samplers();
             Ok(ExitCode::SUCCESS)
+        }
+        Some(Command::Dev(DevCommand::RandomModel { family, out, seed })) => {
+            sdgen::random_model::write(family, out, *seed).map(|_| ExitCode::SUCCESS)
         }
         Some(
             command @ (Command::Img2img { common, .. }
@@ -128,7 +131,7 @@ fn read_init(command: Option<&Command>) -> anyhow::Result<Init> {
         mask_blur: edit.mask_blur,
     };
     Ok(match command {
-        None | Some(Command::Batch { .. } | Command::Replay { .. } | Command::Samplers) => Init::Noise,
+        None | Some(Command::Batch { .. } | Command::Replay { .. } | Command::Samplers | Command::Dev(_)) => Init::Noise,
         Some(Command::Img2img { init_image, strength, common }) => {
             let mut image = image_of(init_image)?;
             let (w, h) = (common.width.unwrap_or(image.width), common.height.unwrap_or(image.height));
@@ -253,6 +256,7 @@ impl StepBar {
                 self.bar.set_message("denoising");
                 self.bar.set_position(done as u64);
             }
+            Event::Sampling => self.bar.set_message("denoising"),
             Event::Decoding => self.bar.set_message("decoding"),
         }
     }
@@ -307,7 +311,9 @@ fn run_single(args: &Common, init: Init) -> anyhow::Result<()> {
     let fixed_size = init != Init::Noise;
     let mut request = request_from(args, init, args.seed.unwrap_or_else(random_seed))?;
     let device = sdgen::device::parse_device(&args.device)?;
+    let load_started = Instant::now();
     let Loaded { model, hash, device } = load(args, resolve_model(args)?, device)?;
+    let mut timings = Timings { load: load_started.elapsed().as_secs_f64(), ..Timings::default() };
     if !fixed_size {
         request.width = args.width.unwrap_or(model.family.native_size());
         request.height = args.height.unwrap_or(model.family.native_size());
@@ -315,7 +321,11 @@ fn run_single(args: &Common, init: Init) -> anyhow::Result<()> {
     for (i, out) in output_paths(&out, count).iter().enumerate() {
         let req = Request { seed: request.seed.wrapping_add(i as u64), ..request.clone() };
         let bar = StepBar::new(draw_target(args.quiet), req.steps, args.quiet);
-        let image = model.generate(&req, &device, &mut |e| bar.event(e))?;
+        let image = model.generate(&req, &device, &mut |e| {
+            timings.event(&e);
+            bar.event(e)
+        })?;
+        timings.finish();
         bar.bar.finish_and_clear();
         let params = Parameters { request: &req, model_name: &model.name, model_hash: &hash };
         write_png(out, &image, &params.infotext())?;
@@ -323,7 +333,60 @@ fn run_single(args: &Common, init: Init) -> anyhow::Result<()> {
             println!("{} (seed {}, {:.1} s)", out.display(), req.seed, started.elapsed().as_secs_f64());
         }
     }
+    if args.timings {
+        timings.total = started.elapsed().as_secs_f64();
+        eprintln!("{}", timings.json());
+    }
     Ok(())
+}
+
+/// Wall-clock seconds per phase, from the times of the pipeline's events.
+#[derive(Default)]
+struct Timings {
+    load: f64,
+    encode: f64,
+    steps: Vec<f64>,
+    decode: f64,
+    total: f64,
+    /// The last event's time.
+    last: Option<Instant>,
+}
+
+impl Timings {
+    fn event(&mut self, e: &Event) {
+        let now = Instant::now();
+        let since = self.last.map_or(0.0, |t| (now - t).as_secs_f64());
+        match e {
+            Event::Warning(_) => return,
+            Event::EncodingText => {}
+            Event::Sampling => self.encode += since,
+            Event::Step { .. } => self.steps.push(since),
+            // Decoding runs from here to the end.
+            Event::Decoding => {}
+        }
+        self.last = Some(now);
+    }
+
+    fn finish(&mut self) {
+        if let Some(t) = self.last.take() {
+            self.decode += t.elapsed().as_secs_f64();
+        }
+    }
+
+    fn json(&self) -> String {
+        let peak = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()
+        });
+        serde_json::json!({
+            "load_s": self.load,
+            "text_encode_s": self.encode,
+            "unet_steps_s": self.steps,
+            "vae_decode_s": self.decode,
+            "total_s": self.total,
+            "peak_rss_mb": peak.map(|kb| kb / 1024),
+        })
+        .to_string()
+    }
 }
 
 /// Exit status of a batch stopped by Ctrl-C (128 + SIGINT, as shells report it).

@@ -51,6 +51,8 @@ pub struct Request {
 pub enum Event {
     Warning(String),
     EncodingText,
+    /// Text encoded, initial latents ready: sampling starts.
+    Sampling,
     Step { done: usize, total: usize },
     Decoding,
 }
@@ -245,6 +247,7 @@ impl Model {
         };
 
         let mut denoiser = UNetDenoiser::new(&self.unet, &schedule, self.prediction, &conditioning, extra)?;
+        events(Event::Sampling);
         let (first, total) = (schedule.start, schedule.timesteps.len());
         let last_sigma_scale = 1.0 / schedule.final_scale() as f64;
         let sigmas = schedule.sigmas.clone();

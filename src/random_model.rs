@@ -1,0 +1,170 @@
+//! Random-weight models with the real shapes of a model family, for
+//! benchmarks: speed does not depend on weight values, and real weights
+//! cannot be downloaded everywhere. Deterministic from a seed; written as a
+//! diffusers folder with f16 weights (configs of the real model).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+
+use crate::models::clip::{ClipConfig, ClipTextModel};
+use crate::models::unet::{UNet, UNetConfig};
+use crate::models::vae::{Vae, VaeConfig};
+use crate::rng::TorchRng;
+
+/// SD 1.5's `unet/config.json` (the fields diffusers writes that matter here).
+const SD15_UNET: &str = r#"{
+  "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+  "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": false, "cross_attention_dim": 768,
+  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+  "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+  "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+}"#;
+
+/// SD 1.5's `vae/config.json`.
+const SD15_VAE: &str = r#"{
+  "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+  "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
+  "sample_size": 512, "scaling_factor": 0.18215,
+  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]
+}"#;
+
+/// CLIP ViT-L/14's text tower, as in SD 1.5's `text_encoder/config.json`.
+const SD15_CLIP: &str = r#"{
+  "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": "quick_gelu",
+  "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+  "max_position_embeddings": 77, "vocab_size": 49408, "layer_norm_eps": 1e-05, "projection_dim": 768,
+  "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "torch_dtype": "float16"
+}"#;
+
+const SD15_SCHEDULER: &str = r#"{
+  "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+  "clip_sample": false, "num_train_timesteps": 1000, "set_alpha_to_one": false, "skip_prk_steps": true,
+  "steps_offset": 1, "trained_betas": null
+}"#;
+
+const SD15_INDEX: &str = r#"{
+  "_class_name": "StableDiffusionPipeline", "feature_extractor": [null, null], "safety_checker": [null, null],
+  "requires_safety_checker": false, "scheduler": ["diffusers", "PNDMScheduler"],
+  "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+  "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]
+}"#;
+
+/// A `VarBuilder` backend that invents each requested tensor from the seed
+/// and the tensor's name, following the layer's init hint (unit norms, zero
+/// biases, fan-in-scaled weights), and remembers them.
+struct RandomBackend {
+    seed: u64,
+    made: Mutex<HashMap<String, Tensor>>,
+}
+
+impl RandomBackend {
+    fn normal(&self, name: &str, n: usize) -> Vec<f32> {
+        // FNV-1a of the name: each tensor has its own stream.
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        TorchRng::new(self.seed ^ h).randn(n)
+    }
+}
+
+impl SimpleBackend for RandomBackend {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let n = s.elem_count();
+        let fan_in = s.dims().iter().skip(1).product::<usize>().max(1) as f64;
+        let values: Vec<f32> = match h {
+            Init::Const(v) => vec![v as f32; n],
+            Init::Randn { mean, stdev } => self.normal(name, n).iter().map(|x| (mean + stdev * *x as f64) as f32).collect(),
+            // Uniform hints (biases) as a normal of the same spread.
+            Init::Uniform { lo, up } => {
+                let (mid, half) = ((lo + up) / 2.0, (up - lo) / 2.0);
+                self.normal(name, n).iter().map(|x| (mid + half / 3f64.sqrt() * *x as f64) as f32).collect()
+            }
+            Init::Kaiming { non_linearity, .. } => {
+                let std = non_linearity.gain() / fan_in.sqrt();
+                self.normal(name, n).iter().map(|x| (std * *x as f64) as f32).collect()
+            }
+        };
+        let t = Tensor::from_vec(values, s, dev)?.to_dtype(DType::F16)?;
+        self.made.lock().expect("lock").insert(name.to_string(), t.clone());
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        Err(candle_core::Error::Msg(format!("random models need a shape for {name}")))
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// Builds one component with random weights and saves them as f16.
+fn write_component(dir: &Path, file: &str, seed: u64, build: impl FnOnce(VarBuilder) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let backend = std::sync::Arc::new(RandomBackend { seed, made: Mutex::new(HashMap::new()) });
+    let shared = SharedBackend(backend.clone());
+    build(VarBuilder::from_backend(Box::new(shared), DType::F16, Device::Cpu))?;
+    let made = std::mem::take(&mut *backend.made.lock().expect("lock"));
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    candle_core::safetensors::save(&made, dir.join(file)).with_context(|| format!("{}: cannot write", dir.display()))
+}
+
+/// Lets the builder own a handle while we keep one to read the tensors back.
+struct SharedBackend(std::sync::Arc<RandomBackend>);
+
+impl SimpleBackend for SharedBackend {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.get(s, name, h, dtype, dev)
+    }
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.get_unchecked(name, dtype, dev)
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
+    }
+}
+
+/// Writes a random `family` model (only `sd15` so far) as a diffusers folder.
+pub fn write(family: &str, out: &Path, seed: u64) -> anyhow::Result<()> {
+    if family != "sd15" {
+        bail!("unknown family {family:?}; available: sd15");
+    }
+    if out.exists() {
+        bail!("{}: already exists", out.display());
+    }
+    let unet: UNetConfig = serde_json::from_str(SD15_UNET)?;
+    let vae: VaeConfig = serde_json::from_str(SD15_VAE)?;
+    let clip: ClipConfig = serde_json::from_str(SD15_CLIP)?;
+    // Written to a temporary folder and renamed, so a half-written model is never picked up.
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new().prefix(".sdgen-random-").tempdir_in(parent)?;
+    let root = tmp.path();
+    for (file, text) in [
+        ("model_index.json", SD15_INDEX),
+        ("scheduler/scheduler_config.json", SD15_SCHEDULER),
+        ("unet/config.json", SD15_UNET),
+        ("vae/config.json", SD15_VAE),
+        ("text_encoder/config.json", SD15_CLIP),
+    ] {
+        let path = root.join(file);
+        std::fs::create_dir_all(path.parent().expect("has a folder"))?;
+        std::fs::write(&path, text)?;
+    }
+    write_component(&root.join("unet"), "diffusion_pytorch_model.fp16.safetensors", seed, |vb| {
+        UNet::new(&unet, vb).map(|_| ())
+    })?;
+    write_component(&root.join("vae"), "diffusion_pytorch_model.fp16.safetensors", seed.wrapping_add(1), |vb| {
+        Vae::new(&vae, true, vb).map(|_| ())
+    })?;
+    write_component(&root.join("text_encoder"), "model.fp16.safetensors", seed.wrapping_add(2), |vb| {
+        ClipTextModel::new(&clip, vb).map(|_| ())
+    })?;
+    let kept = tmp.keep();
+    std::fs::rename(&kept, out).with_context(|| format!("{}: cannot create", out.display()))?;
+    Ok(())
+}
