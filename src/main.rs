@@ -131,7 +131,9 @@ fn read_init(command: Option<&Command>) -> anyhow::Result<Init> {
         mask_blur: edit.mask_blur,
     };
     Ok(match command {
-        None | Some(Command::Batch { .. } | Command::Replay { .. } | Command::Samplers | Command::Dev(_)) => Init::Noise,
+        None | Some(Command::Batch { .. } | Command::Replay { .. } | Command::Samplers | Command::Dev(_)) => {
+            Init::Noise
+        }
         Some(Command::Img2img { init_image, strength, common }) => {
             let mut image = image_of(init_image)?;
             let (w, h) = (common.width.unwrap_or(image.width), common.height.unwrap_or(image.height));
@@ -374,9 +376,9 @@ impl Timings {
     }
 
     fn json(&self) -> String {
-        let peak = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()
-        });
+        let peak = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse::<u64>().ok());
         serde_json::json!({
             "load_s": self.load,
             "text_encode_s": self.encode,

@@ -53,7 +53,10 @@ pub enum Event {
     EncodingText,
     /// Text encoded, initial latents ready: sampling starts.
     Sampling,
-    Step { done: usize, total: usize },
+    Step {
+        done: usize,
+        total: usize,
+    },
     Decoding,
 }
 

@@ -79,7 +79,9 @@ impl SimpleBackend for RandomBackend {
         let fan_in = s.dims().iter().skip(1).product::<usize>().max(1) as f64;
         let values: Vec<f32> = match h {
             Init::Const(v) => vec![v as f32; n],
-            Init::Randn { mean, stdev } => self.normal(name, n).iter().map(|x| (mean + stdev * *x as f64) as f32).collect(),
+            Init::Randn { mean, stdev } => {
+                self.normal(name, n).iter().map(|x| (mean + stdev * *x as f64) as f32).collect()
+            }
             // Uniform hints (biases) as a normal of the same spread.
             Init::Uniform { lo, up } => {
                 let (mid, half) = ((lo + up) / 2.0, (up - lo) / 2.0);
@@ -105,7 +107,12 @@ impl SimpleBackend for RandomBackend {
 }
 
 /// Builds one component with random weights and saves them as f16.
-fn write_component(dir: &Path, file: &str, seed: u64, build: impl FnOnce(VarBuilder) -> anyhow::Result<()>) -> anyhow::Result<()> {
+fn write_component(
+    dir: &Path,
+    file: &str,
+    seed: u64,
+    build: impl FnOnce(VarBuilder) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let backend = std::sync::Arc::new(RandomBackend { seed, made: Mutex::new(HashMap::new()) });
     let shared = SharedBackend(backend.clone());
     build(VarBuilder::from_backend(Box::new(shared), DType::F16, Device::Cpu))?;
@@ -134,12 +141,17 @@ pub fn write(family: &str, out: &Path, seed: u64) -> anyhow::Result<()> {
     if family != "sd15" {
         bail!("unknown family {family:?}; available: sd15");
     }
+    write_with(out, seed, [SD15_UNET, SD15_VAE, SD15_CLIP])
+}
+
+/// Writes a random model with the given UNet, VAE and CLIP `config.json` texts.
+fn write_with(out: &Path, seed: u64, [unet_json, vae_json, clip_json]: [&str; 3]) -> anyhow::Result<()> {
     if out.exists() {
         bail!("{}: already exists", out.display());
     }
-    let unet: UNetConfig = serde_json::from_str(SD15_UNET)?;
-    let vae: VaeConfig = serde_json::from_str(SD15_VAE)?;
-    let clip: ClipConfig = serde_json::from_str(SD15_CLIP)?;
+    let unet: UNetConfig = serde_json::from_str(unet_json)?;
+    let vae: VaeConfig = serde_json::from_str(vae_json)?;
+    let clip: ClipConfig = serde_json::from_str(clip_json)?;
     // Written to a temporary folder and renamed, so a half-written model is never picked up.
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = tempfile::Builder::new().prefix(".sdgen-random-").tempdir_in(parent)?;
@@ -147,9 +159,9 @@ pub fn write(family: &str, out: &Path, seed: u64) -> anyhow::Result<()> {
     for (file, text) in [
         ("model_index.json", SD15_INDEX),
         ("scheduler/scheduler_config.json", SD15_SCHEDULER),
-        ("unet/config.json", SD15_UNET),
-        ("vae/config.json", SD15_VAE),
-        ("text_encoder/config.json", SD15_CLIP),
+        ("unet/config.json", unet_json),
+        ("vae/config.json", vae_json),
+        ("text_encoder/config.json", clip_json),
     ] {
         let path = root.join(file);
         std::fs::create_dir_all(path.parent().expect("has a folder"))?;
@@ -167,4 +179,37 @@ pub fn write(family: &str, out: &Path, seed: u64) -> anyhow::Result<()> {
     let kept = tmp.keep();
     std::fs::rename(&kept, out).with_context(|| format!("{}: cannot create", out.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Small configs of the same architecture exercise the same code.
+    fn tiny() -> [String; 3] {
+        let fixture = |p: &str| {
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd1").join(p))
+                .unwrap()
+        };
+        [fixture("unet/config.json"), fixture("vae/config.json"), fixture("text_encoder/config.json")]
+    }
+
+    #[test]
+    fn random_models_are_deterministic_and_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfgs = tiny();
+        let cfgs = [cfgs[0].as_str(), cfgs[1].as_str(), cfgs[2].as_str()];
+        let (a, b, c) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
+        write_with(&a, 7, cfgs).unwrap();
+        write_with(&b, 7, cfgs).unwrap();
+        write_with(&c, 8, cfgs).unwrap();
+        let unet = "unet/diffusion_pytorch_model.fp16.safetensors";
+        let read = |p: &Path| std::fs::read(p.join(unet)).unwrap();
+        assert_eq!(read(&a), read(&b), "same seed, same weights");
+        assert_ne!(read(&a), read(&c), "another seed, other weights");
+        let model = crate::loading::Model::load(&a, &Device::Cpu, DType::F32).unwrap();
+        assert!(model.unused.is_empty());
+        assert!(write_with(&a, 7, cfgs).is_err(), "an existing folder is not overwritten");
+        assert!(write("sdxl", &dir.path().join("x"), 0).is_err());
+    }
 }
