@@ -1189,10 +1189,19 @@ LCM_DIR = FIXTURES / "tiny-lcm"
 SAMPLERS_DIR = FIXTURES / "reference" / "samplers"
 # tiny-lcm shares everything but its UNet with tiny-sd1 (relative symlinks), scheduler config included
 LCM_SHARED = ("scheduler", "text_encoder", "tokenizer", "vae")
-LCM_UNET_CONFIG = dict(UNET_CONFIG, time_cond_proj_dim=32)  # adds time_embedding.cond_proj: Linear(32 -> 32, no bias)
+# smaller than tiny-sd1's (two levels, one layer each) to keep the fixture small; time_cond_proj_dim adds
+# time_embedding.cond_proj: Linear(32 -> 32, no bias)
+LCM_UNET_CONFIG = dict(
+    UNET_CONFIG,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    time_cond_proj_dim=32,
+)
 LCM_F_OUT = 1.0  # as UNET_F_OUT: there is no CFG to amplify the prompt, so the random path is stronger
-LCM_ATTN2_GAIN = 3.0  # extra factor on the cross-attention outputs (on top of 1/RES_GAIN)
-LCM_COND_PROJ_GAIN = 6.0  # extra factor on cond_proj (the guidance-scale embedding's way in)
+LCM_ATTN2_GAIN = 4.5  # extra factor on the cross-attention outputs (on top of 1/RES_GAIN); 3 left the prompt < 6 levels
+LCM_COND_PROJ_GAIN = 8.0  # extra factor on cond_proj (the guidance-scale embedding's way in)
 
 # sdgen sampler name -> (diffusers scheduler class, options for from_config). dpmpp_2s_a is not a
 # diffusers scheduler: k-diffusion's sample_dpmpp_2s_ancestral runs on EulerDiscreteScheduler's sigmas.
@@ -1616,7 +1625,8 @@ def cls_name(sampler):
 
 @torch.no_grad()
 def build_unet_lcm():
-    """tiny-sd1's UNet recipe with time_cond_proj_dim 32, its own seeds (prefix unet_lcm.) and gains."""
+    """tiny-sd1's UNet recipe on LCM_UNET_CONFIG (two levels, time_cond_proj_dim 32), its own seeds (prefix
+    unet_lcm.) and gains."""
     torch.manual_seed(0)  # (the default init is overwritten anyway)
     unet = build_unet(LCM_UNET_CONFIG, "unet_lcm.", UNET_ID_OUT, LCM_F_OUT)
     for name, mod in unet.named_modules():
