@@ -1,8 +1,7 @@
 //! Scaled dot-product attention, chunked over queries so that the score
 //! matrix of a large image never has to exist in memory all at once.
 
-use candle_core::{DType, Result, Tensor};
-use candle_nn::attention::{flash_attn, AttnMask};
+use candle_core::{Result, Tensor};
 
 /// Upper bound on the bytes of one chunk's f32 score matrix.
 const SCORE_BUDGET_BYTES: usize = 256 << 20;
@@ -14,14 +13,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     let (b, lq, inner) = q.dims3()?;
     let lk = k.dim(1)?;
     let d = inner / heads;
-    if q.device().is_cpu() && q.dtype() == DType::F32 {
-        // candle's fused CPU kernel: online softmax, no score matrix.
-        let split = |t: &Tensor, l: usize| t.contiguous()?.reshape((b, l, heads, d));
-        let mask = if causal { AttnMask::causal() } else { AttnMask::None };
-        let scale = 1.0 / (d as f32).sqrt();
-        let out = flash_attn::<f32>(&split(q, lq)?, &split(k, lk)?, &split(v, lk)?, scale, mask, None, None)?;
-        return out.transpose(1, 2)?.reshape((b, lq, inner));
-    }
     let split = |t: &Tensor, l: usize| -> Result<Tensor> { t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous() };
     let q = (split(q, lq)? * (1.0 / (d as f64).sqrt()))?;
     let kt = split(k, lk)?.transpose(2, 3)?.contiguous()?;
