@@ -35,6 +35,9 @@ pub struct JobOptions {
     pub batch_count: Option<usize>,
 }
 
+/// More images than this from one job is surely a typo.
+pub const MAX_BATCH_COUNT: usize = 10_000;
+
 /// The option names a job may use (kebab-case; snake_case is accepted too).
 pub const JOB_OPTIONS: &[&str] = &[
     "prompt",
@@ -98,15 +101,15 @@ impl JobOptions {
             bail!("no prompt");
         }
         for (what, v) in [("width", self.width), ("height", self.height)] {
-            if let Some(v) = v.filter(|v| *v == 0 || v % 8 != 0) {
-                bail!("--{what} must be a positive multiple of 8, got {v}");
+            if let Some(v) = v.filter(|v| *v == 0 || v % 8 != 0 || *v > crate::image_io::MAX_SIDE as usize) {
+                bail!("--{what} must be a positive multiple of 8 up to {}, got {v}", crate::image_io::MAX_SIDE);
             }
         }
         if self.steps == Some(0) {
             bail!("--steps must be at least 1");
         }
-        if self.batch_count == Some(0) {
-            bail!("--batch-count must be at least 1");
+        if let Some(n) = self.batch_count.filter(|n| !(1..=MAX_BATCH_COUNT).contains(n)) {
+            bail!("--batch-count must be between 1 and {MAX_BATCH_COUNT}, got {n}");
         }
         if let Some(c) = self.cfg_scale.filter(|c| !c.is_finite() || *c < 0.0) {
             bail!("--cfg-scale must be a number ≥ 0, got {c}");

@@ -75,6 +75,10 @@ pub fn outpaint_canvas(image: &Image, pads: Pads) -> anyhow::Result<(Image, Mask
         bail!("outpaint needs at least one non-zero --pad");
     }
     let (w, h) = (image.width + pads.left + pads.right, image.height + pads.top + pads.bottom);
+    let limit = crate::image_io::MAX_SIDE as usize;
+    if w > limit || h > limit {
+        bail!("the outpainted canvas would be {w}x{h}; sides are limited to {limit} pixels");
+    }
     let mut rgb = Vec::with_capacity(3 * w * h);
     let mut bits = Vec::with_capacity(w * h);
     for y in 0..h {

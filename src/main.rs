@@ -305,8 +305,8 @@ fn request_from(args: &Common, init: Init, seed: u64) -> anyhow::Result<Request>
 fn run_single(args: &Common, init: Init) -> anyhow::Result<()> {
     let started = Instant::now();
     let count = args.batch_count.unwrap_or(1);
-    if count == 0 {
-        bail!("--batch-count must be at least 1");
+    if !(1..=sdgen::batch::MAX_BATCH_COUNT).contains(&count) {
+        bail!("--batch-count must be between 1 and {}, got {count}", sdgen::batch::MAX_BATCH_COUNT);
     }
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("sdgen.png"));
     check_out_path(&out)?;

@@ -67,6 +67,9 @@ impl Request {
             if v == 0 || v % 8 != 0 {
                 anyhow::bail!("{what} must be a positive multiple of 8, got {v}");
             }
+            if v > crate::image_io::MAX_SIDE as usize {
+                anyhow::bail!("{what} {v} is larger than the {} pixels sdgen allows", crate::image_io::MAX_SIDE);
+            }
         }
         if self.steps == 0 {
             anyhow::bail!("steps must be at least 1");

@@ -138,6 +138,8 @@ fn pickles_are_refused_unread() {
 #[test]
 fn bad_sizes_and_arguments() {
     let model = fixture("tiny-sd1.safetensors");
+    let r = must_fail(&model, &["--width", "1048576"]);
+    assert!(r.stderr.contains("larger than"), "{}", r.stderr);
     let r = must_fail(&model, &["--width", "65"]);
     assert!(r.stderr.contains("width") && r.stderr.contains("multiple of 8"), "{}", r.stderr);
     let r = must_fail(&model, &["--sampler", "nope"]);
@@ -146,6 +148,10 @@ fn bad_sizes_and_arguments() {
     assert!(r.stderr.contains("steps"), "{}", r.stderr);
     let r = must_fail(&model, &["--cfg-scale", "-1"]);
     assert!(r.stderr.contains("cfg"), "{}", r.stderr);
+    for n in ["0", "99999999"] {
+        let r = must_fail(&model, &["--batch-count", n]);
+        assert!(r.stderr.contains("--batch-count must be between 1 and"), "{}", r.stderr);
+    }
     let r = must_fail(Path::new("/nonexistent/model.safetensors"), &[]);
     assert!(r.stderr.contains("model.safetensors"), "{}", r.stderr);
     assert!(!r.out.exists());

@@ -200,6 +200,8 @@ fn bad_editing_input_gets_a_clear_error() {
     assert!(f.stderr.contains("junk.png"), "{}", f.stderr);
     let f = must_fail(&["outpaint", "--image", &small, "--pad-left", "12"]);
     assert!(f.stderr.contains("multiple of 8"), "{}", f.stderr);
+    let f = must_fail(&["outpaint", "--image", &small, "--pad", "40000"]);
+    assert!(f.stderr.contains("limited to"), "{}", f.stderr);
     for strength in ["1.5", "0", "-0.2"] {
         let f = must_fail(&["img2img", "--init-image", &init, "--strength", strength]);
         assert!(f.stderr.contains("strength"), "{}", f.stderr);
