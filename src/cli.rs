@@ -206,6 +206,10 @@ pub struct Common {
     /// Also list the checkpoint tensors the model did not use.
     #[arg(long, short)]
     pub verbose: bool,
+    /// Decode the image in overlapping tiles to bound memory: auto (above
+    /// ~800² on SD models), on or off. Tiles differ slightly from a whole decode.
+    #[arg(long, value_name = "auto|on|off", default_value = "auto")]
+    pub vae_tiling: String,
     /// Print per-phase timings (load, text encoding, each UNet step, VAE
     /// decode, peak memory) as one JSON line on stderr.
     #[arg(long)]

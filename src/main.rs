@@ -209,7 +209,9 @@ struct Loaded {
 fn load(args: &Common, path: PathBuf, device: candle_core::Device) -> anyhow::Result<Loaded> {
     let dtype = sdgen::device::parse_dtype(args.dtype.as_deref(), &device)?;
     let loading = spinner(args.quiet, "loading model");
-    let model = Model::load(&path, &device, dtype)?;
+    let tiling = sdgen::models::vae::Tiling::parse(&args.vae_tiling)?;
+    let mut model = Model::load(&path, &device, dtype)?;
+    model.vae.tiling = tiling;
     let hash = model.hash()?;
     loading.finish_and_clear();
     if !args.quiet {

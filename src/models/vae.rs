@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use anyhow::bail;
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{group_norm, Conv2d, GroupNorm, VarBuilder};
 use serde::Deserialize;
 
@@ -197,7 +197,37 @@ pub struct Vae {
     post_quant_conv: Conv2d,
     encoder: Option<(Encoder, Conv2d)>,
     pub config: VaeConfig,
+    /// Decode in overlapping tiles: always, or when the image is large.
+    pub tiling: Tiling,
 }
+
+/// When to decode in tiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tiling {
+    /// When the last up-block's 3×3 convolutions would need more than
+    /// [`AUTO_TILING_BYTES`] for their im2col buffer.
+    Auto,
+    Always,
+    Never,
+}
+
+impl Tiling {
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Tiling::Auto,
+            "on" | "always" => Tiling::Always,
+            "off" | "never" => Tiling::Never,
+            other => bail!("--vae-tiling {other:?}: use auto, on or off"),
+        })
+    }
+}
+
+/// Memory of one full-resolution im2col buffer above which `Auto` tiles
+/// (SD: above about 800², where a whole decode would pass 8 GB in all).
+pub const AUTO_TILING_BYTES: usize = 3 << 30;
+/// Latent tile side and overlap (diffusers' defaults for SD: 64 and 25 %).
+const TILE: usize = 64;
+const OVERLAP: usize = 16;
 
 impl Vae {
     /// Builds the decoder, and the encoder too when `with_encoder` is set.
@@ -214,12 +244,77 @@ impl Vae {
             post_quant_conv: conv1x1(l, l, vb.pp("post_quant_conv"))?,
             encoder,
             config: cfg.clone(),
+            tiling: Tiling::Auto,
         })
     }
 
-    /// Unscaled latents to images in [-1, 1] (not clamped).
+    /// Unscaled latents to images in [-1, 1] (not clamped), tiled when
+    /// [`Vae::tiling`] says so.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = latents.dims4()?;
+        let s = self.config.downscale();
+        let im2col = (h * s) * (w * s) * self.config.block_out_channels[0] * 9 * 4;
+        let tile = match self.tiling {
+            Tiling::Always => true,
+            Tiling::Never => false,
+            Tiling::Auto => im2col > AUTO_TILING_BYTES,
+        };
+        if tile && (h > TILE || w > TILE) {
+            self.decode_tiled(latents, TILE, OVERLAP)
+        } else {
+            self.decode_whole(latents)
+        }
+    }
+
+    fn decode_whole(&self, latents: &Tensor) -> Result<Tensor> {
         self.decoder.forward(&self.post_quant_conv.forward(latents)?)
+    }
+
+    /// Decodes `tile`-sized latent windows overlapping by `overlap`, and
+    /// averages them with weights that ramp up linearly across the overlaps,
+    /// so seams fade. Memory is that of one tile; the result differs from a
+    /// whole decode because the decoder's group norms and attention see one
+    /// tile at a time.
+    pub fn decode_tiled(&self, latents: &Tensor, tile: usize, overlap: usize) -> Result<Tensor> {
+        let (b, _, h, w) = latents.dims4()?;
+        let s = self.config.downscale();
+        // As few tiles as keep every overlap ≥ `overlap`, spread evenly.
+        let starts = |len: usize| -> Vec<usize> {
+            if len <= tile {
+                return vec![0];
+            }
+            let n = (len - overlap).div_ceil(tile.saturating_sub(overlap).max(1)).max(2);
+            (0..n).map(|i| (i * (len - tile) + (n - 1) / 2) / (n - 1)).collect()
+        };
+        // Weight along one axis of a tile: ramps at edges shared with a neighbour.
+        let ramp = |start: usize, size: usize, len: usize| -> Vec<f32> {
+            let edge = (overlap * s).max(1) as f32;
+            (0..size * s)
+                .map(|p| {
+                    let rise = if start > 0 { ((p as f32 + 0.5) / edge).min(1.0) } else { 1.0 };
+                    let fall = if start + size < len { (((size * s - p) as f32 - 0.5) / edge).min(1.0) } else { 1.0 };
+                    rise.min(fall)
+                })
+                .collect()
+        };
+        let dev = latents.device();
+        let mut acc = Tensor::zeros((b, self.config.out_channels, h * s, w * s), DType::F32, dev)?;
+        let mut total = Tensor::zeros((1, 1, h * s, w * s), DType::F32, dev)?;
+        for &y0 in &starts(h) {
+            for &x0 in &starts(w) {
+                let (th, tw) = (tile.min(h), tile.min(w));
+                let part = self.decode_whole(&latents.narrow(2, y0, th)?.narrow(3, x0, tw)?)?.to_dtype(DType::F32)?;
+                let wy = Tensor::from_vec(ramp(y0, th, h), (th * s, 1), dev)?;
+                let wx = Tensor::from_vec(ramp(x0, tw, w), (1, tw * s), dev)?;
+                let weight = wy.broadcast_mul(&wx)?.reshape((1, 1, th * s, tw * s))?;
+                let (ys, xs) = (y0 * s..(y0 + th) * s, x0 * s..(x0 + tw) * s);
+                let region = |t: &Tensor| t.narrow(2, y0 * s, th * s)?.narrow(3, x0 * s, tw * s);
+                let weighted = (region(&acc)? + part.broadcast_mul(&weight)?)?;
+                acc = acc.slice_assign(&[0..b, 0..self.config.out_channels, ys.clone(), xs.clone()], &weighted)?;
+                total = total.slice_assign(&[0..1, 0..1, ys, xs], &(region(&total)? + weight)?)?;
+            }
+        }
+        acc.broadcast_div(&total)?.to_dtype(latents.dtype())
     }
 
     /// Images in [-1, 1] to the posterior mean (unscaled latents).
