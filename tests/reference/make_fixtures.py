@@ -1952,9 +1952,34 @@ def print_sizes(paths):
     log(f"  {total:10d}  total")
 
 
+PART_SIZE = 4_000_000  # files over 5 MB are committed split into parts of this size
+
+
+def join_parts():
+    """Reassembles NAME from NAME.part-000, -001, ... (as the Rust tests do)."""
+    for first in FIXTURES.rglob("*.part-000"):
+        parts = sorted(first.parent.glob(first.name[: -len("000")] + "*"))
+        target = first.with_name(first.name[: -len(".part-000")])
+        target.write_bytes(b"".join(p.read_bytes() for p in parts))
+
+
+def split_large_files():
+    """Splits every fixture over 5 MB into PART_SIZE parts (git-ignored whole)."""
+    for path in FIXTURES.rglob("*"):
+        if path.is_symlink() or not path.is_file() or ".part-" in path.name or path.stat().st_size <= 5 * 2**20:
+            continue
+        for old in path.parent.glob(path.name + ".part-*"):
+            old.unlink()
+        data = path.read_bytes()
+        for i in range(0, len(data), PART_SIZE):
+            path.with_name(f"{path.name}.part-{i // PART_SIZE:03d}").write_bytes(data[i : i + PART_SIZE])
+        path.unlink()
+
+
 def main():
     t_start = time.time()
     log(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}")
+    join_parts()
     if sys.argv[1:] == ["--edit-only"]:
         # Regenerate only images/, tiny-sd1-inpaint/ and reference/edit/ from the existing tiny-sd1.
         make_edit_fixtures(load_folder_pipeline())
@@ -1971,8 +1996,8 @@ def main():
     for p in (MODEL_DIR, REF_DIR):
         if p.exists():
             shutil.rmtree(p)
-    if SINGLE_FILE.exists():
-        SINGLE_FILE.unlink()
+    for old in [SINGLE_FILE, *SINGLE_FILE.parent.glob(SINGLE_FILE.name + ".part-*")]:
+        old.unlink(missing_ok=True)
     MODEL_DIR.mkdir(parents=True)
     REF_DIR.mkdir(parents=True)
 
@@ -2218,6 +2243,7 @@ def main():
     log("\n" + sf_result)
     log(edit_result)
     log(sampler_result)
+    split_large_files()
     log(f"done in {time.time() - t_start:.0f}s")
 
 
