@@ -1,24 +1,42 @@
 #!/usr/bin/env python3
-"""Times diffusers (PyTorch, CPU, float32) on a diffusers folder, phase by
-phase, the way `sdgen --timings` reports itself; prints one JSON line.
+"""Times diffusers (PyTorch) on a diffusers folder, phase by phase, the way
+`sdgen --timings` reports itself; prints one JSON line.
 
-Usage: bench_diffusers.py MODEL_DIR TOKENIZER_DIR SIZE STEPS THREADS
+Usage: bench_diffusers.py MODEL_DIR TOKENIZER_DIR SIZE STEPS THREADS [--device cuda --dtype f16 --batch N]
 """
+import argparse
 import json
 import resource
-import sys
 import time
 
 import torch
 
-model_dir, tokenizer_dir, size, steps, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-torch.set_num_threads(threads)
+ap = argparse.ArgumentParser()
+for name in ("model_dir", "tokenizer_dir"):
+    ap.add_argument(name)
+for name in ("size", "steps", "threads"):
+    ap.add_argument(name, type=int)
+ap.add_argument("--device", default="cpu")
+ap.add_argument("--dtype", default="f32", choices=["f32", "f16"])
+ap.add_argument("--batch", type=int, default=1, help="images per prompt, in one UNet batch")
+a = ap.parse_args()
+model_dir, tokenizer_dir, size, steps, device = a.model_dir, a.tokenizer_dir, a.size, a.steps, a.device
+dtype = torch.float16 if a.dtype == "f16" else torch.float32
+torch.set_num_threads(a.threads)
+cuda = device.startswith("cuda")
+
+
+def now():
+    # GPU work is queued: wait for it so each phase gets its own time.
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-t0 = time.perf_counter()
-kw = dict(dtype=torch.float32, local_files_only=True)
+t0 = now()
+kw = dict(dtype=dtype, local_files_only=True)
 pipe = StableDiffusionPipeline.from_pretrained(
     model_dir,
     unet=UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", variant="fp16", **kw),
@@ -30,24 +48,26 @@ pipe = StableDiffusionPipeline.from_pretrained(
 )
 pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
 pipe.set_progress_bar_config(disable=True)
-load = time.perf_counter() - t0
+pipe.to(device)
+load = now() - t0
 
 marks = []
 
 
 def on_step(p, i, t, kwargs):
-    marks.append(time.perf_counter())
+    marks.append(now())
     return kwargs
 
 
 with torch.no_grad():
-    t1 = time.perf_counter()
-    pipe.encode_prompt("a photo of a cat", "cpu", 1, True, "")
-    encode = time.perf_counter() - t1
+    t1 = now()
+    pipe.encode_prompt("a photo of a cat", device, a.batch, True, "")
+    encode = now() - t1
     g = torch.Generator("cpu").manual_seed(1)
-    t2 = time.perf_counter()
+    t2 = now()
     latents = pipe(
         "a photo of a cat",
+        num_images_per_prompt=a.batch,
         num_inference_steps=steps,
         guidance_scale=7.5,
         width=size,
@@ -59,9 +79,9 @@ with torch.no_grad():
     # The pipeline encodes the prompt again before its first step.
     starts = [t2 + encode] + marks[:-1]
     unet_steps = [end - start for start, end in zip(starts, marks)]
-    t3 = time.perf_counter()
+    t3 = now()
     pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
-    decode = time.perf_counter() - t3
+    decode = now() - t3
 
 print(
     json.dumps(
@@ -70,8 +90,12 @@ print(
             "text_encode_s": encode,
             "unet_steps_s": unet_steps,
             "vae_decode_s": decode,
-            "total_s": time.perf_counter() - t0,
+            "total_s": now() - t0,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+            "peak_gpu_allocated_mb": torch.cuda.max_memory_allocated() // 2**20 if cuda else None,
+            "peak_gpu_reserved_mb": torch.cuda.max_memory_reserved() // 2**20 if cuda else None,
+            "batch": a.batch,
+            "dtype": a.dtype,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         }

@@ -80,10 +80,6 @@ pub enum Command {
         /// Folder for the images and the manifest (created if missing).
         #[arg(long, value_name = "DIR")]
         out_dir: PathBuf,
-        /// Consecutive images with equal size, steps, sampler and guidance
-        /// share UNet calls, up to this many.
-        #[arg(long, default_value_t = 1)]
-        batch_size: usize,
         /// Only jobs with index ≡ K (mod N), for splitting one file across machines.
         #[arg(long, value_name = "K/N")]
         shard: Option<String>,
@@ -122,6 +118,45 @@ pub enum DevCommand {
         /// Seed of the weights.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+    /// Time UNet passes alone (random latents, a zero text context) and the
+    /// VAE decode of one image; prints JSON. For profiling and benchmarks.
+    UnetBench {
+        /// Model file or folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 512)]
+        size: usize,
+        /// UNet batch (2 = one image with guidance).
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        /// Timed passes after one warm-up (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        passes: usize,
+        /// Skip the VAE decode.
+        #[arg(long)]
+        no_decode: bool,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// f32, f16 or bf16 [default: f32 on CPU, f16 on GPU].
+        #[arg(long)]
+        dtype: Option<String>,
+    },
+    /// Measure the matrix-multiply rate of this build's backend (the peak
+    /// that benchmarks compare achieved GFLOP/s against); prints JSON.
+    MatmulPeak {
+        /// Square matrix size.
+        #[arg(long, default_value_t = 2048)]
+        size: usize,
+        /// Timed repetitions (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// f32, f16 or bf16 [default: f32 on CPU, f16 on GPU].
+        #[arg(long)]
+        dtype: Option<String>,
     },
 }
 
@@ -187,6 +222,11 @@ pub struct Common {
     /// Number of images; image i uses seed + i [default: 1].
     #[arg(long)]
     pub batch_count: Option<usize>,
+    /// Images generated together in one UNet batch (faster on GPUs, more
+    /// memory); in `batch`, consecutive jobs with equal size, steps, sampler
+    /// and guidance share UNet calls, up to this many [default: 1].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     /// auto (CUDA, then Metal, then CPU), cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "auto")]
     pub device: String,

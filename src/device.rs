@@ -7,15 +7,14 @@ use candle_core::{DType, Device};
 pub fn parse_device(spec: &str) -> anyhow::Result<Device> {
     let spec = spec.trim().to_ascii_lowercase();
     match spec.as_str() {
-        "auto" => {
-            if candle_core::utils::cuda_is_available() {
-                Ok(Device::new_cuda(0)?)
-            } else if candle_core::utils::metal_is_available() {
-                Ok(Device::new_metal(0)?)
-            } else {
-                Ok(Device::Cpu)
-            }
-        }
+        // A GPU build on a machine without a usable GPU still runs, on the CPU.
+        "auto" => Ok(if candle_core::utils::cuda_is_available() {
+            Device::new_cuda(0).unwrap_or(Device::Cpu)
+        } else if candle_core::utils::metal_is_available() {
+            Device::new_metal(0).unwrap_or(Device::Cpu)
+        } else {
+            Device::Cpu
+        }),
         "cpu" => Ok(Device::Cpu),
         "metal" => {
             if !candle_core::utils::metal_is_available() {
@@ -31,9 +30,9 @@ pub fn parse_device(spec: &str) -> anyhow::Result<Device> {
                 None => 0,
             };
             if !candle_core::utils::cuda_is_available() {
-                bail!("--device {s}: this sdgen was built without CUDA support; rebuild with `cargo build --release --features cuda`");
+                bail!("--device {s}: this sdgen was built without CUDA support; rebuild with `cargo build --release --features cuda` (README: \"Building with CUDA\")");
             }
-            Ok(Device::new_cuda(index)?)
+            Device::new_cuda(index).map_err(|e| anyhow::anyhow!("--device {s}: no usable CUDA GPU number {index}: {e}"))
         }
         other => bail!("unknown device {other:?}; use auto, cpu, cuda, cuda:N or metal"),
     }

@@ -23,8 +23,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         None => read_init(None).and_then(|init| run_single(&cli.common, init)).map(|_| ExitCode::SUCCESS),
-        Some(Command::Batch { file, out_dir, batch_size, shard, force, common }) => {
-            run_batch(file, out_dir, *batch_size, shard.as_deref(), *force, common)
+        Some(Command::Batch { file, out_dir, shard, force, common }) => {
+            run_batch(file, out_dir, shard.as_deref(), *force, common)
         }
         Some(Command::Replay { image, common }) => run_replay(image, common).map(|_| ExitCode::SUCCESS),
         Some(Command::Samplers) => {
@@ -33,6 +33,12 @@ fn main() -> ExitCode {
         }
         Some(Command::Dev(DevCommand::RandomModel { family, out, seed })) => {
             sdgen::random_model::write(family, out, *seed).map(|_| ExitCode::SUCCESS)
+        }
+        Some(Command::Dev(DevCommand::UnetBench { model, size, batch, passes, no_decode, device, dtype })) => {
+            unet_bench(model, *size, *batch, *passes, !*no_decode, device, dtype.as_deref()).map(|_| ExitCode::SUCCESS)
+        }
+        Some(Command::Dev(DevCommand::MatmulPeak { size, repeat, device, dtype })) => {
+            matmul_peak(*size, *repeat, device, dtype.as_deref()).map(|_| ExitCode::SUCCESS)
         }
         Some(
             command @ (Command::Img2img { common, .. }
@@ -303,13 +309,15 @@ fn request_from(args: &Common, init: Init, seed: u64) -> anyhow::Result<Request>
     Ok(request)
 }
 
-/// txt2img and the editing commands: one job, `--batch-count` images.
+/// txt2img and the editing commands: one job, `--batch-count` images,
+/// `--batch-size` of them at a time.
 fn run_single(args: &Common, init: Init) -> anyhow::Result<()> {
     let started = Instant::now();
     let count = args.batch_count.unwrap_or(1);
     if !(1..=sdgen::batch::MAX_BATCH_COUNT).contains(&count) {
         bail!("--batch-count must be between 1 and {}, got {count}", sdgen::batch::MAX_BATCH_COUNT);
     }
+    let batch_size = batch_size(args)?;
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("sdgen.png"));
     check_out_path(&out)?;
     let fixed_size = init != Init::Noise;
@@ -322,19 +330,28 @@ fn run_single(args: &Common, init: Init) -> anyhow::Result<()> {
         request.width = args.width.unwrap_or(model.family.native_size());
         request.height = args.height.unwrap_or(model.family.native_size());
     }
-    for (i, out) in output_paths(&out, count).iter().enumerate() {
-        let req = Request { seed: request.seed.wrapping_add(i as u64), ..request.clone() };
-        let bar = StepBar::new(draw_target(args.quiet), req.steps, args.quiet);
-        let image = model.generate(&req, &device, &mut |e| {
-            timings.event(&e);
+    let outs = output_paths(&out, count);
+    for (c, chunk) in outs.chunks(batch_size).enumerate() {
+        let reqs: Vec<Request> = (0..chunk.len())
+            .map(|i| Request { seed: request.seed.wrapping_add((c * batch_size + i) as u64), ..request.clone() })
+            .collect();
+        let bar = StepBar::new(draw_target(args.quiet), request.steps, args.quiet);
+        let images = model.generate_batch(&reqs, &device, &mut |e| {
+            if args.timings {
+                // GPU work is queued: wait for it so each phase gets its own time.
+                device.synchronize().ok();
+                timings.event(&e);
+            }
             bar.event(e)
         })?;
         timings.finish();
         bar.bar.finish_and_clear();
-        let params = Parameters { request: &req, model_name: &model.name, model_hash: &hash };
-        write_png(out, &image, &params.infotext())?;
-        if !args.quiet {
-            println!("{} (seed {}, {:.1} s)", out.display(), req.seed, started.elapsed().as_secs_f64());
+        for ((out, req), image) in chunk.iter().zip(&reqs).zip(&images) {
+            let params = Parameters { request: req, model_name: &model.name, model_hash: &hash };
+            write_png(out, image, &params.infotext())?;
+            if !args.quiet {
+                println!("{} (seed {}, {:.1} s)", out.display(), req.seed, started.elapsed().as_secs_f64());
+            }
         }
     }
     if args.timings {
@@ -342,6 +359,13 @@ fn run_single(args: &Common, init: Init) -> anyhow::Result<()> {
         eprintln!("{}", timings.json());
     }
     Ok(())
+}
+
+fn batch_size(args: &Common) -> anyhow::Result<usize> {
+    match args.batch_size.unwrap_or(1) {
+        0 => bail!("--batch-size must be at least 1"),
+        n => Ok(n),
+    }
 }
 
 /// Wall-clock seconds per phase, from the times of the pipeline's events.
@@ -396,14 +420,7 @@ impl Timings {
 /// Exit status of a batch stopped by Ctrl-C (128 + SIGINT, as shells report it).
 const INTERRUPTED: u8 = 130;
 
-fn run_batch(
-    file: &Path,
-    out_dir: &Path,
-    batch_size: usize,
-    shard: Option<&str>,
-    force: bool,
-    args: &Common,
-) -> anyhow::Result<ExitCode> {
+fn run_batch(file: &Path, out_dir: &Path, shard: Option<&str>, force: bool, args: &Common) -> anyhow::Result<ExitCode> {
     use sdgen::batch::{self, BatchEvent, Manifest, RunOptions, Shard};
     let started = Instant::now();
     let defaults = args.job_defaults();
@@ -412,9 +429,7 @@ fn run_batch(
         eprintln!("{}: no jobs in the file; nothing to do", file.display());
         return Ok(ExitCode::SUCCESS);
     }
-    if batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
+    let batch_size = batch_size(args)?;
     let shard = shard.map(Shard::parse).transpose()?;
     let base_seed = args.seed.unwrap_or_else(|| {
         let s = random_seed();
@@ -484,6 +499,78 @@ fn run_batch(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Median seconds of `repeat` runs of `f` after one warm-up, waiting for the
+/// device after each.
+fn time_median(
+    device: &candle_core::Device,
+    repeat: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
+    f()?;
+    device.synchronize()?;
+    let mut times: Vec<f64> = (0..repeat.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f()?;
+            device.synchronize()?;
+            Ok(t.elapsed().as_secs_f64())
+        })
+        .collect::<anyhow::Result<_>>()?;
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// UNet passes and a VAE decode alone, without text encoding or sampling.
+fn unet_bench(
+    model: &Path,
+    size: usize,
+    batch: usize,
+    passes: usize,
+    decode: bool,
+    device: &str,
+    dtype: Option<&str>,
+) -> anyhow::Result<()> {
+    use candle_core::Tensor;
+    let device = sdgen::device::parse_device(device)?;
+    let dtype = sdgen::device::parse_dtype(dtype, &device)?;
+    let m = sdgen::loading::Model::load(model, &device, dtype)?;
+    let side = size / m.vae.config.downscale();
+    let latents = Tensor::randn(0f32, 1.0, (batch, m.unet.config.in_channels, side, side), &device)?.to_dtype(dtype)?;
+    let context = Tensor::zeros((batch, 77, m.unet.config.cross_attention_dim), dtype, &device)?;
+    let unet_s = time_median(&device, passes, || Ok(m.unet.forward(&latents, 500.0, &context, None).map(|_| ())?))?;
+    let decode_s = if decode {
+        let one =
+            latents.narrow(0, 0, 1)?.narrow(1, 0, m.vae.config.latent_channels)?.to_dtype(candle_core::DType::F32)?;
+        Some(time_median(&device, 1, || Ok(m.vae.decode(&one).map(|_| ())?))?)
+    } else {
+        None
+    };
+    println!(
+        "{}",
+        serde_json::json!({"device": format!("{:?}", device.location()), "dtype": format!("{dtype:?}").to_lowercase(),
+            "size": size, "batch": batch, "unet_pass_s": unet_s, "vae_decode_s": decode_s})
+    );
+    Ok(())
+}
+
+/// Times `size³` matrix products on the chosen device after one warm-up.
+fn matmul_peak(size: usize, repeat: usize, device: &str, dtype: Option<&str>) -> anyhow::Result<()> {
+    use candle_core::Tensor;
+    let device = sdgen::device::parse_device(device)?;
+    let dtype = sdgen::device::parse_dtype(dtype, &device)?;
+    let a = Tensor::randn(0f32, 1.0, (size, size), &device)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (size, size), &device)?.to_dtype(dtype)?;
+    let median = time_median(&device, repeat, || Ok(a.matmul(&b).map(|_| ())?))?;
+    let gflops = 2.0 * (size as f64).powi(3) / median / 1e9;
+    println!(
+        "{}",
+        serde_json::json!({"device": format!("{:?}", device.location()), "size": size,
+            "dtype": format!("{dtype:?}").to_lowercase(), "median_s": median,
+            "gflops": gflops, "threads": candle_core::utils::get_num_threads()})
+    );
+    Ok(())
 }
 
 fn list_samplers() {

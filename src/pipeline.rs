@@ -122,7 +122,7 @@ impl Model {
     /// Scaled latents (VAE posterior mean × scaling factor) of an image, with
     /// the pixels under `mask` blanked first.
     fn encode_image(&self, image: &Image, mask: Option<&Mask>, device: &Device) -> anyhow::Result<Tensor> {
-        let pixels = editing::to_tensor(image, mask, device)?.to_dtype(self.unet.dtype())?;
+        let pixels = editing::to_tensor(image, mask, device)?;
         Ok((self.vae.encode_mean(&pixels)? * self.vae.config.scaling_factor)?)
     }
 
@@ -207,13 +207,15 @@ impl Model {
             let run = ((req.steps as f64 * s) as usize).min(req.steps);
             schedule = schedule.from_step(req.steps - run);
         }
+        // Latents stay f32 between steps whatever the model's dtype (the
+        // denoiser casts at the UNet's boundary), as diffusers' schedulers do.
         let dtype = self.unet.dtype();
         let (c, h, w) = (self.vae.config.latent_channels, req.height / scale, req.width / scale);
         // Noise comes from each seed's CPU generator on every device, so a seed
         // gives the same image everywhere (and the same as diffusers/ComfyUI).
         let mut rngs: Vec<TorchRng> = reqs.iter().map(|r| TorchRng::new(r.seed)).collect();
         let values: Vec<f32> = rngs.iter_mut().flat_map(|r| r.randn(c * h * w)).collect();
-        let noise = Tensor::from_vec(values, (reqs.len(), c, h, w), device)?.to_dtype(dtype)?;
+        let noise = Tensor::from_vec(values, (reqs.len(), c, h, w), device)?;
         let image_latents = if sources.is_empty() {
             None
         } else {
@@ -233,7 +235,7 @@ impl Model {
             None
         } else {
             let each = masks.iter().map(|m| m.latent(scale, device)).collect::<candle_core::Result<Vec<_>>>()?;
-            Some(Tensor::cat(&each, 0)?.to_dtype(dtype)?)
+            Some(Tensor::cat(&each, 0)?)
         };
         let extra = match &latent_mask {
             Some(lm) if self.is_inpainting() => {
@@ -242,7 +244,7 @@ impl Model {
                     .zip(&masks)
                     .map(|(i, m)| self.encode_image(i, Some(m), device))
                     .collect::<anyhow::Result<Vec<_>>>()?;
-                Some(Tensor::cat(&[lm, &Tensor::cat(&masked, 0)?], 1)?)
+                Some(Tensor::cat(&[lm, &Tensor::cat(&masked, 0)?], 1)?.to_dtype(dtype)?)
             }
             _ => None,
         };

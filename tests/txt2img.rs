@@ -153,3 +153,100 @@ fn random_seed_is_printed_and_stored() {
     let text = sdgen::image_io::read_parameters(&out).unwrap().unwrap();
     assert!(text.contains(&format!("Seed: {seed},")), "{text}");
 }
+
+/// `--batch-size 3` runs the images of `--batch-count 3` through the UNet
+/// together: same files, same seeds, the same pixels up to float rounding.
+#[test]
+fn batch_size_equals_one_by_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-sd1");
+    let run = |name: &str, size: &str| {
+        let out = dir.path().join(format!("{name}.png"));
+        let o = sdgen(&[
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a photo of a cat",
+            "--seed",
+            "5",
+            "--steps",
+            "6",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--batch-count",
+            "3",
+            "--batch-size",
+            size,
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        (0..3).map(|i| read_rgb(&dir.path().join(format!("{name}-{i}.png")))).collect::<Vec<_>>()
+    };
+    let (one, three) = (run("one", "1"), run("three", "3"));
+    for (i, (a, b)) in one.iter().zip(&three).enumerate() {
+        let (max, _) = level_diff(a, b);
+        assert!(max <= 1, "image {i}: batched differs by {max} levels");
+    }
+    assert!(level_diff(&one[0], &one[1]).0 > 10, "seeds S and S+1 must give different images");
+}
+
+/// f16 weights and compute (the GPU default) on the CPU: the sampler keeps
+/// f32 latents, so the result stays near the f32 reference. diffusers' own
+/// f16 lands 0.2–3 levels (mean) from these references on the same cases.
+#[test]
+fn f16_stays_near_the_f32_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = fixture("tiny-sd1");
+    let mut means = Vec::new();
+    for case in
+        cases().iter().filter(|c| ["cat_euler_a", "fox_euler", "fox_ddim_20_bigseed"].contains(&c.name.as_str()))
+    {
+        let out = dir.path().join(format!("{}.png", case.name));
+        let job = Job {
+            model: &folder,
+            prompt: &case.prompt,
+            negative_prompt: case.negative_prompt.as_deref().unwrap_or(""),
+            seed: case.seed,
+            steps: case.steps,
+            cfg_scale: case.cfg_scale,
+            sampler: &case.sampler,
+            out: &out,
+        };
+        let size = ["--width", &case.width.to_string(), "--height", &case.height.to_string(), "--dtype", "f16"]
+            .map(String::from);
+        let ours = job.run(&size, &case.name);
+        let (max, mean) = level_diff(&ours, &read_rgb(&fixture(&format!("reference/sd1/{}", case.png))));
+        eprintln!("{:<24} f16: max {max} mean {mean:.3}", case.name);
+        assert!(max > 0, "{}: f16 gave the f32 image exactly; did it run in f16?", case.name);
+        means.push(mean);
+    }
+    assert_eq!(means.len(), 3);
+    let average = means.iter().sum::<f64>() / means.len() as f64;
+    assert!(average <= 2.0, "f16 average mean difference {average:.2} levels (bar: 2)");
+}
+
+/// The profiling tools print one JSON line with positive times.
+#[test]
+fn dev_benchmark_tools_report_times() {
+    let dev = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sdgen"))
+            .arg("dev")
+            .args(args)
+            .args(["--device", "cpu"])
+            .output()
+            .unwrap()
+    };
+    let model = fixture("tiny-sd1");
+    let bench = dev(&["unet-bench", "--model", model.to_str().unwrap(), "--size", "64", "--passes", "1"]);
+    assert!(bench.status.success(), "{}", stderr(&bench));
+    let v: serde_json::Value = serde_json::from_slice(&bench.stdout).unwrap();
+    assert!(v["unet_pass_s"].as_f64().unwrap() > 0.0 && v["vae_decode_s"].as_f64().unwrap() > 0.0, "{v}");
+    let peak = dev(&["matmul-peak", "--size", "128", "--repeat", "1"]);
+    assert!(peak.status.success(), "{}", stderr(&peak));
+    let v: serde_json::Value = serde_json::from_slice(&peak.stdout).unwrap();
+    assert!(v["gflops"].as_f64().unwrap() > 0.0, "{v}");
+}

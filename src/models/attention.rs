@@ -3,8 +3,10 @@
 
 use candle_core::{Result, Tensor};
 
-/// Upper bound on the bytes of one chunk's f32 score matrix.
-const SCORE_BUDGET_BYTES: usize = 256 << 20;
+/// Upper bound on the bytes of one chunk's f32 score matrix: on the CPU small
+/// chunks stay in cache-friendly sizes; GPUs want few, large launches.
+const CPU_SCORE_BUDGET_BYTES: usize = 256 << 20;
+const GPU_SCORE_BUDGET_BYTES: usize = 2 << 30;
 
 /// `softmax(q kᵀ / √d) v` for `q: (B, Lq, H·d)`, `k, v: (B, Lk, H·d)`, split into
 /// `heads` heads; returns `(B, Lq, H·d)`. With `causal`, query `i` sees keys `≤ i`
@@ -17,7 +19,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     let q = (split(q, lq)? * (1.0 / (d as f64).sqrt()))?;
     let kt = split(k, lk)?.transpose(2, 3)?.contiguous()?;
     let v = split(v, lk)?;
-    let rows = (SCORE_BUDGET_BYTES / (4 * b * heads * lk)).clamp(1, lq);
+    let budget = if q.device().is_cpu() { CPU_SCORE_BUDGET_BYTES } else { GPU_SCORE_BUDGET_BYTES };
+    let rows = (budget / (4 * b * heads * lk)).clamp(1, lq);
     let mut outs = Vec::with_capacity(lq.div_ceil(rows));
     let mut start = 0;
     while start < lq {

@@ -249,7 +249,7 @@ impl Vae {
     }
 
     /// Unscaled latents to images in [-1, 1] (not clamped), tiled when
-    /// [`Vae::tiling`] says so.
+    /// [`Vae::tiling`] says so. Takes and returns f32 whatever the weights' dtype.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = latents.dims4()?;
         let s = self.config.downscale();
@@ -267,7 +267,8 @@ impl Vae {
     }
 
     fn decode_whole(&self, latents: &Tensor) -> Result<Tensor> {
-        self.decoder.forward(&self.post_quant_conv.forward(latents)?)
+        let latents = latents.to_dtype(self.post_quant_conv.weight().dtype())?;
+        self.decoder.forward(&self.post_quant_conv.forward(&latents)?)?.to_dtype(candle_core::DType::F32)
     }
 
     /// Decodes `tile`-sized latent windows overlapping by `overlap`, and
@@ -322,7 +323,8 @@ impl Vae {
         let Some((encoder, quant_conv)) = &self.encoder else {
             bail!("the VAE was loaded without its encoder");
         };
-        let moments = quant_conv.forward(&encoder.forward(images)?)?;
-        Ok(moments.narrow(1, 0, self.config.latent_channels)?)
+        let images = images.to_dtype(quant_conv.weight().dtype())?;
+        let moments = quant_conv.forward(&encoder.forward(&images)?)?;
+        Ok(moments.narrow(1, 0, self.config.latent_channels)?.to_dtype(candle_core::DType::F32)?)
     }
 }

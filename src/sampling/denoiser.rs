@@ -67,7 +67,7 @@ impl<'a> UNetDenoiser<'a> {
             Some(dim) => Some(
                 crate::models::unet::guidance_embedding(c.cfg_scale as f32 - 1.0, dim, c.cond.device())?
                     .repeat((batch, 1))?
-                    .to_dtype(c.cond.dtype())?,
+                    .to_dtype(unet.dtype())?,
             ),
             None => None,
         };
@@ -75,6 +75,7 @@ impl<'a> UNetDenoiser<'a> {
             Some(u) if c.cfg_scale > 1.0 && guidance.is_none() => (Tensor::cat(&[u, &c.cond], 0)?, Some(c.cfg_scale)),
             _ => (c.cond.clone(), None),
         };
+        let context = context.to_dtype(unet.dtype())?;
         Ok(Self { unet, schedule, prediction, context, cfg_scale, extra, guidance })
     }
 }
@@ -83,18 +84,23 @@ impl Denoise for UNetDenoiser<'_> {
     fn denoise(&mut self, x: &Tensor, sigma: f32) -> anyhow::Result<Tensor> {
         let t = self.schedule.timestep(sigma);
         let c_in = (sigma * sigma + 1.0).sqrt() as f64;
+        // The sampler's latents are f32; the UNet runs in its own dtype.
+        let scaled = (x / c_in)?.to_dtype(self.unet.dtype())?;
         let input = match &self.extra {
-            Some(extra) => Tensor::cat(&[&(x / c_in)?, extra], 1)?,
-            None => (x / c_in)?,
+            Some(extra) => Tensor::cat(&[&scaled, extra], 1)?,
+            None => scaled,
+        };
+        let forward = |input: &Tensor, guidance: Option<&Tensor>| -> Result<Tensor> {
+            self.unet.forward(input, t, &self.context, guidance)?.to_dtype(x.dtype())
         };
         let out = match self.cfg_scale {
             Some(scale) => {
-                let both = self.unet.forward(&Tensor::cat(&[&input, &input], 0)?, t, &self.context, None)?;
+                let both = forward(&Tensor::cat(&[&input, &input], 0)?, None)?;
                 let b = x.dim(0)?;
                 let (uncond, cond) = (both.narrow(0, 0, b)?, both.narrow(0, b, b)?);
                 (&uncond + ((cond - &uncond)? * scale)?)?
             }
-            None => self.unet.forward(&input, t, &self.context, self.guidance.as_ref())?,
+            None => forward(&input, self.guidance.as_ref())?,
         };
         let s = sigma as f64;
         Ok(match self.prediction {

@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Analytic FLOP count (2 per multiply-add) of one UNet pass and one VAE decode
+of a diffusers folder at a given image size, from the models' config.json.
+Counts convolutions, linear layers and attention products; norms, activations
+and element-wise work are left out (well under 1 %).
+
+Usage: flops.py MODEL_DIR SIZE_PX [HEIGHT_PX]   → one JSON line (GFLOP per image)
+"""
+import json
+import sys
+from pathlib import Path
+
+
+class Count:
+    def __init__(self):
+        self.conv = self.linear = self.attention = 0
+
+    def conv2d(self, cin, cout, k, h, w):
+        self.conv += 2 * h * w * cin * cout * k * k
+
+    def dense(self, tokens, cin, cout):
+        self.linear += 2 * tokens * cin * cout
+
+    def attend(self, lq, lk, c):
+        # q·kᵀ and probs·v, all heads together.
+        self.attention += 2 * 2 * lq * lk * c
+
+    def resnet(self, cin, cout, h, w):
+        self.conv2d(cin, cout, 3, h, w)
+        self.conv2d(cout, cout, 3, h, w)
+        if cin != cout:
+            self.conv2d(cin, cout, 1, h, w)
+
+    def transformer(self, c, h, w, context_dim, context_len, linear_proj, depth=1):
+        n = h * w
+        proj = self.dense if linear_proj else (lambda t, a, b: self.conv2d(a, b, 1, h, w))
+        proj(n, c, c)
+        for _ in range(depth):
+            self.dense(n, c, 3 * c)  # self-attention q, k, v
+            self.attend(n, n, c)
+            self.dense(n, c, c)
+            self.dense(n, c, c)  # cross-attention q; k, v from the text
+            self.dense(context_len, context_dim, 2 * c)
+            self.attend(n, context_len, c)
+            self.dense(n, c, c)
+            self.dense(n, c, 8 * c)  # GEGLU: 4c value + 4c gate
+            self.dense(n, 4 * c, c)
+        proj(n, c, c)
+
+    def total(self):
+        return self.conv + self.linear + self.attention
+
+    def as_gflop(self):
+        return {k: round(v / 1e9, 1) for k, v in
+                dict(conv=self.conv, linear=self.linear, attention=self.attention, total=self.total()).items()}
+
+
+def unet(cfg, h, w, context_len=77):
+    c = Count()
+    ch = cfg["block_out_channels"]
+    layers = cfg["layers_per_block"]
+    ctx = cfg["cross_attention_dim"]
+    lin = cfg.get("use_linear_projection", False)
+    attn_down = ["CrossAttn" in t for t in cfg["down_block_types"]]
+    attn_up = ["CrossAttn" in t for t in cfg["up_block_types"]]
+    c.conv2d(cfg["in_channels"], ch[0], 3, h, w)
+    skips = [ch[0]]
+    cin = ch[0]
+    for i, cout in enumerate(ch):
+        for _ in range(layers):
+            c.resnet(cin, cout, h, w)
+            if attn_down[i]:
+                c.transformer(cout, h, w, ctx, context_len, lin)
+            cin = cout
+            skips.append(cout)
+        if i < len(ch) - 1:
+            h, w = (h + 1) // 2, (w + 1) // 2
+            c.conv2d(cout, cout, 3, h, w)
+            skips.append(cout)
+    c.resnet(cin, cin, h, w)
+    c.transformer(cin, h, w, ctx, context_len, lin)
+    c.resnet(cin, cin, h, w)
+    for i, cout in enumerate(reversed(ch)):
+        for _ in range(layers + 1):
+            c.resnet(cin + skips.pop(), cout, h, w)
+            if attn_up[i]:
+                c.transformer(cout, h, w, ctx, context_len, lin)
+            cin = cout
+        if i < len(ch) - 1:
+            h, w = h * 2, w * 2
+            c.conv2d(cout, cout, 3, h, w)
+    c.conv2d(cin, cfg["out_channels"], 3, h, w)
+    return c
+
+
+def vae_decoder(cfg, h, w):
+    c = Count()
+    ch = list(reversed(cfg["block_out_channels"]))
+    lat = cfg["latent_channels"]
+    c.conv2d(lat, lat, 1, h, w)  # post_quant_conv
+    c.conv2d(lat, ch[0], 3, h, w)
+    c.resnet(ch[0], ch[0], h, w)
+    c.dense(h * w, ch[0], 4 * ch[0])  # mid attention: q, k, v, out
+    c.attend(h * w, h * w, ch[0])
+    c.resnet(ch[0], ch[0], h, w)
+    cin = ch[0]
+    for i, cout in enumerate(ch):
+        for _ in range(cfg["layers_per_block"] + 1):
+            c.resnet(cin, cout, h, w)
+            cin = cout
+        if i < len(ch) - 1:
+            h, w = h * 2, w * 2
+            c.conv2d(cout, cout, 3, h, w)
+    c.conv2d(cin, cfg["out_channels"], 3, h, w)
+    return c
+
+
+def count(model_dir, width, height):
+    model = Path(model_dir)
+    u = json.loads((model / "unet" / "config.json").read_text())
+    v = json.loads((model / "vae" / "config.json").read_text())
+    scale = 2 ** (len(v["block_out_channels"]) - 1)
+    lh, lw = height // scale, width // scale
+    return {"size": [width, height], "unet_gflop": unet(u, lh, lw).as_gflop(),
+            "vae_decode_gflop": vae_decoder(v, lh, lw).as_gflop()}
+
+
+if __name__ == "__main__":
+    w = int(sys.argv[2])
+    print(json.dumps(count(sys.argv[1], w, int(sys.argv[3]) if len(sys.argv) > 3 else w)))

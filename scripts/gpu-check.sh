@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# The GPU check, in one run on a machine with an NVIDIA GPU (no cargo there):
+# device detection, the diffusers parity cases on CUDA in f32 and f16, and SD
+# 1.5-shaped speed against diffusers fp16 on the same card, with a table last.
+# See README, "Building with CUDA".
+#
+#   scripts/gpu-check.sh SDGEN [SDGEN ...]
+# Each SDGEN is a `--features cuda` or `cudnn` build (or one compressed as
+# NAME.xz), labelled by its file name; the first gets the full parity run.
+# Run from the repository root; diffusers must be importable for the
+# comparison. Env: OUT_DIR (logs and results; default /tmp/sdgen-gpu-check),
+# STEPS (20), SIZE (512), BATCHES ("1 4"), SUITES (sd1,samplers),
+# LIMIT (first N parity cases per suite; 0 = all), SPEED (0 skips the speed part).
+set -uo pipefail
+[ $# -ge 1 ] || { echo "usage: scripts/gpu-check.sh SDGEN [SDGEN ...]" >&2; exit 2; }
+out=${OUT_DIR:-/tmp/sdgen-gpu-check}
+steps=${STEPS:-20}; size=${SIZE:-512}; batches=${BATCHES:-1 4}; suites=${SUITES:-sd1,samplers}; limit=${LIMIT:-0}
+mkdir -p "$out"
+exec > >(tee "$out/gpu-check.log") 2>&1
+py=${PYTHON:-python3}
+results="$out/results.jsonl"
+: >"$results"
+record() { echo "$1" >>"$results"; }
+
+echo "== machine"
+date -u +%FT%TZ
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+
+# Builds link cuBLAS/cuRAND/NVRTC/cudart 13 (and cuDNN 9) dynamically: take
+# them from the Python packages' lib folders unless the loader finds them.
+libs=""
+for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcudart.so.13 libcudnn.so.9; do
+    ldconfig -p | grep -q "$lib" && continue
+    found=$(find / -xdev -name "$lib" -path '*nvidia*' 2>/dev/null | head -n 1)
+    [ -n "$found" ] && libs="$libs:$(dirname "$found")"
+done
+export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+
+builds=()
+for b in "$@"; do
+    name=$(basename "${b%.xz}")
+    if [[ "$b" == *.xz ]]; then xz -dc "$b" >"/tmp/$name" && chmod +x "/tmp/$name" && b="/tmp/$name"; fi
+    echo "== build $name"
+    ldd "$b" | grep -E "cuda|cublas|curand|nvrtc|cudnn"
+    "$b" --version
+    echo "device detection (--device auto):"
+    "$b" dev matmul-peak --device auto --size 1024 --repeat 1
+    builds+=("$b")
+done
+
+# Fixtures over 5 MB are committed in parts.
+for part in $(find tests/fixtures -name '*.part-000'); do
+    whole=${part%.part-000}
+    [ -e "$whole" ] || cat "$whole".part-* >"$whole"
+done
+
+parity() { # build dtype max mean suites
+    local name; name=$(basename "$1")
+    echo "== parity: $name on CUDA, $2 (tolerance max $3 / mean $4 levels)"
+    $py scripts/gpu_parity.py "$1" cuda "$2" "$3" "$4" --suites "$5" --limit "$limit" | tee "$out/parity-$name-$2.txt"
+    local last; last=$(tail -n 1 "$out/parity-$name-$2.txt")
+    record "{\"build\": \"$name\", \"parity\": ${last:-null}}"
+}
+for i in "${!builds[@]}"; do
+    # f32: the CPU tests' tolerance; f16: the target is a mean ≤ 2 levels.
+    if [ "$i" = 0 ]; then parity "${builds[$i]}" f32 3 0.5 "$suites"; else parity "${builds[$i]}" f32 3 0.5 sd1; fi
+    parity "${builds[$i]}" f16 255 2 sd1
+done
+echo "== the baseline: diffusers' own drift from its f32 CPU references on this card (same cases)"
+for dtype in f32 f16; do
+    $py scripts/diffusers_drift.py cuda $dtype 2>/dev/null | tee "$out/diffusers-drift-$dtype.txt"
+    last=$(tail -n 1 "$out/diffusers-drift-$dtype.txt")
+    record "{\"build\": \"diffusers\", \"parity\": ${last:-null}}"
+done
+
+echo "== f16 matrix-multiply rate, 8192³ (cuBLAS through torch, then through each build)"
+$py - <<'PY' | tee -a "$results"
+import json, torch
+a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.float16) for _ in range(2))
+for _ in range(3):
+    a @ b
+s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+times = []
+for _ in range(10):
+    s.record(); a @ b; e.record(); torch.cuda.synchronize(); times.append(s.elapsed_time(e) / 1e3)
+times.sort()
+print(json.dumps({"gemm_f16_tflops": round(2 * 8192**3 / times[len(times) // 2] / 1e12, 1), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}))
+PY
+for b in "${builds[@]}"; do
+    m=$("$b" dev matmul-peak --device cuda --dtype f16 --size 8192 --repeat 10 | tail -n 1)
+    echo "$(basename "$b"): $m"
+    record "{\"build\": \"$(basename "$b")\", \"matmul\": ${m:-null}}"
+done
+
+if [ "${SPEED:-1}" = 0 ]; then exit 0; fi
+echo "== speed: SD 1.5-shaped random weights, ${size}², $steps steps, cfg 7.5, euler, f16"
+model=/tmp/sd15-random
+[ -d "$model" ] || "${builds[0]}" dev random-model --family sd15 --out "$model" --seed 0
+record "{\"flops\": $($py scripts/flops.py "$model" "$size")}"
+# Peak device memory as nvidia-smi sees it: the same measure for both tools.
+watch_memory() {
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 >"$out/mem-$1.txt" &
+    echo $!
+}
+speed_row() { # tool batch log-file-with-json-last
+    local line; line=$(tail -n 1 "$3")
+    [[ "$line" == "{"* ]] || line=null
+    record "{\"tool\": \"$1\", \"batch\": $2, \"peak_smi_mb\": $(sort -n "$out/mem-$1-$2.txt" | tail -n 1), \"timings\": $line}"
+}
+for batch in $batches; do
+    for b in "${builds[@]}"; do
+        name=$(basename "$b")
+        w=$(watch_memory "$name-$batch")
+        "$b" --model "$model" -p "a photo of a cat" -s 1 --steps "$steps" -W "$size" -H "$size" --sampler euler \
+            --device cuda --dtype f16 --batch-size "$batch" --batch-count "$batch" --timings -q --offline \
+            -o "$out/$name-b$batch.png" 2>"$out/$name-b$batch.err"
+        kill "$w"
+        tail -n 3 "$out/$name-b$batch.err"
+        speed_row "$name" "$batch" "$out/$name-b$batch.err"
+    done
+    w=$(watch_memory "diffusers-$batch")
+    $py scripts/bench_diffusers.py "$model" tests/fixtures/tiny-sd1/tokenizer "$size" "$steps" 8 \
+        --device cuda --dtype f16 --batch "$batch" >"$out/diffusers-b$batch.out" 2>"$out/diffusers-b$batch.err"
+    kill "$w"
+    tail -n 1 "$out/diffusers-b$batch.out"
+    speed_row diffusers "$batch" "$out/diffusers-b$batch.out"
+done
+
+echo "== table"
+$py - "$results" <<'PY'
+import json, sys
+rows = []
+for line in open(sys.argv[1]):
+    try:
+        rows.append(json.loads(line))
+    except ValueError:
+        print("(unreadable result line)", line.strip()[:200])
+for r in rows:
+    p = r.get("parity")
+    if p:
+        print(f"parity {r['build']:<14} {p['dtype']}: {p['cases']} cases, worst max {p['worst_max_levels']}, "
+              f"worst mean {p['worst_mean_levels']}, average mean {p['average_mean_levels']}, failures {len(p.get('failures', []))}")
+peak = next((r["gemm_f16_tflops"] for r in rows if "gemm_f16_tflops" in r), None)
+print(f"f16 GEMM 8192³: torch {peak} TFLOP/s; " + ", ".join(
+    f"{r['build']} {r['matmul']['gflops'] / 1e3:.0f}" for r in rows if r.get("matmul")))
+unet = next((r["flops"]["unet_gflop"]["total"] for r in rows if "flops" in r), None)
+if unet:
+    print(f"UNet pass: {unet} GFLOP per image (analytic)")
+print(f"{'tool':<14}{'batch':>6}{'load s':>8}{'s/image':>9}{'UNet it/s':>11}{'TFLOP/s':>9}{'% GEMM':>8}{'decode s':>10}{'peak MiB':>10}")
+for r in rows:
+    if "tool" not in r:
+        continue
+    t, b = r["timings"], r["batch"]
+    if not t:
+        print(f"{r['tool']:<14}{b:>6}  failed")
+        continue
+    step = sorted(t["unet_steps_s"])[len(t["unet_steps_s"]) // 2]
+    tflops = unet / 1e3 * 2 * b / step if unet else 0  # two UNet passes per image and step (CFG)
+    pct = f"{100 * tflops / peak:.0f}" if peak else "-"
+    per_image = (t["total_s"] - t["load_s"]) / b
+    print(f"{r['tool']:<14}{b:>6}{t['load_s']:>8.2f}{per_image:>9.3f}{1 / step:>11.2f}{tflops:>9.1f}{pct:>8}"
+          f"{t['vae_decode_s']:>10.3f}{r['peak_smi_mb']:>10}")
+PY
