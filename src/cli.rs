@@ -246,8 +246,9 @@ pub struct Common {
     /// Also list the checkpoint tensors the model did not use.
     #[arg(long, short)]
     pub verbose: bool,
-    /// Decode the image in overlapping tiles to bound memory: auto (above
-    /// ~800² on SD models), on or off. Tiles differ slightly from a whole decode.
+    /// Decode (and, for img2img/inpaint, encode) in overlapping tiles to bound
+    /// memory: auto (above ~800² on SD models), on or off. Tiles differ
+    /// slightly from a whole pass.
     #[arg(long, value_name = "auto|on|off", default_value = "auto")]
     pub vae_tiling: String,
     /// Print per-phase timings (load, text encoding, each UNet step, VAE

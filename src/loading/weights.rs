@@ -2,15 +2,18 @@
 //! checkpoint names by a [`NameMap`], every tensor is shape-checked, and the
 //! checkpoint tensors that no model asked for are counted.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
+use safetensors::tensor::TensorInfo;
+use safetensors::SafeTensors;
 
 /// How a checkpoint tensor becomes the model's tensor.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -85,36 +88,72 @@ pub fn refuse_pickle(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One or more memory-mapped safetensors files read as one set of tensors.
+/// One or more safetensors files read as one set of tensors.
+///
+/// Tensors are read with `pread`, not through a memory map: candle's CPU
+/// tensors own their memory (and usually change dtype), so mapped file pages
+/// would only add the file's size to the peak RSS while loading.
 pub struct Checkpoint {
-    files: MmapedSafetensors,
+    files: Vec<File>,
+    /// Name → (index in `files`, where its data starts in that file, layout).
+    tensors: HashMap<String, (usize, u64, TensorInfo)>,
     label: String,
     used: Mutex<HashSet<String>>,
 }
 
 impl Checkpoint {
     pub fn open(paths: &[PathBuf]) -> anyhow::Result<Arc<Self>> {
-        for p in paths {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut tensors = HashMap::new();
+        for (i, p) in paths.iter().enumerate() {
             refuse_pickle(p)?;
-            let meta = std::fs::metadata(p).with_context(|| format!("{}: cannot read", p.display()))?;
-            if meta.len() < 8 {
-                bail!("{}: not a safetensors file (only {} bytes)", p.display(), meta.len());
+            let file = File::open(p).with_context(|| format!("{}: cannot read", p.display()))?;
+            let len = file.metadata().with_context(|| format!("{}: cannot read", p.display()))?.len();
+            if len < 8 {
+                bail!("{}: not a safetensors file (only {len} bytes)", p.display());
             }
+            // SAFETY: mapped read-only and only for the header check, which
+            // touches the header pages alone; the map is gone before any
+            // tensor is read.
+            let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{}: cannot read", p.display()))?;
+            let (header, metadata) = SafeTensors::read_metadata(&map)
+                .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", p.display()))?;
+            let data_start = 8 + header as u64;
+            for (name, info) in metadata.tensors() {
+                if tensors.insert(name.clone(), (i, data_start, info.clone())).is_some() {
+                    bail!("{}: tensor `{name}` is also in another shard", p.display());
+                }
+            }
+            files.push(file);
         }
-        // SAFETY: the files are mapped read-only; as with every mmap, a file
-        // truncated by another process while we run would fault.
-        let files = unsafe { MmapedSafetensors::multi(paths) }.map_err(|e| match e {
-            candle_core::Error::WithPath { inner, path } => {
-                anyhow::anyhow!("{}: not a valid safetensors file: {inner}", path.display())
-            }
-            other => anyhow::anyhow!("{}: {other}", paths[0].display()),
-        })?;
         let label = match paths {
             [one] => one.display().to_string(),
             [first, ..] => format!("{} (+{} shards)", first.display(), paths.len() - 1),
             [] => bail!("no weight files given"),
         };
-        Ok(Arc::new(Self { files, label, used: Mutex::new(HashSet::new()) }))
+        Ok(Arc::new(Self { files, tensors, label, used: Mutex::new(HashSet::new()) }))
+    }
+
+    /// Reads one tensor as stored (on the CPU).
+    fn read(&self, name: &str, info: &(usize, u64, TensorInfo)) -> candle_core::Result<Tensor> {
+        let (file, start, info) = info;
+        let (begin, end) = info.data_offsets;
+        let mut bytes = vec![0u8; end - begin];
+        self.files[*file]
+            .read_exact_at(&mut bytes, start + begin as u64)
+            .map_err(|e| candle_core::Error::Msg(format!("{}: cannot read tensor `{name}`: {e}", self.label)))?;
+        let dtype = match info.dtype {
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F32 => DType::F32,
+            other => {
+                return Err(candle_core::Error::Msg(format!(
+                    "{}: tensor `{name}` has dtype {other:?}; model weights must be f32, f16 or bf16",
+                    self.label
+                )))
+            }
+        };
+        Tensor::from_raw_buffer(&bytes, dtype, &info.shape, &Device::Cpu)
     }
 
     pub fn label(&self) -> &str {
@@ -123,13 +162,13 @@ impl Checkpoint {
 
     /// Names and shapes of every tensor in the files.
     pub fn shapes(&self) -> Vec<(String, Vec<usize>)> {
-        self.files.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec())).collect()
+        self.tensors.iter().map(|(n, (_, _, info))| (n.clone(), info.shape.clone())).collect()
     }
 
     /// The stored names that no model has asked for so far.
     pub fn unused(&self) -> BTreeSet<String> {
         let used = self.used.lock().expect("lock");
-        self.files.tensors().into_iter().map(|(n, _)| n).filter(|n| !used.contains(n)).collect()
+        self.tensors.keys().filter(|n| !used.contains(*n)).cloned().collect()
     }
 
     /// A `VarBuilder` reading this checkpoint through `map`, converting to `dtype`.
@@ -158,10 +197,10 @@ impl Component {
         let (stored, transform) = self.map.rename(name).ok_or_else(|| {
             candle_core::Error::Msg(format!("{label}: no checkpoint name for {what} tensor `{name}`"))
         })?;
-        let view = self.ckpt.files.get(&stored).map_err(|_| {
+        let entry = self.ckpt.tensors.get(&stored).ok_or_else(|| {
             candle_core::Error::Msg(format!("{label}: missing tensor `{stored}` (needed by the {what} as `{name}`)"))
         })?;
-        let stored_shape = view.shape().to_vec();
+        let stored_shape = entry.2.shape.clone();
         let expected: Option<Vec<usize>> = shape.map(|s| s.dims().to_vec());
         let fits = match (&expected, transform) {
             (None, _) => true,
@@ -177,13 +216,7 @@ impl Component {
                 expected.unwrap_or_default()
             )));
         }
-        if !matches!(view.dtype(), safetensors::Dtype::F16 | safetensors::Dtype::BF16 | safetensors::Dtype::F32) {
-            return Err(candle_core::Error::Msg(format!(
-                "{label}: tensor `{stored}` has dtype {:?}; model weights must be f32, f16 or bf16",
-                view.dtype()
-            )));
-        }
-        let t = self.ckpt.files.load(&stored, dev)?.to_dtype(dtype)?;
+        let t = self.ckpt.read(&stored, entry)?.to_dtype(dtype)?.to_device(dev)?;
         self.ckpt.used.lock().expect("lock").insert(stored);
         match expected {
             Some(e) if t.dims() != e.as_slice() => t.reshape(e),
@@ -202,6 +235,6 @@ impl SimpleBackend for Component {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.map.rename(name).is_some_and(|(n, _)| self.ckpt.files.get(&n).is_ok())
+        self.map.rename(name).is_some_and(|(n, _)| self.ckpt.tensors.contains_key(&n))
     }
 }

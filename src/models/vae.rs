@@ -197,11 +197,11 @@ pub struct Vae {
     post_quant_conv: Conv2d,
     encoder: Option<(Encoder, Conv2d)>,
     pub config: VaeConfig,
-    /// Decode in overlapping tiles: always, or when the image is large.
+    /// Decode and encode in overlapping tiles: always, or when the image is large.
     pub tiling: Tiling,
 }
 
-/// When to decode in tiles.
+/// When to decode and encode in tiles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tiling {
     /// When the last up-block's 3×3 convolutions would need more than
@@ -253,13 +253,7 @@ impl Vae {
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = latents.dims4()?;
         let s = self.config.downscale();
-        let im2col = (h * s) * (w * s) * self.config.block_out_channels[0] * 9 * 4;
-        let tile = match self.tiling {
-            Tiling::Always => true,
-            Tiling::Never => false,
-            Tiling::Auto => im2col > AUTO_TILING_BYTES,
-        };
-        if tile && (h > TILE || w > TILE) {
+        if self.tiles(h * s * w * s, h, w) {
             self.decode_tiled(latents, TILE, OVERLAP)
         } else {
             self.decode_whole(latents)
@@ -268,7 +262,7 @@ impl Vae {
 
     fn decode_whole(&self, latents: &Tensor) -> Result<Tensor> {
         let latents = latents.to_dtype(self.post_quant_conv.weight().dtype())?;
-        self.decoder.forward(&self.post_quant_conv.forward(&latents)?)?.to_dtype(candle_core::DType::F32)
+        self.decoder.forward(&self.post_quant_conv.forward(&latents)?)?.to_dtype(DType::F32)
     }
 
     /// Decodes `tile`-sized latent windows overlapping by `overlap`, and
@@ -277,8 +271,33 @@ impl Vae {
     /// whole decode because the decoder's group norms and attention see one
     /// tile at a time.
     pub fn decode_tiled(&self, latents: &Tensor, tile: usize, overlap: usize) -> Result<Tensor> {
-        let (b, _, h, w) = latents.dims4()?;
-        let s = self.config.downscale();
+        let (s, out) = (self.config.downscale(), self.config.out_channels);
+        self.tiled(latents, tile, overlap, (1, s), out, |x| self.decode_whole(x))
+    }
+
+    /// The encoder's counterpart of [`Vae::decode_tiled`] (`tile` and
+    /// `overlap` in latents): images to unscaled posterior means.
+    pub fn encode_tiled(&self, images: &Tensor, tile: usize, overlap: usize) -> anyhow::Result<Tensor> {
+        let (s, l) = (self.config.downscale(), self.config.latent_channels);
+        let encode = |x: &Tensor| self.encode_whole(x).map_err(|e| candle_core::Error::Msg(format!("{e:#}")));
+        Ok(self.tiled(images, tile, overlap, (s, 1), l, encode)?)
+    }
+
+    /// Runs `f` over windows of `x` that are `tile` latents wide and overlap
+    /// by at least `overlap`, blending the outputs. `per_latent` is how many
+    /// input and output pixels make one latent (decode: 1 and 8; encode: 8
+    /// and 1).
+    fn tiled(
+        &self,
+        x: &Tensor,
+        tile: usize,
+        overlap: usize,
+        (per_in, per_out): (usize, usize),
+        out_channels: usize,
+        f: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
+        let (h, w) = (h / per_in, w / per_in);
         // As few tiles as keep every overlap ≥ `overlap`, spread evenly.
         let starts = |len: usize| -> Vec<usize> {
             if len <= tile {
@@ -289,42 +308,69 @@ impl Vae {
         };
         // Weight along one axis of a tile: ramps at edges shared with a neighbour.
         let ramp = |start: usize, size: usize, len: usize| -> Vec<f32> {
-            let edge = (overlap * s).max(1) as f32;
-            (0..size * s)
+            let edge = (overlap * per_out).max(1) as f32;
+            (0..size * per_out)
                 .map(|p| {
                     let rise = if start > 0 { ((p as f32 + 0.5) / edge).min(1.0) } else { 1.0 };
-                    let fall = if start + size < len { (((size * s - p) as f32 - 0.5) / edge).min(1.0) } else { 1.0 };
+                    let fall =
+                        if start + size < len { (((size * per_out - p) as f32 - 0.5) / edge).min(1.0) } else { 1.0 };
                     rise.min(fall)
                 })
                 .collect()
         };
-        let dev = latents.device();
-        let mut acc = Tensor::zeros((b, self.config.out_channels, h * s, w * s), DType::F32, dev)?;
-        let mut total = Tensor::zeros((1, 1, h * s, w * s), DType::F32, dev)?;
+        let dev = x.device();
+        let (oh, ow) = (h * per_out, w * per_out);
+        let mut acc = Tensor::zeros((b, out_channels, oh, ow), DType::F32, dev)?;
+        let mut total = Tensor::zeros((1, 1, oh, ow), DType::F32, dev)?;
         for &y0 in &starts(h) {
             for &x0 in &starts(w) {
                 let (th, tw) = (tile.min(h), tile.min(w));
-                let part = self.decode_whole(&latents.narrow(2, y0, th)?.narrow(3, x0, tw)?)?.to_dtype(DType::F32)?;
-                let wy = Tensor::from_vec(ramp(y0, th, h), (th * s, 1), dev)?;
-                let wx = Tensor::from_vec(ramp(x0, tw, w), (1, tw * s), dev)?;
-                let weight = wy.broadcast_mul(&wx)?.reshape((1, 1, th * s, tw * s))?;
-                let (ys, xs) = (y0 * s..(y0 + th) * s, x0 * s..(x0 + tw) * s);
-                let region = |t: &Tensor| t.narrow(2, y0 * s, th * s)?.narrow(3, x0 * s, tw * s);
+                let window = x.narrow(2, y0 * per_in, th * per_in)?.narrow(3, x0 * per_in, tw * per_in)?;
+                let part = f(&window)?.to_dtype(DType::F32)?;
+                let wy = Tensor::from_vec(ramp(y0, th, h), (th * per_out, 1), dev)?;
+                let wx = Tensor::from_vec(ramp(x0, tw, w), (1, tw * per_out), dev)?;
+                let weight = wy.broadcast_mul(&wx)?.reshape((1, 1, th * per_out, tw * per_out))?;
+                let (ys, xs) = (y0 * per_out..(y0 + th) * per_out, x0 * per_out..(x0 + tw) * per_out);
+                let region =
+                    |t: &Tensor| t.narrow(2, y0 * per_out, th * per_out)?.narrow(3, x0 * per_out, tw * per_out);
                 let weighted = (region(&acc)? + part.broadcast_mul(&weight)?)?;
-                acc = acc.slice_assign(&[0..b, 0..self.config.out_channels, ys.clone(), xs.clone()], &weighted)?;
+                acc = acc.slice_assign(&[0..b, 0..out_channels, ys.clone(), xs.clone()], &weighted)?;
                 total = total.slice_assign(&[0..1, 0..1, ys, xs], &(region(&total)? + weight)?)?;
             }
         }
-        acc.broadcast_div(&total)?.to_dtype(latents.dtype())
+        acc.broadcast_div(&total)
     }
 
-    /// Images in [-1, 1] to the posterior mean (unscaled latents).
+    /// Whether a full-resolution pass at `pixels` would pass the auto-tiling
+    /// memory bound (the largest im2col buffer, at the first/last block).
+    fn tiles(&self, pixels: usize, latents_h: usize, latents_w: usize) -> bool {
+        let im2col = pixels * self.config.block_out_channels[0] * 9 * 4;
+        let tile = match self.tiling {
+            Tiling::Always => true,
+            Tiling::Never => false,
+            Tiling::Auto => im2col > AUTO_TILING_BYTES,
+        };
+        tile && (latents_h > TILE || latents_w > TILE)
+    }
+
+    /// Images in [-1, 1] to the posterior mean (unscaled latents), tiled
+    /// when [`Vae::tiling`] says so. Takes any dtype, returns f32.
     pub fn encode_mean(&self, images: &Tensor) -> anyhow::Result<Tensor> {
+        let (_, _, h, w) = images.dims4()?;
+        let s = self.config.downscale();
+        if self.tiles(h * w, h / s, w / s) {
+            self.encode_tiled(images, TILE, OVERLAP)
+        } else {
+            self.encode_whole(images)
+        }
+    }
+
+    fn encode_whole(&self, images: &Tensor) -> anyhow::Result<Tensor> {
         let Some((encoder, quant_conv)) = &self.encoder else {
             bail!("the VAE was loaded without its encoder");
         };
         let images = images.to_dtype(quant_conv.weight().dtype())?;
         let moments = quant_conv.forward(&encoder.forward(&images)?)?;
-        Ok(moments.narrow(1, 0, self.config.latent_channels)?.to_dtype(candle_core::DType::F32)?)
+        Ok(moments.narrow(1, 0, self.config.latent_channels)?.to_dtype(DType::F32)?)
     }
 }
