@@ -80,17 +80,26 @@ def unet(cfg, h, w, context_len=77):
     c.resnet(cin, cin, h, w)
     c.transformer(cin, h, w, ctx, context_len, lin)
     c.resnet(cin, cin, h, w)
-    for i, cout in enumerate(reversed(ch)):
-        for _ in range(layers + 1):
-            c.resnet(cin + skips.pop(), cout, h, w)
-            if attn_up[i]:
-                c.transformer(cout, h, w, ctx, context_len, lin)
-            cin = cout
-        if i < len(ch) - 1:
-            h, w = h * 2, w * 2
-            c.conv2d(cout, cout, 3, h, w)
+    def up_block(i, cin, cout, h, w):
+        c.resnet(cin + skips.pop(), cout, h, w)
+        if attn_up[i]:
+            c.transformer(cout, h, w, ctx, context_len, lin)
+
+    cin, h, w = up_path(c, list(reversed(ch)), layers + 1, cin, h, w, up_block)
     c.conv2d(cin, cfg["out_channels"], 3, h, w)
     return c
+
+
+def up_path(c, channels, per_level, cin, h, w, block):
+    """Levels of `per_level` blocks, each level but the last followed by a 2× upsampling conv."""
+    for i, cout in enumerate(channels):
+        for _ in range(per_level):
+            block(i, cin, cout, h, w)
+            cin = cout
+        if i < len(channels) - 1:
+            h, w = h * 2, w * 2
+            c.conv2d(cout, cout, 3, h, w)
+    return cin, h, w
 
 
 def vae_decoder(cfg, h, w):
@@ -103,14 +112,7 @@ def vae_decoder(cfg, h, w):
     c.dense(h * w, ch[0], 4 * ch[0])  # mid attention: q, k, v, out
     c.attend(h * w, h * w, ch[0])
     c.resnet(ch[0], ch[0], h, w)
-    cin = ch[0]
-    for i, cout in enumerate(ch):
-        for _ in range(cfg["layers_per_block"] + 1):
-            c.resnet(cin, cout, h, w)
-            cin = cout
-        if i < len(ch) - 1:
-            h, w = h * 2, w * 2
-            c.conv2d(cout, cout, 3, h, w)
+    cin, h, w = up_path(c, ch, cfg["layers_per_block"] + 1, ch[0], h, w, lambda i, a, b, h, w: c.resnet(a, b, h, w))
     c.conv2d(cin, cfg["out_channels"], 3, h, w)
     return c
 

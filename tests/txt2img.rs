@@ -31,6 +31,11 @@ fn cases() -> Vec<Case> {
 }
 
 fn generate(model: &std::path::Path, case: &Case, out: &std::path::Path) -> image::RgbImage {
+    generate_with(model, case, out, &[])
+}
+
+/// [`generate`] with more options after the case's own.
+fn generate_with(model: &std::path::Path, case: &Case, out: &std::path::Path, extra: &[&str]) -> image::RgbImage {
     let job = Job {
         model,
         prompt: &case.prompt,
@@ -41,8 +46,10 @@ fn generate(model: &std::path::Path, case: &Case, out: &std::path::Path) -> imag
         sampler: &case.sampler,
         out,
     };
-    let size = ["--width".to_string(), case.width.to_string(), "--height".to_string(), case.height.to_string()];
-    job.run(&size, &case.name)
+    let mut before =
+        vec!["--width".to_string(), case.width.to_string(), "--height".to_string(), case.height.to_string()];
+    before.extend(extra.iter().map(|s| s.to_string()));
+    job.run(&before, &case.name)
 }
 
 #[test]
@@ -206,19 +213,7 @@ fn f16_stays_near_the_f32_reference() {
         cases().iter().filter(|c| ["cat_euler_a", "fox_euler", "fox_ddim_20_bigseed"].contains(&c.name.as_str()))
     {
         let out = dir.path().join(format!("{}.png", case.name));
-        let job = Job {
-            model: &folder,
-            prompt: &case.prompt,
-            negative_prompt: case.negative_prompt.as_deref().unwrap_or(""),
-            seed: case.seed,
-            steps: case.steps,
-            cfg_scale: case.cfg_scale,
-            sampler: &case.sampler,
-            out: &out,
-        };
-        let size = ["--width", &case.width.to_string(), "--height", &case.height.to_string(), "--dtype", "f16"]
-            .map(String::from);
-        let ours = job.run(&size, &case.name);
+        let ours = generate_with(&folder, case, &out, &["--dtype", "f16"]);
         let (max, mean) = level_diff(&ours, &read_rgb(&fixture(&format!("reference/sd1/{}", case.png))));
         eprintln!("{:<24} f16: max {max} mean {mean:.3}", case.name);
         assert!(max > 0, "{}: f16 gave the f32 image exactly; did it run in f16?", case.name);
