@@ -470,7 +470,7 @@ pub fn run(
         if manifest.is_done(opts.out_dir, &p.file) {
             summary.skipped += 1;
         } else {
-            todo.push((p, p.request(model.family.native_size())?));
+            todo.push((p, p.request(model.native_size())?));
         }
     }
     let total = planned.len();

@@ -233,6 +233,10 @@ pub struct Common {
     /// f32, f16 or bf16 [default: f32 on CPU, f16 on GPU].
     #[arg(long)]
     pub dtype: Option<String>,
+    /// What the UNet predicts: eps or v [default: the folder's scheduler
+    /// config; for SD 2.x single files, detected from the weights].
+    #[arg(long, value_name = "eps|v")]
+    pub prediction: Option<String>,
     /// Output PNG; with --batch-count N > 1, NAME-0.png … NAME-(N-1).png
     /// [default: sdgen.png; for replay, IMAGE-replay.png].
     #[arg(long, short)]

@@ -18,6 +18,7 @@ use sdgen::infotext::Parameters;
 use sdgen::loading::locate::{locate, Located};
 use sdgen::loading::Model;
 use sdgen::pipeline::{Event, Init, Request};
+use sdgen::sampling::denoiser::Prediction;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -216,8 +217,12 @@ fn load(args: &Common, path: PathBuf, device: candle_core::Device) -> anyhow::Re
     let dtype = sdgen::device::parse_dtype(args.dtype.as_deref(), &device)?;
     let loading = spinner(args.quiet, "loading model");
     let tiling = sdgen::models::vae::Tiling::parse(&args.vae_tiling)?;
+    let prediction = args.prediction.as_deref().map(Prediction::parse).transpose().context("--prediction")?;
     let mut model = Model::load(&path, &device, dtype)?;
     model.vae.tiling = tiling;
+    if let Some(p) = prediction {
+        model.prediction = p;
+    }
     let hash = model.hash()?;
     loading.finish_and_clear();
     if !args.quiet {
@@ -226,7 +231,12 @@ fn load(args: &Common, path: PathBuf, device: candle_core::Device) -> anyhow::Re
             (n, false) => format!("; {n} stored tensors unused (--verbose lists them)"),
             (n, true) => format!("; {n} stored tensors unused:"),
         };
-        eprintln!("loaded {} ({}){unused}", path.display(), model.family.name());
+        eprintln!(
+            "loaded {} ({}, {}-prediction){unused}",
+            path.display(),
+            model.family.name(),
+            model.prediction.name()
+        );
         if args.verbose {
             for name in &model.unused {
                 eprintln!("  {name}");
@@ -327,8 +337,8 @@ fn run_single(args: &Common, init: Init) -> anyhow::Result<()> {
     let Loaded { model, hash, device } = load(args, resolve_model(args)?, device)?;
     let mut timings = Timings { load: load_started.elapsed().as_secs_f64(), ..Timings::default() };
     if !fixed_size {
-        request.width = args.width.unwrap_or(model.family.native_size());
-        request.height = args.height.unwrap_or(model.family.native_size());
+        request.width = args.width.unwrap_or(model.native_size());
+        request.height = args.height.unwrap_or(model.native_size());
     }
     let outs = output_paths(&out, count);
     for (c, chunk) in outs.chunks(batch_size).enumerate() {

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 
 use super::weights::{Checkpoint, NameMap};
 use super::{model_name, Family, Model};
-use crate::models::clip::{ClipConfig, ClipTextModel};
+use crate::models::clip::{Activation, ClipConfig, ClipTextModel};
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{Vae, VaeConfig};
 use crate::sampling::denoiser::Prediction;
@@ -86,8 +86,10 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<Model> 
     let tok_dir = dir.join("tokenizer");
     let tokenizer = if tok_dir.is_dir() { ClipTokenizer::from_dir(&tok_dir)? } else { ClipTokenizer::embedded()? };
     let unused = [&te, &unet_ckpt, &vae_ckpt].iter().flat_map(|c| c.unused()).collect();
+    // SD 2.x's OpenCLIP text tower uses exact GELU; SD 1.x's CLIP quick GELU.
+    let family = if clip_cfg.hidden_act == Activation::Gelu { Family::Sd2 } else { Family::Sd1 };
     Ok(Model {
-        family: Family::Sd1,
+        family,
         name: model_name(dir),
         hash_file: unet_files[0].clone(),
         tokenizer,

@@ -16,6 +16,8 @@ pub const UNET_PREFIX: &str = "model.diffusion_model.";
 pub const VAE_PREFIX: &str = "first_stage_model.";
 /// SD 1.x text encoders; older transformers versions stored no `text_model.`.
 pub const CLIP_PREFIXES: &[&str] = &["cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."];
+/// SD 2.x: the OpenCLIP ViT-H text tower, in open_clip's own names.
+pub const OPENCLIP_PREFIX: &str = "cond_stage_model.model.";
 
 use Transform::{Conv1x1ToLinear as Squeeze, None as Keep};
 
@@ -50,6 +52,22 @@ const UNET_TOP: &[(&str, &str, Transform)] = &[
     ("conv_norm_out.", "out.0.", Keep),
     ("conv_out.", "out.2.", Keep),
 ];
+
+/// One OpenCLIP residual block as a CLIP encoder layer.
+const OPENCLIP_LAYER: &[(&str, &str, Transform)] = &[
+    ("layer_norm1.", "ln_1.", Keep),
+    ("layer_norm2.", "ln_2.", Keep),
+    ("self_attn.q_proj.", "attn.in_proj_", Transform::Rows { index: 0, parts: 3 }),
+    ("self_attn.k_proj.", "attn.in_proj_", Transform::Rows { index: 1, parts: 3 }),
+    ("self_attn.v_proj.", "attn.in_proj_", Transform::Rows { index: 2, parts: 3 }),
+    ("self_attn.out_proj.", "attn.out_proj.", Keep),
+    ("mlp.fc1.", "mlp.c_fc.", Keep),
+    ("mlp.fc2.", "mlp.c_proj.", Keep),
+];
+
+/// OpenCLIP's embeddings; the positional one is a bare tensor.
+const OPENCLIP_EMBEDDINGS: &[(&str, &str, Transform)] =
+    &[("token_embedding.", "token_embedding.", Keep), ("position_embedding.weight", "positional_embedding", Keep)];
 
 /// Top-level VAE layers (same on both halves).
 const VAE_TOP: &[(&str, &str, Transform)] = &[("conv_norm_out.", "norm_out.", Keep)];
@@ -124,6 +142,19 @@ pub fn vae_names(cfg: &VaeConfig) -> NameMap {
         rules.push(rule(format!("decoder.up_blocks.{i}.upsamplers.0."), format!("{p}decoder.up.{k}.upsample."), &[]));
     }
     rules.push(rule(String::new(), p.to_string(), &[]));
+    NameMap::new(rules)
+}
+
+/// The OpenCLIP text tower's table, for a CLIP text model of `layers` layers.
+pub fn openclip_names(layers: usize) -> NameMap {
+    let p = OPENCLIP_PREFIX;
+    let mut rules = vec![
+        rule("embeddings.".into(), p.to_string(), OPENCLIP_EMBEDDINGS),
+        rule("final_layer_norm.".into(), format!("{p}ln_final."), &[]),
+    ];
+    for i in 0..layers {
+        rules.push(rule(format!("encoder.layers.{i}."), format!("{p}transformer.resblocks.{i}."), OPENCLIP_LAYER));
+    }
     NameMap::new(rules)
 }
 
@@ -227,6 +258,8 @@ pub fn infer_unet(t: &Tensors) -> anyhow::Result<UNetConfig> {
         norm_num_groups: 32,
         norm_eps: 1e-5,
         use_linear_projection: linear_projection,
+        // As SD 2.1 needs in f16 (only more exact for others); nothing changes in f32.
+        upcast_attention: linear_projection,
         transformer_layers_per_block: PerBlock::Each(depth),
         flip_sin_to_cos: true,
         freq_shift: 0,
@@ -276,6 +309,35 @@ pub fn infer_clip(t: &Tensors, prefix: &str, act: Activation) -> anyhow::Result<
         num_attention_heads: hidden / 64,
         max_position_embeddings: t.dim(&format!("{prefix}embeddings.position_embedding.weight"), 0)?,
         hidden_act: act,
+        layer_norm_eps: 1e-5,
+    })
+}
+
+/// SD 2.x's text encoder config from OpenCLIP names. SD 2.x conditions on the
+/// penultimate block's output (then `ln_final`), so the model gets one layer
+/// fewer than the checkpoint stores; the last block is left unused.
+pub fn infer_openclip(t: &Tensors) -> anyhow::Result<ClipConfig> {
+    let p = OPENCLIP_PREFIX;
+    let tok = t.shape(&format!("{p}token_embedding.weight"))?;
+    if tok.len() != 2 {
+        bail!("`{p}token_embedding.weight` has shape {tok:?}, expected 2 dims");
+    }
+    let hidden = tok[1];
+    if hidden % 64 != 0 {
+        bail!("text encoder width {hidden} is not a multiple of 64");
+    }
+    let blocks = t.count(&format!("{p}transformer.resblocks."));
+    if blocks < 2 {
+        bail!("the OpenCLIP text encoder has {blocks} blocks; SD 2.x needs at least 2 (it uses the penultimate)");
+    }
+    Ok(ClipConfig {
+        vocab_size: tok[0],
+        hidden_size: hidden,
+        intermediate_size: t.dim(&format!("{p}transformer.resblocks.0.mlp.c_fc.weight"), 0)?,
+        num_hidden_layers: blocks - 1,
+        num_attention_heads: hidden / 64,
+        max_position_embeddings: t.dim(&format!("{p}positional_embedding"), 0)?,
+        hidden_act: Activation::Gelu,
         layer_norm_eps: 1e-5,
     })
 }

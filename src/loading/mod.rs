@@ -26,27 +26,33 @@ use crate::tokenizer::ClipTokenizer;
 /// Model families sdgen can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
+    /// CLIP ViT-L text encoder (quick GELU).
     Sd1,
+    /// OpenCLIP ViT-H text encoder (GELU, penultimate layer, `!` padding).
+    Sd2,
 }
 
 impl Family {
     pub fn name(self) -> &'static str {
         match self {
             Family::Sd1 => "SD 1.x",
+            Family::Sd2 => "SD 2.x",
         }
     }
 
-    /// The image side the family was trained at.
-    pub fn native_size(self) -> usize {
-        match self {
-            Family::Sd1 => 512,
+    /// The image side the family was trained at: SD 2.x's v-prediction
+    /// models at 768, its ε (base) models at 512.
+    pub fn native_size(self, prediction: Prediction) -> usize {
+        match (self, prediction) {
+            (Family::Sd2, Prediction::V) => 768,
+            _ => 512,
         }
     }
 
     /// VAE latent scaling factor when no config says otherwise.
     pub fn vae_scaling(self) -> f64 {
         match self {
-            Family::Sd1 => 0.18215,
+            Family::Sd1 | Family::Sd2 => 0.18215,
         }
     }
 }
@@ -70,6 +76,11 @@ pub struct Model {
 }
 
 impl Model {
+    /// The default image side for this model.
+    pub fn native_size(&self) -> usize {
+        self.family.native_size(self.prediction)
+    }
+
     /// Loads a single `.safetensors` checkpoint or a diffusers folder.
     pub fn load(path: &Path, device: &Device, dtype: DType) -> anyhow::Result<Self> {
         if path.is_dir() {
@@ -121,8 +132,6 @@ pub fn model_name(path: &Path) -> String {
 fn not_a_checkpoint(path: &Path, t: &ldm::Tensors) -> anyhow::Error {
     let what = if t.any_with_prefix("conditioner.embedders.") {
         "an SDXL checkpoint (not supported yet)"
-    } else if t.any_with_prefix("cond_stage_model.model.") {
-        "an SD 2.x checkpoint (not supported yet)"
     } else if t.any_with_prefix("lora_") || t.any_with_prefix("lora_unet_") {
         "a LoRA, not a full model"
     } else if t.any_with_prefix("encoder.") && t.any_with_prefix("decoder.") {
@@ -139,33 +148,60 @@ fn load_single_file(path: &Path, device: &Device, dtype: DType) -> anyhow::Resul
     if !tensors.has(&format!("{}input_blocks.0.0.weight", ldm::UNET_PREFIX)) {
         return Err(not_a_checkpoint(path, &tensors));
     }
-    let Some(clip_prefix) =
-        ldm::CLIP_PREFIXES.iter().find(|p| tensors.has(&format!("{p}embeddings.token_embedding.weight")))
-    else {
-        return Err(not_a_checkpoint(path, &tensors));
-    };
-    let family = Family::Sd1;
     let at = |what: &str| format!("{}: {what}", path.display());
-    let clip_cfg = ldm::infer_clip(&tensors, clip_prefix, crate::models::clip::Activation::QuickGelu)
-        .with_context(|| at("text encoder"))?;
+    let clip_prefix = ldm::CLIP_PREFIXES.iter().find(|p| tensors.has(&format!("{p}embeddings.token_embedding.weight")));
+    let (family, clip_cfg, clip_names, tokenizer) = match clip_prefix {
+        Some(prefix) => {
+            let cfg = ldm::infer_clip(&tensors, prefix, crate::models::clip::Activation::QuickGelu)
+                .with_context(|| at("text encoder"))?;
+            (Family::Sd1, cfg, weights::NameMap::prefixed(prefix), ClipTokenizer::embedded()?)
+        }
+        None if tensors.has(&format!("{}token_embedding.weight", ldm::OPENCLIP_PREFIX)) => {
+            let cfg = ldm::infer_openclip(&tensors).with_context(|| at("text encoder"))?;
+            let names = ldm::openclip_names(cfg.num_hidden_layers);
+            // SD 2.x pads prompts with `!` (id 0), not with the end token.
+            (Family::Sd2, cfg, names, ClipTokenizer::embedded()?.with_pad_id(0))
+        }
+        None => return Err(not_a_checkpoint(path, &tensors)),
+    };
     let unet_cfg = ldm::infer_unet(&tensors).with_context(|| at("UNet"))?;
     let vae_cfg = ldm::infer_vae(&tensors, family.vae_scaling()).with_context(|| at("VAE"))?;
-    let text_encoder = ClipTextModel::new(
-        &clip_cfg,
-        ckpt.var_builder(weights::NameMap::prefixed(clip_prefix), "text encoder", dtype, device),
-    )?;
+    let text_encoder = ClipTextModel::new(&clip_cfg, ckpt.var_builder(clip_names, "text encoder", dtype, device))?;
     let unet = UNet::new(&unet_cfg, ckpt.var_builder(ldm::unet_names(&unet_cfg), "UNet", dtype, device))?;
     let vae = Vae::new(&vae_cfg, true, ckpt.var_builder(ldm::vae_names(&vae_cfg), "VAE", dtype, device))?;
+    let (scheduler, prediction) = match family {
+        Family::Sd1 => (SchedulerConfig::sd15(), Prediction::Epsilon),
+        Family::Sd2 => (SchedulerConfig::sd21(), detect_prediction(&unet).with_context(|| at("UNet"))?),
+    };
     Ok(Model {
         family,
         name: model_name(path),
         hash_file: path.to_path_buf(),
-        tokenizer: ClipTokenizer::embedded()?,
+        tokenizer,
         text_encoder,
         unet,
         vae,
-        scheduler: SchedulerConfig::sd15(),
-        prediction: Prediction::Epsilon,
+        scheduler,
+        prediction,
         unused: ckpt.unused(),
     })
+}
+
+/// Whether a single-file SD 2.x UNet predicts v or ε, which the file does not
+/// say. The rule A1111 and stable-diffusion.cpp use: run the UNet once on a
+/// sample of 0.5 everywhere (1×C×8×8) at t = 999 with a context of 0.5
+/// everywhere (two tokens); v-prediction when mean(output − sample) < −1
+/// (a v model predicts about −x₀-ish values there, an ε model about 0).
+pub fn detect_prediction(unet: &UNet) -> anyhow::Result<Prediction> {
+    Ok(if v_probe(unet)? < -1.0 { Prediction::V } else { Prediction::Epsilon })
+}
+
+/// The value [`detect_prediction`] compares with −1.
+pub fn v_probe(unet: &UNet) -> anyhow::Result<f32> {
+    let (dtype, device) = (unet.dtype(), unet.device());
+    let x = (candle_core::Tensor::ones((1, unet.config.in_channels, 8, 8), dtype, &device)? * 0.5)?;
+    let context = (candle_core::Tensor::ones((1, 2, unet.config.cross_attention_dim), dtype, &device)? * 0.5)?;
+    let out = unet.forward(&x, 999.0, &context, None)?;
+    let x = x.narrow(1, 0, out.dim(1)?)?;
+    Ok((out - x)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?)
 }

@@ -23,6 +23,9 @@ pub enum Transform {
     /// A 1×1 convolution kernel `[O, I, 1, 1]` used as a linear weight `[O, I]`
     /// (the LDM VAE stores its attention projections this way).
     Conv1x1ToLinear,
+    /// Part `index` of `parts` equal blocks of rows: one of q, k, v from
+    /// OpenCLIP's fused `in_proj` `[3C, C]` (and its bias `[3C]`).
+    Rows { index: usize, parts: usize },
 }
 
 /// One row of a name table: model names starting with `model` come from
@@ -209,6 +212,12 @@ impl Component {
                 *e == stored_shape
                     || (stored_shape.len() == 4 && stored_shape[2..] == [1, 1] && e[..] == stored_shape[..2])
             }
+            (Some(e), Transform::Rows { parts, .. }) => {
+                !e.is_empty()
+                    && e.len() == stored_shape.len()
+                    && stored_shape[0] == e[0] * parts
+                    && e[1..] == stored_shape[1..]
+            }
         };
         if !fits {
             return Err(candle_core::Error::Msg(format!(
@@ -216,7 +225,12 @@ impl Component {
                 expected.unwrap_or_default()
             )));
         }
-        let t = self.ckpt.read(&stored, entry)?.to_dtype(dtype)?.to_device(dev)?;
+        let mut t = self.ckpt.read(&stored, entry)?;
+        if let Transform::Rows { index, parts } = transform {
+            let rows = t.dim(0)? / parts;
+            t = t.narrow(0, index * rows, rows)?;
+        }
+        let t = t.to_dtype(dtype)?.to_device(dev)?;
         self.ckpt.used.lock().expect("lock").insert(stored);
         match expected {
             Some(e) if t.dims() != e.as_slice() => t.reshape(e),

@@ -1,7 +1,7 @@
 //! Scaled dot-product attention, chunked over queries so that the score
 //! matrix of a large image never has to exist in memory all at once.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// Upper bound on the bytes of one chunk's f32 score matrix: on the CPU small
 /// chunks stay in cache-friendly sizes; GPUs want few, large launches.
@@ -10,14 +10,17 @@ const GPU_SCORE_BUDGET_BYTES: usize = 2 << 30;
 
 /// `softmax(q kᵀ / √d) v` for `q: (B, Lq, H·d)`, `k, v: (B, Lk, H·d)`, split into
 /// `heads` heads; returns `(B, Lq, H·d)`. With `causal`, query `i` sees keys `≤ i`
-/// (CLIP's text encoder).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+/// (CLIP's text encoder). With `upcast`, scores and softmax are computed in f32
+/// whatever the inputs' dtype (diffusers' `upcast_attention`, for SD 2.1).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool, upcast: bool) -> Result<Tensor> {
+    let out_dtype = v.dtype();
+    let (q, k) = if upcast { (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?) } else { (q.clone(), k.clone()) };
     let (b, lq, inner) = q.dims3()?;
     let lk = k.dim(1)?;
     let d = inner / heads;
     let split = |t: &Tensor, l: usize| -> Result<Tensor> { t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous() };
-    let q = (split(q, lq)? * (1.0 / (d as f64).sqrt()))?;
-    let kt = split(k, lk)?.transpose(2, 3)?.contiguous()?;
+    let q = (split(&q, lq)? * (1.0 / (d as f64).sqrt()))?;
+    let kt = split(&k, lk)?.transpose(2, 3)?.contiguous()?;
     let v = split(v, lk)?;
     let budget = if q.device().is_cpu() { CPU_SCORE_BUDGET_BYTES } else { GPU_SCORE_BUDGET_BYTES };
     let rows = (budget / (4 * b * heads * lk)).clamp(1, lq);
@@ -33,7 +36,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
             let mask = Tensor::from_vec(mask, (n, lk), q.device())?.to_dtype(q.dtype())?;
             scores = scores.broadcast_add(&mask)?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(out_dtype)?;
         outs.push(probs.matmul(&v)?);
         start += n;
     }

@@ -118,10 +118,12 @@ pub struct CrossAttention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
+    upcast: bool,
 }
 
 impl CrossAttention {
-    pub fn new(dim: usize, context_dim: usize, heads: usize, head_dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(dim: usize, context_dim: usize, heads: usize, upcast: bool, vb: VarBuilder) -> Result<Self> {
+        let head_dim = dim / heads;
         let inner = heads * head_dim;
         Ok(Self {
             to_q: linear_no_bias(dim, inner, vb.pp("to_q"))?,
@@ -129,6 +131,7 @@ impl CrossAttention {
             to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
             to_out: linear(inner, dim, vb.pp("to_out.0"))?,
             heads,
+            upcast,
         })
     }
 
@@ -137,7 +140,7 @@ impl CrossAttention {
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
-        self.to_out.forward(&attention(&q, &k, &v, self.heads, false)?)
+        self.to_out.forward(&attention(&q, &k, &v, self.heads, false, self.upcast)?)
     }
 }
 
@@ -175,13 +178,12 @@ struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    fn new(dim: usize, context_dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
-        let head_dim = dim / heads;
+    fn new(dim: usize, context_dim: usize, heads: usize, upcast: bool, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
-            attn1: CrossAttention::new(dim, dim, heads, head_dim, vb.pp("attn1"))?,
+            attn1: CrossAttention::new(dim, dim, heads, upcast, vb.pp("attn1"))?,
             norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
-            attn2: CrossAttention::new(dim, context_dim, heads, head_dim, vb.pp("attn2"))?,
+            attn2: CrossAttention::new(dim, context_dim, heads, upcast, vb.pp("attn2"))?,
             norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(dim, vb.pp("ff"))?,
         })
@@ -229,13 +231,15 @@ pub struct SpatialTransformerConfig {
     pub context_dim: usize,
     pub groups: usize,
     pub linear_projection: bool,
+    pub upcast_attention: bool,
 }
 
 impl SpatialTransformer {
     pub fn new(c: &SpatialTransformerConfig, vb: VarBuilder) -> Result<Self> {
         let blocks = (0..c.depth)
             .map(|i| {
-                TransformerBlock::new(c.channels, c.context_dim, c.heads, vb.pp(format!("transformer_blocks.{i}")))
+                let vb = vb.pp(format!("transformer_blocks.{i}"));
+                TransformerBlock::new(c.channels, c.context_dim, c.heads, c.upcast_attention, vb)
             })
             .collect::<Result<_>>()?;
         Ok(Self {
@@ -293,7 +297,7 @@ impl VaeAttention {
         let q = self.to_q.forward(&seq)?;
         let k = self.to_k.forward(&seq)?;
         let v = self.to_v.forward(&seq)?;
-        let out = self.to_out.forward(&attention(&q, &k, &v, 1, false)?)?;
+        let out = self.to_out.forward(&attention(&q, &k, &v, 1, false, false)?)?;
         out.transpose(1, 2)?.reshape((b, c, h, w))? + x
     }
 }

@@ -72,7 +72,7 @@ impl EncoderLayer {
     fn forward(&self, x: &Tensor, heads: usize, act: Activation) -> Result<Tensor> {
         let h = self.layer_norm1.forward(x)?;
         let (q, k, v) = (self.q_proj.forward(&h)?, self.k_proj.forward(&h)?, self.v_proj.forward(&h)?);
-        let x = (self.out_proj.forward(&attention(&q, &k, &v, heads, true)?)? + x)?;
+        let x = (self.out_proj.forward(&attention(&q, &k, &v, heads, true, false)?)? + x)?;
         let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
         let h = match act {
             Activation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,

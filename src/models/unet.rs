@@ -36,6 +36,9 @@ pub struct UNetConfig {
     pub norm_eps: f64,
     #[serde(default)]
     pub use_linear_projection: bool,
+    /// Attention scores in f32 even in f16 (SD 2.1); no effect in f32.
+    #[serde(default)]
+    pub upcast_attention: bool,
     #[serde(default = "one_layer")]
     pub transformer_layers_per_block: PerBlock,
     #[serde(default = "yes")]
@@ -196,6 +199,7 @@ impl UNet {
                     context_dim: config.cross_attention_dim,
                     groups,
                     linear_projection: config.use_linear_projection,
+                    upcast_attention: config.upcast_attention,
                 },
                 vb,
             )
@@ -273,6 +277,10 @@ impl UNet {
     /// The dtype the weights were loaded in.
     pub fn dtype(&self) -> candle_core::DType {
         self.conv_in.weight().dtype()
+    }
+
+    pub fn device(&self) -> candle_core::Device {
+        self.conv_in.weight().device().clone()
     }
 
     /// Sinusoidal timestep features, computed in f32 as diffusers does.

@@ -15,11 +15,19 @@ pub enum Prediction {
 }
 
 impl Prediction {
+    /// diffusers' `prediction_type` values, and `eps` / `v` as the CLI says them.
     pub fn parse(s: &str) -> anyhow::Result<Self> {
         match s {
-            "epsilon" => Ok(Prediction::Epsilon),
-            "v_prediction" => Ok(Prediction::V),
-            other => anyhow::bail!("prediction_type {other:?} is not supported"),
+            "epsilon" | "eps" => Ok(Prediction::Epsilon),
+            "v_prediction" | "v" => Ok(Prediction::V),
+            other => anyhow::bail!("prediction type {other:?} is not supported; use eps or v"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Prediction::Epsilon => "eps",
+            Prediction::V => "v",
         }
     }
 }

@@ -71,6 +71,13 @@ impl SchedulerConfig {
         }
     }
 
+    /// SD 2.1's `scheduler_config.json` (SD 1.5's with v-prediction), for
+    /// single-file SD 2.x checkpoints; the prediction type is then detected
+    /// or given (`--prediction`).
+    pub fn sd21() -> Self {
+        Self { prediction_type: "v_prediction".into(), ..Self::sd15() }
+    }
+
     /// `ᾱ_t` for t = 0..T as torch computes it: betas in f32, the cumulative
     /// product accumulated in f64 and stored in f32.
     pub fn alphas_cumprod(&self) -> anyhow::Result<Vec<f32>> {

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Generate the tiny Stable Diffusion 1.x fixtures and the diffusers reference outputs.
+"""Generate the tiny Stable Diffusion 1.x/2.x fixtures and the diffusers reference outputs.
 
 Run from the repository root (the paths are derived from this file's location, so any
 working directory works):
 
     python tests/reference/make_fixtures.py               # everything
-    python tests/reference/make_fixtures.py --edit-only   # only the last three entries below,
+    python tests/reference/make_fixtures.py --edit-only   # only images/, tiny-sd1-inpaint/, reference/edit/,
                                                           # from the existing tiny-sd1 folder
+    python tests/reference/make_fixtures.py --samplers-only  # only tiny-lcm/ and reference/samplers/
+    python tests/reference/make_fixtures.py --sd2-only    # only the tiny-sd2 entries below
 
 Everything is deterministic (fixed seeds, CPU, float32).  The script deletes and rewrites:
 
@@ -18,10 +20,16 @@ Everything is deterministic (fixed seeds, CPU, float32).  The script deletes and
     tests/fixtures/images/                       editing inputs: init.png, small.png, mask_{rect,circle}.png
     tests/fixtures/tiny-sd1-inpaint/             9-channel inpainting model (unet/ + symlinks into tiny-sd1/)
     tests/fixtures/reference/edit/               img2img / inpaint / outpaint cases + PNGs + modules.safetensors
+    tests/fixtures/tiny-lcm/, reference/samplers/   LCM-shaped UNet; every sampler x schedule
+    tests/fixtures/tiny-sd2/                     tiny random SD 2.x model (v-prediction; vae/, vocab -> tiny-sd1)
+    tests/fixtures/tiny-sd2.safetensors          the same model as one LDM + OpenCLIP checkpoint (fp16)
+    tests/fixtures/reference/sd2/                cases + PNGs + modules.safetensors; cases.json's "eps_patch" says
+                                                 how to make tiny-sd2-eps.safetensors (not committed) from the file
 
 See tests/reference/README.md and tests/fixtures/README.md.
 """
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -44,12 +52,12 @@ from torch import nn
 
 torch.set_num_threads(2)
 
-import open_clip  # noqa: E402  (only for the location of bpe_simple_vocab_16e6.txt.gz)
+import open_clip  # noqa: E402  (bpe_simple_vocab_16e6.txt.gz; its TextTransformer checks SD2's tower)
 import diffusers  # noqa: E402
 import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import save as save_bytes, save_file  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL,
@@ -255,7 +263,8 @@ def clip_vocab_and_merges():
     return vocab, merges
 
 
-def write_tokenizer(out_dir: Path):
+def write_tokenizer(out_dir: Path, pad_token="<|endoftext|>"):
+    """SD 1.5's tokenizer files; SD 2.x's differ only in pad_token ("!", id 0)."""
     vocab, merges = clip_vocab_and_merges()
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -272,7 +281,7 @@ def write_tokenizer(out_dir: Path):
         src.mkdir()
         write_vocab_files(src)
         tok = CLIPTokenizer.from_pretrained(
-            str(src), model_max_length=77, pad_token="<|endoftext|>", local_files_only=True
+            str(src), model_max_length=77, pad_token=pad_token, local_files_only=True
         )
         # transformers 5.x saves tokenizer.json + tokenizer_config.json only; we ship SD1.5's file set
         # (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json).
@@ -285,7 +294,7 @@ def write_tokenizer(out_dir: Path):
     special = {
         "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
+        "pad_token": pad_token,
         "unk_token": "<|endoftext|>",
     }
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
@@ -293,7 +302,7 @@ def write_tokenizer(out_dir: Path):
     tok = CLIPTokenizer.from_pretrained(str(out_dir), local_files_only=True)
     ids = tok("a photo of a cat").input_ids
     assert ids == [49406, 320, 1125, 539, 320, 2368, 49407], ids
-    assert tok.model_max_length == 77 and tok.pad_token_id == 49407, (tok.model_max_length, tok.pad_token_id)
+    assert tok.model_max_length == 77 and tok.pad_token_id == vocab[pad_token], (tok.model_max_length, tok.pad_token_id)
     assert len(tok) == 49408
     return tok
 
@@ -512,7 +521,8 @@ def ldm_schedule_buffers():
     return {k: torch.tensor(v, dtype=torch.float32) for k, v in bufs.items()}
 
 
-def build_single_file(pipe):
+def build_single_file(pipe, text_encoder_keys=None):
+    """SD1 layout; text_encoder_keys (already prefixed) replace the transformers CLIP, for SD 2.x's OpenCLIP."""
     sd = {}
 
     def put(k, v):
@@ -528,11 +538,15 @@ def build_single_file(pipe):
         if ".mid.attn_1." in lk and lk.endswith(".weight") and v.ndim == 2:
             v = v[:, :, None, None]  # LDM stores the VAE attention projections as 1x1 convs
         put("first_stage_model." + lk, v)
-    te_sd = pipe.text_encoder.state_dict()
-    for k, v in te_sd.items():
-        k = k if k.startswith("text_model.") else "text_model." + k
-        put("cond_stage_model.transformer." + k, v.half())
-    put("cond_stage_model.transformer.text_model.embeddings.position_ids", torch.arange(77, dtype=torch.int64)[None])
+    if text_encoder_keys is None:
+        te_sd = pipe.text_encoder.state_dict()
+        for k, v in te_sd.items():
+            k = k if k.startswith("text_model.") else "text_model." + k
+            put("cond_stage_model.transformer." + k, v.half())
+        put("cond_stage_model.transformer.text_model.embeddings.position_ids", torch.arange(77, dtype=torch.int64)[None])
+    else:
+        for k, v in text_encoder_keys.items():
+            put(k, v)
     for k, v in ldm_schedule_buffers().items():
         put(k, v)
     # EMA bookkeeping as in the original checkpoints (flattened names, only a couple of tensors here:
@@ -551,13 +565,13 @@ def build_single_file(pipe):
 # --------------------------------------------------------------------------------------
 
 
-def set_sampler(pipe, sampler):
-    pipe.scheduler = SAMPLERS[sampler].from_config(SCHEDULER_CONFIG)
+def set_sampler(pipe, sampler, scheduler_config=SCHEDULER_CONFIG):
+    pipe.scheduler = SAMPLERS[sampler].from_config(scheduler_config)
 
 
-def run_case(pipe, case, output_type="np", callback=None):
+def run_case(pipe, case, output_type="np", callback=None, scheduler_config=SCHEDULER_CONFIG):
     name, prompt, neg, seed, steps, cfg, w, h, sampler = case
-    set_sampler(pipe, sampler)
+    set_sampler(pipe, sampler, scheduler_config)
     gen = torch.Generator("cpu").manual_seed(seed)
     kwargs = {}
     if callback is not None:
@@ -595,7 +609,7 @@ def chmod_tree(path: Path):
 
 
 def file_sizes(path: Path):
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink()) if path.is_dir() else [path]
     return [(str(p.relative_to(FIXTURES)), p.stat().st_size) for p in files]
 
 
@@ -1924,6 +1938,418 @@ def make_sampler_fixtures(pipe):
 
 
 # --------------------------------------------------------------------------------------
+# SD 2.x (tests/fixtures/tiny-sd2/, tiny-sd2.safetensors, reference/sd2/)
+# --------------------------------------------------------------------------------------
+
+SD2_DIR = FIXTURES / "tiny-sd2"
+SD2_SINGLE_FILE = FIXTURES / "tiny-sd2.safetensors"
+# The ε variant is not committed: cases.json's "eps_patch" says how to make it from tiny-sd2.safetensors
+# (the Rust test writes it itself). This script builds it in a temporary folder.
+SD2_EPS_NAME = "tiny-sd2-eps.safetensors"
+SD2_EPS_TENSOR = "model.diffusion_model.out.2.bias"
+SD2_LEGACY = (FIXTURES / SD2_EPS_NAME,)  # committed by earlier versions of this script: deleted with their parts
+SD2_REF_DIR = FIXTURES / "reference" / "sd2"
+SD2_OUTPUTS = (SD2_DIR, SD2_SINGLE_FILE, SD2_REF_DIR)
+# stabilityai/stable-diffusion-2-1's scheduler/scheduler_config.json, verbatim (345 bytes with this
+# indent and newline). It has no timestep_spacing key: each class keeps its own default.
+SD2_SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler",
+    "_diffusers_version": "0.8.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+SD2_MODEL_INDEX = dict(MODEL_INDEX, scheduler=["diffusers", "DDIMScheduler"])
+# SD 2.1's UNet options. A list attention_head_dim is diffusers' (misnamed) heads per block: 1 head of 64
+# channels everywhere, so the head dim is 64 as in SD 2.x (single-file loaders infer heads = channels / 64).
+SD2_UNET_CONFIG = dict(UNET_CONFIG, block_out_channels=(64, 64, 64), attention_head_dim=(1, 1, 1),
+                       use_linear_projection=True, upcast_attention=True)
+# OpenCLIP ViT-H's activation is exact GELU; heads = width/64 as in ViT-H (16 x 64), so 1 here.
+SD2_CLIP_CONFIG = dict(CLIP_CONFIG, hidden_act="gelu", pad_token_id=0)
+SD2_TOWER_LAYERS = CLIP_CONFIG["num_hidden_layers"] + 1  # SD2 drops the last OpenCLIP block (penultimate layer)
+SD2_SHARED = ("vae",)  # relative symlinks to ../tiny-sd1/*
+SD2_TOKENIZER_SHARED = ("vocab.json", "merges.txt")  # relative symlinks to ../../tiny-sd1/tokenizer/*
+# out.2.bias shifts, so A1111's/sd.cpp's v-prediction probe (value < -1 means v) lands clearly on each
+# side (margin >= 0.5). Unshifted the probe gives -0.51. The folder carries the v shift. Both are exact
+# in f32 (and JSON), so the Rust side adds the very same number.
+SD2_V_BIAS_SHIFT = -1.125
+SD2_EPS_BIAS_DELTA = 1.25  # tiny-sd2-eps.safetensors' out.2.bias = f16(f32(tiny-sd2's) + this)
+SD2_PROBE_MARGIN = 0.5
+# conv_out's identity gain (tiny-sd1: UNET_ID_OUT = 1.2). At 1.2 this all-64-channel UNet gives euler and ddim
+# images only 4.6 levels apart; 1.6 gives 6.9 (the check wants >= MIN_PAIR_DIFF).
+SD2_ID_OUT = 1.6
+
+
+def _sd2_case(name, model, prediction, sampler, prompt="a photo of a cat", neg=None, seed=42):
+    return dict(name=name, model=model, prediction=prediction, prompt=prompt, negative_prompt=neg, seed=seed,
+                steps=10, cfg_scale=7.5, width=64, height=64, sampler=sampler)
+
+
+SD2_CASES = [
+    _sd2_case("cat_euler", "tiny-sd2", "v", "euler"),
+    _sd2_case("cat_euler_a", "tiny-sd2", "v", "euler_a"),
+    _sd2_case("cat_ddim", "tiny-sd2", "v", "ddim"),
+    _sd2_case("fox_euler_neg_seed7", "tiny-sd2", "v", "euler", "a red fox in the snow", "blurry", 7),
+    _sd2_case("eps_file_cat_euler", SD2_EPS_NAME, "eps", "euler"),
+    _sd2_case("cat_euler_force_eps", "tiny-sd2", "eps", "euler"),  # what `--prediction eps` gives
+]
+SD2_DIFF_PAIRS = [  # (a, b): must differ by >= MIN_PAIR_DIFF levels (mean abs)
+    ("cat_euler", "cat_euler_a"),
+    ("cat_euler", "cat_ddim"),
+    ("cat_euler", "fox_euler_neg_seed7"),
+    ("cat_euler", "cat_euler_force_eps"),
+    ("eps_file_cat_euler", "cat_euler_force_eps"),
+]
+SD2_MIN_V_VS_EPS_MAX = 3  # levels: the v image and the forced-eps one must differ by far more than this (max)
+
+
+@torch.no_grad()
+def build_unet_sd2():
+    """tiny-sd1's UNet recipe on SD2_UNET_CONFIG, its own seeds (prefix unet_sd2.), out.2.bias shifted for the probe."""
+    torch.manual_seed(0)  # (the default init is overwritten anyway)
+    unet = build_unet(SD2_UNET_CONFIG, "unet_sd2.", id_out=SD2_ID_OUT)
+    unet.conv_out.bias.add_(SD2_V_BIAS_SHIFT)
+    round_to_fp16(unet)
+    return unet.eval()
+
+
+@torch.no_grad()
+def build_text_encoder_sd2(num_layers):
+    """Seeded by name, so layers 0..1 are the same in the folder's 2 layers and the single file's 3-block tower."""
+    te = CLIPTextModel(CLIPTextConfig(**dict(SD2_CLIP_CONFIG, num_hidden_layers=num_layers)))
+    init_random(te, "text_encoder_sd2.")
+    round_to_fp16(te)
+    return te.eval()
+
+
+def openclip_text_keys(te_sd, prefix="cond_stage_model.model."):
+    """transformers CLIPTextModel tensors -> OpenCLIP TextTransformer names, as SD 2.x checkpoints store them (fp16)."""
+    sd = {k.removeprefix("text_model."): v.half() for k, v in te_sd.items() if not k.endswith("position_ids")}
+    out = {
+        "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+        "positional_embedding": sd.pop("embeddings.position_embedding.weight"),  # a bare [77, C] parameter
+        "ln_final.weight": sd.pop("final_layer_norm.weight"),
+        "ln_final.bias": sd.pop("final_layer_norm.bias"),
+    }
+    n_layers = len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")})
+    renames = (("layer_norm1", "ln_1"), ("self_attn.out_proj", "attn.out_proj"), ("layer_norm2", "ln_2"),
+               ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"))
+    for i in range(n_layers):
+        src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for s in ("weight", "bias"):
+            # nn.MultiheadAttention's packed projection: rows q, then k, then v
+            out[f"{dst}attn.in_proj_{s}"] = torch.cat([sd.pop(f"{src}self_attn.{q}_proj.{s}") for q in "qkv"])
+            for a, b in renames:
+                out[f"{dst}{b}.{s}"] = sd.pop(f"{src}{a}.{s}")
+    assert not sd, f"unconverted text encoder tensors: {sorted(sd)}"
+    return {prefix + k: v.contiguous() for k, v in out.items()}
+
+
+def sd2_text_encoder_keys(tower):
+    """The single file's cond_stage_model.model.*: the whole tower plus the CLIP head SD2 never uses."""
+    keys = openclip_text_keys(tower.state_dict())
+    c = SD2_CLIP_CONFIG["hidden_size"]
+    proj = randn("text_encoder_sd2.text_projection", (c, c)) / math.sqrt(c)
+    keys["cond_stage_model.model.text_projection"] = proj.half()
+    keys["cond_stage_model.model.logit_scale"] = torch.tensor(math.log(1 / 0.07)).half()  # OpenCLIP's init, a scalar
+    return keys
+
+
+@torch.no_grad()
+def vpred_probe(unet):
+    """A1111's / sd.cpp's v-prediction test: mean(unet(x=0.5, t=999, context=0.5) - x) < -1 means v."""
+    x = torch.full((1, 4, 8, 8), 0.5)
+    ctx = torch.full((1, 2, unet.config.cross_attention_dim), 0.5)
+    out = unet(x, torch.tensor([999]), encoder_hidden_states=ctx).sample
+    return float((out - x).mean()), out
+
+
+@torch.no_grad()
+def openclip_penultimate(keys, ids):
+    """SD2's FrozenOpenCLIPEmbedder(layer="penultimate") on open_clip's own TextTransformer: all blocks but the
+    last, then ln_final. An independent reading of the single file's text encoder."""
+    from open_clip.transformer import TextTransformer
+
+    c = SD2_CLIP_CONFIG["hidden_size"]
+    tt = TextTransformer(context_length=77, vocab_size=49408, width=c, heads=SD2_CLIP_CONFIG["num_attention_heads"],
+                         layers=SD2_TOWER_LAYERS, mlp_ratio=SD2_CLIP_CONFIG["intermediate_size"] / c, output_dim=c,
+                         act_layer=nn.GELU)
+    prefix = "cond_stage_model.model."
+    sd = {k[len(prefix):]: v.float() for k, v in keys.items() if k.startswith(prefix) and not k.endswith("logit_scale")}
+    tt.load_state_dict(sd, strict=True)
+    tt.eval()
+    x, mask = tt._embeds(ids)
+    for blk in tt.transformer.resblocks[:-1]:
+        x = blk(x, attn_mask=mask)
+    return tt.ln_final(x)
+
+
+@contextlib.contextmanager
+def f32_noise():
+    """Keeps the pipeline's and Euler a's noise draws float32 while the pipeline runs in float64."""
+    from diffusers.utils import torch_utils
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion as psd
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as sea
+
+    orig = torch_utils.randn_tensor
+
+    def randn_f32(shape, generator=None, device=None, dtype=None, layout=None):
+        return orig(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+
+    psd.randn_tensor, sea.randn_tensor = randn_f32, randn_f32
+    try:
+        yield
+    finally:
+        psd.randn_tensor, sea.randn_tensor = orig, orig
+
+
+def patch_f16_tensor(data: bytes, key: str, add: float) -> bytes:
+    """A safetensors file's bytes with one F16 tensor replaced by f16(f32(value) + add) (round to nearest even),
+    in place: header and every other byte unchanged. What the Rust test does to make the ε file."""
+    n = int.from_bytes(data[:8], "little")
+    info = json.loads(data[8 : 8 + n])[key]
+    assert info["dtype"] == "F16", info
+    start, end = (8 + n + o for o in info["data_offsets"])
+    old = np.frombuffer(data[start:end], dtype="<f2")
+    new = (old.astype(np.float32) + np.float32(add)).astype("<f2")
+    assert new.dtype == np.dtype("<f2") and np.float32(add) == add
+    return data[:start] + new.tobytes() + data[end:]
+
+
+def sd2_scheduler_config(prediction):
+    return dict(SD2_SCHEDULER_CONFIG, prediction_type={"v": "v_prediction", "eps": "epsilon"}[prediction])
+
+
+def run_sd2_case(pipes, case):
+    fields = ("name", "prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "sampler")
+    return run_case(pipes[case["model"]], tuple(case[k] for k in fields),
+                    scheduler_config=sd2_scheduler_config(case["prediction"]))
+
+
+def make_sd2_fixtures():
+    """tiny-sd2/, tiny-sd2.safetensors and reference/sd2/ (needs tiny-sd1's vae/tokenizer)."""
+    t0 = time.time()
+    for p in (SD2_DIR, SD2_REF_DIR):
+        if p.exists():
+            shutil.rmtree(p)
+    for f in (SD2_SINGLE_FILE, *SD2_LEGACY):
+        for old in [f, *f.parent.glob(f.name + ".part-*")]:
+            old.unlink(missing_ok=True)
+    SD2_DIR.mkdir(parents=True)
+    SD2_REF_DIR.mkdir(parents=True)
+
+    # ---- diffusers folder -------------------------------------------------------------
+    log("\nSD 2.x fixtures: tiny-sd2")
+    tok = write_tokenizer(SD2_DIR / "tokenizer", pad_token="!")
+    for name in SD2_TOKENIZER_SHARED:
+        assert (SD2_DIR / "tokenizer" / name).read_bytes() == (MODEL_DIR / "tokenizer" / name).read_bytes(), name
+        (SD2_DIR / "tokenizer" / name).unlink()
+        os.symlink(f"../../tiny-sd1/tokenizer/{name}", SD2_DIR / "tokenizer" / name)
+    pad_ids = tok("a photo of a cat", padding="max_length", max_length=77).input_ids
+    assert pad_ids == [49406, 320, 1125, 539, 320, 2368, 49407] + [0] * 70, pad_ids
+
+    unet = build_unet_sd2()
+    te = build_text_encoder_sd2(CLIP_CONFIG["num_hidden_layers"])  # the folder's
+    tower = build_text_encoder_sd2(SD2_TOWER_LAYERS)  # the single file's: one more block
+    for name, m in (("unet_sd2", unet), ("text_encoder_sd2", te), ("tower_sd2", tower)):
+        check_weights(name, m.state_dict())
+    tower_sd = tower.state_dict()
+    for k, v in te.state_dict().items():
+        assert torch.equal(v, tower_sd[k]), f"tower {k} differs from the folder's"
+    assert {k for k in tower_sd if k not in te.state_dict()} == {k for k in tower_sd if ".layers.2." in k}
+    sd1 = load_folder_pipeline()
+    for new, old, what in ((unet, sd1.unet, "unet_sd2"), (tower, sd1.text_encoder, "tower_sd2")):
+        old_digests = {hashlib.sha256(v.float().numpy().tobytes()).hexdigest() for v in old.state_dict().values()}
+        for k, v in new.state_dict().items():
+            digest = hashlib.sha256(v.float().numpy().tobytes()).hexdigest()
+            assert digest not in old_digests, f"{what}.{k} copies tiny-sd1"
+    unet.half().save_pretrained(str(SD2_DIR / "unet"), safe_serialization=True)
+    te.half().save_pretrained(str(SD2_DIR / "text_encoder"), safe_serialization=True)
+    for m in (unet, te):
+        m.float()
+    for name in SD2_SHARED:
+        os.symlink(f"../tiny-sd1/{name}", SD2_DIR / name, target_is_directory=True)
+    (SD2_DIR / "scheduler").mkdir()
+    (SD2_DIR / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD2_SCHEDULER_CONFIG, indent=2) + "\n")
+    assert (SD2_DIR / "scheduler" / "scheduler_config.json").stat().st_size == 345
+    (SD2_DIR / "model_index.json").write_text(json.dumps(SD2_MODEL_INDEX, indent=2) + "\n")
+    chmod_plain(SD2_DIR)
+    for sub, fname in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        with safe_open(str(SD2_DIR / sub / fname), "pt") as f:
+            assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys()), sub
+
+    folder_kw = dict(safety_checker=None, dtype=torch.float32, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(str(SD2_DIR), **folder_kw)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.tokenizer.pad_token == "!" and pipe.tokenizer.pad_token_id == 0
+    assert pipe.text_encoder.config.hidden_act == "gelu" and pipe.unet.config.upcast_attention
+    state_dicts_equal(pipe.unet, unet, "tiny-sd2 unet")
+    state_dicts_equal(pipe.text_encoder, te, "tiny-sd2 text_encoder")
+    state_dicts_equal(pipe.vae, sd1.vae, "tiny-sd2 vae")
+    del sd1
+
+    # ---- single files ------------------------------------------------------------------
+    log(f"writing + validating tiny-sd2.safetensors, {SD2_EPS_NAME} (patched, temporary)")
+    te_keys = sd2_text_encoder_keys(tower)
+    sd = build_single_file(pipe, te_keys)
+    assert sd["model.diffusion_model.input_blocks.1.1.proj_in.weight"].shape == (64, 64)  # linear, not 1x1 conv
+    save_file(sd, str(SD2_SINGLE_FILE), metadata={"format": "pt"})
+    chmod_tree(SD2_SINGLE_FILE)
+    sf_bytes = SD2_SINGLE_FILE.read_bytes()
+    eps_bytes = patch_f16_tensor(sf_bytes, SD2_EPS_TENSOR, SD2_EPS_BIAS_DELTA)
+    bias_key = SD2_EPS_TENSOR
+    sd_eps = dict(sd)
+    sd_eps[bias_key] = (sd[bias_key].float() + SD2_EPS_BIAS_DELTA).half()  # torch's f32 add + f16 rounding
+    assert save_bytes(sd_eps, metadata={"format": "pt"}) == eps_bytes, "byte patch differs from save_file's"
+    n_hdr = int.from_bytes(sf_bytes[:8], "little")
+    lo, hi = (8 + n_hdr + o for o in json.loads(sf_bytes[8 : 8 + n_hdr])[bias_key]["data_offsets"])
+    assert len(sf_bytes) == len(eps_bytes) and sf_bytes[:lo] == eps_bytes[:lo] and sf_bytes[hi:] == eps_bytes[hi:]
+    assert np.all(np.frombuffer(sf_bytes[lo:hi], "<f2") != np.frombuffer(eps_bytes[lo:hi], "<f2"))  # every channel
+    eps_patch = {
+        "from": SD2_SINGLE_FILE.name,
+        "tensor": SD2_EPS_TENSOR,
+        "add": SD2_EPS_BIAS_DELTA,
+        "from_sha256": hashlib.sha256(sf_bytes).hexdigest(),
+        "patched_sha256": hashlib.sha256(eps_bytes).hexdigest(),
+    }
+    sf_kw = dict(config=str(SD2_DIR), local_files_only=True, dtype=torch.float32, safety_checker=None)
+    sf_pipe = StableDiffusionPipeline.from_single_file(str(SD2_SINGLE_FILE), **sf_kw)
+    with tempfile.TemporaryDirectory(prefix="sdgen-sd2-eps-") as eps_tmp:
+        eps_file = Path(eps_tmp) / SD2_EPS_NAME
+        eps_file.write_bytes(eps_bytes)
+        eps_pipe = StableDiffusionPipeline.from_single_file(str(eps_file), **sf_kw)
+    n_checked = 0
+    for name in ("unet", "vae", "text_encoder"):
+        n_checked += state_dicts_equal(getattr(sf_pipe, name), getattr(pipe, name), f"tiny-sd2.safetensors {name}")
+    for name in ("vae", "text_encoder"):
+        state_dicts_equal(getattr(eps_pipe, name), getattr(pipe, name), f"{SD2_EPS_NAME} {name}")
+    eps_unet, v_unet = eps_pipe.unet.state_dict(), pipe.unet.state_dict()
+    assert sorted(eps_unet) == sorted(v_unet)
+    assert [k for k in v_unet if not torch.equal(v_unet[k], eps_unet[k])] == ["conv_out.bias"]
+    assert torch.equal(eps_unet["conv_out.bias"], sd_eps[bias_key].float())
+    n_te = sum(k.startswith("cond_stage_model.") for k in sd)
+    n_extra = sum(".resblocks.2." in k for k in sd)
+    # diffusers maps resblocks.2 to encoder.layers.2, which the 2-layer model lacks: load_model_dict_into_meta skips it
+    sf_result = (f"from_single_file(tiny-sd2.safetensors, config=tiny-sd2): {n_checked} tensors identical to the "
+                 f"folder pipeline ({n_te} cond_stage_model tensors in the file, the {n_extra} of resblocks.2 "
+                 f"ignored); {SD2_EPS_NAME} (patch) differs only in conv_out.bias")
+    log("  " + sf_result)
+
+    probe = {"tiny-sd2.safetensors": vpred_probe(sf_pipe.unet), "tiny-sd2-eps.safetensors": vpred_probe(eps_pipe.unet)}
+    assert probe["tiny-sd2.safetensors"][0] == vpred_probe(pipe.unet)[0]
+    log(f"  v-prediction probe: tiny-sd2 {probe['tiny-sd2.safetensors'][0]:.4f}, "
+        f"tiny-sd2-eps {probe['tiny-sd2-eps.safetensors'][0]:.4f} (v when < -1)")
+    assert probe["tiny-sd2.safetensors"][0] <= -1 - SD2_PROBE_MARGIN, probe
+    assert probe["tiny-sd2-eps.safetensors"][0] >= -1 + SD2_PROBE_MARGIN, probe
+
+    # the single file's OpenCLIP tower, run by open_clip itself (penultimate block + ln_final), equals the folder's CLIP
+    ids = pipe.tokenizer(["", "a red fox in the snow"], padding="max_length", max_length=77, truncation=True,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        hf = pipe.text_encoder(ids)[0]
+    oc = openclip_penultimate(te_keys, ids)
+    oc_diff = float((oc - hf).abs().max())
+    log(f"  open_clip TextTransformer (penultimate) vs folder CLIPTextModel: max abs diff {oc_diff:.2e}")
+    assert oc_diff < 1e-4, oc_diff
+
+    # ---- cases ------------------------------------------------------------------------------
+    log("running SD 2.x cases")
+    pipes = {"tiny-sd2": pipe, "tiny-sd2-eps.safetensors": eps_pipe}
+    for p in (pipe, sf_pipe, eps_pipe):
+        p.set_progress_bar_config(disable=True)
+    cases_json, images, raw = [], {}, {}
+    for case in SD2_CASES:
+        t1 = time.time()
+        img = run_sd2_case(pipes, case)
+        u8 = to_uint8(img)
+        Image.fromarray(u8, "RGB").save(SD2_REF_DIR / f"{case['name']}.png")
+        images[case["name"]], raw[case["name"]] = u8, img
+        sched = pipes[case["model"]].scheduler
+        cases_json.append(dict(case, png=f"{case['name']}.png", scheduler=type(sched).__name__,
+                               timestep_spacing=sched.config.timestep_spacing,
+                               timesteps=[int(t) if float(t).is_integer() else float(t) for t in sched.timesteps]))
+        log(f"  {case['name']}: {time.time() - t1:.1f}s")
+    for name, u8 in images.items():
+        assert np.array_equal(np.asarray(Image.open(SD2_REF_DIR / f"{name}.png")), u8)
+    sf_img = run_sd2_case({"tiny-sd2": sf_pipe}, SD2_CASES[0])
+    assert np.array_equal(sf_img, raw[SD2_CASES[0]["name"]]), "tiny-sd2.safetensors image differs from the folder's"
+    del sf_pipe
+
+    # ---- per-module tensors ------------------------------------------------------------------
+    mod = {"clip.input_ids": ids.to(torch.int64), "clip.last_hidden_state": hf}
+    g = torch.Generator().manual_seed(2001)
+    mod["unet.sample"] = torch.randn((2, 4, 8, 8), generator=g)
+    mod["unet.timestep"] = torch.tensor([712.5], dtype=torch.float32)
+    mod["unet.context"] = hf.clone()  # [uncond "", "a red fox in the snow"]
+    with torch.no_grad():
+        mod["unet.out"] = pipe.unet(mod["unet.sample"], mod["unet.timestep"], encoder_hidden_states=hf).sample
+    mod["probe.v.out"] = probe["tiny-sd2.safetensors"][1]
+    mod["probe.eps.out"] = probe["tiny-sd2-eps.safetensors"][1]
+    save_file({k: v.detach().contiguous() for k, v in mod.items()}, str(SD2_REF_DIR / "modules.safetensors"),
+              metadata={"format": "pt"})
+
+    meta = {
+        "produced_by": "tests/reference/make_fixtures.py",
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "dtype": "float32",
+        "device": "cpu",
+        "pixel_conversion": "round(clip(x, 0, 1) * 255) of diffusers' output_type='np'",
+        "scheduler_config": SD2_SCHEDULER_CONFIG,
+        "probe": {k: v[0] for k, v in probe.items()},
+        "eps_patch": eps_patch,
+        "cases": cases_json,
+    }
+    (SD2_REF_DIR / "cases.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    chmod_tree(SD2_REF_DIR)
+
+    # ---- statistics -----------------------------------------------------------------------------
+    log("\nSD 2.x image statistics (levels of 255):")
+    for name, u8 in images.items():
+        f = u8.astype(np.float64)
+        sat = float(np.mean((u8 == 0) | (u8 == 255)))
+        log(f"  {name:24s} mean {f.mean():6.1f} std {f.std():6.1f} sat {100 * sat:5.2f}%")
+        assert f.std() >= MIN_STD, f"{name}: image too flat"
+        assert sat <= MAX_SATURATED, f"{name}: too many saturated pixels"
+    for a, b in SD2_DIFF_PAIRS:
+        d = np.abs(images[a].astype(np.float64) - images[b])
+        log(f"  {a:20s} vs {b:20s} mean {d.mean():6.1f} max {d.max():5.0f}")
+        assert d.mean() >= MIN_PAIR_DIFF, f"{a} vs {b}: only {d.mean():.2f} levels apart"
+    v_vs_eps = int(np.abs(images["cat_euler"].astype(int) - images["cat_euler_force_eps"]).max())
+    assert v_vs_eps > 10 * SD2_MIN_V_VS_EPS_MAX, v_vs_eps
+    log(f"  v vs forced eps (cat_euler vs cat_euler_force_eps): max {v_vs_eps} levels (tests tell them apart at 3)")
+
+    # numerical robustness: float64 with the same noise
+    worst = 0.0
+    with f32_noise():
+        for p in (pipe, eps_pipe):
+            p.to(torch.float64)
+        try:
+            for case in SD2_CASES:
+                d = np.abs(run_sd2_case(pipes, case) - raw[case["name"]]) * 255
+                worst = max(worst, d.max())
+        finally:
+            for p in (pipe, eps_pipe):
+                p.to(torch.float32)
+    log(f"  float64 vs float32 (same noise): worst {worst:.4f} levels before rounding")
+    assert worst < 0.05, "SD 2.x reference outputs are numerically fragile"
+    log(f"SD 2.x fixtures done in {time.time() - t0:.0f}s")
+    values = {k: v[0] for k, v in probe.items()}
+    return (sf_result + f"; probe v {values['tiny-sd2.safetensors']:.4f}, eps {values['tiny-sd2-eps.safetensors']:.4f}"
+            f"; eps_patch add {SD2_EPS_BIAS_DELTA}, patched sha256 {eps_patch['patched_sha256']}")
+
+
+# --------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------
 
@@ -1963,9 +2389,9 @@ def join_parts():
         target.write_bytes(b"".join(p.read_bytes() for p in parts))
 
 
-def split_large_files():
-    """Splits every fixture over 5 MB into PART_SIZE parts (git-ignored whole)."""
-    for path in FIXTURES.rglob("*"):
+def split_large_files(roots=(FIXTURES,)):
+    """Splits every fixture over 5 MB (under roots: folders or files) into PART_SIZE parts (git-ignored whole)."""
+    for path in itertools.chain.from_iterable(r.rglob("*") if r.is_dir() else [r] for r in roots):
         if path.is_symlink() or not path.is_file() or ".part-" in path.name or path.stat().st_size <= 5 * 2**20:
             continue
         for old in path.parent.glob(path.name + ".part-*"):
@@ -1992,7 +2418,14 @@ def main():
         print_sizes((LCM_DIR / "unet", LCM_DIR / "model_index.json", SAMPLERS_DIR))
         log(f"done in {time.time() - t_start:.0f}s")
         return
-    assert not sys.argv[1:], f"unknown arguments {sys.argv[1:]} (only --edit-only or --samplers-only)"
+    if sys.argv[1:] == ["--sd2-only"]:
+        # Regenerate only tiny-sd2/, tiny-sd2.safetensors and reference/sd2/ (symlinks into the existing tiny-sd1).
+        make_sd2_fixtures()
+        print_sizes(SD2_OUTPUTS)
+        split_large_files(SD2_OUTPUTS)
+        log(f"done in {time.time() - t_start:.0f}s")
+        return
+    assert not sys.argv[1:], f"unknown arguments {sys.argv[1:]} (only --edit-only, --samplers-only or --sd2-only)"
     for p in (MODEL_DIR, REF_DIR):
         if p.exists():
             shutil.rmtree(p)
@@ -2238,11 +2671,15 @@ def main():
     # ---- 7. samplers and schedules (tiny-lcm, reference/samplers) -------------------------------
     sampler_result = make_sampler_fixtures(pipe)
 
+    # ---- 8. SD 2.x (tiny-sd2, its single file, reference/sd2) -------------------------------------
+    sd2_result = make_sd2_fixtures()
+
     print_sizes((MODEL_DIR, SINGLE_FILE, REF_DIR, IMAGES_DIR, INPAINT_DIR, EDIT_DIR, LCM_DIR / "unet",
-                 LCM_DIR / "model_index.json", SAMPLERS_DIR))
+                 LCM_DIR / "model_index.json", SAMPLERS_DIR, *SD2_OUTPUTS))
     log("\n" + sf_result)
     log(edit_result)
     log(sampler_result)
+    log(sd2_result)
     split_large_files()
     log(f"done in {time.time() - t_start:.0f}s")
 
