@@ -67,7 +67,7 @@ fn edit_args(case: &Case) -> Vec<String> {
 #[test]
 fn editing_matches_diffusers_and_keeps_unmasked_pixels() {
     let dir = tempfile::tempdir().unwrap();
-    let mut failures = Vec::new();
+    let mut parity = Parity::default();
     for case in cases() {
         let out = dir.path().join(format!("{}.png", case.name));
         let model = fixture(&case.model);
@@ -82,12 +82,7 @@ fn editing_matches_diffusers_and_keeps_unmasked_pixels() {
             out: &out,
         };
         let ours = job.run(&edit_args(&case), &case.name);
-        let reference = read_rgb(&fixture(&format!("reference/edit/{}", case.png)));
-        let (max, mean) = level_diff(&ours, &reference);
-        eprintln!("{:<28} max {max:>3} mean {mean:.4}", case.name);
-        if max > MAX_LEVELS || mean > MEAN_LEVELS {
-            failures.push(format!("{}: max {max}, mean {mean:.3}", case.name));
-        }
+        parity.check(&case.name, &ours, &read_rgb(&fixture(&format!("reference/edit/{}", case.png))));
         // Outside the mask, the input comes back exactly.
         let input = read_rgb(&fixture(&case.image));
         let (dx, dy) = case.pads.as_ref().map_or((0, 0), |p| (p.left as u32, p.top as u32));
@@ -99,7 +94,7 @@ fn editing_matches_diffusers_and_keeps_unmasked_pixels() {
             assert_eq!(ours.get_pixel(x + dx, y + dy), px, "case {}: pixel ({x}, {y}) changed", case.name);
         }
     }
-    assert!(failures.is_empty(), "beyond tolerance (max {MAX_LEVELS}, mean {MEAN_LEVELS}): {failures:?}");
+    parity.assert_within_tolerance();
 }
 
 /// References that differ only in sampler, seed or prompt are far apart, so

@@ -14,17 +14,9 @@ struct Cases {
 
 #[derive(Deserialize)]
 struct Case {
-    name: String,
-    sampler: String,
+    #[serde(flatten)]
+    base: PromptCase,
     schedule: String,
-    prompt: String,
-    negative_prompt: Option<String>,
-    seed: u64,
-    steps: usize,
-    cfg_scale: f64,
-    width: usize,
-    height: usize,
-    png: String,
     #[serde(default)]
     model: Option<String>,
     #[serde(default)]
@@ -33,6 +25,13 @@ struct Case {
     strength: Option<f64>,
     #[serde(default)]
     image: Option<String>,
+}
+
+impl std::ops::Deref for Case {
+    type Target = PromptCase;
+    fn deref(&self) -> &PromptCase {
+        &self.base
+    }
 }
 
 fn cases() -> Vec<Case> {
@@ -48,37 +47,22 @@ fn run(case: &Case, out: &std::path::Path) -> image::RgbImage {
         before.extend(["img2img".into(), "--init-image".into(), image.to_str().unwrap().into()]);
         before.extend(["--strength".into(), case.strength.expect("img2img strength").to_string()]);
     } else {
-        before.extend(["--width".into(), case.width.to_string(), "--height".into(), case.height.to_string()]);
+        before.extend(case.size_args());
     }
     before.extend(["--schedule".into(), case.schedule.clone()]);
-    let job = Job {
-        model: &model,
-        prompt: &case.prompt,
-        negative_prompt: case.negative_prompt.as_deref().unwrap_or(""),
-        seed: case.seed,
-        steps: case.steps,
-        cfg_scale: case.cfg_scale,
-        sampler: &case.sampler,
-        out,
-    };
-    job.run(&before, &case.name)
+    case.job(&model, out).run(&before, &case.name)
 }
 
 #[test]
 fn every_sampler_and_schedule_matches_diffusers() {
     let dir = tempfile::tempdir().unwrap();
-    let mut failures = Vec::new();
+    let mut parity = Parity::default();
     let cases = cases();
     for case in &cases {
         let ours = run(case, &dir.path().join(format!("{}.png", case.name)));
-        let reference = read_rgb(&fixture(&format!("reference/samplers/{}", case.png)));
-        let (max, mean) = level_diff(&ours, &reference);
-        eprintln!("{:<32} max {max:>3} mean {mean:.4}", case.name);
-        if max > MAX_LEVELS || mean > MEAN_LEVELS {
-            failures.push(format!("{}: max {max}, mean {mean:.3}", case.name));
-        }
+        parity.check(&case.name, &ours, &read_rgb(&fixture(&format!("reference/samplers/{}", case.png))));
     }
-    assert!(failures.is_empty(), "beyond tolerance (max {MAX_LEVELS}, mean {MEAN_LEVELS}): {failures:?}");
+    parity.assert_within_tolerance();
     let samplers: std::collections::BTreeSet<&str> = cases.iter().map(|c| c.sampler.as_str()).collect();
     for row in sdgen::sampling::samplers::SAMPLERS {
         assert!(samplers.contains(row.1), "no reference case for sampler {}", row.1);

@@ -33,18 +33,17 @@ struct EpsPatch {
 
 #[derive(Deserialize)]
 struct Case {
-    name: String,
-    prompt: String,
-    negative_prompt: Option<String>,
-    seed: u64,
-    steps: usize,
-    cfg_scale: f64,
-    width: usize,
-    height: usize,
-    sampler: String,
-    png: String,
+    #[serde(flatten)]
+    base: PromptCase,
     model: String,
     prediction: String,
+}
+
+impl std::ops::Deref for Case {
+    type Target = PromptCase;
+    fn deref(&self) -> &PromptCase {
+        &self.base
+    }
 }
 
 fn cases() -> Cases {
@@ -79,29 +78,18 @@ fn model_path(name: &str, dir: &std::path::Path) -> std::path::PathBuf {
 
 /// Runs a case on `model`, forcing `--prediction` when given.
 fn generate(model: &std::path::Path, case: &Case, prediction: Option<&str>, out: &std::path::Path) -> image::RgbImage {
-    let job = Job {
-        model,
-        prompt: &case.prompt,
-        negative_prompt: case.negative_prompt.as_deref().unwrap_or(""),
-        seed: case.seed,
-        steps: case.steps,
-        cfg_scale: case.cfg_scale,
-        sampler: &case.sampler,
-        out,
-    };
-    let mut before = vec!["--width".to_string(), case.width.to_string(), "--height".into(), case.height.to_string()];
+    let mut before = case.size_args();
     if let Some(p) = prediction {
         before.extend(["--prediction".to_string(), p.to_string()]);
     }
-    job.run(&before, &case.name)
+    case.job(model, out).run(&before, &case.name)
 }
 
 #[test]
 fn folder_and_single_file_match_diffusers() {
     let dir = tempfile::tempdir().unwrap();
-    let mut failures = Vec::new();
+    let mut parity = Parity::default();
     for case in cases().cases {
-        let reference = read_rgb(&fixture(&format!("reference/sd2/{}", case.png)));
         let model = model_path(&case.model, dir.path());
         // The folder's scheduler says v; the forced-ε cases pass the flag. A
         // single file's prediction is detected, so it needs none.
@@ -112,13 +100,9 @@ fn folder_and_single_file_match_diffusers() {
             let other = generate(&single, &case, None, &dir.path().join(format!("{}-single.png", case.name)));
             assert_eq!(ours.as_raw(), other.as_raw(), "case {}: folder and single file differ", case.name);
         }
-        let (max, mean) = level_diff(&ours, &reference);
-        eprintln!("{:<28} max {max:>3} mean {mean:.4}", case.name);
-        if max > MAX_LEVELS || mean > MEAN_LEVELS {
-            failures.push(format!("{}: max {max}, mean {mean:.3}", case.name));
-        }
+        parity.check(&case.name, &ours, &read_rgb(&fixture(&format!("reference/sd2/{}", case.png))));
     }
-    assert!(failures.is_empty(), "beyond tolerance (max {MAX_LEVELS}, mean {MEAN_LEVELS}): {failures:?}");
+    parity.assert_within_tolerance();
 }
 
 /// The v and ε references of the same prompt and seed differ far beyond the

@@ -11,19 +11,7 @@ struct Cases {
     cases: Vec<Case>,
 }
 
-#[derive(Deserialize)]
-struct Case {
-    name: String,
-    prompt: String,
-    negative_prompt: Option<String>,
-    seed: u64,
-    steps: usize,
-    cfg_scale: f64,
-    width: usize,
-    height: usize,
-    sampler: String,
-    png: String,
-}
+type Case = PromptCase;
 
 fn cases() -> Vec<Case> {
     let text = std::fs::read_to_string(fixture("reference/sd1/cases.json")).unwrap();
@@ -36,20 +24,9 @@ fn generate(model: &std::path::Path, case: &Case, out: &std::path::Path) -> imag
 
 /// [`generate`] with more options after the case's own.
 fn generate_with(model: &std::path::Path, case: &Case, out: &std::path::Path, extra: &[&str]) -> image::RgbImage {
-    let job = Job {
-        model,
-        prompt: &case.prompt,
-        negative_prompt: case.negative_prompt.as_deref().unwrap_or(""),
-        seed: case.seed,
-        steps: case.steps,
-        cfg_scale: case.cfg_scale,
-        sampler: &case.sampler,
-        out,
-    };
-    let mut before =
-        vec!["--width".to_string(), case.width.to_string(), "--height".to_string(), case.height.to_string()];
+    let mut before = case.size_args();
     before.extend(extra.iter().map(|s| s.to_string()));
-    job.run(&before, &case.name)
+    case.job(model, out).run(&before, &case.name)
 }
 
 #[test]
@@ -57,19 +34,14 @@ fn folder_and_single_file_match_diffusers() {
     let dir = tempfile::tempdir().unwrap();
     let folder = fixture("tiny-sd1");
     let single = fixture("tiny-sd1.safetensors");
-    let mut failures = Vec::new();
+    let mut parity = Parity::default();
     for case in cases() {
-        let reference = read_rgb(&fixture(&format!("reference/sd1/{}", case.png)));
         let a = generate(&folder, &case, &dir.path().join(format!("{}-folder.png", case.name)));
         let b = generate(&single, &case, &dir.path().join(format!("{}-single.png", case.name)));
         assert_eq!(a.as_raw(), b.as_raw(), "case {}: folder and single file differ", case.name);
-        let (max, mean) = level_diff(&a, &reference);
-        eprintln!("{:<24} max {max:>3} mean {mean:.4}", case.name);
-        if max > MAX_LEVELS || mean > MEAN_LEVELS {
-            failures.push(format!("{}: max {max}, mean {mean:.3}", case.name));
-        }
+        parity.check(&case.name, &a, &read_rgb(&fixture(&format!("reference/sd1/{}", case.png))));
     }
-    assert!(failures.is_empty(), "beyond tolerance (max {MAX_LEVELS}, mean {MEAN_LEVELS}): {failures:?}");
+    parity.assert_within_tolerance();
 }
 
 /// The references of cases that differ only in prompt, seed or sampler differ

@@ -293,16 +293,9 @@ pub fn infer_vae(t: &Tensors, scaling_factor: f64) -> anyhow::Result<VaeConfig> 
 /// The CLIP text encoder's config from a checkpoint whose text-model names
 /// start with `prefix`. Heads are 64 wide, as in every SD text encoder.
 pub fn infer_clip(t: &Tensors, prefix: &str, act: Activation) -> anyhow::Result<ClipConfig> {
-    let tok = t.shape(&format!("{prefix}embeddings.token_embedding.weight"))?;
-    if tok.len() != 2 {
-        bail!("`{prefix}embeddings.token_embedding.weight` has shape {tok:?}, expected 2 dims");
-    }
-    let hidden = tok[1];
-    if hidden % 64 != 0 {
-        bail!("text encoder width {hidden} is not a multiple of 64");
-    }
+    let (vocab, hidden) = token_table(t, &format!("{prefix}embeddings.token_embedding.weight"))?;
     Ok(ClipConfig {
-        vocab_size: tok[0],
+        vocab_size: vocab,
         hidden_size: hidden,
         intermediate_size: t.dim(&format!("{prefix}encoder.layers.0.mlp.fc1.weight"), 0)?,
         num_hidden_layers: t.count(&format!("{prefix}encoder.layers.")),
@@ -318,20 +311,13 @@ pub fn infer_clip(t: &Tensors, prefix: &str, act: Activation) -> anyhow::Result<
 /// fewer than the checkpoint stores; the last block is left unused.
 pub fn infer_openclip(t: &Tensors) -> anyhow::Result<ClipConfig> {
     let p = OPENCLIP_PREFIX;
-    let tok = t.shape(&format!("{p}token_embedding.weight"))?;
-    if tok.len() != 2 {
-        bail!("`{p}token_embedding.weight` has shape {tok:?}, expected 2 dims");
-    }
-    let hidden = tok[1];
-    if hidden % 64 != 0 {
-        bail!("text encoder width {hidden} is not a multiple of 64");
-    }
+    let (vocab, hidden) = token_table(t, &format!("{p}token_embedding.weight"))?;
     let blocks = t.count(&format!("{p}transformer.resblocks."));
     if blocks < 2 {
         bail!("the OpenCLIP text encoder has {blocks} blocks; SD 2.x needs at least 2 (it uses the penultimate)");
     }
     Ok(ClipConfig {
-        vocab_size: tok[0],
+        vocab_size: vocab,
         hidden_size: hidden,
         intermediate_size: t.dim(&format!("{p}transformer.resblocks.0.mlp.c_fc.weight"), 0)?,
         num_hidden_layers: blocks - 1,
@@ -340,4 +326,14 @@ pub fn infer_openclip(t: &Tensors) -> anyhow::Result<ClipConfig> {
         hidden_act: Activation::Gelu,
         layer_norm_eps: 1e-5,
     })
+}
+
+/// Vocabulary size and width of a text encoder's token table (heads are 64
+/// wide in every SD text encoder, so the width must be a multiple of 64).
+fn token_table(t: &Tensors, name: &str) -> anyhow::Result<(usize, usize)> {
+    match *t.shape(name)? {
+        [vocab, hidden] if hidden % 64 == 0 => Ok((vocab, hidden)),
+        [_, hidden] => bail!("text encoder width {hidden} is not a multiple of 64"),
+        ref other => bail!("`{name}` has shape {other:?}, expected 2 dims"),
+    }
 }

@@ -116,3 +116,58 @@ impl Job<'_> {
         read_rgb(self.out)
     }
 }
+
+/// The fields every txt2img-style reference case has (cases.json of the
+/// reference suites); suites add their own with `#[serde(flatten)]`.
+#[derive(serde::Deserialize)]
+pub struct PromptCase {
+    pub name: String,
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub seed: u64,
+    pub steps: usize,
+    pub cfg_scale: f64,
+    pub width: usize,
+    pub height: usize,
+    pub sampler: String,
+    pub png: String,
+}
+
+impl PromptCase {
+    pub fn job<'a>(&'a self, model: &'a Path, out: &'a Path) -> Job<'a> {
+        Job {
+            model,
+            prompt: &self.prompt,
+            negative_prompt: self.negative_prompt.as_deref().unwrap_or(""),
+            seed: self.seed,
+            steps: self.steps,
+            cfg_scale: self.cfg_scale,
+            sampler: &self.sampler,
+            out,
+        }
+    }
+
+    /// `--width W --height H`.
+    pub fn size_args(&self) -> Vec<String> {
+        vec!["--width".into(), self.width.to_string(), "--height".into(), self.height.to_string()]
+    }
+}
+
+/// Compares each case's image with its reference, prints the difference, and
+/// fails at the end listing every case beyond the parity tolerance.
+#[derive(Default)]
+pub struct Parity(Vec<String>);
+
+impl Parity {
+    pub fn check(&mut self, name: &str, ours: &image::RgbImage, reference: &image::RgbImage) {
+        let (max, mean) = level_diff(ours, reference);
+        eprintln!("{name:<28} max {max:>3} mean {mean:.4}");
+        if max > MAX_LEVELS || mean > MEAN_LEVELS {
+            self.0.push(format!("{name}: max {max}, mean {mean:.3}"));
+        }
+    }
+
+    pub fn assert_within_tolerance(self) {
+        assert!(self.0.is_empty(), "beyond tolerance (max {MAX_LEVELS}, mean {MEAN_LEVELS}): {:?}", self.0);
+    }
+}

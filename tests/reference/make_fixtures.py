@@ -591,6 +591,17 @@ def run_case(pipe, case, output_type="np", callback=None, scheduler_config=SCHED
     return out.images if output_type == "latent" else out.images[0]
 
 
+def check_image_statistics(images):
+    """Logs each reference image's mean, spread and saturation, and refuses flat or clipped ones."""
+    log(f"  {'case':24s} {'mean':>6s} {'std':>6s} {'sat%':>6s}")
+    for name, u8 in images.items():
+        f = u8.astype(np.float64)
+        sat = float(np.mean((u8 == 0) | (u8 == 255)))
+        log(f"  {name:24s} {f.mean():6.1f} {f.std():6.1f} {100 * sat:6.2f}")
+        assert f.std() >= MIN_STD, f"{name}: image too flat"
+        assert sat <= MAX_SATURATED, f"{name}: too many saturated pixels"
+
+
 def to_uint8(img):
     return np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
 
@@ -2315,12 +2326,7 @@ def make_sd2_fixtures():
 
     # ---- statistics -----------------------------------------------------------------------------
     log("\nSD 2.x image statistics (levels of 255):")
-    for name, u8 in images.items():
-        f = u8.astype(np.float64)
-        sat = float(np.mean((u8 == 0) | (u8 == 255)))
-        log(f"  {name:24s} mean {f.mean():6.1f} std {f.std():6.1f} sat {100 * sat:5.2f}%")
-        assert f.std() >= MIN_STD, f"{name}: image too flat"
-        assert sat <= MAX_SATURATED, f"{name}: too many saturated pixels"
+    check_image_statistics(images)
     for a, b in SD2_DIFF_PAIRS:
         d = np.abs(images[a].astype(np.float64) - images[b])
         log(f"  {a:20s} vs {b:20s} mean {d.mean():6.1f} max {d.max():5.0f}")
@@ -2620,13 +2626,7 @@ def main():
 
     # ---- 5. statistics ---------------------------------------------------------------
     log("\nimage statistics (levels of 255):")
-    log(f"  {'case':24s} {'mean':>6s} {'std':>6s} {'sat%':>6s}")
-    for name, u8 in images.items():
-        f = u8.astype(np.float64)
-        sat = float(np.mean((u8 == 0) | (u8 == 255)))
-        log(f"  {name:24s} {f.mean():6.1f} {f.std():6.1f} {100 * sat:6.2f}")
-        assert f.std() >= MIN_STD, f"{name}: image too flat"
-        assert sat <= MAX_SATURATED, f"{name}: too many saturated pixels"
+    check_image_statistics(images)
     log("\npairs differing in one setting: mean abs pixel diff (levels)")
     for a, b in DIFF_PAIRS:
         d = np.abs(images[a].astype(np.float64) - images[b]).mean()
