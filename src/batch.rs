@@ -15,6 +15,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::loading::{Defaults, STANDARD_512};
 use crate::pipeline::{Init, Request};
 use crate::sampling::samplers::{resolve, Sampler};
 use crate::sampling::schedule::ScheduleKind;
@@ -114,7 +115,7 @@ impl JobOptions {
         if let Some(c) = self.cfg_scale.filter(|c| !c.is_finite() || *c < 0.0) {
             bail!("--cfg-scale must be a number ≥ 0, got {c}");
         }
-        resolve(self.sampler.as_deref(), self.schedule.as_deref())?;
+        resolve(self.sampler.as_deref(), self.schedule.as_deref(), STANDARD_512.sampling())?;
         Ok(())
     }
 }
@@ -307,18 +308,19 @@ pub fn plan(jobs: &[JobLine], defaults: &JobOptions, base_seed: u64, shard: Opti
 }
 
 impl Planned {
-    /// The generation request, with the model's native size as default.
-    pub fn request(&self, native_size: usize) -> anyhow::Result<Request> {
+    /// The generation request, with the model's defaults for what the job
+    /// and the command line leave out.
+    pub fn request(&self, defaults: &Defaults) -> anyhow::Result<Request> {
         let o = &self.options;
-        let (sampler, schedule) = resolve(o.sampler.as_deref(), o.schedule.as_deref())?;
+        let (sampler, schedule) = resolve(o.sampler.as_deref(), o.schedule.as_deref(), defaults.sampling())?;
         Ok(Request {
             prompt: o.prompt.clone().unwrap_or_default(),
             negative_prompt: o.negative_prompt.clone().unwrap_or_default(),
             seed: self.seed,
-            steps: o.steps.unwrap_or(20),
-            cfg_scale: o.cfg_scale.unwrap_or(7.5),
-            width: o.width.unwrap_or(native_size),
-            height: o.height.unwrap_or(native_size),
+            steps: o.steps.unwrap_or(defaults.steps),
+            cfg_scale: o.cfg_scale.unwrap_or(defaults.cfg_scale),
+            width: o.width.unwrap_or(defaults.size),
+            height: o.height.unwrap_or(defaults.size),
             sampler,
             schedule,
             init: Init::Noise,
@@ -470,7 +472,7 @@ pub fn run(
         if manifest.is_done(opts.out_dir, &p.file) {
             summary.skipped += 1;
         } else {
-            todo.push((p, p.request(model.native_size())?));
+            todo.push((p, p.request(&model.defaults())?));
         }
     }
     let total = planned.len();

@@ -233,6 +233,10 @@ pub struct Common {
     /// f32, f16 or bf16 [default: f32 on CPU, f16 on GPU].
     #[arg(long)]
     pub dtype: Option<String>,
+    /// standard or turbo (1 step of euler_a on trailing timesteps, no
+    /// guidance) [default: turbo when the model's name says so].
+    #[arg(long, value_name = "standard|turbo")]
+    pub preset: Option<String>,
     /// What the UNet predicts: eps or v [default: the folder's scheduler
     /// config; for SD 2.x single files, detected from the weights].
     #[arg(long, value_name = "eps|v")]

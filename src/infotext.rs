@@ -4,6 +4,7 @@
 
 use anyhow::{bail, Context};
 
+use crate::loading::STANDARD_512;
 use crate::pipeline::{Init, Request};
 use crate::sampling::samplers::resolve;
 use crate::sampling::schedule::ScheduleKind;
@@ -177,7 +178,7 @@ impl Infotext {
             .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)))
             .with_context(|| format!("Size: {size:?} is not WxH"))?;
         let seed = need("Seed")?;
-        let (sampler, schedule) = resolve(Some(need("Sampler")?), self.get("Schedule type"))?;
+        let (sampler, schedule) = resolve(Some(need("Sampler")?), self.get("Schedule type"), STANDARD_512.sampling())?;
         let request = Request {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),

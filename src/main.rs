@@ -17,6 +17,7 @@ use sdgen::image_io::{read_image, read_mask_levels, write_png, Image};
 use sdgen::infotext::Parameters;
 use sdgen::loading::locate::{locate, Located};
 use sdgen::loading::Model;
+use sdgen::loading::{Defaults, Preset, STANDARD_512};
 use sdgen::pipeline::{Event, Init, Request};
 use sdgen::sampling::denoiser::Prediction;
 
@@ -223,6 +224,9 @@ fn load(args: &Common, path: PathBuf, device: candle_core::Device) -> anyhow::Re
     if let Some(p) = prediction {
         model.prediction = p;
     }
+    if let Some(p) = &args.preset {
+        model.preset = Preset::parse(p)?;
+    }
     let hash = model.hash()?;
     loading.finish_and_clear();
     if !args.quiet {
@@ -296,19 +300,20 @@ fn check_out_path(out: &Path) -> anyhow::Result<()> {
 
 /// The request the common options describe; the size defaults to the input
 /// image's, else to a placeholder until the model's native size is known.
-fn request_from(args: &Common, init: Init, seed: u64) -> anyhow::Result<Request> {
+fn request_from(args: &Common, init: Init, seed: u64, defaults: &Defaults) -> anyhow::Result<Request> {
     let input = match &init {
         Init::Noise => None,
         Init::Image { image, .. } | Init::Inpaint { image, .. } => Some((image.width, image.height)),
     };
-    let (w, h) = input.unwrap_or((args.width.unwrap_or(8), args.height.unwrap_or(8)));
-    let (sampler, schedule) = sdgen::sampling::samplers::resolve(args.sampler.as_deref(), args.schedule.as_deref())?;
+    let (w, h) = input.unwrap_or((args.width.unwrap_or(defaults.size), args.height.unwrap_or(defaults.size)));
+    let (sampler, schedule) =
+        sdgen::sampling::samplers::resolve(args.sampler.as_deref(), args.schedule.as_deref(), defaults.sampling())?;
     let request = Request {
         prompt: args.prompt.clone().context("--prompt is required")?,
         negative_prompt: args.negative_prompt.clone().unwrap_or_default(),
         seed,
-        steps: args.steps.unwrap_or(20),
-        cfg_scale: args.cfg_scale.unwrap_or(7.5),
+        steps: args.steps.unwrap_or(defaults.steps),
+        cfg_scale: args.cfg_scale.unwrap_or(defaults.cfg_scale),
         width: w,
         height: h,
         sampler,
@@ -330,16 +335,14 @@ fn run_single(args: &Common, init: Init) -> anyhow::Result<()> {
     let batch_size = batch_size(args)?;
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("sdgen.png"));
     check_out_path(&out)?;
-    let fixed_size = init != Init::Noise;
-    let mut request = request_from(args, init, args.seed.unwrap_or_else(random_seed))?;
+    let seed = args.seed.unwrap_or_else(random_seed);
+    // Bad options fail before the (slow) load; the model's defaults come after.
+    request_from(args, init.clone(), seed, &STANDARD_512)?;
     let device = sdgen::device::parse_device(&args.device)?;
     let load_started = Instant::now();
     let Loaded { model, hash, device } = load(args, resolve_model(args)?, device)?;
     let mut timings = Timings { load: load_started.elapsed().as_secs_f64(), ..Timings::default() };
-    if !fixed_size {
-        request.width = args.width.unwrap_or(model.native_size());
-        request.height = args.height.unwrap_or(model.native_size());
-    }
+    let request = request_from(args, init, seed, &model.defaults())?;
     let outs = output_paths(&out, count);
     for (c, chunk) in outs.chunks(batch_size).enumerate() {
         let reqs: Vec<Request> = (0..chunk.len())

@@ -190,3 +190,36 @@ fn modules_match_diffusers() {
     let err = relative(&out, &r["probe.v.out"]);
     assert!(err < 1e-4, "probe UNet output relative error {err}");
 }
+
+/// Defaults come from the family table: SD 2.x v models at 768², and the
+/// turbo preset (by name, or `--preset turbo`) as one unguided Euler a step
+/// on trailing timesteps at 512².
+#[test]
+fn family_and_turbo_defaults() {
+    use sdgen::loading::{Preset, STANDARD_512};
+    use sdgen::sampling::samplers::Sampler;
+    use sdgen::sampling::schedule::ScheduleKind;
+    let mut m = Model::load(&fixture("tiny-sd2"), &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(m.preset, Preset::Standard);
+    assert_eq!(m.defaults().size, 768);
+    assert_eq!(m.defaults().sampling(), STANDARD_512.sampling());
+    m.prediction = Prediction::Epsilon;
+    assert_eq!(m.defaults(), STANDARD_512);
+    m.preset = Preset::Turbo;
+    let turbo = m.defaults();
+    assert_eq!((turbo.size, turbo.steps, turbo.cfg_scale), (512, 1, 0.0));
+    assert_eq!(turbo.sampling(), (Sampler::EulerAncestral, ScheduleKind::Trailing));
+    assert_eq!(Preset::from_name("sd_turbo"), Preset::Turbo);
+    assert_eq!(Preset::from_name("SDXL-Turbo-1.0"), Preset::Turbo);
+
+    // From the command line: a model whose name says turbo.
+    let dir = tempfile::tempdir().unwrap();
+    let named = dir.path().join("tiny-sd2-turbo");
+    std::os::unix::fs::symlink(fixture("tiny-sd2"), &named).unwrap();
+    let out = dir.path().join("turbo.png");
+    let o = sdgen(&["--model", named.to_str().unwrap(), "-p", "a cat", "-s", "1", "-q", "-o", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = sdgen::image_io::read_parameters(&out).unwrap().unwrap();
+    assert!(text.contains("Steps: 1, Sampler: Euler a, Schedule type: Trailing, CFG scale: 0,"), "{text}");
+    assert!(text.contains("Size: 512x512"), "{text}");
+}

@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use serde::de::DeserializeOwned;
 
 use super::weights::{Checkpoint, NameMap};
-use super::{model_name, Family, Model};
+use super::{model_name, Family, Model, Preset};
 use crate::models::clip::{Activation, ClipConfig, ClipTextModel};
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{Vae, VaeConfig};
@@ -97,6 +97,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<Model> 
         unet,
         vae,
         prediction: Prediction::parse(&scheduler.prediction_type)?,
+        preset: Preset::from_name(&model_name(dir)),
         scheduler,
         unused,
     })

@@ -20,6 +20,8 @@ use crate::models::clip::ClipTextModel;
 use crate::models::unet::UNet;
 use crate::models::vae::Vae;
 use crate::sampling::denoiser::Prediction;
+use crate::sampling::samplers::Sampler;
+use crate::sampling::schedule::ScheduleKind;
 use crate::sampling::schedule::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
 
@@ -40,15 +42,6 @@ impl Family {
         }
     }
 
-    /// The image side the family was trained at: SD 2.x's v-prediction
-    /// models at 768, its ε (base) models at 512.
-    pub fn native_size(self, prediction: Prediction) -> usize {
-        match (self, prediction) {
-            (Family::Sd2, Prediction::V) => 768,
-            _ => 512,
-        }
-    }
-
     /// VAE latent scaling factor when no config says otherwise.
     pub fn vae_scaling(self) -> f64 {
         match self {
@@ -56,6 +49,76 @@ impl Family {
         }
     }
 }
+
+/// How a model is meant to be run, beyond its family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    Standard,
+    /// Adversarially distilled (SD-Turbo, SDXL-Turbo): 1–4 steps, no guidance.
+    Turbo,
+}
+
+impl Preset {
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "standard" | "none" => Ok(Preset::Standard),
+            "turbo" => Ok(Preset::Turbo),
+            other => anyhow::bail!("--preset {other:?}: use standard or turbo"),
+        }
+    }
+
+    /// Turbo models are recognised by name (`sd_turbo`, `sdxl-turbo`, …): their
+    /// files hold nothing else that tells them apart.
+    pub fn from_name(name: &str) -> Self {
+        if name.to_ascii_lowercase().contains("turbo") {
+            Preset::Turbo
+        } else {
+            Preset::Standard
+        }
+    }
+}
+
+/// What a model runs with when the command line does not say.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Defaults {
+    pub size: usize,
+    pub steps: usize,
+    pub cfg_scale: f64,
+    pub sampler: Sampler,
+    pub schedule: ScheduleKind,
+}
+
+/// The defaults of every family and preset, in one place; the first row that
+/// matches wins, `None` matching anything.
+const DEFAULTS: &[(Option<Family>, Option<Prediction>, Preset, Defaults)] = &[
+    // SD-Turbo and SDXL-Turbo: one step of Euler ancestral on trailing
+    // timesteps without guidance, at 512².
+    (
+        None,
+        None,
+        Preset::Turbo,
+        Defaults {
+            size: 512,
+            steps: 1,
+            cfg_scale: 0.0,
+            sampler: Sampler::EulerAncestral,
+            schedule: ScheduleKind::Trailing,
+        },
+    ),
+    // SD 2.x v-prediction models were trained at 768², the ε (base) ones at 512².
+    (Some(Family::Sd2), Some(Prediction::V), Preset::Standard, Defaults { size: 768, ..STANDARD_512 }),
+    (None, None, Preset::Standard, STANDARD_512),
+];
+
+impl Defaults {
+    pub fn sampling(&self) -> (Sampler, ScheduleKind) {
+        (self.sampler, self.schedule)
+    }
+}
+
+/// 20 steps of DPM++ 2M with Karras σs at cfg 7.5, 512²: A1111's defaults.
+pub const STANDARD_512: Defaults =
+    Defaults { size: 512, steps: 20, cfg_scale: 7.5, sampler: Sampler::DpmPP2M, schedule: ScheduleKind::Karras };
 
 /// A loaded pipeline's components and what identifies them.
 pub struct Model {
@@ -71,14 +134,20 @@ pub struct Model {
     pub vae: Vae,
     pub scheduler: SchedulerConfig,
     pub prediction: Prediction,
+    pub preset: Preset,
     /// Stored tensors that no model used (EMA copies, schedule buffers, …).
     pub unused: BTreeSet<String>,
 }
 
 impl Model {
-    /// The default image side for this model.
-    pub fn native_size(&self) -> usize {
-        self.family.native_size(self.prediction)
+    /// Size, steps, guidance and sampler when the command line gives none.
+    pub fn defaults(&self) -> Defaults {
+        DEFAULTS
+            .iter()
+            .find(|(f, p, preset, _)| {
+                f.is_none_or(|f| f == self.family) && p.is_none_or(|p| p == self.prediction) && *preset == self.preset
+            })
+            .map_or(STANDARD_512, |row| row.3)
     }
 
     /// Loads a single `.safetensors` checkpoint or a diffusers folder.
@@ -183,6 +252,7 @@ fn load_single_file(path: &Path, device: &Device, dtype: DType) -> anyhow::Resul
         vae,
         scheduler,
         prediction,
+        preset: Preset::from_name(&model_name(path)),
         unused: ckpt.unused(),
     })
 }

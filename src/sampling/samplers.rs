@@ -171,13 +171,17 @@ impl Sampler {
 }
 
 /// The sampler and schedule the user asked for: `--sampler` (an A1111 name
-/// may include the schedule) and `--schedule`; neither means today's A1111
-/// default, DPM++ 2M with the Karras schedule; a sampler alone runs with its
-/// scheduler's own spacing.
-pub fn resolve(sampler: Option<&str>, schedule: Option<&str>) -> anyhow::Result<(Sampler, ScheduleKind)> {
+/// may include the schedule) and `--schedule`; neither means the model's
+/// `default` (A1111's DPM++ 2M with the Karras schedule for most); a sampler
+/// alone runs with its scheduler's own spacing.
+pub fn resolve(
+    sampler: Option<&str>,
+    schedule: Option<&str>,
+    default: (Sampler, ScheduleKind),
+) -> anyhow::Result<(Sampler, ScheduleKind)> {
     let schedule = schedule.map(ScheduleKind::parse).transpose()?;
     let Some(name) = sampler else {
-        return Ok((Sampler::DpmPP2M, schedule.unwrap_or(ScheduleKind::Karras)));
+        return Ok((default.0, schedule.unwrap_or(default.1)));
     };
     let (sampler, implied) = Sampler::parse_with_schedule(name)?;
     match (implied, schedule) {
