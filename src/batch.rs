@@ -503,8 +503,12 @@ pub fn run(
         let seconds = started.elapsed().as_secs_f64() / n as f64;
         for ((p, r), image) in group.iter().zip(images) {
             let path = opts.out_dir.join(&p.file);
-            let params =
-                crate::infotext::Parameters { request: r, model_name: &model.name, model_hash: opts.model_hash };
+            let params = crate::infotext::Parameters {
+                request: r,
+                model_name: &model.name,
+                model_hash: opts.model_hash,
+                family: model.family.name(),
+            };
             crate::image_io::write_png(&path, &image, &params.infotext())?;
             let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read back", path.display()))?;
             manifest.append(&ManifestEntry {

@@ -14,6 +14,8 @@ pub struct Parameters<'a> {
     pub request: &'a Request,
     pub model_name: &'a str,
     pub model_hash: &'a str,
+    /// The model family ("SD 2.x"): sdgen's own key, which A1111 ignores.
+    pub family: &'a str,
 }
 
 impl Parameters<'_> {
@@ -32,6 +34,7 @@ impl Parameters<'_> {
             ("Size", format!("{}x{}", r.width, r.height)),
             ("Model hash", self.model_hash.to_string()),
             ("Model", self.model_name.to_string()),
+            ("Family", self.family.to_string()),
         ];
         if r.schedule == ScheduleKind::Normal {
             fields.retain(|(k, _)| *k != "Schedule type");
@@ -151,6 +154,7 @@ const KNOWN: &[&str] = &[
     "Size",
     "Model hash",
     "Model",
+    "Family",
     "Version",
     "Denoising strength",
     "Mask blur",
@@ -222,7 +226,8 @@ mod tests {
     #[test]
     fn writes_and_reads_back() {
         let r = request();
-        let text = Parameters { request: &r, model_name: "my, model", model_hash: "0123456789" }.infotext();
+        let text =
+            Parameters { request: &r, model_name: "my, model", model_hash: "0123456789", family: "SD 1.x" }.infotext();
         assert!(text.contains(
             "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 512x768, Model hash: 0123456789, Model: \"my, model\""
         ));

@@ -360,7 +360,8 @@ fn run_single(args: &Common, init: Init) -> anyhow::Result<()> {
         timings.finish();
         bar.bar.finish_and_clear();
         for ((out, req), image) in chunk.iter().zip(&reqs).zip(&images) {
-            let params = Parameters { request: req, model_name: &model.name, model_hash: &hash };
+            let params =
+                Parameters { request: req, model_name: &model.name, model_hash: &hash, family: model.family.name() };
             write_png(out, image, &params.infotext())?;
             if !args.quiet {
                 println!("{} (seed {}, {:.1} s)", out.display(), req.seed, started.elapsed().as_secs_f64());

@@ -221,5 +221,5 @@ fn family_and_turbo_defaults() {
     assert!(o.status.success(), "{}", stderr(&o));
     let text = sdgen::image_io::read_parameters(&out).unwrap().unwrap();
     assert!(text.contains("Steps: 1, Sampler: Euler a, Schedule type: Trailing, CFG scale: 0,"), "{text}");
-    assert!(text.contains("Size: 512x512"), "{text}");
+    assert!(text.contains("Size: 512x512") && text.contains("Family: SD 2.x"), "{text}");
 }

@@ -89,7 +89,7 @@ fn png_records_a1111_parameters() {
     let text = sdgen::image_io::read_parameters(&out).unwrap().expect("parameters chunk");
     let expected = format!(
         "a red fox\nNegative prompt: blurry\nSteps: 2, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 64x64, \
-         Model hash: {}, Model: tiny-sd1, Version: sdgen {}",
+         Model hash: {}, Model: tiny-sd1, Family: SD 1.x, Version: sdgen {}",
         sha256_10(&fixture("tiny-sd1.safetensors")),
         env!("CARGO_PKG_VERSION")
     );
