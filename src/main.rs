@@ -219,13 +219,14 @@ fn load(args: &Common, path: PathBuf, device: candle_core::Device) -> anyhow::Re
     let loading = spinner(args.quiet, "loading model");
     let tiling = sdgen::models::vae::Tiling::parse(&args.vae_tiling)?;
     let prediction = args.prediction.as_deref().map(Prediction::parse).transpose().context("--prediction")?;
+    let preset = args.preset.as_deref().map(Preset::parse).transpose()?;
     let mut model = Model::load(&path, &device, dtype)?;
     model.vae.tiling = tiling;
     if let Some(p) = prediction {
         model.prediction = p;
     }
-    if let Some(p) = &args.preset {
-        model.preset = Preset::parse(p)?;
+    if let Some(p) = preset {
+        model.preset = p;
     }
     let hash = model.hash()?;
     loading.finish_and_clear();
@@ -298,8 +299,8 @@ fn check_out_path(out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The request the common options describe; the size defaults to the input
-/// image's, else to a placeholder until the model's native size is known.
+/// The request the common options describe; what they leave out comes from
+/// `defaults` (the model's), the size from the input image if there is one.
 fn request_from(args: &Common, init: Init, seed: u64, defaults: &Defaults) -> anyhow::Result<Request> {
     let input = match &init {
         Init::Noise => None,
