@@ -187,3 +187,31 @@ fn tiled_vae_encode_blends_tiles_and_equals_whole_with_one_tile() {
     eprintln!("tiled (6/2) vs whole encode of the tiny VAE: mean |Δ| = {mean}");
     assert!(mean > 0.0, "overlapping tiles of this encoder differ from the whole image");
 }
+
+/// SDXL's added conditioning path (pooled text + sinusoids of the six size
+/// numbers → linear–SiLU–linear, added to the timestep embedding) on a tiny
+/// SDXL-shaped UNet (tests/reference/make_sdxl_unet.py).
+#[test]
+fn sdxl_unet_add_embedding_matches_diffusers() {
+    use sdgen::loading::weights::{Checkpoint, NameMap};
+    use sdgen::models::unet::{TextTime, UNet, UNetConfig};
+    let dir = fixture("tiny-sdxl-unet");
+    let cfg: UNetConfig = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let ckpt = Checkpoint::open(&[dir.join("diffusion_pytorch_model.safetensors")]).unwrap();
+    let unet = UNet::new(&cfg, ckpt.var_builder(NameMap::prefixed(""), "UNet", DType::F32, &Device::Cpu)).unwrap();
+    assert!(ckpt.unused().is_empty(), "unused: {:?}", ckpt.unused());
+    let r = candle_core::safetensors::load(fixture("reference/sdxl/unet.safetensors"), &Device::Cpu).unwrap();
+    let t = r["timestep"].to_vec1::<f32>().unwrap()[0];
+    let run = |text_embeds: &Tensor, time_ids: &Tensor| {
+        let tt = TextTime { text_embeds, time_ids };
+        unet.forward_with(&r["sample"], t, &r["context"], None, Some(&tt)).unwrap()
+    };
+    let out = run(&r["text_embeds"], &r["time_ids"]);
+    let err = relative_error(&out, &r["out"]);
+    eprintln!("sdxl unet: relative error {err:e}");
+    assert!(err < TOLERANCE, "SDXL UNet relative error {err}");
+    let zeros = run(&r["text_embeds"].zeros_like().unwrap(), &r["time_ids"].zeros_like().unwrap());
+    assert!(relative_error(&zeros, &r["out_no_added"]) < TOLERANCE);
+    assert!(relative_error(&out, &zeros) > 1e-2, "the added conditioning must change the output");
+    assert!(unet.forward(&r["sample"], t, &r["context"], None).is_err(), "an SDXL UNet needs its added conditioning");
+}

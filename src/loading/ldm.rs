@@ -260,6 +260,8 @@ pub fn infer_unet(t: &Tensors) -> anyhow::Result<UNetConfig> {
         use_linear_projection: linear_projection,
         // As SD 2.1 needs in f16 (only more exact for others); nothing changes in f32.
         upcast_attention: linear_projection,
+        addition_time_embed_dim: None,
+        projection_class_embeddings_input_dim: None,
         transformer_layers_per_block: PerBlock::Each(depth),
         flip_sin_to_cos: true,
         freq_shift: 0,

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Context};
-use candle_core::{Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{group_norm, linear, Conv2d, GroupNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
@@ -39,6 +39,11 @@ pub struct UNetConfig {
     /// Attention scores in f32 even in f16 (SD 2.1); no effect in f32.
     #[serde(default)]
     pub upcast_attention: bool,
+    /// SDXL's micro-conditioning (`addition_embed_type: "text_time"`): width
+    /// of each size/crop number's sinusoids, and of the add embedding's input
+    /// (pooled text width + 6 × that).
+    pub addition_time_embed_dim: Option<usize>,
+    pub projection_class_embeddings_input_dim: Option<usize>,
     #[serde(default = "one_layer")]
     pub transformer_layers_per_block: PerBlock,
     #[serde(default = "yes")]
@@ -66,7 +71,7 @@ const SUPPORTED: &[(&str, &[&str])] = &[
     ("dual_cross_attention", &["false"]),
     ("mid_block_scale_factor", &["1", "1.0"]),
     ("resnet_out_scale_factor", &["1", "1.0"]),
-    ("addition_embed_type", &["null"]),
+    ("addition_embed_type", &["null", "\"text_time\""]),
     ("class_embed_type", &["null"]),
     ("num_class_embeds", &["null"]),
     ("encoder_hid_dim", &["null"]),
@@ -164,8 +169,27 @@ struct UpBlock {
     upsample: Option<Upsample>,
 }
 
+/// SDXL's extra conditioning of one batch: the pooled text embedding
+/// `(B, P)` and the six numbers `(B, 6)` (original size, crop top-left,
+/// target size).
+pub struct TextTime<'a> {
+    pub text_embeds: &'a Tensor,
+    pub time_ids: &'a Tensor,
+}
+
+/// diffusers' `add_time_proj` + `add_embedding`: sinusoids of each time id,
+/// concatenated after the pooled text, through linear–SiLU–linear.
+#[derive(Debug)]
+struct AddEmbedding {
+    time_dim: usize,
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
 #[derive(Debug)]
 pub struct UNet {
+    /// SDXL: added to the timestep embedding.
+    add_embedding: Option<AddEmbedding>,
     time_proj_dim: usize,
     flip_sin_to_cos: bool,
     freq_shift: usize,
@@ -254,7 +278,21 @@ impl UNet {
             up.push(UpBlock { layers, upsample });
             prev = level.channels;
         }
+        let text_time = config.other.get("addition_embed_type").and_then(|v| v.as_str()) == Some("text_time");
+        let add_embedding =
+            match (text_time, config.addition_time_embed_dim, config.projection_class_embeddings_input_dim) {
+                (false, ..) => None,
+                (true, Some(time_dim), Some(input)) => Some(AddEmbedding {
+                    time_dim,
+                    linear_1: linear(input, temb, vb.pp("add_embedding.linear_1"))?,
+                    linear_2: linear(temb, temb, vb.pp("add_embedding.linear_2"))?,
+                }),
+                _ => bail!(
+                "addition_embed_type text_time needs addition_time_embed_dim and projection_class_embeddings_input_dim"
+            ),
+            };
         Ok(Self {
+            add_embedding,
             time_proj_dim: c0,
             flip_sin_to_cos: config.flip_sin_to_cos,
             freq_shift: config.freq_shift,
@@ -283,28 +321,67 @@ impl UNet {
         self.conv_in.weight().device().clone()
     }
 
-    /// Sinusoidal timestep features, computed in f32 as diffusers does.
-    fn timestep_features(&self, t: f32, batch: usize, device: &Device) -> Result<Tensor> {
-        let half = self.time_proj_dim / 2;
+    /// Sinusoidal features of `values`, `(N, dim)`, computed in f32 as
+    /// diffusers' `Timesteps` does.
+    fn sinusoids(&self, values: &[f32], dim: usize, device: &Device) -> Result<Tensor> {
+        let half = dim / 2;
         let ln_period = -(10000f64.ln() as f32);
         let denom = (half - self.freq_shift) as f32;
-        let args: Vec<f32> = (0..half).map(|i| t * (ln_period * i as f32 / denom).exp()).collect();
-        let (sin, cos): (Vec<f32>, Vec<f32>) = args.iter().map(|a| (a.sin(), a.cos())).unzip();
-        let row = if self.flip_sin_to_cos { [cos, sin].concat() } else { [sin, cos].concat() };
-        Tensor::from_vec(row, (1, 2 * half), device)?.repeat((batch, 1))
+        let freqs: Vec<f32> = (0..half).map(|i| (ln_period * i as f32 / denom).exp()).collect();
+        let rows: Vec<f32> = values
+            .iter()
+            .flat_map(|&t| {
+                let (sin, cos): (Vec<f32>, Vec<f32>) = freqs.iter().map(|f| ((t * f).sin(), (t * f).cos())).unzip();
+                if self.flip_sin_to_cos {
+                    [cos, sin].concat()
+                } else {
+                    [sin, cos].concat()
+                }
+            })
+            .collect();
+        Tensor::from_vec(rows, (values.len(), 2 * half), device)
     }
 
     /// Predicts the model output for `sample: (B, C, H, W)` at timestep `t`
     /// under `context: (B, L, D)`; LCM UNets also take `guidance: (B, d)`,
     /// the embedded guidance scale.
     pub fn forward(&self, sample: &Tensor, t: f32, context: &Tensor, guidance: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_with(sample, t, context, guidance, None)
+    }
+
+    /// [`UNet::forward`] with SDXL's pooled text and size conditioning, which
+    /// SDXL UNets require.
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        t: f32,
+        context: &Tensor,
+        guidance: Option<&Tensor>,
+        text_time: Option<&TextTime>,
+    ) -> Result<Tensor> {
         let batch = sample.dim(0)?;
-        let mut feats = self.timestep_features(t, batch, sample.device())?.to_dtype(sample.dtype())?;
+        let mut feats = self.sinusoids(&[t], self.time_proj_dim, sample.device())?.repeat((batch, 1))?;
+        feats = feats.to_dtype(sample.dtype())?;
         if let (Some(proj), Some(g)) = (&self.cond_proj, guidance) {
             feats = (feats + proj.forward(g)?)?;
         }
         let temb = self.time_linear_1.forward(&feats)?;
-        let temb = self.time_linear_2.forward(&candle_nn::ops::silu(&temb)?)?;
+        let mut temb = self.time_linear_2.forward(&candle_nn::ops::silu(&temb)?)?;
+        match (&self.add_embedding, text_time) {
+            (Some(add), Some(tt)) => {
+                let ids: Vec<f32> = tt.time_ids.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let times = self.sinusoids(&ids, add.time_dim, sample.device())?.reshape((batch, ()))?;
+                let input = Tensor::cat(&[&tt.text_embeds.to_dtype(DType::F32)?, &times], 1)?.to_dtype(temb.dtype())?;
+                let aug = add.linear_2.forward(&candle_nn::ops::silu(&add.linear_1.forward(&input)?)?)?;
+                temb = (temb + aug)?;
+            }
+            (Some(_), None) => {
+                return Err(candle_core::Error::Msg(
+                    "this UNet (SDXL) needs pooled text embeddings and size conditioning".into(),
+                ))
+            }
+            (None, _) => {}
+        }
         let mut h = self.conv_in.forward(sample)?;
         let mut skips = vec![h.clone()];
         for block in &self.down {
