@@ -215,3 +215,49 @@ fn sdxl_unet_add_embedding_matches_diffusers() {
     assert!(relative_error(&out, &zeros) > 1e-2, "the added conditioning must change the output");
     assert!(unet.forward(&r["sample"], t, &r["context"], None).is_err(), "an SDXL UNet needs its added conditioning");
 }
+
+/// SDXL's text conditioning from its two encoders (tests/reference/make_sdxl_text.py):
+/// each encoder's penultimate hidden state without the final norm,
+/// concatenated into the context, and encoder 2's pooled, projected output.
+#[test]
+fn sdxl_text_encoders_match_transformers() {
+    use sdgen::loading::weights::{Checkpoint, NameMap};
+    use sdgen::models::clip::{ClipConfig, ClipTextModel};
+    let r = candle_core::safetensors::load(fixture("reference/sdxl/text.safetensors"), &Device::Cpu).unwrap();
+    let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
+    let load = |sub: &str| {
+        let dir = fixture(&format!("tiny-sdxl-text/{sub}"));
+        let cfg: ClipConfig = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        let ckpt = Checkpoint::open(&[dir.join("model.safetensors")]).unwrap();
+        // transformers names CLIPTextModelWithProjection's tower `text_model.`.
+        let prefix = if ckpt.shapes().iter().any(|(n, _)| n.starts_with("text_model.")) { "text_model." } else { "" };
+        let vb = ckpt.var_builder(NameMap::prefixed(prefix), "text encoder", DType::F32, &Device::Cpu);
+        let model = ClipTextModel::new(&cfg, vb).unwrap();
+        (model, ckpt)
+    };
+    let (enc1, ckpt1) = load("text_encoder");
+    let (enc2, ckpt2) = load("text_encoder_2");
+    let (pen1, _) = enc1.hidden_states(&ids, enc1.config.num_hidden_layers - 1).unwrap();
+    let (pen2, last2) = enc2.hidden_states(&ids, enc2.config.num_hidden_layers - 1).unwrap();
+    let projection = candle_nn::linear_no_bias(
+        64,
+        32,
+        ckpt2.var_builder(NameMap::prefixed(""), "text projection", DType::F32, &Device::Cpu).pp("text_projection"),
+    )
+    .unwrap();
+    let pooled = enc2.pooled(&last2, &ids, &projection).unwrap();
+    let context = Tensor::cat(&[&pen1, &pen2], 2).unwrap();
+    for (what, ours, theirs) in [
+        ("encoder 1 penultimate", &pen1, "enc1.penultimate"),
+        ("encoder 1 last (normed)", &enc1.forward(&ids).unwrap(), "enc1.last_hidden_state"),
+        ("encoder 2 penultimate", &pen2, "enc2.penultimate"),
+        ("pooled text embeds", &pooled, "enc2.text_embeds"),
+        ("context", &context, "context"),
+    ] {
+        let err = relative_error(ours, &r[theirs]);
+        eprintln!("sdxl {what}: relative error {err:e}");
+        assert!(err < TOLERANCE, "{what}: relative error {err}");
+    }
+    assert!(ckpt1.unused().is_empty() && ckpt2.unused().is_empty(), "{:?} {:?}", ckpt1.unused(), ckpt2.unused());
+    assert!(relative_error(&pen2, &last2) > 1e-2, "the penultimate state differs from the last");
+}

@@ -111,12 +111,42 @@ impl ClipTextModel {
 
     /// `ids: (B, L)` (u32) → the last hidden state after the final layer norm, `(B, L, D)`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (_, last) = self.hidden_states(ids, self.layers.len())?;
+        self.final_layer_norm.forward(&last)
+    }
+
+    /// The hidden state after the first `keep` layers (no final norm: what
+    /// SDXL conditions on, with `keep` = all but the last) and after all of
+    /// them, both `(B, L, D)`.
+    pub fn hidden_states(&self, ids: &Tensor, keep: usize) -> Result<(Tensor, Tensor)> {
         let len = ids.dim(1)?;
         let positions = Tensor::arange(0u32, len as u32, ids.device())?;
         let mut x = self.token_embedding.forward(ids)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
-        for layer in &self.layers {
+        let mut kept = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, self.config.num_attention_heads, self.config.hidden_act)?;
+            if i + 1 == keep {
+                kept = x.clone();
+            }
         }
-        self.final_layer_norm.forward(&x)
+        Ok((kept, x))
+    }
+
+    /// The pooled text embedding `(B, P)` of transformers'
+    /// `CLIPTextModelWithProjection` (SDXL's second encoder): the final-normed
+    /// `last` hidden state at each row's end token — the first largest id, as
+    /// transformers does for these configs — through `projection`.
+    pub fn pooled(&self, last: &Tensor, ids: &Tensor, projection: &Linear) -> Result<Tensor> {
+        let rows: Vec<Vec<u32>> = ids.to_dtype(candle_core::DType::U32)?.to_vec2()?;
+        let normed = self.final_layer_norm.forward(last)?;
+        let picked = rows
+            .iter()
+            .enumerate()
+            .map(|(b, row)| {
+                let end = row.iter().enumerate().fold(0, |best, (i, &id)| if id > row[best] { i } else { best });
+                normed.get(b)?.get(end)?.unsqueeze(0)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        projection.forward(&Tensor::cat(&picked, 0)?)
     }
 }
