@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use common::fixture;
+use common::{fixture, relative_error, TOLERANCE};
 use sdgen::loading::Model;
 use sdgen::sampling::samplers::Sampler;
 use sdgen::sampling::schedule::{ScheduleKind, SchedulerConfig};
@@ -19,17 +19,6 @@ fn references() -> HashMap<String, Tensor> {
 fn model() -> Model {
     Model::load(&fixture("tiny-sd1"), &Device::Cpu, DType::F32).unwrap()
 }
-
-/// Max |a − b| relative to the reference's largest magnitude.
-fn relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
-    assert_eq!(actual.dims(), expected.dims());
-    let diff = (actual - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
-    diff / scale
-}
-
-/// fp32 round-off only: both sides compute in f32 with different op orders.
-const TOLERANCE: f32 = 1e-4;
 
 #[test]
 fn text_encoder_matches_transformers() {

@@ -162,10 +162,6 @@ fn single_file_uses_penultimate_layer_and_bang_padding() {
 #[test]
 fn modules_match_diffusers() {
     let r = candle_core::safetensors::load(fixture("reference/sd2/modules.safetensors"), &Device::Cpu).unwrap();
-    let relative = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        diff / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6)
-    };
     let dir = tempfile::tempdir().unwrap();
     for name in ["tiny-sd2", "tiny-sd2.safetensors"] {
         let m = Model::load(&model_path(name, dir.path()), &Device::Cpu, DType::F32).unwrap();
@@ -175,20 +171,20 @@ fn modules_match_diffusers() {
         assert_eq!(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), expected, "{name}: token ids");
         let ids = candle_core::Tensor::from_vec(ids, (2, 77), &Device::Cpu).unwrap();
         let states = m.text_encoder.forward(&ids).unwrap();
-        let err = relative(&states, &r["clip.last_hidden_state"]);
-        assert!(err < 1e-4, "{name}: text encoder relative error {err}");
+        let err = relative_error(&states, &r["clip.last_hidden_state"]);
+        assert!(err < TOLERANCE, "{name}: text encoder relative error {err}");
         let t = r["unet.timestep"].to_vec1::<f32>().unwrap()[0];
         let out = m.unet.forward(&r["unet.sample"], t, &r["unet.context"], None).unwrap();
-        let err = relative(&out, &r["unet.out"]);
-        assert!(err < 1e-4, "{name}: UNet relative error {err}");
+        let err = relative_error(&out, &r["unet.out"]);
+        assert!(err < TOLERANCE, "{name}: UNet relative error {err}");
         eprintln!("{name}: text encoder and UNet within {err:e} of diffusers");
     }
     let v = Model::load(&fixture("tiny-sd2.safetensors"), &Device::Cpu, DType::F32).unwrap();
     let x = (candle_core::Tensor::ones((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap() * 0.5).unwrap();
     let context = (candle_core::Tensor::ones((1, 2, 64), DType::F32, &Device::Cpu).unwrap() * 0.5).unwrap();
     let out = v.unet.forward(&x, 999.0, &context, None).unwrap();
-    let err = relative(&out, &r["probe.v.out"]);
-    assert!(err < 1e-4, "probe UNet output relative error {err}");
+    let err = relative_error(&out, &r["probe.v.out"]);
+    assert!(err < TOLERANCE, "probe UNet output relative error {err}");
 }
 
 /// Defaults come from the family table: SD 2.x v models at 768², and the

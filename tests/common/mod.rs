@@ -171,3 +171,15 @@ impl Parity {
         assert!(self.0.is_empty(), "beyond tolerance (max {MAX_LEVELS}, mean {MEAN_LEVELS}): {:?}", self.0);
     }
 }
+
+/// Max |a − b| relative to the reference's largest magnitude.
+pub fn relative_error(actual: &candle_core::Tensor, expected: &candle_core::Tensor) -> f32 {
+    assert_eq!(actual.dims(), expected.dims());
+    let diff = (actual - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+    diff / scale
+}
+
+/// Module parity tolerance: fp32 round-off only (both sides compute in f32
+/// with different op orders).
+pub const TOLERANCE: f32 = 1e-4;
