@@ -75,18 +75,7 @@ for dtype in f32 f16; do
 done
 
 echo "== f16 matrix-multiply rate, 8192³ (cuBLAS through torch, then through each build)"
-$py - <<'PY' | tee -a "$results"
-import json, torch
-a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.float16) for _ in range(2))
-for _ in range(3):
-    a @ b
-s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-times = []
-for _ in range(10):
-    s.record(); a @ b; e.record(); torch.cuda.synchronize(); times.append(s.elapsed_time(e) / 1e3)
-times.sort()
-print(json.dumps({"gemm_f16_tflops": round(2 * 8192**3 / times[len(times) // 2] / 1e12, 1), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}))
-PY
+record "{\"torch_matmul\": $($py scripts/torch_matmul_peak.py 8192 cuda f16 8 | tee /dev/stderr)}"
 for b in "${builds[@]}"; do
     m=$("$b" dev matmul-peak --device cuda --dtype f16 --size 8192 --repeat 10 | tail -n 1)
     echo "$(basename "$b"): $m"
@@ -141,8 +130,8 @@ for r in rows:
     if p:
         print(f"parity {r['build']:<14} {p['dtype']}: {p['cases']} cases, worst max {p['worst_max_levels']}, "
               f"worst mean {p['worst_mean_levels']}, average mean {p['average_mean_levels']}, failures {len(p.get('failures', []))}")
-peak = next((r["gemm_f16_tflops"] for r in rows if "gemm_f16_tflops" in r), None)
-print(f"f16 GEMM 8192³: torch {peak} TFLOP/s; " + ", ".join(
+peak = next((r["torch_matmul"]["gflops"] / 1e3 for r in rows if "torch_matmul" in r), None)
+print(f"f16 GEMM 8192³: torch {peak and round(peak)} TFLOP/s; " + ", ".join(
     f"{r['build']} {r['matmul']['gflops'] / 1e3:.0f}" for r in rows if r.get("matmul")))
 unet = next((r["flops"]["unet_gflop"]["total"] for r in rows if "flops" in r), None)
 if unet:
