@@ -351,28 +351,43 @@ def build_unet(config=UNET_CONFIG, prefix="unet.", id_out=UNET_ID_OUT, f_out=UNE
     unet = UNet2DConditionModel(**config)
     init_random(unet, prefix)
     # Cross-attention output at full gain, so prompts matter.
-    for name, mod in unet.named_modules():
-        if name.endswith("attn2.to_out.0"):
-            mod.weight.mul_(1.0 / RES_GAIN)
+    scale_cross_attention_out(unet, 1.0)
     # A denoiser-like path: eps ~= UNET_ID_OUT * (standardized input latent) + f(x, t, text).
     w = unet.conv_in.weight  # [32, 4, 3, 3]
     w[:8].mul_(0.1)
     for c in range(4):
         w[c, c, 1, 1] += UNET_ID_IN
         w[4 + c, c, 1, 1] -= UNET_ID_IN
-    last = unet.up_blocks[-1].resnets[-1]
-    h_ch = last.conv_shortcut.weight.shape[1] - unet.config.block_out_channels[0]
-    cs = last.conv_shortcut.weight  # [32, 64, 1, 1]; input = cat(h, skip=conv_in output)
-    cs[:8].mul_(0.1)
-    for c in range(8):
-        cs[c, h_ch + c, 0, 0] += UNET_ID_SHORTCUT
+    pass_skip_channels(unet, 8)
     wo = unet.conv_out.weight  # [4, 32, 3, 3]
     wo.mul_(f_out)
-    for c in range(4):
-        wo[c, c, 1, 1] += id_out
-        wo[c, 4 + c, 1, 1] -= id_out
+    add_latent_identity(wo, id_out)
     round_to_fp16(unet)
     return unet.eval()
+
+
+def scale_cross_attention_out(unet, gain):
+    """Cross-attention outputs at `gain` (undoing init_random's residual-branch RES_GAIN)."""
+    for name, mod in unet.named_modules():
+        if name.endswith("attn2.to_out.0"):
+            mod.weight.mul_(gain / RES_GAIN)
+
+
+def pass_skip_channels(unet, n):
+    """The last up ResNet's 1x1 shortcut carries conv_in's first `n` channels (its skip input) through."""
+    last = unet.up_blocks[-1].resnets[-1]
+    h_ch = last.conv_shortcut.weight.shape[1] - unet.config.block_out_channels[0]
+    cs = last.conv_shortcut.weight  # [C, 2C, 1, 1]; input = cat(h, skip = conv_in output)
+    cs[:n].mul_(0.1)
+    for c in range(n):
+        cs[c, h_ch + c, 0, 0] += UNET_ID_SHORTCUT
+
+
+def add_latent_identity(wo, gain):
+    """conv_out: eps_c += gain * (ch_c - ch_{c+4}), the +/- latent pair conv_in placed there."""
+    for c in range(4):
+        wo[c, c, 1, 1] += gain
+        wo[c, 4 + c, 1, 1] -= gain
 
 
 @torch.no_grad()
@@ -761,9 +776,7 @@ def build_unet_inpaint():
     torch.manual_seed(0)  # (the default init is overwritten anyway)
     unet = UNet2DConditionModel(**UNET9_CONFIG)
     init_random(unet, "unet_inpaint.")
-    for name, mod in unet.named_modules():
-        if name.endswith("attn2.to_out.0"):
-            mod.weight.mul_(UNET9_ATTN2_GAIN / RES_GAIN)
+    scale_cross_attention_out(unet, UNET9_ATTN2_GAIN)
     w = unet.conv_in.weight  # [32, 9, 3, 3]; input = cat(latents, mask, masked-image latents)
     w[:, 4].mul_(UNET9_MASK_GAIN)
     w[:17].mul_(0.1)
@@ -773,17 +786,11 @@ def build_unet_inpaint():
         w[4 + c, c, 1, 1] -= UNET_ID_IN  # -latent
         w[8 + c, 5 + c, 1, 1] += UNET_ID_IN  # +masked-image latent
         w[12 + c, 5 + c, 1, 1] -= UNET_ID_IN  # -masked-image latent
-    last = unet.up_blocks[-1].resnets[-1]
-    h_ch = last.conv_shortcut.weight.shape[1] - unet.config.block_out_channels[0]
-    cs = last.conv_shortcut.weight  # [32, 64, 1, 1]; input = cat(h, skip = conv_in output)
-    cs[:17].mul_(0.1)
-    for c in range(17):
-        cs[c, h_ch + c, 0, 0] += UNET_ID_SHORTCUT
+    pass_skip_channels(unet, 17)
     wo = unet.conv_out.weight  # [4, 32, 3, 3]
     wo.mul_(UNET9_F_OUT)
+    add_latent_identity(wo, UNET9_ID_OUT)
     for c in range(4):
-        wo[c, c, 1, 1] += UNET9_ID_OUT
-        wo[c, 4 + c, 1, 1] -= UNET9_ID_OUT
         wo[c, 8 + c, 1, 1] -= UNET9_ID_MASKED
         wo[c, 12 + c, 1, 1] += UNET9_ID_MASKED
         wo[c, 16, 1, 1] += (-1) ** c * UNET9_ID_MASK
