@@ -548,6 +548,12 @@ fn unet_bench(
     dtype: Option<&str>,
 ) -> anyhow::Result<()> {
     use candle_core::Tensor;
+    if size == 0 || !size.is_multiple_of(8) || size > sdgen::image_io::MAX_SIDE as usize {
+        bail!("--size must be a multiple of 8 between 8 and {}, got {size}", sdgen::image_io::MAX_SIDE);
+    }
+    if !(1..=64).contains(&batch) {
+        bail!("--batch must be between 1 and 64, got {batch}");
+    }
     let device = sdgen::device::parse_device(device)?;
     let dtype = sdgen::device::parse_dtype(dtype, &device)?;
     let m = sdgen::loading::Model::load(model, &device, dtype)?;
@@ -573,6 +579,9 @@ fn unet_bench(
 /// Times `size³` matrix products on the chosen device after one warm-up.
 fn matmul_peak(size: usize, repeat: usize, device: &str, dtype: Option<&str>) -> anyhow::Result<()> {
     use candle_core::Tensor;
+    if !(1..=32768).contains(&size) {
+        bail!("--size must be between 1 and 32768, got {size}");
+    }
     let device = sdgen::device::parse_device(device)?;
     let dtype = sdgen::device::parse_dtype(dtype, &device)?;
     let a = Tensor::randn(0f32, 1.0, (size, size), &device)?.to_dtype(dtype)?;
