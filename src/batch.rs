@@ -324,6 +324,8 @@ impl Planned {
             sampler,
             schedule,
             init: Init::Noise,
+            size_conditioning: Default::default(),
+            text: Default::default(),
         })
     }
 }
@@ -508,6 +510,7 @@ pub fn run(
                 model_name: &model.name,
                 model_hash: opts.model_hash,
                 family: model.family.name(),
+                applied: &model.applied,
             };
             crate::image_io::write_png(&path, &image, &params.infotext())?;
             let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read back", path.display()))?;

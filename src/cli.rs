@@ -99,6 +99,48 @@ pub enum Command {
     },
     /// List the samplers and schedules.
     Samplers,
+    /// Show how a prompt is split into tokens and chunks, with each token's
+    /// weight, as the text encoder gets them.
+    Tokenize {
+        #[arg(long, short)]
+        prompt: String,
+        /// Use this model's tokenizer [default: CLIP's, as SD 1.x].
+        #[arg(long, value_name = "NAME|PATH")]
+        model: Option<String>,
+        /// Where models live [default: $SDGEN_MODELS_DIR, else ./models].
+        #[arg(
+            long,
+            value_name = "DIR",
+            env = "SDGEN_MODELS_DIR",
+            default_value = "models",
+            hide_default_value = true,
+            hide_env = true
+        )]
+        models_dir: PathBuf,
+        /// a1111 or plain [default: a1111].
+        #[arg(long, value_name = "a1111|plain")]
+        prompt_syntax: Option<String>,
+        /// `{"chunks": [{"ids": [...], "weights": [...]}], "token_count": N}`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the models in the models dir: name, format, family, inpainting,
+    /// prediction, dtype, size and hash (cached beside each file).
+    Models {
+        /// Where models live [default: $SDGEN_MODELS_DIR, else ./models].
+        #[arg(
+            long,
+            value_name = "DIR",
+            env = "SDGEN_MODELS_DIR",
+            default_value = "models",
+            hide_default_value = true,
+            hide_env = true
+        )]
+        models_dir: PathBuf,
+        /// One JSON object per model and line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Developer tools.
     #[command(subcommand)]
     Dev(DevCommand),
@@ -219,6 +261,34 @@ pub struct Common {
     /// linspace [default: karras with the default sampler, else normal].
     #[arg(long)]
     pub schedule: Option<String>,
+    /// A LoRA merged into the weights: a path, or a name in <models>/Lora/
+    /// or <models>/loras/, with an optional weight (`fluffy:0.8`);
+    /// repeatable. `<lora:NAME:WEIGHT>` in the prompt does the same.
+    #[arg(long, value_name = "NAME|PATH[:WEIGHT]")]
+    pub lora: Vec<String>,
+    /// Another VAE: a single .safetensors file (original or diffusers names),
+    /// a path or a name in <models>/VAE/.
+    #[arg(long, value_name = "NAME|PATH")]
+    pub vae: Option<String>,
+    /// How prompts are read: a1111 (weights like `(word:1.2)`, `BREAK`, any
+    /// length in 75-token chunks) or plain (literal text cut at 75 tokens,
+    /// as diffusers) [default: a1111].
+    #[arg(long, value_name = "a1111|plain")]
+    pub prompt_syntax: Option<String>,
+    /// Use the text encoder's output N − 1 layers before its usual one
+    /// (A1111's "Clip skip"; diffusers' clip_skip = N − 1) [default: 1].
+    #[arg(long, value_name = "N")]
+    pub clip_skip: Option<usize>,
+    /// SDXL size conditioning: the original size to condition on, WIDTHxHEIGHT
+    /// [default: the output size].
+    #[arg(long, value_name = "WxH")]
+    pub original_size: Option<String>,
+    /// SDXL size conditioning: the crop's top-left corner, TOP,LEFT in pixels [default: 0,0].
+    #[arg(long, value_name = "TOP,LEFT")]
+    pub crop_top_left: Option<String>,
+    /// SDXL size conditioning: the target size, WIDTHxHEIGHT [default: the output size].
+    #[arg(long, value_name = "WxH")]
+    pub target_size: Option<String>,
     /// Number of images; image i uses seed + i [default: 1].
     #[arg(long)]
     pub batch_count: Option<usize>,

@@ -4,8 +4,9 @@
 
 use anyhow::{bail, Context};
 
-use crate::loading::STANDARD_512;
-use crate::pipeline::{Init, Request};
+use crate::loading::{Applied, STANDARD_512};
+use crate::pipeline::{Init, Request, SizeConditioning, TextOptions};
+use crate::prompt::Syntax;
 use crate::sampling::samplers::resolve;
 use crate::sampling::schedule::ScheduleKind;
 
@@ -16,6 +17,8 @@ pub struct Parameters<'a> {
     pub model_hash: &'a str,
     /// The model family ("SD 2.x"): sdgen's own key, which A1111 ignores.
     pub family: &'a str,
+    /// LoRAs, embeddings and VAE the model was loaded with.
+    pub applied: &'a Applied,
 }
 
 impl Parameters<'_> {
@@ -45,12 +48,58 @@ impl Parameters<'_> {
         if let Init::Inpaint { mask_blur, .. } = &r.init {
             fields.push(("Mask blur", mask_blur.to_string()));
         }
+        let named = |list: &[(String, String)]| {
+            list.iter().map(|(name, hash)| format!("{name}: {hash}")).collect::<Vec<_>>().join(", ")
+        };
+        if !self.applied.loras.is_empty() {
+            fields.push(("Lora hashes", named(&self.applied.loras)));
+        }
+        let used: Vec<(String, String)> = self
+            .applied
+            .embeddings
+            .iter()
+            .filter(|e| mentions(&r.prompt, &e.name) || mentions(&r.negative_prompt, &e.name))
+            .map(|e| (e.name.clone(), e.hash.clone()))
+            .collect();
+        if !used.is_empty() {
+            fields.push(("TI hashes", named(&used)));
+        }
+        if let Some((name, hash)) = &self.applied.vae {
+            fields.push(("VAE hash", hash.clone()));
+            fields.push(("VAE", name.clone()));
+        }
+        if r.text.clip_skip > 1 {
+            fields.push(("Clip skip", r.text.clip_skip.to_string()));
+        }
+        if r.text.syntax == Syntax::Plain {
+            fields.push(("Prompt syntax", "plain".to_string()));
+        }
+        // SDXL's size conditioning, when not the defaults (sdgen's own keys).
+        let sc = &r.size_conditioning;
+        let wxh = |(h, w): (usize, usize)| format!("{w}x{h}");
+        if let Some(size) = sc.original {
+            fields.push(("Original size", wxh(size)));
+        }
+        if sc.crop_top_left != (0, 0) {
+            fields.push(("Crop top left", format!("{},{}", sc.crop_top_left.0, sc.crop_top_left.1)));
+        }
+        if let Some(size) = sc.target {
+            fields.push(("Target size", wxh(size)));
+        }
         fields.push(("Version", format!("sdgen {}", env!("CARGO_PKG_VERSION"))));
         let pairs: Vec<String> = fields.iter().map(|(k, v)| format!("{k}: {}", quote(v))).collect();
         text.push('\n');
         text.push_str(&pairs.join(", "));
         text
     }
+}
+
+/// Whether `text` has `word` as a word of its own (CLIP lowercases both).
+fn mentions(text: &str, word: &str) -> bool {
+    let (text, word) = (text.to_lowercase(), word.to_lowercase());
+    let boundary = |c: Option<char>| c.is_none_or(|c| !(c.is_alphanumeric() || c == '_'));
+    text.match_indices(&word)
+        .any(|(i, _)| boundary(text[..i].chars().last()) && boundary(text[i + word.len()..].chars().next()))
 }
 
 /// A1111 quotes values that contain a comma or a colon.
@@ -142,6 +191,8 @@ pub struct Recorded {
     pub request: Request,
     pub model_name: Option<String>,
     pub model_hash: Option<String>,
+    /// The name of a VAE that replaced the model's.
+    pub vae: Option<String>,
 }
 
 /// Keys sdgen writes or can ignore when replaying.
@@ -158,6 +209,15 @@ const KNOWN: &[&str] = &[
     "Version",
     "Denoising strength",
     "Mask blur",
+    "Original size",
+    "Crop top left",
+    "Target size",
+    "Clip skip",
+    "Prompt syntax",
+    "Lora hashes",
+    "TI hashes",
+    "VAE hash",
+    "VAE",
 ];
 
 impl Infotext {
@@ -176,11 +236,16 @@ impl Infotext {
             let v = need(k)?;
             v.parse().with_context(|| format!("{k}: {v:?} is not a number"))
         };
-        let size = need("Size")?;
-        let (w, h) = size
-            .split_once('x')
-            .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)))
-            .with_context(|| format!("Size: {size:?} is not WxH"))?;
+        let size = |k: &str, v: &str| SizeConditioning::parse_size(v).with_context(|| format!("{k}: {v:?}"));
+        let (h, w) = size("Size", need("Size")?)?;
+        let size_conditioning = SizeConditioning {
+            original: self.get("Original size").map(|v| size("Original size", v)).transpose()?,
+            crop_top_left: match self.get("Crop top left") {
+                Some(v) => SizeConditioning::parse_top_left(v).context("Crop top left")?,
+                None => (0, 0),
+            },
+            target: self.get("Target size").map(|v| size("Target size", v)).transpose()?,
+        };
         let seed = need("Seed")?;
         let (sampler, schedule) = resolve(Some(need("Sampler")?), self.get("Schedule type"), STANDARD_512.sampling())?;
         let request = Request {
@@ -194,11 +259,20 @@ impl Infotext {
             sampler,
             schedule,
             init: Init::Noise,
+            size_conditioning,
+            text: TextOptions {
+                syntax: self.get("Prompt syntax").map(Syntax::parse).transpose()?.unwrap_or_default(),
+                clip_skip: match self.get("Clip skip") {
+                    Some(v) => v.parse().with_context(|| format!("Clip skip: {v:?} is not a number"))?,
+                    None => 1,
+                },
+            },
         };
         Ok(Recorded {
             request,
             model_name: self.get("Model").map(str::to_string),
             model_hash: self.get("Model hash").map(str::to_string),
+            vae: self.get("VAE").map(str::to_string),
         })
     }
 }
@@ -220,17 +294,31 @@ mod tests {
             sampler: Sampler::DpmPP2M,
             schedule: ScheduleKind::Karras,
             init: Init::Noise,
+            size_conditioning: SizeConditioning { original: Some((96, 128)), crop_top_left: (8, 4), target: None },
+            text: TextOptions { syntax: Syntax::Plain, clip_skip: 2 },
         }
     }
 
     #[test]
     fn writes_and_reads_back() {
         let r = request();
-        let text =
-            Parameters { request: &r, model_name: "my, model", model_hash: "0123456789", family: "SD 1.x" }.infotext();
+        let applied = Applied { loras: vec![("fluffy".into(), "0123456789ab".into())], ..Default::default() };
+        let text = Parameters {
+            request: &r,
+            model_name: "my, model",
+            model_hash: "0123456789",
+            family: "SD 1.x",
+            applied: &applied,
+        }
+        .infotext();
+        assert!(text.contains("Lora hashes: \"fluffy: 0123456789ab\""), "{text}");
         assert!(text.contains(
             "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 512x768, Model hash: 0123456789, Model: \"my, model\""
         ));
+        assert!(
+            text.contains("Clip skip: 2, Prompt syntax: plain, Original size: 128x96, Crop top left: \"8,4\", Version"),
+            "{text}"
+        );
         let parsed = parse(&text);
         let rec = parsed.to_request().unwrap();
         assert_eq!(rec.request, r);
@@ -240,12 +328,12 @@ mod tests {
 
     #[test]
     fn reads_a1111_text_and_rejects_unknown_keys() {
-        let a1111 = "masterpiece, fox\nNegative prompt: ugly\nSteps: 30, Sampler: DDIM, CFG scale: 6, Seed: 7, Size: 512x512, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2";
+        let a1111 = "masterpiece, fox\nNegative prompt: ugly\nSteps: 30, Sampler: DDIM, CFG scale: 6, Seed: 7, Size: 512x512, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, ENSD: 31337";
         let parsed = parse(a1111);
         assert_eq!(parsed.prompt, "masterpiece, fox");
         assert_eq!(parsed.negative_prompt, "ugly");
         let err = parsed.to_request().unwrap_err().to_string();
-        assert!(err.contains("Clip skip"), "{err}");
+        assert!(err.contains("ENSD"), "{err}");
         let no_params = parse("just a prompt, with: a colon");
         assert!(no_params.fields.is_empty());
         assert!(no_params.to_request().unwrap_err().to_string().contains("the parameters have no"));

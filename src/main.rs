@@ -1,6 +1,7 @@
 //! The `sdgen` command line: parses arguments, reports progress and errors,
 //! and leaves the work to the library.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -16,9 +17,11 @@ use sdgen::editing::{self, Mask, Pads};
 use sdgen::image_io::{read_image, read_mask_levels, write_png, Image};
 use sdgen::infotext::Parameters;
 use sdgen::loading::locate::{locate, Located};
+use sdgen::loading::lora::{self, LoraSpec};
 use sdgen::loading::Model;
-use sdgen::loading::{Defaults, Preset, STANDARD_512};
-use sdgen::pipeline::{Event, Init, Request};
+use sdgen::loading::{Adapters, Defaults, Preset, STANDARD_512};
+use sdgen::pipeline::{Event, Init, Request, SizeConditioning, TextOptions};
+use sdgen::prompt::Syntax;
 use sdgen::sampling::denoiser::Prediction;
 
 fn main() -> ExitCode {
@@ -32,6 +35,10 @@ fn main() -> ExitCode {
         Some(Command::Samplers) => {
             list_samplers();
             Ok(ExitCode::SUCCESS)
+        }
+        Some(Command::Models { models_dir, json }) => list_models(models_dir, *json),
+        Some(Command::Tokenize { prompt, model, models_dir, prompt_syntax, json }) => {
+            tokenize(prompt, model.as_deref(), models_dir, prompt_syntax.as_deref(), *json).map(|_| ExitCode::SUCCESS)
         }
         Some(Command::Dev(DevCommand::RandomModel { family, out, seed })) => {
             sdgen::random_model::write(family, out, *seed).map(|_| ExitCode::SUCCESS)
@@ -139,9 +146,15 @@ fn read_init(command: Option<&Command>) -> anyhow::Result<Init> {
         mask_blur: edit.mask_blur,
     };
     Ok(match command {
-        None | Some(Command::Batch { .. } | Command::Replay { .. } | Command::Samplers | Command::Dev(_)) => {
-            Init::Noise
-        }
+        None
+        | Some(
+            Command::Batch { .. }
+            | Command::Replay { .. }
+            | Command::Samplers
+            | Command::Models { .. }
+            | Command::Tokenize { .. }
+            | Command::Dev(_),
+        ) => Init::Noise,
         Some(Command::Img2img { init_image, strength, common }) => {
             let mut image = image_of(init_image)?;
             let (w, h) = (common.width.unwrap_or(image.width), common.height.unwrap_or(image.height));
@@ -220,7 +233,7 @@ fn load(args: &Common, path: PathBuf, device: candle_core::Device) -> anyhow::Re
     let tiling = sdgen::models::vae::Tiling::parse(&args.vae_tiling)?;
     let prediction = args.prediction.as_deref().map(Prediction::parse).transpose().context("--prediction")?;
     let preset = args.preset.as_deref().map(Preset::parse).transpose()?;
-    let mut model = Model::load(&path, &device, dtype)?;
+    let mut model = Model::load_with(&path, &device, dtype, &adapters(args)?)?;
     model.vae.tiling = tiling;
     if let Some(p) = prediction {
         model.prediction = p;
@@ -230,6 +243,18 @@ fn load(args: &Common, path: PathBuf, device: candle_core::Device) -> anyhow::Re
     }
     let hash = model.hash()?;
     loading.finish_and_clear();
+    if args.verbose {
+        for skipped in &model.applied.embeddings_skipped {
+            eprintln!("embedding skipped: {skipped}");
+        }
+    }
+    for (line, complete) in &model.applied.lora_report {
+        if !complete {
+            eprintln!("warning: {line}");
+        } else if !args.quiet {
+            eprintln!("{line}");
+        }
+    }
     if !args.quiet {
         let unused = match (model.unused.len(), args.verbose) {
             (0, _) => String::new(),
@@ -249,6 +274,50 @@ fn load(args: &Common, path: PathBuf, device: candle_core::Device) -> anyhow::Re
         }
     }
     Ok(Loaded { model, hash, device })
+}
+
+/// The `<lora:…>` tags of a prompt, in order, as one string.
+fn lora_tags(prompt: &str) -> anyhow::Result<String> {
+    let tags = sdgen::prompt::network_tags(prompt)?;
+    Ok(tags.iter().map(|t| format!("<{}:{}:{}>", t.kind, t.name, t.weight)).collect::<Vec<_>>().join(""))
+}
+
+/// `--vae`: a path, or a name in <models>/VAE/ or <models>/vae/.
+fn vae(args: &Common) -> anyhow::Result<Option<PathBuf>> {
+    let Some(name) = &args.vae else { return Ok(None) };
+    let direct = PathBuf::from(name);
+    if direct.is_file() {
+        return Ok(Some(direct));
+    }
+    for sub in ["VAE", "vae"] {
+        for candidate in
+            [args.models_dir.join(sub).join(format!("{name}.safetensors")), args.models_dir.join(sub).join(name)]
+        {
+            if candidate.is_file() {
+                return Ok(Some(candidate));
+            }
+        }
+    }
+    bail!("--vae {name:?}: no such file, and not in {}/VAE", args.models_dir.display())
+}
+
+/// The LoRAs of `--lora` and of the prompt's `<lora:…>` tags (A1111 syntax),
+/// the embeddings folder and `--vae`.
+fn adapters(args: &Common) -> anyhow::Result<Adapters> {
+    let mut loras: Vec<LoraSpec> =
+        args.lora.iter().map(|l| lora::parse_spec(l, &args.models_dir)).collect::<anyhow::Result<_>>()?;
+    let syntax = args.prompt_syntax.as_deref().map(Syntax::parse).transpose()?.unwrap_or_default();
+    if let (Some(prompt), Syntax::A1111) = (&args.prompt, syntax) {
+        for tag in sdgen::prompt::network_tags(prompt)? {
+            match tag.kind.as_str() {
+                "lora" | "lyco" => {
+                    loras.push(LoraSpec { path: lora::locate(&tag.name, &args.models_dir)?, weight: tag.weight })
+                }
+                other => eprintln!("warning: <{other}:{}> in the prompt is ignored (sdgen runs LoRAs only)", tag.name),
+            }
+        }
+    }
+    Ok(Adapters { loras, embeddings: Some(args.models_dir.join("embeddings")), vae: vae(args)? })
 }
 
 /// A progress bar over one image's steps, fed by pipeline events.
@@ -320,6 +389,28 @@ fn request_from(args: &Common, init: Init, seed: u64, defaults: &Defaults) -> an
         sampler,
         schedule,
         init,
+        size_conditioning: SizeConditioning {
+            original: args
+                .original_size
+                .as_deref()
+                .map(SizeConditioning::parse_size)
+                .transpose()
+                .context("--original-size")?,
+            crop_top_left: match args.crop_top_left.as_deref() {
+                Some(v) => SizeConditioning::parse_top_left(v).context("--crop-top-left")?,
+                None => (0, 0),
+            },
+            target: args
+                .target_size
+                .as_deref()
+                .map(SizeConditioning::parse_size)
+                .transpose()
+                .context("--target-size")?,
+        },
+        text: TextOptions {
+            syntax: args.prompt_syntax.as_deref().map(Syntax::parse).transpose()?.unwrap_or_default(),
+            clip_skip: args.clip_skip.unwrap_or(1),
+        },
     };
     request.validate()?;
     Ok(request)
@@ -361,8 +452,13 @@ fn run_single(args: &Common, init: Init) -> anyhow::Result<()> {
         timings.finish();
         bar.bar.finish_and_clear();
         for ((out, req), image) in chunk.iter().zip(&reqs).zip(&images) {
-            let params =
-                Parameters { request: req, model_name: &model.name, model_hash: &hash, family: model.family.name() };
+            let params = Parameters {
+                request: req,
+                model_name: &model.name,
+                model_hash: &hash,
+                family: model.family.name(),
+                applied: &model.applied,
+            };
             write_png(out, image, &params.infotext())?;
             if !args.quiet {
                 println!("{} (seed {}, {:.1} s)", out.display(), req.seed, started.elapsed().as_secs_f64());
@@ -460,7 +556,20 @@ fn run_batch(file: &Path, out_dir: &Path, shard: Option<&str>, force: bool, args
         return Ok(ExitCode::SUCCESS);
     }
     let device = sdgen::device::parse_device(&args.device)?;
-    let Loaded { model, hash, device } = load(args, resolve_model(args)?, device)?;
+    // The model loads once, so every job must ask for the same LoRAs; they
+    // are read like a single run's `<lora:…>` tags.
+    let tags: BTreeSet<String> = planned
+        .iter()
+        .map(|p| lora_tags(p.options.prompt.as_deref().unwrap_or_default()))
+        .collect::<anyhow::Result<_>>()?;
+    if tags.len() > 1 {
+        bail!(
+            "{}: jobs use different <lora:…> tags; sdgen loads one set per batch: split the file by LoRA",
+            file.display()
+        );
+    }
+    let with_tags = Common { prompt: tags.into_iter().next(), ..args.clone() };
+    let Loaded { model, hash, device } = load(&with_tags, resolve_model(args)?, device)?;
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
@@ -597,6 +706,85 @@ fn matmul_peak(size: usize, repeat: usize, device: &str, dtype: Option<&str>) ->
     Ok(())
 }
 
+/// `sdgen models`: a table (or JSON lines) of what the models dir holds; a
+/// model that cannot be read is reported on stderr and makes the exit
+/// status non-zero, after the others are listed.
+fn list_models(models_dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let paths = sdgen::loading::locate::list_models(models_dir);
+    if paths.is_empty() {
+        eprintln!("{}: no models (.safetensors files or diffusers folders)", models_dir.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !json {
+        println!(
+            "{:<28} {:<6} {:<6} {:<7} {:<4} {:<5} {:>9} {:<10}",
+            "NAME", "FORMAT", "FAMILY", "INPAINT", "PRED", "DTYPE", "SIZE", "HASH"
+        );
+    }
+    let mut failed = false;
+    for path in paths {
+        match sdgen::loading::catalog::describe(&path) {
+            Ok(e) if json => println!("{}", serde_json::to_string(&e)?),
+            Ok(e) => println!(
+                "{:<28} {:<6} {:<6} {:<7} {:<4} {:<5} {:>9} {:<10}",
+                e.name,
+                e.format,
+                e.family,
+                if e.inpainting { "yes" } else { "no" },
+                e.prediction,
+                e.dtype,
+                format!("{:.1} MB", e.size as f64 / 1e6),
+                e.hash
+            ),
+            Err(err) => {
+                failed = true;
+                let causes: Vec<String> = err.chain().map(|c| c.to_string()).collect();
+                eprintln!("error: {}", causes.join(": "));
+            }
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// `sdgen tokenize`: each chunk's tokens (id, weight, text) as the text
+/// encoder gets them, or the ids and weights as JSON.
+fn tokenize(
+    prompt: &str,
+    model: Option<&str>,
+    models_dir: &Path,
+    syntax: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let syntax = syntax.map(Syntax::parse).transpose()?.unwrap_or_default();
+    let tokenizer = match model {
+        Some(m) => match locate(Some(m), models_dir)? {
+            Located::Found(path) => sdgen::loading::tokenizer_of(&path)?,
+            Located::Nothing => bail!("no model {m:?}"),
+        },
+        None => sdgen::tokenizer::ClipTokenizer::embedded()?,
+    };
+    let chunked = sdgen::prompt::chunk(&tokenizer, prompt, syntax);
+    for w in &chunked.warnings {
+        eprintln!("warning: {w}");
+    }
+    if json {
+        let chunks: Vec<_> =
+            chunked.chunks.iter().map(|c| serde_json::json!({"ids": c.ids, "weights": c.weights})).collect();
+        println!("{}", serde_json::json!({"chunks": chunks, "token_count": chunked.token_count}));
+        return Ok(());
+    }
+    let (_, eos, _) = tokenizer.specials();
+    for (i, c) in chunked.chunks.iter().enumerate() {
+        let end = c.ids.iter().skip(1).position(|&id| id == eos).map_or(c.ids.len(), |p| p + 2);
+        println!("chunk {} ({} tokens + BOS/EOS, {} padding):", i + 1, end - 2, c.ids.len() - end);
+        for (id, w) in c.ids[..end].iter().zip(&c.weights) {
+            println!("  {id:>6}  {w:<6.4}  {}", tokenizer.token_text(*id).unwrap_or("?"));
+        }
+    }
+    println!("token count: {}", chunked.token_count);
+    Ok(())
+}
+
 fn list_samplers() {
     use sdgen::sampling::samplers::SAMPLERS;
     println!("samplers (--sampler; A1111 names work too):");
@@ -627,6 +815,15 @@ fn run_replay(image: &Path, args: &Common) -> anyhow::Result<()> {
         sampler: args.sampler.clone().or(Some(r.sampler.name().to_string())),
         schedule: args.schedule.clone().or(Some(r.schedule.name().to_string())),
         batch_count: args.batch_count,
+        prompt_syntax: args.prompt_syntax.clone().or(Some(r.text.syntax.name().to_string())),
+        clip_skip: args.clip_skip.or(Some(r.text.clip_skip)),
+        vae: args.vae.clone().or(recorded.vae.clone()),
+        original_size: args.original_size.clone().or(r.size_conditioning.original.map(|(h, w)| format!("{w}x{h}"))),
+        crop_top_left: args
+            .crop_top_left
+            .clone()
+            .or(Some(format!("{},{}", r.size_conditioning.crop_top_left.0, r.size_conditioning.crop_top_left.1))),
+        target_size: args.target_size.clone().or(r.size_conditioning.target.map(|(h, w)| format!("{w}x{h}"))),
         out: args.out.clone().or_else(|| {
             let stem = image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             Some(PathBuf::from(format!("{stem}-replay.png")))

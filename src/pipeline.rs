@@ -15,8 +15,10 @@ use candle_core::{DType, Device, Tensor};
 use crate::editing::{self, Mask};
 use crate::image_io::Image;
 use crate::loading::Model;
+use crate::models::clip::ClipTextModel;
+use crate::prompt::{self, Syntax};
 use crate::rng::TorchRng;
-use crate::sampling::denoiser::{Conditioning, UNetDenoiser};
+use crate::sampling::denoiser::{Conditioning, TextEmbedding, UNetDenoiser};
 use crate::sampling::samplers::{sample, Sampler};
 use crate::sampling::schedule::ScheduleKind;
 
@@ -29,6 +31,59 @@ pub enum Init {
     Image { image: Image, strength: f64 },
     /// An image repainted where `mask` is set (inpaint, outpaint).
     Inpaint { image: Image, mask: Mask, strength: f64, mask_blur: f32 },
+}
+
+/// SDXL's size conditioning ("micro-conditioning"), as diffusers orders
+/// it: `(height, width)` pairs and `(top, left)`, in pixels. Other models
+/// ignore it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SizeConditioning {
+    /// The size the training image had before resizing [default: the output size].
+    pub original: Option<(usize, usize)>,
+    pub crop_top_left: (usize, usize),
+    /// [default: the output size].
+    pub target: Option<(usize, usize)>,
+}
+
+impl SizeConditioning {
+    /// `WxH` (as sizes are written on the command line and in PNG
+    /// parameters) → `(height, width)`.
+    pub fn parse_size(s: &str) -> anyhow::Result<(usize, usize)> {
+        let (w, h) = s
+            .split_once(['x', 'X'])
+            .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)))
+            .ok_or_else(|| anyhow::anyhow!("{s:?} is not a size WIDTHxHEIGHT"))?;
+        Ok((h, w))
+    }
+
+    /// `TOP,LEFT` → `(top, left)`.
+    pub fn parse_top_left(s: &str) -> anyhow::Result<(usize, usize)> {
+        s.split_once(',')
+            .and_then(|(t, l)| Some((t.trim().parse().ok()?, l.trim().parse().ok()?)))
+            .ok_or_else(|| anyhow::anyhow!("{s:?} is not TOP,LEFT in pixels"))
+    }
+
+    /// diffusers' `add_time_ids` for an image of `height` × `width`.
+    pub fn time_ids(&self, height: usize, width: usize) -> [f32; 6] {
+        let (oh, ow) = self.original.unwrap_or((height, width));
+        let (th, tw) = self.target.unwrap_or((height, width));
+        let (top, left) = self.crop_top_left;
+        [oh, ow, top, left, th, tw].map(|v| v as f32)
+    }
+}
+
+/// How prompts become text conditioning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextOptions {
+    pub syntax: Syntax,
+    /// A1111's "Clip skip": 1 = the family's usual layer, 2 = one earlier, ….
+    pub clip_skip: usize,
+}
+
+impl Default for TextOptions {
+    fn default() -> Self {
+        Self { syntax: Syntax::A1111, clip_skip: 1 }
+    }
 }
 
 /// One generation job.
@@ -44,6 +99,8 @@ pub struct Request {
     pub sampler: Sampler,
     pub schedule: ScheduleKind,
     pub init: Init,
+    pub size_conditioning: SizeConditioning,
+    pub text: TextOptions,
 }
 
 /// What the pipeline reports while it runs.
@@ -73,6 +130,9 @@ impl Request {
         }
         if self.steps == 0 {
             anyhow::bail!("steps must be at least 1");
+        }
+        if self.text.clip_skip == 0 {
+            anyhow::bail!("clip skip must be at least 1 (1 = the model's usual text encoder layer)");
         }
         if !self.cfg_scale.is_finite() || self.cfg_scale < 0.0 {
             anyhow::bail!("cfg scale must be a number ≥ 0, got {}", self.cfg_scale);
@@ -109,14 +169,121 @@ impl Request {
 }
 
 impl Model {
-    /// The text encoder's last hidden state for `text`, `(1, 77, D)`.
-    pub fn encode_text(&self, text: &str, device: &Device, events: &mut dyn FnMut(Event)) -> anyhow::Result<Tensor> {
-        let encoded = self.tokenizer.encode_padded(text);
-        if let Some(dropped) = &encoded.dropped {
-            events(Event::Warning(format!("prompt is longer than 77 tokens; this part was dropped: {dropped:?}")));
+    /// The text conditioning of `text`, `(1, 77·chunks, D)`: per chunk the
+    /// text encoder's final-normed hidden state (the last layer, or
+    /// `clip_skip − 1` earlier); for SDXL both encoders' states one layer
+    /// earlier without the norm, side by side, and the second encoder's
+    /// pooled output of the first chunk. Weighted tokens are scaled, then
+    /// each chunk is rescaled to its unweighted mean (A1111's emphasis).
+    pub fn encode_text(
+        &self,
+        text: &str,
+        opts: &TextOptions,
+        device: &Device,
+        events: &mut dyn FnMut(Event),
+    ) -> anyhow::Result<TextEmbedding> {
+        let chunk_of = |tokenizer: &crate::tokenizer::ClipTokenizer| {
+            let names: Vec<(Vec<u32>, usize)> =
+                self.applied.embeddings.iter().map(|e| (tokenizer.encode(&e.name), e.len())).collect();
+            prompt::chunk_with(tokenizer, text, opts.syntax, &names)
+        };
+        let first = chunk_of(&self.tokenizer);
+        for w in &first.warnings {
+            events(Event::Warning(w.clone()));
         }
-        let ids = Tensor::new(encoded.ids.as_slice(), device)?.unsqueeze(0)?;
-        Ok(self.text_encoder.forward(&ids)?)
+        let second = self.text_encoder_2.as_ref().map(|enc| (enc, chunk_of(&enc.tokenizer)));
+        let skip = opts.clip_skip.max(1);
+        // Layers kept: SD 1.x/2.x end `clip_skip − 1` layers early (then the
+        // final norm), SDXL one more (no norm), as diffusers' `clip_skip`.
+        let keep = |model: &ClipTextModel, extra: usize| -> anyhow::Result<usize> {
+            let layers = model.config.num_hidden_layers;
+            (layers + 1)
+                .checked_sub(skip + extra)
+                .ok_or_else(|| anyhow::anyhow!("--clip-skip {skip} is more than this text encoder's {layers} layers"))
+        };
+        let ids_of =
+            |c: &prompt::Chunk| -> candle_core::Result<Tensor> { Tensor::new(c.ids.as_slice(), device)?.unsqueeze(0) };
+        let mut contexts = Vec::new();
+        let mut pooled = None;
+        // Each embedding's vectors for text encoder `encoder`, where a chunk uses them.
+        let fixes = |c: &prompt::Chunk, encoder: usize| -> Vec<(usize, Tensor)> {
+            c.fixes.iter().map(|&(p, e)| (p, self.applied.embeddings[e].vectors[encoder].clone())).collect()
+        };
+        for (i, chunk) in first.chunks.iter().enumerate() {
+            let ids = ids_of(chunk)?;
+            let context = match &second {
+                None => {
+                    let keep = keep(&self.text_encoder, 0)?;
+                    let (states, _) = self.text_encoder.hidden_states_with(&ids, keep, &fixes(chunk, 0))?;
+                    emphasize(&self.text_encoder.final_norm(&states)?, &chunk.weights)?
+                }
+                Some((enc, chunked)) => {
+                    let Some(chunk2) = chunked.chunks.get(i) else {
+                        anyhow::bail!("the two tokenizers split the prompt differently");
+                    };
+                    let keep1 = keep(&self.text_encoder, 1)?;
+                    let (a, _) = self.text_encoder.hidden_states_with(&ids, keep1, &fixes(chunk, 0))?;
+                    let ids2 = ids_of(chunk2)?;
+                    let (b, last) = enc.model.hidden_states_with(&ids2, keep(&enc.model, 1)?, &fixes(chunk2, 1))?;
+                    if i == 0 {
+                        pooled = Some(enc.model.pooled(&last, &ids2, &enc.projection)?);
+                    }
+                    Tensor::cat(&[emphasize(&a, &chunk.weights)?, emphasize(&b, &chunk2.weights)?], 2)?
+                }
+            };
+            contexts.push(context);
+        }
+        Ok(TextEmbedding { context: Tensor::cat(&contexts, 1)?, pooled })
+    }
+
+    /// The text conditioning of a batch: the prompts' and, when `guided`,
+    /// the negative prompts'. Shorter ones get empty-prompt chunks appended
+    /// up to the longest (A1111's padding of prompt and negative prompt).
+    pub fn encode_prompts(
+        &self,
+        reqs: &[Request],
+        guided: bool,
+        device: &Device,
+        events: &mut dyn FnMut(Event),
+    ) -> anyhow::Result<(TextEmbedding, Option<TextEmbedding>)> {
+        let mut encoded = Vec::new();
+        for r in reqs {
+            let cond = self.encode_text(&r.prompt, &r.text, device, events)?;
+            let uncond =
+                if guided { Some(self.encode_text(&r.negative_prompt, &r.text, device, events)?) } else { None };
+            encoded.push((cond, uncond));
+        }
+        // Prompts of fewer chunks than the longest (of the batch, negative
+        // prompts included) get empty-prompt chunks appended, as in A1111.
+        let longest = encoded.iter().flat_map(|(c, u)| [Some(c), u.as_ref()]).flatten().map(|e| e.context.dim(1));
+        let longest = longest.collect::<candle_core::Result<Vec<_>>>()?.into_iter().max().unwrap_or(0);
+        let mut conds = Vec::new();
+        let mut unconds = Vec::new();
+        for (r, (cond, uncond)) in reqs.iter().zip(encoded) {
+            let pad = |e: TextEmbedding, events: &mut dyn FnMut(Event)| -> anyhow::Result<TextEmbedding> {
+                let mut context = e.context;
+                while context.dim(1)? < longest {
+                    let empty = self.encode_text("", &r.text, device, events)?.context;
+                    context = Tensor::cat(&[&context, &empty], 1)?;
+                }
+                Ok(TextEmbedding { context, pooled: e.pooled })
+            };
+            conds.push(pad(cond, events)?);
+            if let Some(u) = uncond {
+                let u = pad(u, events)?;
+                // SDXL conditions an empty negative prompt on zeros.
+                unconds.push(if self.zero_empty_negative && r.negative_prompt.is_empty() {
+                    TextEmbedding {
+                        context: u.context.zeros_like()?,
+                        pooled: u.pooled.map(|p| p.zeros_like()).transpose()?,
+                    }
+                } else {
+                    u
+                });
+            }
+        }
+        let uncond = if guided { Some(TextEmbedding::cat(&unconds)?) } else { None };
+        Ok((TextEmbedding::cat(&conds)?, uncond))
     }
 
     /// Scaled latents (VAE posterior mean × scaling factor) of an image, with
@@ -188,18 +355,18 @@ impl Model {
         }
 
         events(Event::EncodingText);
-        let encode_all = |texts: Vec<&str>, events: &mut dyn FnMut(Event)| -> anyhow::Result<Tensor> {
-            let each = texts.iter().map(|t| self.encode_text(t, device, events)).collect::<anyhow::Result<Vec<_>>>()?;
-            Ok(Tensor::cat(&each, 0)?)
-        };
-        let cond = encode_all(reqs.iter().map(|r| r.prompt.as_str()).collect(), events)?;
         // LCM UNets embed the guidance scale instead of a negative pass.
-        let uncond = if req.cfg_scale > 1.0 && self.unet.config.time_cond_proj_dim.is_none() {
-            Some(encode_all(reqs.iter().map(|r| r.negative_prompt.as_str()).collect(), events)?)
-        } else {
-            None
+        let guided = req.cfg_scale > 1.0 && self.unet.config.time_cond_proj_dim.is_none();
+        let (cond, uncond) = self.encode_prompts(reqs, guided, device, events)?;
+        let time_ids = match cond.pooled {
+            Some(_) => {
+                let rows: Vec<f32> =
+                    reqs.iter().flat_map(|r| r.size_conditioning.time_ids(r.height, r.width)).collect();
+                Some(Tensor::from_vec(rows, (reqs.len(), 6), device)?)
+            }
+            None => None,
         };
-        let conditioning = Conditioning { cond, uncond, cfg_scale: req.cfg_scale };
+        let conditioning = Conditioning { cond, uncond, cfg_scale: req.cfg_scale, time_ids };
 
         let mut schedule = req.sampler.schedule(&self.scheduler, req.steps, req.schedule)?;
         if let Some(s) = req.strength() {
@@ -286,6 +453,21 @@ impl Model {
             })
             .collect()
     }
+}
+
+/// A1111's emphasis: each token's state × its weight, then the chunk
+/// rescaled so that its mean is the unweighted one.
+fn emphasize(z: &Tensor, weights: &[f32]) -> anyhow::Result<Tensor> {
+    if weights.iter().all(|&w| w == 1.0) {
+        return Ok(z.clone());
+    }
+    let dtype = z.dtype();
+    let z = z.to_dtype(DType::F32)?;
+    let w = Tensor::new(weights, z.device())?.reshape((1, weights.len(), 1))?;
+    let weighted = z.broadcast_mul(&w)?;
+    let before = z.mean_all()?.to_scalar::<f32>()?;
+    let after = weighted.mean_all()?.to_scalar::<f32>()?;
+    Ok((weighted * (before / after) as f64)?.to_dtype(dtype)?)
 }
 
 /// `(1, 3, H, W)` in [-1, 1] → 8-bit RGB: `round(clamp(x/2 + 0.5, 0, 1) · 255)`,

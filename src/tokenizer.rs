@@ -271,16 +271,31 @@ impl ClipTokenizer {
     /// The CLIP tokenizer from the vocabulary embedded in the binary, padding with
     /// `<|endoftext|>` (49407) like Stable Diffusion 1.x.
     pub fn embedded() -> Result<Self> {
-        Self::from_bpe_gz(EMBEDDED_BPE).context("loading embedded bpe_simple_vocab_16e6.txt.gz")
+        Self::embedded_for(NUM_MERGES + 514)
     }
 
-    fn from_bpe_gz(gz: &[u8]) -> Result<Self> {
+    /// The embedded tokenizer for a text encoder with `vocab_size` token
+    /// embeddings. CLIP orders its vocabulary as 512 byte tokens, the merges
+    /// by rank, then BOS and EOS, so its first `n` merges with the two
+    /// specials after them are a complete smaller BPE vocabulary: single
+    /// files with a smaller token table (tiny test models) use that.
+    pub fn embedded_for(vocab_size: usize) -> Result<Self> {
+        let Some(merges) = vocab_size.checked_sub(514).filter(|&m| m <= NUM_MERGES) else {
+            bail!(
+                "a text encoder with {vocab_size} token embeddings does not fit CLIP's vocabulary (at most {})",
+                NUM_MERGES + 514
+            );
+        };
+        Self::from_bpe_gz(EMBEDDED_BPE, merges).context("loading embedded bpe_simple_vocab_16e6.txt.gz")
+    }
+
+    fn from_bpe_gz(gz: &[u8], count: usize) -> Result<Self> {
         let mut text = String::new();
         flate2::read::GzDecoder::new(gz).read_to_string(&mut text).context("decompressing")?;
         // The first line is a header; CLIP uses the next NUM_MERGES lines.
-        let merges = text.split('\n').skip(1).take(NUM_MERGES).map(split_merge_line).collect::<Result<Vec<_>>>()?;
-        if merges.len() != NUM_MERGES {
-            bail!("expected {NUM_MERGES} merges, found {}", merges.len());
+        let merges = text.split('\n').skip(1).take(count).map(split_merge_line).collect::<Result<Vec<_>>>()?;
+        if merges.len() != count {
+            bail!("expected {count} merges, found {}", merges.len());
         }
         // The first 256 ids are the byte characters in CLIP's order: the printable bytes (which
         // stand for themselves) first, then the others (U+0100 onwards), i.e. by code point.
@@ -448,6 +463,21 @@ impl ClipTokenizer {
             .replace(END_OF_WORD, " ")
             .trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
             .to_string()
+    }
+
+    /// The ids of the begin, end and padding tokens.
+    pub fn specials(&self) -> (u32, u32, u32) {
+        (self.bos, self.eos, self.pad)
+    }
+
+    /// The id of a vocabulary entry (`",</w>"`), if any.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.vocab.get(token).copied()
+    }
+
+    /// The vocabulary entry of an id, as stored (`"fox</w>"`).
+    pub fn token_text(&self, id: u32) -> Option<&str> {
+        self.tokens.get(&id).map(String::as_str)
     }
 
     /// [`MAX_LEN`] ids for the text encoder: BOS, the first 75 BPE ids of `text`, EOS, then

@@ -56,7 +56,12 @@ fn edited_checkpoint(dir: &Path, name: &str, edit: impl FnOnce(&mut Vec<(String,
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
         .map(|(n, s, d)| {
-            let dtype = dtypes.get(n).copied().unwrap_or(safetensors::Dtype::F16);
+            // Renamed or new tensors: the dtype from the bytes per value.
+            let dtype = dtypes.get(n).copied().unwrap_or(match d.len() / s.iter().product::<usize>().max(1) {
+                4 => safetensors::Dtype::F32,
+                8 => safetensors::Dtype::I64,
+                _ => safetensors::Dtype::F16,
+            });
             (n.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), d).unwrap())
         })
         .collect();
@@ -118,6 +123,39 @@ fn not_a_full_model_is_explained() {
     });
     let r = must_fail(&vae_only, &[]);
     assert!(r.stderr.contains("vae.safetensors") && r.stderr.contains("VAE"), "{}", r.stderr);
+
+    // An SD UNet beside a text encoder of another architecture.
+    let other_text = edited_checkpoint(dir.path(), "t5.safetensors", |ts| {
+        for t in ts.iter_mut() {
+            t.0 = t.0.replace("cond_stage_model.transformer.text_model.", "text_encoders.t5xxl.transformer.");
+        }
+    });
+    let r = must_fail(&other_text, &[]);
+    assert!(
+        r.stderr.contains("t5.safetensors")
+            && r.stderr.contains("no text encoder")
+            && r.stderr.contains("`text_encoders.t5xxl.*`"),
+        "{}",
+        r.stderr
+    );
+
+    // Another architecture altogether: the unexpected tensors are named.
+    let flux = edited_checkpoint(dir.path(), "flux.safetensors", |ts| {
+        ts.clear();
+        for i in 0..3 {
+            ts.push((format!("double_blocks.{i}.img_attn.qkv.weight"), vec![2], vec![0; 4]));
+        }
+        ts.push(("img_in.weight".into(), vec![2], vec![0; 4]));
+    });
+    let r = must_fail(&flux, &[]);
+    assert!(
+        r.stderr.contains("flux.safetensors")
+            && r.stderr.contains("unexpected tensors")
+            && r.stderr.contains("`double_blocks.0.*` (1)")
+            && r.stderr.contains("`img_in.weight` (1)"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]

@@ -39,9 +39,18 @@ struct Case {
     png: String,
 }
 
+/// The SD 1.x editing cases and the inpainting models of the other
+/// families (SD 2.x, SDXL); `png` becomes a fixture path.
 fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(fixture("reference/edit/cases.json")).unwrap();
-    serde_json::from_str::<Cases>(&text).unwrap().cases
+    let mut all = Vec::new();
+    for (dir, file) in [("edit", "cases.json"), ("families", "edit.json")] {
+        let text = std::fs::read_to_string(fixture(&format!("reference/{dir}/{file}"))).unwrap();
+        for mut case in serde_json::from_str::<Cases>(&text).unwrap().cases {
+            case.png = format!("reference/{dir}/{}", case.png);
+            all.push(case);
+        }
+    }
+    all
 }
 
 fn path_str(rel: &str) -> String {
@@ -82,7 +91,7 @@ fn editing_matches_diffusers_and_keeps_unmasked_pixels() {
             out: &out,
         };
         let ours = job.run(&edit_args(&case), &case.name);
-        parity.check(&case.name, &ours, &read_rgb(&fixture(&format!("reference/edit/{}", case.png))));
+        parity.check(&case.name, &ours, &read_rgb(&fixture(&case.png)));
         // Outside the mask, the input comes back exactly.
         let input = read_rgb(&fixture(&case.image));
         let (dx, dy) = case.pads.as_ref().map_or((0, 0), |p| (p.left as u32, p.top as u32));
@@ -109,8 +118,7 @@ fn references_are_sensitive_to_sampler_seed_and_prompt() {
             {
                 continue;
             }
-            let ra = read_rgb(&fixture(&format!("reference/edit/{}", a.png)));
-            let rb = read_rgb(&fixture(&format!("reference/edit/{}", b.png)));
+            let (ra, rb) = (read_rgb(&fixture(&a.png)), read_rgb(&fixture(&b.png)));
             let (max, mean) = level_diff(&ra, &rb);
             assert!(max > 10 * MAX_LEVELS && mean > MEAN_LEVELS, "{} vs {}: max {max}, mean {mean:.2}", a.name, b.name);
             compared += 1;

@@ -55,6 +55,8 @@ fn render(model_path: &Path) -> Vec<u8> {
         sampler: Sampler::Euler,
         schedule: ScheduleKind::Normal,
         init: Init::Noise,
+        size_conditioning: Default::default(),
+        text: Default::default(),
     };
     model.generate(&req, &Device::Cpu, &mut |_| {}).unwrap().rgb
 }
@@ -120,4 +122,60 @@ fn unsupported_config_values_are_refused() {
     let err = Model::load(&folder, &Device::Cpu, DType::F32).err().expect("must fail");
     let msg = format!("{err:#}");
     assert!(msg.contains("resnet_time_scale_shift") && msg.contains("UNet"), "{msg}");
+}
+
+/// Every family is recognised from its single file (and from its folder),
+/// and `sdgen models` lists them from headers and configs.
+#[test]
+fn families_are_detected_and_listed() {
+    use sdgen::loading::catalog::describe;
+    for (path, family, inpainting, prediction) in [
+        ("tiny-sd1.safetensors", "SD 1.x", false, "eps"),
+        ("tiny-sd1", "SD 1.x", false, "eps"),
+        ("tiny-sd1-inpaint", "SD 1.x", true, "eps"),
+        ("tiny-sd2.safetensors", "SD 2.x", false, "v"),
+        ("tiny-sd2", "SD 2.x", false, "v"),
+        ("tiny-sd2-inpaint", "SD 2.x", true, "eps"),
+        ("tiny-sdxl.safetensors", "SDXL", false, "eps"),
+        ("tiny-sdxl", "SDXL", false, "eps"),
+        ("tiny-sdxl-inpaint", "SDXL", true, "eps"),
+    ] {
+        let e = describe(&fixture(path)).unwrap();
+        assert_eq!((e.family, e.inpainting, e.prediction), (family, inpainting, prediction), "{path}");
+        assert_eq!(e.hash, sdgen::loading::model_hash(&fixture(path)).unwrap());
+        let loaded = Model::load(&fixture(path), &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(loaded.family.name(), family, "{path}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["tiny-sd1.safetensors", "tiny-sdxl", "tiny-sd2-inpaint"] {
+        std::os::unix::fs::symlink(fixture(name), dir.path().join(name)).unwrap();
+    }
+    let models_dir = dir.path().to_str().unwrap();
+    let o = common::sdgen(&["models", "--models-dir", models_dir]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let table = String::from_utf8(o.stdout).unwrap();
+    eprintln!("{table}");
+    let row = |name: &str| table.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap().to_string();
+    let words = |name: &str| row(name).split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(words("tiny-sd1")[1..6], ["file", "SD", "1.x", "no", "eps"]);
+    assert_eq!(words("tiny-sdxl")[1..5], ["folder", "SDXL", "no", "eps"]);
+    assert_eq!(words("tiny-sd2-inpaint")[1..6], ["folder", "SD", "2.x", "yes", "eps"]);
+
+    // The hash comes from the sidecar while the file's size and time match:
+    // a planted value shows up; touching the file makes it stale.
+    let file = dir.path().join("tiny-sd1.safetensors");
+    let sidecar = dir.path().join("tiny-sd1.safetensors.sdgen.json");
+    let mut cached: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sidecar).unwrap()).unwrap();
+    let real = cached["sha256"].as_str().unwrap().to_string();
+    assert!(table.contains(&real[..10]));
+    cached["sha256"] = serde_json::json!("0123456789abcdef");
+    std::fs::write(&sidecar, cached.to_string()).unwrap();
+    let listed = |args: &[&str]| String::from_utf8(common::sdgen(args).stdout).unwrap();
+    assert!(listed(&["models", "--models-dir", models_dir]).contains("0123456789"));
+    let real_file = fixture("tiny-sd1.safetensors");
+    std::fs::remove_file(&file).unwrap();
+    std::fs::copy(&real_file, &file).unwrap();
+    let json = listed(&["models", "--models-dir", models_dir, "--json"]);
+    assert!(json.contains(&format!("\"hash\":\"{}\"", &real[..10])), "{json}");
 }

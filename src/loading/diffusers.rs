@@ -4,13 +4,15 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use serde::de::DeserializeOwned;
 
+use super::lora::Patches;
 use super::weights::{Checkpoint, NameMap};
-use super::{model_name, Family, Model, Preset};
+use super::{model_name, Family, Model, PooledTextEncoder, Preset};
 use crate::models::clip::{Activation, ClipConfig, ClipTextModel};
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{Vae, VaeConfig};
@@ -18,7 +20,7 @@ use crate::sampling::denoiser::Prediction;
 use crate::sampling::schedule::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
 
-fn read_json<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid config", path.display()))
 }
@@ -51,54 +53,112 @@ pub fn weight_files(dir: &Path, base: &str) -> anyhow::Result<Vec<PathBuf>> {
     bail!("{}: no {base}.safetensors (or .fp16 / sharded variant) found", dir.display())
 }
 
-pub fn load(dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<Model> {
+pub fn load(dir: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Patches>>) -> anyhow::Result<Model> {
     #[derive(serde::Deserialize)]
     struct ModelIndex {
         #[serde(rename = "_class_name")]
         class: String,
+        force_zeros_for_empty_prompt: Option<bool>,
     }
     let index: ModelIndex = read_json(&dir.join("model_index.json"))?;
-    // SD 1.x/2.x pipelines; inpainting ones differ only in the UNet's inputs.
-    if !matches!(index.class.as_str(), "StableDiffusionPipeline" | "StableDiffusionInpaintPipeline") {
-        bail!("{}: pipeline {} is not supported yet", dir.display(), index.class);
+    // SD 1.x/2.x/XL pipelines; the others of a family hold the same
+    // components, inpainting ones a UNet with more inputs.
+    if !matches!(
+        index.class.as_str(),
+        "StableDiffusionPipeline"
+            | "StableDiffusionInpaintPipeline"
+            | "StableDiffusionImg2ImgPipeline"
+            | "StableDiffusionXLPipeline"
+            | "StableDiffusionXLInpaintPipeline"
+            | "StableDiffusionXLImg2ImgPipeline"
+    ) {
+        bail!("{}: pipeline {} is not supported", dir.display(), index.class);
     }
     let scheduler: SchedulerConfig = read_json(&dir.join("scheduler/scheduler_config.json"))?;
     let clip_cfg: ClipConfig = read_json(&dir.join("text_encoder/config.json"))?;
     let unet_cfg: UNetConfig = read_json(&dir.join("unet/config.json"))?;
     let vae_cfg: VaeConfig = read_json(&dir.join("vae/config.json"))?;
 
-    let te = Checkpoint::open(&weight_files(&dir.join("text_encoder"), "model")?)?;
-    // transformers < 5.6 saved CLIPTextModel weights under `text_model.`.
-    let prefix = if te.shapes().iter().any(|(n, _)| n.starts_with("text_model.")) { "text_model." } else { "" };
-    let text_encoder =
-        ClipTextModel::new(&clip_cfg, te.var_builder(NameMap::prefixed(prefix), "text encoder", dtype, device))
-            .with_context(|| format!("{}: text encoder", dir.display()))?;
+    let (te, text_encoder) = load_text_encoder(&dir.join("text_encoder"), &clip_cfg, dtype, device, patches)?;
+    // SDXL: a second, pooled text encoder.
+    let second = dir.join("text_encoder_2");
+    let (te2, text_encoder_2) = if second.is_dir() {
+        #[derive(serde::Deserialize)]
+        struct Projection {
+            projection_dim: usize,
+        }
+        let cfg: ClipConfig = read_json(&second.join("config.json"))?;
+        let proj: Projection = read_json(&second.join("config.json"))?;
+        let (ckpt, model) = load_text_encoder(&second, &cfg, dtype, device, patches)?;
+        let vb = ckpt.var_builder(NameMap::prefixed(""), "second text encoder", dtype, device);
+        let projection = candle_nn::linear_no_bias(cfg.hidden_size, proj.projection_dim, vb.pp("text_projection"))
+            .with_context(|| format!("{}: text projection", second.display()))?;
+        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?;
+        (Some(ckpt), Some(PooledTextEncoder { tokenizer, model, projection }))
+    } else {
+        (None, None)
+    };
+    let family = match (&text_encoder_2, clip_cfg.hidden_act) {
+        (Some(_), _) => Family::Sdxl,
+        // SD 2.x's OpenCLIP text tower uses exact GELU; SD 1.x's CLIP quick GELU.
+        (None, Activation::Gelu) => Family::Sd2,
+        (None, Activation::QuickGelu) => Family::Sd1,
+    };
 
     let unet_files = weight_files(&dir.join("unet"), "diffusion_pytorch_model")?;
     let unet_ckpt = Checkpoint::open(&unet_files)?;
+    if let Some(p) = patches {
+        unet_ckpt.patch_with(p);
+        p.set_unet_names(&unet_cfg);
+    }
     let unet = UNet::new(&unet_cfg, unet_ckpt.var_builder(NameMap::prefixed(""), "UNet", dtype, device))
         .with_context(|| format!("{}: UNet", dir.display()))?;
 
     let vae_ckpt = Checkpoint::open(&weight_files(&dir.join("vae"), "diffusion_pytorch_model")?)?;
-    let vae = Vae::new(&vae_cfg, true, vae_ckpt.var_builder(NameMap::prefixed(""), "VAE", dtype, device))
+    let vae_dtype = super::vae_dtype(family, &vae_cfg, dtype);
+    let vae = Vae::new(&vae_cfg, true, vae_ckpt.var_builder(NameMap::prefixed(""), "VAE", vae_dtype, device))
         .with_context(|| format!("{}: VAE", dir.display()))?;
 
     let tok_dir = dir.join("tokenizer");
     let tokenizer = if tok_dir.is_dir() { ClipTokenizer::from_dir(&tok_dir)? } else { ClipTokenizer::embedded()? };
-    let unused = [&te, &unet_ckpt, &vae_ckpt].iter().flat_map(|c| c.unused()).collect();
-    // SD 2.x's OpenCLIP text tower uses exact GELU; SD 1.x's CLIP quick GELU.
-    let family = if clip_cfg.hidden_act == Activation::Gelu { Family::Sd2 } else { Family::Sd1 };
+    let unused = [Some(&te), te2.as_ref(), Some(&unet_ckpt), Some(&vae_ckpt)]
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c.unused())
+        .collect();
     Ok(Model {
         family,
         name: model_name(dir),
         hash_file: unet_files[0].clone(),
         tokenizer,
         text_encoder,
+        zero_empty_negative: text_encoder_2.is_some() && index.force_zeros_for_empty_prompt.unwrap_or(true),
+        text_encoder_2,
         unet,
         vae,
         prediction: Prediction::parse(&scheduler.prediction_type)?,
         preset: Preset::from_name(&model_name(dir)),
         scheduler,
         unused,
+        applied: Default::default(),
     })
+}
+
+/// A CLIP text model from its component folder; transformers < 5.6 saved its
+/// weights under `text_model.`.
+fn load_text_encoder(
+    dir: &Path,
+    cfg: &ClipConfig,
+    dtype: DType,
+    device: &Device,
+    patches: Option<&Arc<Patches>>,
+) -> anyhow::Result<(Arc<Checkpoint>, ClipTextModel)> {
+    let ckpt = Checkpoint::open(&weight_files(dir, "model")?)?;
+    if let Some(p) = patches {
+        ckpt.patch_with(p);
+    }
+    let prefix = if ckpt.shapes().iter().any(|(n, _)| n.starts_with("text_model.")) { "text_model." } else { "" };
+    let model = ClipTextModel::new(cfg, ckpt.var_builder(NameMap::prefixed(prefix), "text encoder", dtype, device))
+        .with_context(|| format!("{}: text encoder", dir.display()))?;
+    Ok((ckpt, model))
 }

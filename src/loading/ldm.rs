@@ -18,6 +18,10 @@ pub const VAE_PREFIX: &str = "first_stage_model.";
 pub const CLIP_PREFIXES: &[&str] = &["cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."];
 /// SD 2.x: the OpenCLIP ViT-H text tower, in open_clip's own names.
 pub const OPENCLIP_PREFIX: &str = "cond_stage_model.model.";
+/// SDXL's first text encoder (CLIP ViT-L, transformers names).
+pub const SDXL_CLIP_PREFIX: &str = "conditioner.embedders.0.transformer.text_model.";
+/// SDXL's second text encoder (OpenCLIP ViT-bigG, open_clip names).
+pub const SDXL_OPENCLIP_PREFIX: &str = "conditioner.embedders.1.model.";
 
 use Transform::{Conv1x1ToLinear as Squeeze, None as Keep};
 
@@ -48,6 +52,9 @@ const UNET_TOP: &[(&str, &str, Transform)] = &[
     ("time_embedding.linear_1.", "time_embed.0.", Keep),
     ("time_embedding.linear_2.", "time_embed.2.", Keep),
     ("time_embedding.cond_proj.", "time_embed.cond_proj.", Keep),
+    // SDXL's pooled-text-and-size embedding.
+    ("add_embedding.linear_1.", "label_emb.0.0.", Keep),
+    ("add_embedding.linear_2.", "label_emb.0.2.", Keep),
     ("conv_in.", "input_blocks.0.0.", Keep),
     ("conv_norm_out.", "out.0.", Keep),
     ("conv_out.", "out.2.", Keep),
@@ -108,10 +115,10 @@ pub fn unet_names(cfg: &UNetConfig) -> NameMap {
     NameMap::new(rules)
 }
 
-/// The VAE's table. LDM's decoder numbers its `up` levels in encoder order,
-/// diffusers' `up_blocks` in the order they run.
-pub fn vae_names(cfg: &VaeConfig) -> NameMap {
-    let p = VAE_PREFIX;
+/// The VAE's table for names under `p` (`first_stage_model.` in full
+/// checkpoints, nothing in VAE files). LDM's decoder numbers its `up`
+/// levels in encoder order, diffusers' `up_blocks` in the order they run.
+pub fn vae_names(cfg: &VaeConfig, p: &str) -> NameMap {
     let n = cfg.block_out_channels.len();
     let mut rules = Vec::new();
     for half in ["encoder", "decoder"] {
@@ -145,12 +152,13 @@ pub fn vae_names(cfg: &VaeConfig) -> NameMap {
     NameMap::new(rules)
 }
 
-/// The OpenCLIP text tower's table, for a CLIP text model of `layers` layers.
-pub fn openclip_names(layers: usize) -> NameMap {
-    let p = OPENCLIP_PREFIX;
+/// An OpenCLIP text tower under `p` as a CLIP text model of `layers` layers
+/// (and its projection, stored transposed).
+pub fn openclip_names(p: &str, layers: usize) -> NameMap {
     let mut rules = vec![
         rule("embeddings.".into(), p.to_string(), OPENCLIP_EMBEDDINGS),
         rule("final_layer_norm.".into(), format!("{p}ln_final."), &[]),
+        rule("text_projection.weight".into(), format!("{p}text_projection"), &[("", "", Transform::Transpose)]),
     ];
     for i in 0..layers {
         rules.push(rule(format!("encoder.layers.{i}."), format!("{p}transformer.resblocks.{i}."), OPENCLIP_LAYER));
@@ -170,15 +178,19 @@ impl Tensors {
         self.0.contains_key(name)
     }
 
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.0.keys()
+    }
+
     pub fn any_with_prefix(&self, prefix: &str) -> bool {
         self.0.keys().any(|k| k.starts_with(prefix))
     }
 
-    fn shape(&self, name: &str) -> anyhow::Result<&[usize]> {
+    pub fn shape(&self, name: &str) -> anyhow::Result<&[usize]> {
         self.0.get(name).map(Vec::as_slice).with_context(|| format!("missing tensor `{name}`"))
     }
 
-    fn dim(&self, name: &str, i: usize) -> anyhow::Result<usize> {
+    pub fn dim(&self, name: &str, i: usize) -> anyhow::Result<usize> {
         let s = self.shape(name)?;
         s.get(i).copied().with_context(|| format!("tensor `{name}` has shape {s:?}, expected at least {} dims", i + 1))
     }
@@ -197,8 +209,10 @@ impl Tensors {
     }
 }
 
-/// The UNet's config from an LDM checkpoint.
-pub fn infer_unet(t: &Tensors) -> anyhow::Result<UNetConfig> {
+/// The UNet's config from an LDM checkpoint; `pooled_dim` is the width of
+/// SDXL's pooled text embedding, which the added embedding's input holds
+/// beside six size sinusoids.
+pub fn infer_unet(t: &Tensors, pooled_dim: Option<usize>) -> anyhow::Result<UNetConfig> {
     let p = UNET_PREFIX;
     let conv_in = t.shape(&format!("{p}input_blocks.0.0.weight"))?;
     if conv_in.len() != 4 {
@@ -245,6 +259,17 @@ pub fn infer_unet(t: &Tensors) -> anyhow::Result<UNetConfig> {
         attention.iter().map(|a| if *a { "CrossAttnDownBlock2D" } else { "DownBlock2D" }.to_string()).collect();
     let up_block_types =
         attention.iter().rev().map(|a| if *a { "CrossAttnUpBlock2D" } else { "UpBlock2D" }.to_string()).collect();
+    let mut other = HashMap::new();
+    let (mut addition_time_embed_dim, mut projection_class_embeddings_input_dim) = (None, None);
+    if t.has(&format!("{p}label_emb.0.0.weight")) {
+        let input = t.dim(&format!("{p}label_emb.0.0.weight"), 1)?;
+        let Some(pooled) = pooled_dim.filter(|&d| input > d && (input - d).is_multiple_of(6)) else {
+            bail!("the UNet's added embedding takes {input} inputs, which do not fit the text encoder's pooled output");
+        };
+        other.insert("addition_embed_type".to_string(), serde_json::json!("text_time"));
+        addition_time_embed_dim = Some((input - pooled) / 6);
+        projection_class_embeddings_input_dim = Some(input);
+    }
     Ok(UNetConfig {
         in_channels: conv_in[1],
         out_channels: t.dim(&format!("{p}out.2.weight"), 0)?,
@@ -260,13 +285,13 @@ pub fn infer_unet(t: &Tensors) -> anyhow::Result<UNetConfig> {
         use_linear_projection: linear_projection,
         // As SD 2.1 needs in f16 (only more exact for others); nothing changes in f32.
         upcast_attention: linear_projection,
-        addition_time_embed_dim: None,
-        projection_class_embeddings_input_dim: None,
+        addition_time_embed_dim,
+        projection_class_embeddings_input_dim,
         transformer_layers_per_block: PerBlock::Each(depth),
         flip_sin_to_cos: true,
         freq_shift: 0,
         time_cond_proj_dim: t.shape(&format!("{p}time_embed.cond_proj.weight")).ok().map(|s| s[1]),
-        other: Default::default(),
+        other,
     })
 }
 
@@ -308,21 +333,21 @@ pub fn infer_clip(t: &Tensors, prefix: &str, act: Activation) -> anyhow::Result<
     })
 }
 
-/// SD 2.x's text encoder config from OpenCLIP names. SD 2.x conditions on the
-/// penultimate block's output (then `ln_final`), so the model gets one layer
-/// fewer than the checkpoint stores; the last block is left unused.
-pub fn infer_openclip(t: &Tensors) -> anyhow::Result<ClipConfig> {
-    let p = OPENCLIP_PREFIX;
+/// The config of an OpenCLIP text tower under `p`, as a CLIP text model of
+/// all its blocks but the last `skip`. SD 2.x conditions on the penultimate
+/// block's output (then `ln_final`), so it skips the last block (left
+/// unused); SDXL needs them all for its pooled output.
+pub fn infer_openclip(t: &Tensors, p: &str, skip: usize) -> anyhow::Result<ClipConfig> {
     let (vocab, hidden) = token_table(t, &format!("{p}token_embedding.weight"))?;
     let blocks = t.count(&format!("{p}transformer.resblocks."));
     if blocks < 2 {
-        bail!("the OpenCLIP text encoder has {blocks} blocks; SD 2.x needs at least 2 (it uses the penultimate)");
+        bail!("the OpenCLIP text encoder has {blocks} blocks; at least 2 are needed (the penultimate conditions)");
     }
     Ok(ClipConfig {
         vocab_size: vocab,
         hidden_size: hidden,
         intermediate_size: t.dim(&format!("{p}transformer.resblocks.0.mlp.c_fc.weight"), 0)?,
-        num_hidden_layers: blocks - 1,
+        num_hidden_layers: blocks - skip,
         num_attention_heads: hidden / 64,
         max_position_embeddings: t.dim(&format!("{p}positional_embedding"), 0)?,
         hidden_act: Activation::Gelu,

@@ -26,6 +26,9 @@ pub enum Transform {
     /// Part `index` of `parts` equal blocks of rows: one of q, k, v from
     /// OpenCLIP's fused `in_proj` `[3C, C]` (and its bias `[3C]`).
     Rows { index: usize, parts: usize },
+    /// A matrix stored transposed: open_clip's `text_projection` `[D, P]`
+    /// (applied as `x @ P`) used as a linear weight `[P, D]`.
+    Transpose,
 }
 
 /// One row of a name table: model names starting with `model` come from
@@ -102,6 +105,8 @@ pub struct Checkpoint {
     tensors: HashMap<String, (usize, u64, TensorInfo)>,
     label: String,
     used: Mutex<HashSet<String>>,
+    /// LoRAs merged into the tensors as they are read.
+    patches: std::sync::OnceLock<Arc<super::lora::Patches>>,
 }
 
 impl Checkpoint {
@@ -134,7 +139,7 @@ impl Checkpoint {
             [first, ..] => format!("{} (+{} shards)", first.display(), paths.len() - 1),
             [] => bail!("no weight files given"),
         };
-        Ok(Arc::new(Self { files, tensors, label, used: Mutex::new(HashSet::new()) }))
+        Ok(Arc::new(Self { files, tensors, label, used: Mutex::new(HashSet::new()), patches: Default::default() }))
     }
 
     /// Reads one tensor as stored (on the CPU).
@@ -168,10 +173,20 @@ impl Checkpoint {
         self.tensors.iter().map(|(n, (_, _, info))| (n.clone(), info.shape.clone())).collect()
     }
 
+    /// Names, stored dtypes and shapes of every tensor in the files.
+    pub fn dtypes(&self) -> Vec<(String, safetensors::Dtype, Vec<usize>)> {
+        self.tensors.iter().map(|(n, (_, _, info))| (n.clone(), info.dtype, info.shape.clone())).collect()
+    }
+
     /// The stored names that no model has asked for so far.
     pub fn unused(&self) -> BTreeSet<String> {
         let used = self.used.lock().expect("lock");
         self.tensors.keys().filter(|n| !used.contains(*n)).cloned().collect()
+    }
+
+    /// Merges `patches` into every tensor read from now on.
+    pub fn patch_with(&self, patches: &Arc<super::lora::Patches>) {
+        let _ = self.patches.set(patches.clone());
     }
 
     /// A `VarBuilder` reading this checkpoint through `map`, converting to `dtype`.
@@ -218,6 +233,7 @@ impl Component {
                     && stored_shape[0] == e[0] * parts
                     && e[1..] == stored_shape[1..]
             }
+            (Some(e), Transform::Transpose) => e.len() == 2 && stored_shape == [e[1], e[0]],
         };
         if !fits {
             return Err(candle_core::Error::Msg(format!(
@@ -226,16 +242,22 @@ impl Component {
             )));
         }
         let mut t = self.ckpt.read(&stored, entry)?;
-        if let Transform::Rows { index, parts } = transform {
-            let rows = t.dim(0)? / parts;
-            t = t.narrow(0, index * rows, rows)?;
+        match transform {
+            Transform::Rows { index, parts } => {
+                let rows = t.dim(0)? / parts;
+                t = t.narrow(0, index * rows, rows)?;
+            }
+            Transform::Transpose => t = t.t()?.contiguous()?,
+            Transform::None | Transform::Conv1x1ToLinear => {}
         }
-        let t = t.to_dtype(dtype)?.to_device(dev)?;
+        if let Some(e) = expected.as_ref().filter(|e| t.dims() != e.as_slice()) {
+            t = t.reshape(e.as_slice())?;
+        }
+        if let Some(patches) = self.ckpt.patches.get() {
+            t = patches.apply(self.component, name, t)?;
+        }
         self.ckpt.used.lock().expect("lock").insert(stored);
-        match expected {
-            Some(e) if t.dims() != e.as_slice() => t.reshape(e),
-            _ => Ok(t),
-        }
+        t.to_dtype(dtype)?.to_device(dev)
     }
 }
 

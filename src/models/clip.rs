@@ -115,13 +115,36 @@ impl ClipTextModel {
         self.final_layer_norm.forward(&last)
     }
 
+    /// The final layer norm, applied to any hidden state (SD 1.x/2.x with clip skip).
+    pub fn final_norm(&self, states: &Tensor) -> Result<Tensor> {
+        self.final_layer_norm.forward(states)
+    }
+
     /// The hidden state after the first `keep` layers (no final norm: what
     /// SDXL conditions on, with `keep` = all but the last) and after all of
     /// them, both `(B, L, D)`.
     pub fn hidden_states(&self, ids: &Tensor, keep: usize) -> Result<(Tensor, Tensor)> {
+        self.hidden_states_with(ids, keep, &[])
+    }
+
+    /// [`ClipTextModel::hidden_states`] of one row of `ids` whose token
+    /// embeddings from each `(position, (n, D) vectors)` on are replaced
+    /// (textual inversion).
+    pub fn hidden_states_with(&self, ids: &Tensor, keep: usize, fixes: &[(usize, Tensor)]) -> Result<(Tensor, Tensor)> {
         let len = ids.dim(1)?;
         let positions = Tensor::arange(0u32, len as u32, ids.device())?;
-        let mut x = self.token_embedding.forward(ids)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mut tokens = self.token_embedding.forward(ids)?;
+        for (pos, vectors) in fixes {
+            let n = vectors.dim(0)?.min(len.saturating_sub(*pos));
+            let vectors =
+                vectors.narrow(0, 0, n)?.to_dtype(tokens.dtype())?.to_device(tokens.device())?.unsqueeze(0)?;
+            let mut parts = vec![tokens.narrow(1, 0, *pos)?, vectors];
+            if pos + n < len {
+                parts.push(tokens.narrow(1, pos + n, len - pos - n)?);
+            }
+            tokens = Tensor::cat(&parts, 1)?;
+        }
+        let mut x = tokens.broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mut kept = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, self.config.num_attention_heads, self.config.hidden_act)?;

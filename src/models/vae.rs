@@ -248,6 +248,11 @@ impl Vae {
         })
     }
 
+    /// The dtype the weights run in.
+    pub fn dtype(&self) -> candle_core::DType {
+        self.post_quant_conv.weight().dtype()
+    }
+
     /// Unscaled latents to images in [-1, 1] (not clamped), tiled when
     /// [`Vae::tiling`] says so. Takes and returns f32 whatever the weights' dtype.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
@@ -261,7 +266,7 @@ impl Vae {
     }
 
     fn decode_whole(&self, latents: &Tensor) -> Result<Tensor> {
-        let latents = latents.to_dtype(self.post_quant_conv.weight().dtype())?;
+        let latents = latents.to_dtype(self.dtype())?;
         self.decoder.forward(&self.post_quant_conv.forward(&latents)?)?.to_dtype(DType::F32)
     }
 

@@ -4,7 +4,7 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::models::unet::UNet;
+use crate::models::unet::{TextTime, UNet};
 use crate::sampling::schedule::Schedule;
 
 /// What the UNet predicts.
@@ -37,12 +37,29 @@ pub trait Denoise {
     fn denoise(&mut self, x: &Tensor, sigma: f32) -> anyhow::Result<Tensor>;
 }
 
-/// The conditioning of a batch: the prompts' text embeddings `(B, L, D)`
-/// and, when guided, the negative prompts'.
+/// The text conditioning of a batch: the context `(B, L, D)` the UNet
+/// attends to and, for SDXL, the pooled embedding `(B, P)`.
+pub struct TextEmbedding {
+    pub context: Tensor,
+    pub pooled: Option<Tensor>,
+}
+
+impl TextEmbedding {
+    /// The embeddings of several prompts as one batch.
+    pub fn cat(each: &[TextEmbedding]) -> Result<Self> {
+        let contexts: Vec<&Tensor> = each.iter().map(|e| &e.context).collect();
+        let pooled: Option<Vec<&Tensor>> = each.iter().map(|e| e.pooled.as_ref()).collect();
+        Ok(Self { context: Tensor::cat(&contexts, 0)?, pooled: pooled.map(|p| Tensor::cat(&p, 0)).transpose()? })
+    }
+}
+
+/// The conditioning of a batch: the prompts' text embeddings and, when
+/// guided, the negative prompts'; for SDXL the size numbers `(B, 6)`.
 pub struct Conditioning {
-    pub cond: Tensor,
-    pub uncond: Option<Tensor>,
+    pub cond: TextEmbedding,
+    pub uncond: Option<TextEmbedding>,
     pub cfg_scale: f64,
+    pub time_ids: Option<Tensor>,
 }
 
 pub struct UNetDenoiser<'a> {
@@ -51,6 +68,8 @@ pub struct UNetDenoiser<'a> {
     prediction: Prediction,
     /// `[uncond; cond]` when guided, else `cond`.
     context: Tensor,
+    /// SDXL's pooled embeddings and size numbers, batched like `context`.
+    added: Option<(Tensor, Tensor)>,
     cfg_scale: Option<f64>,
     /// Channels appended to the scaled sample (an inpainting UNet's latent
     /// mask and masked-image latents).
@@ -69,22 +88,40 @@ impl<'a> UNetDenoiser<'a> {
         c: &Conditioning,
         extra: Option<Tensor>,
     ) -> Result<Self> {
-        let batch = c.cond.dim(0)?;
+        let batch = c.cond.context.dim(0)?;
         // An LCM UNet embeds w = cfg − 1 and runs once, unguided.
         let guidance = match unet.config.time_cond_proj_dim {
             Some(dim) => Some(
-                crate::models::unet::guidance_embedding(c.cfg_scale as f32 - 1.0, dim, c.cond.device())?
+                crate::models::unet::guidance_embedding(c.cfg_scale as f32 - 1.0, dim, c.cond.context.device())?
                     .repeat((batch, 1))?
                     .to_dtype(unet.dtype())?,
             ),
             None => None,
         };
-        let (context, cfg_scale) = match &c.uncond {
-            Some(u) if c.cfg_scale > 1.0 && guidance.is_none() => (Tensor::cat(&[u, &c.cond], 0)?, Some(c.cfg_scale)),
-            _ => (c.cond.clone(), None),
+        let uncond = c.uncond.as_ref().filter(|_| c.cfg_scale > 1.0 && guidance.is_none());
+        // The negative rows first, as diffusers batches them.
+        let both = |u: &Tensor, c: &Tensor| match uncond {
+            Some(_) => Tensor::cat(&[u, c], 0),
+            None => Ok(c.clone()),
+        };
+        let context = match uncond {
+            Some(u) => both(&u.context, &c.cond.context)?,
+            None => c.cond.context.clone(),
+        };
+        let added = match (&c.cond.pooled, &c.time_ids) {
+            (Some(pooled), Some(ids)) => {
+                let pooled = match uncond.map(|u| u.pooled.as_ref()) {
+                    Some(Some(u)) => both(u, pooled)?,
+                    Some(None) => candle_core::bail!("the negative prompt has no pooled embedding"),
+                    None => pooled.clone(),
+                };
+                Some((pooled.to_dtype(unet.dtype())?, both(ids, ids)?))
+            }
+            _ => None,
         };
         let context = context.to_dtype(unet.dtype())?;
-        Ok(Self { unet, schedule, prediction, context, cfg_scale, extra, guidance })
+        let cfg_scale = uncond.map(|_| c.cfg_scale);
+        Ok(Self { unet, schedule, prediction, context, added, cfg_scale, extra, guidance })
     }
 }
 
@@ -98,8 +135,9 @@ impl Denoise for UNetDenoiser<'_> {
             Some(extra) => Tensor::cat(&[&scaled, extra], 1)?,
             None => scaled,
         };
+        let added = self.added.as_ref().map(|(text_embeds, time_ids)| TextTime { text_embeds, time_ids });
         let forward = |input: &Tensor, guidance: Option<&Tensor>| -> Result<Tensor> {
-            self.unet.forward(input, t, &self.context, guidance)?.to_dtype(x.dtype())
+            self.unet.forward_with(input, t, &self.context, guidance, added.as_ref())?.to_dtype(x.dtype())
         };
         let out = match self.cfg_scale {
             Some(scale) => {

@@ -78,6 +78,13 @@ impl SchedulerConfig {
         Self { prediction_type: "v_prediction".into(), ..Self::sd15() }
     }
 
+    /// SDXL base's `scheduler_config.json` (EulerDiscreteScheduler, leading
+    /// spacing), for single-file SDXL checkpoints. Its leading spacing holds
+    /// for every sampler, and scales the initial noise by √(σ_max² + 1).
+    pub fn sdxl() -> Self {
+        Self { timestep_spacing: Some("leading".into()), ..Self::sd15() }
+    }
+
     /// `ᾱ_t` for t = 0..T as torch computes it: betas in f32, the cumulative
     /// product accumulated in f64 and stored in f32.
     pub fn alphas_cumprod(&self) -> anyhow::Result<Vec<f32>> {

@@ -43,11 +43,14 @@ fn assemble_parts(dir: &Path) {
     }
 }
 
-/// Runs `sdgen` with `args` on the CPU, without a models dir or network.
+/// Runs `sdgen` with `args` on the CPU, without a models dir or network
+/// (the listing commands run nothing and take neither option).
 pub fn sdgen(args: &[&str]) -> Output {
+    let generating = !matches!(args.first(), Some(&("models" | "tokenize" | "samplers")));
+    let defaults: &[&str] = if generating { &["--device", "cpu", "--offline"] } else { &[] };
     Command::new(env!("CARGO_BIN_EXE_sdgen"))
         .args(args)
-        .args(["--device", "cpu", "--offline"])
+        .args(defaults)
         .env("SDGEN_MODELS_DIR", fixture("no-models-here"))
         .output()
         .expect("sdgen runs")
@@ -103,7 +106,8 @@ impl Job<'_> {
             ("--out", self.out.to_str().unwrap().to_string()),
         ];
         let mut args: Vec<String> = pairs.into_iter().flat_map(|(k, v)| [k.to_string(), v]).collect();
-        args.push("--quiet".into());
+        // The references come from plain diffusers: literal prompts.
+        args.extend(["--prompt-syntax".into(), "plain".into(), "--quiet".into()]);
         args
     }
 
