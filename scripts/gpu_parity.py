@@ -56,7 +56,7 @@ def main():
                     cmd = [a.sdgen, *before, "--model", str(FIXTURES / model), "--prompt", case["prompt"],
                            "--negative-prompt", case.get("negative_prompt") or "", "--seed", str(case["seed"]),
                            "--steps", str(case["steps"]), "--cfg-scale", str(case["cfg_scale"]),
-                           "--sampler", case["sampler"], "--out", str(out), "--quiet", "--offline",
+                           "--sampler", case["sampler"], "--prompt-syntax", "plain", "--out", str(out), "--quiet", "--offline",
                            "--device", a.device, "--dtype", a.dtype]
                     r = subprocess.run(cmd, capture_output=True, text=True)
                     name = f"{suite}/{case['name']}"

@@ -11,6 +11,7 @@
 pub mod batch;
 pub mod device;
 pub mod editing;
+pub mod failure;
 pub mod image_io;
 pub mod infotext;
 pub mod loading;

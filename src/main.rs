@@ -14,6 +14,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use cli::{Cli, Command, Common, DevCommand, EditArgs};
 use sdgen::editing::{self, Mask, Pads};
+use sdgen::failure::{Failure, Tag};
 use sdgen::image_io::{read_image, read_mask_levels, write_png, Image};
 use sdgen::infotext::Parameters;
 use sdgen::loading::locate::{locate, Located};
@@ -27,7 +28,10 @@ use sdgen::sampling::denoiser::Prediction;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
-        None => read_init(None).and_then(|init| run_single(&cli.common, init)).map(|_| ExitCode::SUCCESS),
+        None => read_init(None)
+            .tag(Failure::Input)
+            .and_then(|init| run_single(&cli.common, init))
+            .map(|_| ExitCode::SUCCESS),
         Some(Command::Batch { file, out_dir, shard, force, common }) => {
             run_batch(file, out_dir, shard.as_deref(), *force, common)
         }
@@ -53,16 +57,22 @@ fn main() -> ExitCode {
             command @ (Command::Img2img { common, .. }
             | Command::Inpaint { common, .. }
             | Command::Outpaint { common, .. }),
-        ) => read_init(Some(command)).and_then(|init| run_single(common, init)).map(|_| ExitCode::SUCCESS),
+        ) => read_init(Some(command))
+            .tag(Failure::Input)
+            .and_then(|init| run_single(common, init))
+            .map(|_| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
             // One line: each cause's first line (candle appends backtraces).
-            let causes: Vec<String> =
-                e.chain().map(|c| c.to_string().lines().next().unwrap_or_default().trim().to_string()).collect();
+            let causes: Vec<String> = e
+                .chain()
+                .map(|c| c.to_string().lines().next().unwrap_or_default().trim().to_string())
+                .filter(|c| !c.is_empty())
+                .collect();
             eprintln!("error: {}", causes.join(": "));
-            ExitCode::FAILURE
+            ExitCode::from(Failure::of(&e).map_or(1, Failure::code))
         }
     }
 }
@@ -422,33 +432,40 @@ fn run_single(args: &Common, init: Init) -> anyhow::Result<()> {
     let started = Instant::now();
     let count = args.batch_count.unwrap_or(1);
     if !(1..=sdgen::batch::MAX_BATCH_COUNT).contains(&count) {
-        bail!("--batch-count must be between 1 and {}, got {count}", sdgen::batch::MAX_BATCH_COUNT);
+        return Err(anyhow::anyhow!(
+            "--batch-count must be between 1 and {}, got {count}",
+            sdgen::batch::MAX_BATCH_COUNT
+        ))
+        .tag(Failure::Usage);
     }
-    let batch_size = batch_size(args)?;
+    let batch_size = batch_size(args).tag(Failure::Usage)?;
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("sdgen.png"));
-    check_out_path(&out)?;
+    check_out_path(&out).tag(Failure::Output)?;
     let seed = args.seed.unwrap_or_else(random_seed);
     // Bad options fail before the (slow) load; the model's defaults come after.
-    request_from(args, init.clone(), seed, &STANDARD_512)?;
-    let device = sdgen::device::parse_device(&args.device)?;
+    request_from(args, init.clone(), seed, &STANDARD_512).tag(Failure::Usage)?;
+    let device = sdgen::device::parse_device(&args.device).tag(Failure::Device)?;
     let load_started = Instant::now();
-    let Loaded { model, hash, device } = load(args, resolve_model(args)?, device)?;
+    let Loaded { model, hash, device } =
+        load(args, resolve_model(args).tag(Failure::Model)?, device).tag(Failure::Model)?;
     let mut timings = Timings { load: load_started.elapsed().as_secs_f64(), ..Timings::default() };
-    let request = request_from(args, init, seed, &model.defaults())?;
+    let request = request_from(args, init, seed, &model.defaults()).tag(Failure::Usage)?;
     let outs = output_paths(&out, count);
     for (c, chunk) in outs.chunks(batch_size).enumerate() {
         let reqs: Vec<Request> = (0..chunk.len())
             .map(|i| Request { seed: request.seed.wrapping_add((c * batch_size + i) as u64), ..request.clone() })
             .collect();
         let bar = StepBar::new(draw_target(args.quiet), request.steps, args.quiet);
-        let images = model.generate_batch(&reqs, &device, &mut |e| {
-            if args.timings {
-                // GPU work is queued: wait for it so each phase gets its own time.
-                device.synchronize().ok();
-                timings.event(&e);
-            }
-            bar.event(e)
-        })?;
+        let images = model
+            .generate_batch(&reqs, &device, &mut |e| {
+                if args.timings {
+                    // GPU work is queued: wait for it so each phase gets its own time.
+                    device.synchronize().ok();
+                    timings.event(&e);
+                }
+                bar.event(e)
+            })
+            .tag(Failure::Device)?;
         timings.finish();
         bar.bar.finish_and_clear();
         for ((out, req), image) in chunk.iter().zip(&reqs).zip(&images) {
@@ -459,7 +476,7 @@ fn run_single(args: &Common, init: Init) -> anyhow::Result<()> {
                 family: model.family.name(),
                 applied: &model.applied,
             };
-            write_png(out, image, &params.infotext())?;
+            write_png(out, image, &params.infotext()).tag(Failure::Output)?;
             if !args.quiet {
                 println!("{} (seed {}, {:.1} s)", out.display(), req.seed, started.elapsed().as_secs_f64());
             }
@@ -535,41 +552,46 @@ fn run_batch(file: &Path, out_dir: &Path, shard: Option<&str>, force: bool, args
     use sdgen::batch::{self, BatchEvent, Manifest, RunOptions, Shard};
     let started = Instant::now();
     let defaults = args.job_defaults();
-    let jobs = batch::read_jobs(file, &defaults)?;
+    let jobs = batch::read_jobs(file, &defaults).tag(Failure::Input)?;
     if jobs.is_empty() {
         eprintln!("{}: no jobs in the file; nothing to do", file.display());
         return Ok(ExitCode::SUCCESS);
     }
-    let batch_size = batch_size(args)?;
-    let shard = shard.map(Shard::parse).transpose()?;
+    let batch_size = batch_size(args).tag(Failure::Usage)?;
+    let shard = shard.map(Shard::parse).transpose().tag(Failure::Usage)?;
     let base_seed = args.seed.unwrap_or_else(|| {
         let s = random_seed();
         eprintln!("base seed {s} (pass --seed {s} to reproduce this batch)");
         s
     });
     let planned = batch::plan(&jobs, &defaults, base_seed, shard);
-    std::fs::create_dir_all(out_dir).with_context(|| format!("{}: cannot create", out_dir.display()))?;
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("{}: cannot create", out_dir.display()))
+        .tag(Failure::Output)?;
     let manifest_name = shard.map_or_else(|| "manifest.jsonl".to_string(), |s| s.manifest_name());
-    let mut manifest = Manifest::open(&out_dir.join(manifest_name), force)?;
+    let mut manifest = Manifest::open(&out_dir.join(manifest_name), force).tag(Failure::Output)?;
     if planned.iter().all(|p| manifest.is_done(out_dir, &p.file)) {
         eprintln!("all {} images are already done in {}", planned.len(), out_dir.display());
         return Ok(ExitCode::SUCCESS);
     }
-    let device = sdgen::device::parse_device(&args.device)?;
+    let device = sdgen::device::parse_device(&args.device).tag(Failure::Device)?;
     // The model loads once, so every job must ask for the same LoRAs; they
     // are read like a single run's `<lora:…>` tags.
     let tags: BTreeSet<String> = planned
         .iter()
         .map(|p| lora_tags(p.options.prompt.as_deref().unwrap_or_default()))
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<anyhow::Result<_>>()
+        .tag(Failure::Input)?;
     if tags.len() > 1 {
-        bail!(
+        return Err(anyhow::anyhow!(
             "{}: jobs use different <lora:…> tags; sdgen loads one set per batch: split the file by LoRA",
             file.display()
-        );
+        ))
+        .tag(Failure::Input);
     }
     let with_tags = Common { prompt: tags.into_iter().next(), ..args.clone() };
-    let Loaded { model, hash, device } = load(&with_tags, resolve_model(args)?, device)?;
+    let Loaded { model, hash, device } =
+        load(&with_tags, resolve_model(args).tag(Failure::Model)?, device).tag(Failure::Model)?;
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
@@ -717,7 +739,7 @@ fn list_models(models_dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
     }
     if !json {
         println!(
-            "{:<28} {:<6} {:<6} {:<7} {:<4} {:<5} {:>9} {:<10}",
+            "{:<28} {:<6} {:<6} {:<7} {:<4} {:<5} {:>9} {}",
             "NAME", "FORMAT", "FAMILY", "INPAINT", "PRED", "DTYPE", "SIZE", "HASH"
         );
     }
@@ -726,7 +748,7 @@ fn list_models(models_dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
         match sdgen::loading::catalog::describe(&path) {
             Ok(e) if json => println!("{}", serde_json::to_string(&e)?),
             Ok(e) => println!(
-                "{:<28} {:<6} {:<6} {:<7} {:<4} {:<5} {:>9} {:<10}",
+                "{:<28} {:<6} {:<6} {:<7} {:<4} {:<5} {:>9} {}",
                 e.name,
                 e.format,
                 e.family,
@@ -743,7 +765,7 @@ fn list_models(models_dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed { ExitCode::from(Failure::Model.code()) } else { ExitCode::SUCCESS })
 }
 
 /// `sdgen tokenize`: each chunk's tokens (id, weight, text) as the text
@@ -757,8 +779,8 @@ fn tokenize(
 ) -> anyhow::Result<()> {
     let syntax = syntax.map(Syntax::parse).transpose()?.unwrap_or_default();
     let tokenizer = match model {
-        Some(m) => match locate(Some(m), models_dir)? {
-            Located::Found(path) => sdgen::loading::tokenizer_of(&path)?,
+        Some(m) => match locate(Some(m), models_dir).tag(Failure::Model)? {
+            Located::Found(path) => sdgen::loading::tokenizer_of(&path).tag(Failure::Model)?,
             Located::Nothing => bail!("no model {m:?}"),
         },
         None => sdgen::tokenizer::ClipTokenizer::embedded()?,
@@ -800,9 +822,13 @@ fn list_samplers() {
 
 /// Regenerates an image from its `parameters` chunk.
 fn run_replay(image: &Path, args: &Common) -> anyhow::Result<()> {
-    let text = sdgen::image_io::read_parameters(image)?
-        .with_context(|| format!("{}: no generation parameters in this PNG", image.display()))?;
-    let recorded = sdgen::infotext::parse(&text).to_request().with_context(|| format!("{}", image.display()))?;
+    let text = sdgen::image_io::read_parameters(image)
+        .and_then(|t| t.with_context(|| format!("{}: no generation parameters in this PNG", image.display())))
+        .tag(Failure::Input)?;
+    let recorded = sdgen::infotext::parse(&text)
+        .to_request()
+        .with_context(|| format!("{}", image.display()))
+        .tag(Failure::Input)?;
     let r = &recorded.request;
     let overridden = Common {
         prompt: args.prompt.clone().or(Some(r.prompt.clone())),
@@ -830,7 +856,7 @@ fn run_replay(image: &Path, args: &Common) -> anyhow::Result<()> {
         }),
         model: match &args.model {
             Some(m) => Some(m.clone()),
-            None => Some(find_recorded_model(&args.models_dir, &recorded)?.display().to_string()),
+            None => Some(find_recorded_model(&args.models_dir, &recorded).tag(Failure::Model)?.display().to_string()),
         },
         ..args.clone()
     };

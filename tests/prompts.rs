@@ -177,3 +177,48 @@ fn tokenize_prints_chunks_and_json() {
     let text = String::from_utf8(o.stdout).unwrap();
     assert!(text.contains("fox</w>") && text.contains("token count: 3"), "{text}");
 }
+
+#[derive(Deserialize)]
+struct ClipSkipCases {
+    cases: Vec<ClipSkipCase>,
+}
+
+#[derive(Deserialize)]
+struct ClipSkipCase {
+    #[serde(flatten)]
+    base: PromptCase,
+    model: String,
+    schedule: String,
+    clip_skip: usize,
+}
+
+/// `--clip-skip N` equals diffusers' `clip_skip = N − 1` on SD 1.x and SDXL
+/// (unguided on SD 1.x: diffusers skips layers for the prompt only, A1111
+/// and sdgen for the negative prompt too), and changes the image.
+#[test]
+fn clip_skip_matches_diffusers() {
+    let text = std::fs::read_to_string(fixture("reference/prompts/clip_skip.json")).unwrap();
+    let cases = serde_json::from_str::<ClipSkipCases>(&text).unwrap().cases;
+    let dir = tempfile::tempdir().unwrap();
+    let mut parity = Parity::default();
+    for case in &cases {
+        let out = dir.path().join(format!("{}.png", case.base.name));
+        let mut before = case.base.size_args();
+        before.extend(["--schedule".into(), case.schedule.clone(), "--clip-skip".into(), case.clip_skip.to_string()]);
+        let ours = case.base.job(&fixture(&case.model), &out).run(&before, &case.base.name);
+        parity.check(&case.base.name, &ours, &read_rgb(&fixture(&format!("reference/prompts/{}", case.base.png))));
+        if case.clip_skip > 1 {
+            let text = sdgen::image_io::read_parameters(&out).unwrap().unwrap();
+            assert!(text.contains(&format!("Clip skip: {}", case.clip_skip)), "{text}");
+        }
+    }
+    parity.assert_within_tolerance();
+    for model in ["tiny-sd1", "tiny-sdxl"] {
+        let png = |skip: usize| {
+            let c = cases.iter().find(|c| c.model == model && c.clip_skip == skip).unwrap();
+            read_rgb(&fixture(&format!("reference/prompts/{}", c.base.png)))
+        };
+        let (max, mean) = level_diff(&png(1), &png(2));
+        assert!(max > 10 * MAX_LEVELS && mean > MEAN_LEVELS, "{model}: clip skip 2 vs 1: max {max}, mean {mean}");
+    }
+}

@@ -164,3 +164,47 @@ fn sdxl_vae_runs_in_f32_under_f16() {
     cfg.other.insert("force_upcast".into(), serde_json::json!(false));
     assert_eq!(sdgen::loading::vae_dtype(Family::Sdxl, &cfg, DType::F16), DType::F16);
 }
+
+/// A folder whose Euler scheduler uses trailing spacing (as SD-Turbo's and
+/// SDXL-Turbo's do) gets the turbo preset whatever its name.
+#[test]
+fn turbo_by_scheduler_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("my-model");
+    std::fs::create_dir_all(folder.join("scheduler")).unwrap();
+    for entry in std::fs::read_dir(fixture("tiny-sdxl")).unwrap().flatten() {
+        if entry.file_name() != "scheduler" {
+            std::os::unix::fs::symlink(entry.path(), folder.join(entry.file_name())).unwrap();
+        }
+    }
+    let config = std::fs::read_to_string(fixture("tiny-sdxl/scheduler/scheduler_config.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    config["_class_name"] = "EulerAncestralDiscreteScheduler".into();
+    config["timestep_spacing"] = "trailing".into();
+    std::fs::write(folder.join("scheduler/scheduler_config.json"), config.to_string()).unwrap();
+    let m = Model::load(&folder, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(m.preset, sdgen::loading::Preset::Turbo);
+    assert_eq!(m.defaults().size, 512);
+}
+
+/// SDXL embeddings carry vectors for both encoders (`clip_l`, `clip_g`):
+/// each encoder's half of the context changes with its own vectors.
+#[test]
+fn sdxl_embeddings_reach_both_encoders() {
+    use candle_core::Tensor;
+    let dir = tempfile::tempdir().unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    tensors.insert("clip_l".to_string(), Tensor::randn(0f32, 1.0, (2, 64), &Device::Cpu).unwrap());
+    tensors.insert("clip_g".to_string(), Tensor::randn(0f32, 1.0, (2, 64), &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&tensors, dir.path().join("shiny.safetensors")).unwrap();
+    let adapters = sdgen::loading::Adapters { embeddings: Some(dir.path().to_path_buf()), ..Default::default() };
+    let with = Model::load_with(&fixture("tiny-sdxl"), &Device::Cpu, DType::F32, &adapters).unwrap();
+    let without = Model::load(&fixture("tiny-sdxl"), &Device::Cpu, DType::F32).unwrap();
+    let opts = sdgen::pipeline::TextOptions::default();
+    let encode = |m: &Model| m.encode_text("a shiny cat", &opts, &Device::Cpu, &mut |_| {}).unwrap().context;
+    let (a, b) = (encode(&with), encode(&without));
+    for half in 0..2 {
+        let part = |t: &Tensor| t.narrow(2, half * 64, 64).unwrap();
+        assert!(relative_error(&part(&a), &part(&b)) > 1e-2, "encoder {} ignores the embedding", half + 1);
+    }
+}

@@ -75,6 +75,19 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Patc
         bail!("{}: pipeline {} is not supported", dir.display(), index.class);
     }
     let scheduler: SchedulerConfig = read_json(&dir.join("scheduler/scheduler_config.json"))?;
+    // SD-Turbo and SDXL-Turbo ship Euler schedulers with trailing spacing,
+    // which no standard model's folder has.
+    #[derive(serde::Deserialize)]
+    struct SchedulerClass {
+        #[serde(rename = "_class_name", default)]
+        class: String,
+    }
+    let class: SchedulerClass = read_json(&dir.join("scheduler/scheduler_config.json"))?;
+    let euler = class.class.starts_with("EulerAncestralDiscrete") || class.class.starts_with("EulerDiscrete");
+    let preset = match Preset::from_name(&model_name(dir)) {
+        Preset::Standard if euler && scheduler.timestep_spacing.as_deref() == Some("trailing") => Preset::Turbo,
+        by_name => by_name,
+    };
     let clip_cfg: ClipConfig = read_json(&dir.join("text_encoder/config.json"))?;
     let unet_cfg: UNetConfig = read_json(&dir.join("unet/config.json"))?;
     let vae_cfg: VaeConfig = read_json(&dir.join("vae/config.json"))?;
@@ -137,7 +150,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Patc
         unet,
         vae,
         prediction: Prediction::parse(&scheduler.prediction_type)?,
-        preset: Preset::from_name(&model_name(dir)),
+        preset,
         scheduler,
         unused,
         applied: Default::default(),

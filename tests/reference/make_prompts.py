@@ -5,6 +5,7 @@ Writes tests/fixtures/reference/prompts/
   chunks.json                 parse_prompt_attention + tokenize_line results (SD1 vocabulary)
   conditioning.safetensors    A1111 conditioning from the tiny SD1 and tiny SDXL text encoders
   conditioning.json           what each tensor is, its prompt / negative prompt
+  clip_skip.json + *.png      diffusers txt2img images with and without clip skip (tiny SD1, tiny SDXL)
 
 The algorithm below is a transcription of A1111's code (read from the AUTOMATIC1111/
 stable-diffusion-webui repository, see ALGORITHM_SOURCE) with ONE deliberate difference:
@@ -24,7 +25,7 @@ Everything else is A1111 (Emphasis "Original", comma_padding_backtrack 20, chunk
 no textual-inversion embeddings). Runs on CPU in float32, deterministic.
 
 Usage: /root/venv-ref/bin/python tests/reference/make_prompts.py
-       (torch 2.15, transformers 5.23, safetensors)
+       (torch 2.15, transformers 5.23, safetensors; diffusers 0.42.1 for clip_skip.json)
 """
 
 import gzip
@@ -34,6 +35,7 @@ import math
 import os
 import re
 import tempfile
+import types
 
 import torch
 from safetensors.torch import save_file
@@ -543,6 +545,115 @@ def tiny_tokenizers():
 
 
 # ----------------------------------------------------------------------------------------------
+# clip skip: diffusers images (clip_skip.json + PNGs)
+
+CLIP_SKIP_CASES = [
+    # name, model, negative prompt, cfg, A1111 clip skip
+    # SD1 unguided (cfg 1): diffusers skips layers for the prompt only, A1111 (and sdgen) for
+    # the negative prompt too, so only the unguided image means the same in both.
+    ("clip_skip1_sd1", "tiny-sd1", "", 1.0, 1),
+    ("clip_skip2_sd1", "tiny-sd1", "", 1.0, 2),
+    ("clip_skip1_sdxl", "tiny-sdxl", None, 5.0, 1),
+    ("clip_skip2_sdxl", "tiny-sdxl", None, 5.0, 2),
+]
+CLIP_SKIP_PAIR_MIN_MAX = 30  # levels: clip skip 2 vs 1 must differ by this much somewhere
+CLIP_SKIP_PAIR_MIN_MEAN = 2.0  # ... and by this much on average
+
+
+def write_clip_skip_images():
+    """tiny-sd1 / tiny-sdxl txt2img through diffusers' own `clip_skip` argument
+    (diffusers clip_skip = A1111 "Clip skip" - 1). Written after, and independent of, the files
+    above. Returns the case list."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import make_fixtures as mf  # noqa: E402  (imports diffusers quietly; sets 2 torch threads)
+    import make_families as mfam  # noqa: E402
+    import diffusers
+    import numpy as np
+    import transformers
+    from PIL import Image
+    from diffusers import StableDiffusionXLPipeline
+    torch.set_num_threads(1)
+
+    sd1 = mf.load_folder_pipeline()
+    # diffusers 0.42.1's clip skip reads text_encoder.text_model.final_layer_norm, a path
+    # transformers 5 no longer has (CLIPTextModel holds final_layer_norm itself): point it there.
+    assert not hasattr(sd1.text_encoder, "text_model")
+    sd1.text_encoder.text_model = types.SimpleNamespace(final_layer_norm=sd1.text_encoder.final_layer_norm)
+    # what the pipeline conditions on = this script's A1111 encoding (no weights in the prompt)
+    tok = Tok(sd1.tokenizer)
+    _, chunks, _ = tokenize_line(tok, "a photo of a cat")
+    with torch.no_grad():
+        for skip in (1, 2):
+            pe, ne = sd1.encode_prompt("a photo of a cat", "cpu", 1, True, negative_prompt="",
+                                       clip_skip=(skip - 1) or None)
+            assert torch.allclose(pe, sd1_encode(sd1.text_encoder, tok, chunks, clip_skip=skip), atol=1e-5)
+            assert torch.equal(ne, sd1.text_encoder(sd1.tokenizer(
+                "", padding="max_length", max_length=77, return_tensors="pt").input_ids)[0])
+    sdxl = StableDiffusionXLPipeline.from_pretrained(str(mfam.XL_DIR), dtype=torch.float32,
+                                                     local_files_only=True, add_watermarker=False)
+    sdxl.set_progress_bar_config(disable=True)
+    assert sdxl.config.force_zeros_for_empty_prompt is True
+    pipes = {"tiny-sd1": (sd1, mf.SCHEDULER_CONFIG), "tiny-sdxl": (sdxl, mfam.XL_SCHEDULER_CONFIG)}
+
+    cases, images = [], {}
+    for name, model, neg, cfg, skip in CLIP_SKIP_CASES:
+        case = dict(name=name, model=model, prompt="a photo of a cat", negative_prompt=neg, seed=42,
+                    steps=6, cfg_scale=cfg, width=64, height=64, sampler="euler", schedule="normal",
+                    clip_skip=skip, diffusers_clip_skip=(skip - 1) or None, png=f"{name}.png")
+        pipe, sched_config = pipes[model]
+        pipe.scheduler = mfam.make_scheduler(case["sampler"], case["schedule"], sched_config)
+        with torch.no_grad():
+            img = pipe(prompt=case["prompt"], negative_prompt=neg, num_inference_steps=case["steps"],
+                       guidance_scale=cfg, width=64, height=64, clip_skip=case["diffusers_clip_skip"],
+                       generator=torch.Generator("cpu").manual_seed(case["seed"]),
+                       output_type="np").images[0]
+        assert img.shape == (64, 64, 3)
+        u8 = mf.to_uint8(img)
+        Image.fromarray(u8, "RGB").save(os.path.join(OUT_DIR, case["png"]))
+        assert np.array_equal(np.asarray(Image.open(os.path.join(OUT_DIR, case["png"]))), u8)
+        images[name] = u8
+        cases.append(case)
+    mf.check_image_statistics(images)
+
+    diffs = {}
+    for m in ("sd1", "sdxl"):
+        d = np.abs(images[f"clip_skip2_{m}"].astype(np.int16) - images[f"clip_skip1_{m}"].astype(np.int16))
+        diffs[m] = {"max": int(d.max()), "mean": round(float(d.mean()), 3)}
+        print(f"clip skip 2 vs 1, {m}: max {d.max()} levels, mean {d.mean():.3f}")
+        assert d.max() >= CLIP_SKIP_PAIR_MIN_MAX and d.mean() >= CLIP_SKIP_PAIR_MIN_MEAN, (m, diffs[m])
+
+    write_json(os.path.join(OUT_DIR, "clip_skip.json"), {
+        "produced_by": PRODUCED_BY,
+        "pipelines": {
+            "tiny-sd1": "StableDiffusionPipeline from tests/fixtures/tiny-sd1 (make_fixtures."
+                        "load_folder_pipeline: UNet variant fp16, float32, CPU, no safety checker); "
+                        "scheduler EulerDiscreteScheduler.from_config(make_fixtures.SCHEDULER_CONFIG)",
+            "tiny-sdxl": "StableDiffusionXLPipeline from tests/fixtures/tiny-sdxl (float32, CPU, "
+                         "add_watermarker=False, force_zeros_for_empty_prompt); scheduler "
+                         "EulerDiscreteScheduler.from_config(make_families.XL_SCHEDULER_CONFIG)",
+        },
+        "method": "pipe(prompt, negative_prompt, num_inference_steps=steps, guidance_scale=cfg_scale, "
+                  "width, height, clip_skip=diffusers_clip_skip, generator=torch.Generator('cpu')"
+                  ".manual_seed(seed), output_type='np'); PNG = round(clip(image, 0, 1) * 255)",
+        "clip_skip": "A1111's 'Clip skip' (1 = the usual layer); diffusers_clip_skip = clip_skip - 1 "
+                     "(null = not passed). SD1: final_layer_norm(hidden_states[-(diffusers_clip_skip "
+                     "+ 1)]); SDXL: both encoders' hidden_states[-(diffusers_clip_skip + 2)], no norm, "
+                     "pooled (text_embeds of encoder 2) unchanged",
+        "negative_prompt": "diffusers 0.42.1 applies clip_skip to the PROMPT only: SD1's negative "
+                           "prompt ('' here) is always encoded with last_hidden_state (no skip), while "
+                           "A1111 skips layers for it too: the SD1 cases run unguided (cfg 1); "
+                           "SDXL's null negative prompt is zeros (force_zeros_for_empty_prompt), so "
+                           "clip skip cannot reach it",
+        "clip_skip_2_vs_1_levels": diffs,
+        "versions": {"diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                     "torch": torch.__version__},
+        "cases": cases,
+    })
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------
 
 def main():
     torch.set_num_threads(1)
@@ -757,6 +868,8 @@ def main():
             "cases": sdxl_json,
         },
     })
+
+    write_clip_skip_images()
 
     for fn in sorted(os.listdir(OUT_DIR)):
         p = os.path.join(OUT_DIR, fn)
