@@ -739,8 +739,8 @@ fn list_models(models_dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
     }
     if !json {
         println!(
-            "{:<28} {:<6} {:<6} {:<7} {:<4} {:<5} {:>9} {}",
-            "NAME", "FORMAT", "FAMILY", "INPAINT", "PRED", "DTYPE", "SIZE", "HASH"
+            "{:<28} {:<6} {:<6} {:<7} {:<4} {:<5} {:>9} HASH",
+            "NAME", "FORMAT", "FAMILY", "INPAINT", "PRED", "DTYPE", "SIZE"
         );
     }
     let mut failed = false;
