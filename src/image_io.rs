@@ -26,7 +26,12 @@ fn decode(path: &Path) -> anyhow::Result<image::DynamicImage> {
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
     reader.limits(limits);
-    let img = reader.decode().map_err(|e| anyhow::anyhow!("{}: not a readable PNG/JPEG image: {e}", path.display()))?;
+    let img = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => {
+            anyhow::anyhow!("{}: image is larger than {MAX_SIDE} pixels on a side, sdgen's limit", path.display())
+        }
+        e => anyhow::anyhow!("{}: not a readable PNG/JPEG image: {e}", path.display()),
+    })?;
     if img.width() == 0 || img.height() == 0 {
         bail!("{}: image has no pixels", path.display());
     }
@@ -75,7 +80,7 @@ pub fn write_png(path: &Path, image: &Image, parameters: &str) -> anyhow::Result
         .suffix(".tmp")
         .tempfile_in(dir)
         .with_context(|| format!("{}: cannot create a file in {}", path.display(), dir.display()))?;
-    {
+    let encode = || -> anyhow::Result<()> {
         let mut out = BufWriter::new(tmp.as_file());
         let mut encoder = png::Encoder::new(&mut out, image.width as u32, image.height as u32);
         encoder.set_color(png::ColorType::Rgb);
@@ -89,7 +94,10 @@ pub fn write_png(path: &Path, image: &Image, parameters: &str) -> anyhow::Result
         writer.write_image_data(&image.rgb)?;
         writer.finish()?;
         out.flush()?;
-    }
+        Ok(())
+    };
+    // The temporary file is removed when `tmp` drops on the error path.
+    encode().with_context(|| format!("{}: write failed (disk full?)", path.display()))?;
     tmp.as_file().sync_all().with_context(|| format!("{}: write failed", path.display()))?;
     tmp.persist(path).map_err(|e| anyhow::anyhow!("{}: cannot write: {}", path.display(), e.error))?;
     Ok(())

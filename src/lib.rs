@@ -15,6 +15,7 @@ pub mod failure;
 pub mod image_io;
 pub mod infotext;
 pub mod loading;
+pub mod memory;
 pub mod models;
 pub mod pipeline;
 pub mod prompt;

@@ -237,8 +237,25 @@ struct Loaded {
     device: candle_core::Device,
 }
 
-fn load(args: &Common, path: PathBuf, device: candle_core::Device) -> anyhow::Result<Loaded> {
+/// `size`: the image size when an input image fixes it.
+fn load(
+    args: &Common,
+    path: PathBuf,
+    device: candle_core::Device,
+    size: Option<(usize, usize)>,
+) -> anyhow::Result<Loaded> {
     let dtype = sdgen::device::parse_dtype(args.dtype.as_deref(), &device)?;
+    // Fail before loading what cannot fit (CPU memory; GPUs report their own errors).
+    if device.is_cpu() {
+        if let Some(available) = sdgen::memory::available() {
+            let native = sdgen::memory::native_side(&path);
+            let (w, h) = size.unwrap_or((args.width.unwrap_or(native), args.height.unwrap_or(native)));
+            let need = sdgen::memory::estimate(&path, dtype, w, h, 2 * args.batch_size.unwrap_or(1))?;
+            sdgen::memory::check(&need, available, dtype, w, h)
+                .tag(Failure::Device)
+                .with_context(|| path.display().to_string())?;
+        }
+    }
     let loading = spinner(args.quiet, "loading model");
     let tiling = sdgen::models::vae::Tiling::parse(&args.vae_tiling)?;
     let prediction = args.prediction.as_deref().map(Prediction::parse).transpose().context("--prediction")?;
@@ -446,8 +463,12 @@ fn run_single(args: &Common, init: Init) -> anyhow::Result<()> {
     request_from(args, init.clone(), seed, &STANDARD_512).tag(Failure::Usage)?;
     let device = sdgen::device::parse_device(&args.device).tag(Failure::Device)?;
     let load_started = Instant::now();
+    let size = match &init {
+        Init::Noise => None,
+        Init::Image { image, .. } | Init::Inpaint { image, .. } => Some((image.width, image.height)),
+    };
     let Loaded { model, hash, device } =
-        load(args, resolve_model(args).tag(Failure::Model)?, device).tag(Failure::Model)?;
+        load(args, resolve_model(args).tag(Failure::Model)?, device, size).tag(Failure::Model)?;
     let mut timings = Timings { load: load_started.elapsed().as_secs_f64(), ..Timings::default() };
     let request = request_from(args, init, seed, &model.defaults()).tag(Failure::Usage)?;
     let outs = output_paths(&out, count);
@@ -591,7 +612,7 @@ fn run_batch(file: &Path, out_dir: &Path, shard: Option<&str>, force: bool, args
     }
     let with_tags = Common { prompt: tags.into_iter().next(), ..args.clone() };
     let Loaded { model, hash, device } =
-        load(&with_tags, resolve_model(args).tag(Failure::Model)?, device).tag(Failure::Model)?;
+        load(&with_tags, resolve_model(args).tag(Failure::Model)?, device, None).tag(Failure::Model)?;
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();

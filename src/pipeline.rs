@@ -10,9 +10,12 @@
 //!   4-channel UNets get the unmasked area re-noised from the image after
 //!   every step (the sampler hook). Strength 1 starts from pure noise.
 
+use std::path::Path;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::editing::{self, Mask};
+use crate::failure::{Failure, Tag};
 use crate::image_io::Image;
 use crate::loading::Model;
 use crate::models::clip::ClipTextModel;
@@ -358,6 +361,9 @@ impl Model {
         // LCM UNets embed the guidance scale instead of a negative pass.
         let guided = req.cfg_scale > 1.0 && self.unet.config.time_cond_proj_dim.is_none();
         let (cond, uncond) = self.encode_prompts(reqs, guided, device, events)?;
+        for e in std::iter::once(&cond).chain(&uncond) {
+            check_finite(&e.context, &self.path, "text encoder")?;
+        }
         let time_ids = match cond.pooled {
             Some(_) => {
                 let rows: Vec<f32> =
@@ -438,12 +444,15 @@ impl Model {
         };
         let latents = sample(req.sampler, &mut denoiser, x, &schedule, &mut rngs, &mut hook)?;
 
+        check_finite(&latents, &self.path, "UNet")?;
         events(Event::Decoding);
         let latents = (latents * (schedule.final_scale() as f64 / self.vae.config.scaling_factor))?;
         reqs.iter()
             .enumerate()
             .map(|(b, r)| {
-                let generated = to_image(&self.vae.decode(&latents.narrow(0, b, 1)?)?)?;
+                let decoded = self.vae.decode(&latents.narrow(0, b, 1)?)?;
+                check_finite(&decoded, &self.path, "VAE")?;
+                let generated = to_image(&decoded)?;
                 Ok(match &r.init {
                     Init::Inpaint { image, mask, mask_blur, .. } => {
                         editing::overlay(&generated, image, mask, *mask_blur)
@@ -453,6 +462,25 @@ impl Model {
             })
             .collect()
     }
+}
+
+/// The error for NaN/Inf values out of `part`, which would otherwise end as a
+/// black or noise image.
+fn non_finite(model: &Path, part: &str, also: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{}: the {part} produced NaN/Inf values (broken weights, or f16 overflow): no image written; try --dtype f32{also}",
+        model.display()
+    )
+}
+
+/// Fails when `t` holds NaN or Inf values.
+fn check_finite(t: &Tensor, model: &Path, part: &str) -> anyhow::Result<()> {
+    let max = t.to_dtype(DType::F32)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    if max.is_finite() {
+        return Ok(());
+    }
+    let also = if part == "VAE" { " or another VAE (--vae)" } else { "" };
+    Err(non_finite(model, part, also)).tag(Failure::Model)
 }
 
 /// A1111's emphasis: each token's state × its weight, then the chunk
@@ -479,7 +507,7 @@ pub fn to_image(decoded: &Tensor) -> anyhow::Result<Image> {
     }
     let hwc: Vec<f32> = decoded.get(0)?.permute((1, 2, 0))?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     if hwc.iter().any(|v| !v.is_finite()) {
-        anyhow::bail!("the VAE produced NaN/Inf values; try --dtype f32");
+        anyhow::bail!("the decoded image has NaN/Inf values");
     }
     let rgb = hwc.iter().map(|v| ((v / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round_ties_even() as u8).collect();
     Ok(Image { width: w, height: h, rgb })

@@ -151,6 +151,32 @@ fn input_images_in_every_common_mode_load_as_rgb() {
             assert_eq!(loaded.rgb, rgb.as_raw().clone(), "{name}: pixels");
         }
     }
+    // A palette PNG (what many editors save small images as): 4 colours.
+    let palette = [[255u8, 0, 0], [0, 255, 0], [0, 0, 255], [250, 250, 250]];
+    let path = dir.path().join("palette.png");
+    let mut encoder = png::Encoder::new(std::fs::File::create(&path).unwrap(), 4, 2);
+    encoder.set_color(png::ColorType::Indexed);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.set_palette(palette.concat());
+    let mut writer = encoder.write_header().unwrap();
+    writer.write_image_data(&[0, 1, 2, 3, 3, 2, 1, 0]).unwrap();
+    writer.finish().unwrap();
+    let loaded = sdgen::image_io::read_image(&path).unwrap();
+    let expected: Vec<u8> = [0, 1, 2, 3, 3, 2, 1, 0].iter().flat_map(|&i| palette[i]).collect();
+    assert_eq!(loaded.rgb, expected, "palette PNG pixels");
+    // Gray with alpha, and 16-bit gray.
+    let gray = image::DynamicImage::ImageRgb8(rgb.clone()).to_luma8();
+    for (name, img) in [
+        (
+            "gray_alpha.png",
+            image::DynamicImage::ImageLumaA8(image::DynamicImage::ImageLuma8(gray.clone()).to_luma_alpha8()),
+        ),
+        ("gray16.png", image::DynamicImage::ImageLuma16(image::DynamicImage::ImageLuma8(gray.clone()).to_luma16())),
+    ] {
+        let loaded = sdgen::image_io::read_image(&write_png(dir.path(), name, img)).unwrap();
+        let expected: Vec<u8> = gray.as_raw().iter().flat_map(|&g| [g, g, g]).collect();
+        assert_eq!(loaded.rgb, expected, "{name}: pixels");
+    }
 }
 
 #[test]

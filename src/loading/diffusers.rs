@@ -142,6 +142,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Patc
     Ok(Model {
         family,
         name: model_name(dir),
+        path: dir.to_path_buf(),
         hash_file: unet_files[0].clone(),
         tokenizer,
         text_encoder,

@@ -141,6 +141,8 @@ pub struct Model {
     pub family: Family,
     /// The file or folder name without extension, as A1111 shows it.
     pub name: String,
+    /// The file or folder it was loaded from.
+    pub path: std::path::PathBuf,
     /// The weights file whose SHA-256 is the model hash (A1111 convention:
     /// the checkpoint; for a diffusers folder, its UNet weights).
     pub hash_file: std::path::PathBuf,
@@ -391,6 +393,7 @@ fn load_single_file(
     Ok(Model {
         family,
         name: model_name(path),
+        path: path.to_path_buf(),
         hash_file: path.to_path_buf(),
         tokenizer,
         text_encoder,

@@ -94,6 +94,34 @@ pub fn refuse_pickle(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The first name a safetensors header (a JSON object) holds twice.
+fn duplicate_name(header: &[u8]) -> Option<String> {
+    struct FirstDuplicate(Option<String>);
+    impl<'de> serde::Deserialize<'de> for FirstDuplicate {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Keys;
+            impl<'de> serde::de::Visitor<'de> for Keys {
+                type Value = FirstDuplicate;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<FirstDuplicate, A::Error> {
+                    let mut seen = HashSet::new();
+                    while let Some(key) = map.next_key::<String>()? {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        if !seen.insert(key.clone()) {
+                            return Ok(FirstDuplicate(Some(key)));
+                        }
+                    }
+                    Ok(FirstDuplicate(None))
+                }
+            }
+            d.deserialize_map(Keys)
+        }
+    }
+    serde_json::from_slice::<FirstDuplicate>(header).ok().and_then(|d| d.0)
+}
+
 /// One or more safetensors files read as one set of tensors.
 ///
 /// Tensors are read with `pread`, not through a memory map: candle's CPU
@@ -124,6 +152,13 @@ impl Checkpoint {
             // touches the header pages alone; the map is gone before any
             // tensor is read.
             let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{}: cannot read", p.display()))?;
+            // JSON objects may repeat a key; the last one would silently win.
+            let declared = u64::from_le_bytes(map[..8].try_into().expect("8 bytes"));
+            if let Some(name) =
+                usize::try_from(declared).ok().and_then(|n| map.get(8..8usize.checked_add(n)?)).and_then(duplicate_name)
+            {
+                bail!("{}: not a valid safetensors file: tensor `{name}` is named twice", p.display());
+            }
             let (header, metadata) = SafeTensors::read_metadata(&map)
                 .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", p.display()))?;
             let data_start = 8 + header as u64;
