@@ -11,6 +11,8 @@
 //!   last comma is at most 20 tokens back, the words after the comma move to
 //!   the next chunk (A1111's comma backtrack).
 
+use std::sync::OnceLock;
+
 use regex::Regex;
 
 use crate::tokenizer::{ClipTokenizer, MAX_LEN};
@@ -58,8 +60,10 @@ pub struct NetworkTag {
     pub weight: f32,
 }
 
-fn network_re() -> Regex {
-    Regex::new(r"<(\w+):([^>]+)>").expect("valid pattern")
+/// Compiled once: prompts are parsed for every job of a batch.
+fn network_re() -> &'static Regex {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    RE.get_or_init(|| Regex::new(r"<(\w+):([^>]+)>").expect("valid pattern"))
 }
 
 /// The extra-network tags of a prompt (`<lora:fluffy:0.8>`; weight 1 when
@@ -83,9 +87,11 @@ pub fn network_tags(text: &str) -> anyhow::Result<Vec<NetworkTag>> {
 /// weights (equal neighbours merged; `("BREAK", -1)` for a break), and a
 /// warning per unbalanced bracket.
 pub fn parse_attention(text: &str) -> (Vec<(String, f64)>, Vec<String>) {
-    let re = Regex::new(r"\\\(|\\\)|\\\[|\\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:")
-        .expect("valid pattern");
-    let break_re = Regex::new(r"\s*\bBREAK\b\s*").expect("valid pattern");
+    static RES: OnceLock<(Regex, Regex)> = OnceLock::new();
+    let (re, break_re) = RES.get_or_init(|| {
+        let attention = r"\\\(|\\\)|\\\[|\\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:";
+        (Regex::new(attention).expect("valid pattern"), Regex::new(r"\s*\bBREAK\b\s*").expect("valid pattern"))
+    });
     // An opening bracket is a placeholder piece until it closes (then it is
     // dropped); one left open is a literal character.
     struct Piece {

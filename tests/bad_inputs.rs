@@ -308,6 +308,10 @@ fn corpus_files_fail_cleanly_with_their_exit_status() {
         fails_with(&f(name), Given::Mask, INPUT, words);
     }
     fails_with(&f("not_an_image.png"), Given::Replay, INPUT, &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let small = tmp.path().join("mask_32x32.png");
+    image::GrayImage::from_pixel(32, 32, image::Luma([255])).save(&small).unwrap();
+    fails_with(&small, Given::Mask, INPUT, &["the mask is 32x32 but the image", "is 64x64"]);
     for (name, words) in [
         ("invalid_utf8.txt", &[":2:", "not valid UTF-8"][..]),
         ("unknown_option.txt", &[":1:", "unknown option --frobnicate"]),

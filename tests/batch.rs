@@ -212,3 +212,84 @@ fn replay_reproduces_an_image_bit_exactly() {
     let o = run(&[]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// The finished state of a batch folder equals a clean run's: the same
+/// images bit for bit, exactly one valid manifest line per image, and no
+/// temporary files.
+fn assert_same_as_clean(dir: &Path, clean: &Path) {
+    assert_eq!(pngs(dir), pngs(clean));
+    for f in pngs(clean) {
+        assert_eq!(std::fs::read(dir.join(&f)).unwrap(), std::fs::read(clean.join(&f)).unwrap(), "{f}");
+    }
+    let text = std::fs::read_to_string(dir.join("manifest.jsonl")).unwrap();
+    let mut files: Vec<String> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["file"].as_str().unwrap().to_string())
+        .collect();
+    files.sort();
+    assert_eq!(files, pngs(clean), "one valid manifest line per image");
+    let litter: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(litter.is_empty(), "temporary files left: {litter:?}");
+}
+
+/// SIGKILL at pseudo-random moments, 20 times, each run resuming the last:
+/// the batch still ends exactly as a clean run.
+#[test]
+fn random_kills_and_resumes_end_as_a_clean_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let jobs: String = (0..16).map(|i| format!("--prompt \"job {i}\" --steps 4\n")).collect();
+    let file = write(dir.path(), "jobs.txt", &jobs);
+    let clean = dir.path().join("clean");
+    batch(&file, &clean, &["--seed", "11"]);
+    let killed = dir.path().join("killed");
+    // A fixed LCG: the same kill times on every run of the test.
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut kills = 0;
+    for _ in 0..20 {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let wait = std::time::Duration::from_millis(50 + (state >> 33) % 450);
+        let mut child = batch_cmd(&file, &killed, &["--seed", "11"]).spawn().unwrap();
+        std::thread::sleep(wait);
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    assert!(kills >= 10, "only {kills} of 20 runs were still working when killed");
+    batch(&file, &killed, &["--seed", "11"]);
+    assert_same_as_clean(&killed, &clean);
+}
+
+/// Ctrl-C (SIGINT) stops after the current image: exit status 130, a
+/// consistent folder, and a resume that finishes it.
+#[test]
+fn interrupt_stops_cleanly_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let jobs: String = (0..12).map(|i| format!("--prompt \"job {i}\" --steps 6\n")).collect();
+    let file = write(dir.path(), "jobs.txt", &jobs);
+    let clean = dir.path().join("clean");
+    batch(&file, &clean, &["--seed", "5"]);
+    let stopped = dir.path().join("stopped");
+    let child = batch_cmd(&file, &stopped, &["--seed", "5"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let manifest = stopped.join("manifest.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_to_string(&manifest).map_or(0, |m| m.lines().count()) < 1 {
+        assert!(std::time::Instant::now() < deadline, "batch made no progress");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", String::from_utf8_lossy(&o.stderr));
+    let done = std::fs::read_to_string(&manifest).unwrap().lines().count();
+    assert!(done < 12, "interrupted too late to test");
+    assert_eq!(pngs(&stopped).len(), done, "every finished image is in the manifest, nothing else");
+    batch(&file, &stopped, &["--seed", "5"]);
+    assert_same_as_clean(&stopped, &clean);
+}

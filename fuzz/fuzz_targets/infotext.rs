@@ -1,11 +1,7 @@
-//! Any text as a PNG's `parameters` chunk, as `sdgen replay` reads it.
+//! Fuzz target: see `harness::infotext`.
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
+#[path = "../harness.rs"]
+mod harness;
 
-fuzz_target!(|data: &[u8]| {
-    let text = String::from_utf8_lossy(data);
-    if let Ok(recorded) = sdgen::infotext::parse(&text).to_request() {
-        let _ = recorded.request.validate();
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::infotext(data));
