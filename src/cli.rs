@@ -107,16 +107,8 @@ pub enum Command {
         /// Use this model's tokenizer [default: CLIP's, as SD 1.x].
         #[arg(long, value_name = "NAME|PATH")]
         model: Option<String>,
-        /// Where models live [default: $SDGEN_MODELS_DIR, else ./models].
-        #[arg(
-            long,
-            value_name = "DIR",
-            env = "SDGEN_MODELS_DIR",
-            default_value = "models",
-            hide_default_value = true,
-            hide_env = true
-        )]
-        models_dir: PathBuf,
+        #[command(flatten)]
+        models: ModelsDir,
         /// a1111 or plain [default: a1111].
         #[arg(long, value_name = "a1111|plain")]
         prompt_syntax: Option<String>,
@@ -127,16 +119,8 @@ pub enum Command {
     /// List the models in the models dir: name, format, family, inpainting,
     /// prediction, dtype, size and hash (cached beside each file).
     Models {
-        /// Where models live [default: $SDGEN_MODELS_DIR, else ./models].
-        #[arg(
-            long,
-            value_name = "DIR",
-            env = "SDGEN_MODELS_DIR",
-            default_value = "models",
-            hide_default_value = true,
-            hide_env = true
-        )]
-        models_dir: PathBuf,
+        #[command(flatten)]
+        models: ModelsDir,
         /// One JSON object per model and line instead of a table.
         #[arg(long)]
         json: bool,
@@ -202,6 +186,21 @@ pub enum DevCommand {
     },
 }
 
+/// The models dir option.
+#[derive(Debug, Clone, Args)]
+pub struct ModelsDir {
+    /// Where models live [default: $SDGEN_MODELS_DIR, else ./models].
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "SDGEN_MODELS_DIR",
+        default_value = "models",
+        hide_default_value = true,
+        hide_env = true
+    )]
+    pub models_dir: PathBuf,
+}
+
 /// Options of the mask-based commands.
 #[derive(Debug, Args)]
 pub struct EditArgs {
@@ -220,16 +219,8 @@ pub struct Common {
     /// models dir. Default: the only model there (downloaded on first use).
     #[arg(long, value_name = "NAME|PATH")]
     pub model: Option<String>,
-    /// Where models live [default: $SDGEN_MODELS_DIR, else ./models].
-    #[arg(
-        long,
-        value_name = "DIR",
-        env = "SDGEN_MODELS_DIR",
-        default_value = "models",
-        hide_default_value = true,
-        hide_env = true
-    )]
-    pub models_dir: PathBuf,
+    #[command(flatten)]
+    pub models: ModelsDir,
     /// What to draw (required except for batch and replay).
     #[arg(long, short)]
     pub prompt: Option<String>,

@@ -40,9 +40,10 @@ fn main() -> ExitCode {
             list_samplers();
             Ok(ExitCode::SUCCESS)
         }
-        Some(Command::Models { models_dir, json }) => list_models(models_dir, *json),
-        Some(Command::Tokenize { prompt, model, models_dir, prompt_syntax, json }) => {
-            tokenize(prompt, model.as_deref(), models_dir, prompt_syntax.as_deref(), *json).map(|_| ExitCode::SUCCESS)
+        Some(Command::Models { models, json }) => list_models(&models.models_dir, *json),
+        Some(Command::Tokenize { prompt, model, models, prompt_syntax, json }) => {
+            tokenize(prompt, model.as_deref(), &models.models_dir, prompt_syntax.as_deref(), *json)
+                .map(|_| ExitCode::SUCCESS)
         }
         Some(Command::Dev(DevCommand::RandomModel { family, out, seed })) => {
             sdgen::random_model::write(family, out, *seed).map(|_| ExitCode::SUCCESS)
@@ -111,7 +112,7 @@ fn draw_target(quiet: bool) -> ProgressDrawTarget {
 }
 
 fn resolve_model(args: &Common) -> anyhow::Result<PathBuf> {
-    match locate(args.model.as_deref(), &args.models_dir)? {
+    match locate(args.model.as_deref(), &args.models.models_dir)? {
         Located::Found(p) => Ok(p),
         Located::Nothing => download_default(args),
     }
@@ -123,25 +124,25 @@ fn download_default(args: &Common) -> anyhow::Result<PathBuf> {
     if args.offline || hub::offline_from_env() {
         bail!(
             "no model in {} and downloads are off (--offline / HF_HUB_OFFLINE); put a .safetensors checkpoint or a diffusers folder there, or pass --model",
-            args.models_dir.display()
+            args.models.models_dir.display()
         );
     }
     eprintln!(
         "No model in {}: downloading {} ({}) from the Hugging Face hub …",
-        args.models_dir.display(),
+        args.models.models_dir.display(),
         hub::DEFAULT_REPO,
         hub::DEFAULT_SIZE
     );
-    std::fs::create_dir_all(&args.models_dir)
-        .with_context(|| format!("{}: cannot create", args.models_dir.display()))?;
-    hub::download_default(&args.models_dir, !args.quiet)
+    std::fs::create_dir_all(&args.models.models_dir)
+        .with_context(|| format!("{}: cannot create", args.models.models_dir.display()))?;
+    hub::download_default(&args.models.models_dir, !args.quiet)
 }
 
 #[cfg(not(feature = "download"))]
 fn download_default(args: &Common) -> anyhow::Result<PathBuf> {
     bail!(
         "no model in {}; put a .safetensors checkpoint or a diffusers folder there, or pass --model (this build cannot download)",
-        args.models_dir.display()
+        args.models.models_dir.display()
     )
 }
 
@@ -317,34 +318,35 @@ fn vae(args: &Common) -> anyhow::Result<Option<PathBuf>> {
         return Ok(Some(direct));
     }
     for sub in ["VAE", "vae"] {
-        for candidate in
-            [args.models_dir.join(sub).join(format!("{name}.safetensors")), args.models_dir.join(sub).join(name)]
-        {
+        for candidate in [
+            args.models.models_dir.join(sub).join(format!("{name}.safetensors")),
+            args.models.models_dir.join(sub).join(name),
+        ] {
             if candidate.is_file() {
                 return Ok(Some(candidate));
             }
         }
     }
-    bail!("--vae {name:?}: no such file, and not in {}/VAE", args.models_dir.display())
+    bail!("--vae {name:?}: no such file, and not in {}/VAE", args.models.models_dir.display())
 }
 
 /// The LoRAs of `--lora` and of the prompt's `<lora:…>` tags (A1111 syntax),
 /// the embeddings folder and `--vae`.
 fn adapters(args: &Common) -> anyhow::Result<Adapters> {
     let mut loras: Vec<LoraSpec> =
-        args.lora.iter().map(|l| lora::parse_spec(l, &args.models_dir)).collect::<anyhow::Result<_>>()?;
+        args.lora.iter().map(|l| lora::parse_spec(l, &args.models.models_dir)).collect::<anyhow::Result<_>>()?;
     let syntax = args.prompt_syntax.as_deref().map(Syntax::parse).transpose()?.unwrap_or_default();
     if let (Some(prompt), Syntax::A1111) = (&args.prompt, syntax) {
         for tag in sdgen::prompt::network_tags(prompt)? {
             match tag.kind.as_str() {
                 "lora" | "lyco" => {
-                    loras.push(LoraSpec { path: lora::locate(&tag.name, &args.models_dir)?, weight: tag.weight })
+                    loras.push(LoraSpec { path: lora::locate(&tag.name, &args.models.models_dir)?, weight: tag.weight })
                 }
                 other => eprintln!("warning: <{other}:{}> in the prompt is ignored (sdgen runs LoRAs only)", tag.name),
             }
         }
     }
-    Ok(Adapters { loras, embeddings: Some(args.models_dir.join("embeddings")), vae: vae(args)? })
+    Ok(Adapters { loras, embeddings: Some(args.models.models_dir.join("embeddings")), vae: vae(args)? })
 }
 
 /// A progress bar over one image's steps, fed by pipeline events.
@@ -877,7 +879,9 @@ fn run_replay(image: &Path, args: &Common) -> anyhow::Result<()> {
         }),
         model: match &args.model {
             Some(m) => Some(m.clone()),
-            None => Some(find_recorded_model(&args.models_dir, &recorded).tag(Failure::Model)?.display().to_string()),
+            None => {
+                Some(find_recorded_model(&args.models.models_dir, &recorded).tag(Failure::Model)?.display().to_string())
+            }
         },
         ..args.clone()
     };

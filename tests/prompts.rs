@@ -179,14 +179,7 @@ fn tokenize_prints_chunks_and_json() {
 }
 
 #[derive(Deserialize)]
-struct ClipSkipCases {
-    cases: Vec<ClipSkipCase>,
-}
-
-#[derive(Deserialize)]
-struct ClipSkipCase {
-    #[serde(flatten)]
-    base: PromptCase,
+struct ClipSkip {
     model: String,
     schedule: String,
     clip_skip: usize,
@@ -197,26 +190,30 @@ struct ClipSkipCase {
 /// and sdgen for the negative prompt too), and changes the image.
 #[test]
 fn clip_skip_matches_diffusers() {
-    let text = std::fs::read_to_string(fixture("reference/prompts/clip_skip.json")).unwrap();
-    let cases = serde_json::from_str::<ClipSkipCases>(&text).unwrap().cases;
+    let cases: Vec<CaseWith<ClipSkip>> = read_cases("reference/prompts/clip_skip.json");
     let dir = tempfile::tempdir().unwrap();
     let mut parity = Parity::default();
     for case in &cases {
         let out = dir.path().join(format!("{}.png", case.base.name));
-        let mut before = case.base.size_args();
-        before.extend(["--schedule".into(), case.schedule.clone(), "--clip-skip".into(), case.clip_skip.to_string()]);
-        let ours = case.base.job(&fixture(&case.model), &out).run(&before, &case.base.name);
-        parity.check(&case.base.name, &ours, &read_rgb(&fixture(&format!("reference/prompts/{}", case.base.png))));
-        if case.clip_skip > 1 {
+        let mut before = case.size_args();
+        before.extend([
+            "--schedule".into(),
+            case.extra.schedule.clone(),
+            "--clip-skip".into(),
+            case.extra.clip_skip.to_string(),
+        ]);
+        let ours = case.job(&fixture(&case.extra.model), &out).run(&before, &case.name);
+        parity.check(&case.name, &ours, &read_rgb(&fixture(&format!("reference/prompts/{}", case.png))));
+        if case.extra.clip_skip > 1 {
             let text = sdgen::image_io::read_parameters(&out).unwrap().unwrap();
-            assert!(text.contains(&format!("Clip skip: {}", case.clip_skip)), "{text}");
+            assert!(text.contains(&format!("Clip skip: {}", case.extra.clip_skip)), "{text}");
         }
     }
     parity.assert_within_tolerance();
     for model in ["tiny-sd1", "tiny-sdxl"] {
         let png = |skip: usize| {
-            let c = cases.iter().find(|c| c.model == model && c.clip_skip == skip).unwrap();
-            read_rgb(&fixture(&format!("reference/prompts/{}", c.base.png)))
+            let c = cases.iter().find(|c| c.extra.model == model && c.extra.clip_skip == skip).unwrap();
+            read_rgb(&fixture(&format!("reference/prompts/{}", c.png)))
         };
         let (max, mean) = level_diff(&png(1), &png(2));
         assert!(max > 10 * MAX_LEVELS && mean > MEAN_LEVELS, "{model}: clip skip 2 vs 1: max {max}, mean {mean}");

@@ -10,48 +10,36 @@ use common::*;
 use sdgen::loading::{Family, Model};
 use serde::Deserialize;
 
+/// SDXL cases: the model, the schedule and the size conditioning, as
+/// diffusers' `(height, width)` and `(top, left)` when not the defaults.
 #[derive(Deserialize)]
-struct Cases {
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    #[serde(flatten)]
-    base: PromptCase,
+struct Sdxl {
     model: String,
     schedule: String,
-    /// diffusers' `(height, width)` and `(top, left)`, when not the defaults.
     original_size: Option<[usize; 2]>,
     crops_coords_top_left: Option<[usize; 2]>,
     target_size: Option<[usize; 2]>,
 }
 
-impl std::ops::Deref for Case {
-    type Target = PromptCase;
-    fn deref(&self) -> &PromptCase {
-        &self.base
-    }
-}
+type Case = CaseWith<Sdxl>;
 
 fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(fixture("reference/families/txt2img.json")).unwrap();
-    serde_json::from_str::<Cases>(&text).unwrap().cases
+    read_cases("reference/families/txt2img.json")
 }
 
 /// The case's options besides the common ones: size, schedule, and SDXL's
 /// size conditioning as `WxH` / `TOP,LEFT`.
 fn case_args(case: &Case) -> Vec<String> {
     let mut a = case.size_args();
-    a.extend(["--schedule".into(), case.schedule.clone()]);
+    a.extend(["--schedule".into(), case.extra.schedule.clone()]);
     let wxh = |[h, w]: [usize; 2]| format!("{w}x{h}");
-    if let Some(s) = case.original_size {
+    if let Some(s) = case.extra.original_size {
         a.extend(["--original-size".into(), wxh(s)]);
     }
-    if let Some([top, left]) = case.crops_coords_top_left {
+    if let Some([top, left]) = case.extra.crops_coords_top_left {
         a.extend(["--crop-top-left".into(), format!("{top},{left}")]);
     }
-    if let Some(s) = case.target_size {
+    if let Some(s) = case.extra.target_size {
         a.extend(["--target-size".into(), wxh(s)]);
     }
     a
@@ -66,16 +54,16 @@ fn folder_and_single_file_match_diffusers() {
     let mut single_checked = 0;
     for case in cases() {
         let out = dir.path().join(format!("{}.png", case.name));
-        let ours = case.job(&fixture(&case.model), &out).run(&case_args(&case), &case.name);
+        let ours = case.job(&fixture(&case.extra.model), &out).run(&case_args(&case), &case.name);
         parity.check(&case.name, &ours, &read_rgb(&fixture(&format!("reference/families/{}", case.png))));
-        if case.model.ends_with(".safetensors") {
-            let folder = fixture(case.model.trim_end_matches(".safetensors"));
+        if case.extra.model.ends_with(".safetensors") {
+            let folder = fixture(case.extra.model.trim_end_matches(".safetensors"));
             let out = dir.path().join(format!("{}-folder.png", case.name));
             let theirs = case.job(&folder, &out).run(&case_args(&case), &case.name);
             assert_eq!(ours.as_raw(), theirs.as_raw(), "case {}: single file and folder differ", case.name);
             single_checked += 1;
         }
-        if case.original_size.is_some() {
+        if case.extra.original_size.is_some() {
             let text =
                 sdgen::image_io::read_parameters(&dir.path().join(format!("{}.png", case.name))).unwrap().unwrap();
             assert!(text.contains("Original size: ") && text.contains("Family: SDXL"), "{text}");
@@ -94,7 +82,7 @@ fn references_are_sensitive_to_each_option() {
     let base = all.iter().find(|c| c.name == "euler_normal").expect("an `euler_normal` case");
     let read = |c: &Case| read_rgb(&fixture(&format!("reference/families/{}", c.png)));
     let mut compared = 0;
-    for other in all.iter().filter(|c| c.name != base.name && c.model == base.model) {
+    for other in all.iter().filter(|c| c.name != base.name && c.extra.model == base.extra.model) {
         let (max, mean) = level_diff(&read(base), &read(other));
         eprintln!("{} vs {}: max {max}, mean {mean:.2}", base.name, other.name);
         assert!(

@@ -157,6 +157,32 @@ impl PromptCase {
     }
 }
 
+/// A reference case: the common fields and a suite's own (`extra`).
+#[derive(serde::Deserialize)]
+pub struct CaseWith<E> {
+    #[serde(flatten)]
+    pub base: PromptCase,
+    #[serde(flatten)]
+    pub extra: E,
+}
+
+impl<E> std::ops::Deref for CaseWith<E> {
+    type Target = PromptCase;
+    fn deref(&self) -> &PromptCase {
+        &self.base
+    }
+}
+
+/// The `cases` list of a reference suite's JSON file.
+pub fn read_cases<T: serde::de::DeserializeOwned>(rel: &str) -> Vec<T> {
+    #[derive(serde::Deserialize)]
+    struct Cases<T> {
+        cases: Vec<T>,
+    }
+    let text = std::fs::read_to_string(fixture(rel)).unwrap();
+    serde_json::from_str::<Cases<T>>(&text).unwrap().cases
+}
+
 /// Compares each case's image with its reference, prints the difference, and
 /// fails at the end listing every case beyond the parity tolerance.
 #[derive(Default)]

@@ -312,40 +312,6 @@ def tiny_vocab_and_merges():
     return vocab, merges
 
 
-def write_tokenizer(out_dir: Path, vocab, merges, pad_token, share_vocab_with=None):
-    """SDXL's tokenizer files (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json), as
-    make_fixtures.write_tokenizer writes SD 1.5's; share_vocab_with: relative folder to symlink the first two to."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def write_vocab_files(d: Path):
-        with open(d / "vocab.json", "w", encoding="utf-8") as f:
-            json.dump(vocab, f, ensure_ascii=False)
-        with open(d / "merges.txt", "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n")
-            for a, b in merges:
-                f.write(f"{a} {b}\n")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src, saved = Path(tmp) / "src", Path(tmp) / "saved"
-        src.mkdir()
-        write_vocab_files(src)
-        tok = CLIPTokenizer.from_pretrained(str(src), model_max_length=77, pad_token=pad_token, local_files_only=True)
-        tok.save_pretrained(str(saved))
-        cfg = json.loads((saved / "tokenizer_config.json").read_text())
-        for k in ("is_local", "local_files_only", "name_or_path"):
-            cfg.pop(k, None)
-        (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        if share_vocab_with is None:
-            write_vocab_files(out_dir)
-        else:
-            write_vocab_files(src)  # (unchanged) compare with the shared files below
-            for fn in ("vocab.json", "merges.txt"):
-                symlink(f"{share_vocab_with}/{fn}", out_dir / fn)
-                assert (out_dir / fn).read_bytes() == (src / fn).read_bytes()
-    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": pad_token, "unk_token": EOS}
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-
-
 def check_tokenizer(path: Path, pad_id):
     tok = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
     assert len(tok) == 1000 and tok.model_max_length == 77 and tok.pad_token_id == pad_id, (len(tok), tok.pad_token_id)
@@ -422,31 +388,6 @@ def build_sd2_inpaint_unet():
 # =====================================================================================================================
 
 
-def openclip_keys_f32(te2_sd, prefix):
-    """CLIPTextModelWithProjection tensors -> open_clip TextTransformer names (SDXL's conditioner.embedders.1.model),
-    values unchanged (F32): in_proj = [q; k; v] rows, text_projection = the transpose of text_projection.weight
-    (open_clip computes x @ text_projection)."""
-    sd = {k.removeprefix("text_model."): v for k, v in te2_sd.items() if not k.endswith("position_ids")}
-    out = {
-        "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
-        "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
-        "ln_final.weight": sd.pop("final_layer_norm.weight"),
-        "ln_final.bias": sd.pop("final_layer_norm.bias"),
-        "text_projection": sd.pop("text_projection.weight").T,
-    }
-    n_layers = len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")})
-    renames = (("layer_norm1", "ln_1"), ("self_attn.out_proj", "attn.out_proj"), ("layer_norm2", "ln_2"),
-               ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"))
-    for i in range(n_layers):
-        src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for s in ("weight", "bias"):
-            out[f"{dst}attn.in_proj_{s}"] = torch.cat([sd.pop(f"{src}self_attn.{q}_proj.{s}") for q in "qkv"])
-            for a, b in renames:
-                out[f"{dst}{b}.{s}"] = sd.pop(f"{src}{a}.{s}")
-    assert not sd, f"unconverted text_encoder_2 tensors: {sorted(sd)}"
-    return {prefix + k: v.contiguous() for k, v in out.items()}
-
-
 def unet_key_to_sgm(key, cfg):
     m = {"add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2."}
     for a, b in m.items():
@@ -478,7 +419,7 @@ def build_xl_single_file(pipe):
         put("conditioner.embedders.0.transformer." + k, v.float())
     put("conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
         torch.arange(77, dtype=torch.int64)[None])
-    for k, v in openclip_keys_f32(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model.").items():
+    for k, v in mf.openclip_text_keys(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model.", half=False).items():
         put(k, v.float())
     return sd
 
@@ -623,8 +564,8 @@ def image_diff(a, b):
 def make_xl_folder():
     log("tiny-sdxl: tokenizers, text encoder links, VAE, scheduler, UNet")
     vocab, merges = tiny_vocab_and_merges()
-    write_tokenizer(XL_DIR / "tokenizer", vocab, merges, pad_token=EOS)
-    write_tokenizer(XL_DIR / "tokenizer_2", vocab, merges, pad_token="!", share_vocab_with="../tokenizer")
+    mf.write_tokenizer_files(XL_DIR / "tokenizer", vocab, merges, pad_token=EOS)
+    mf.write_tokenizer_files(XL_DIR / "tokenizer_2", vocab, merges, pad_token="!", share_vocab_with="../tokenizer")
     tok1, ids1 = check_tokenizer(XL_DIR / "tokenizer", 999)
     tok2, ids2 = check_tokenizer(XL_DIR / "tokenizer_2", 0)
     assert ids1 == ids2

@@ -263,9 +263,10 @@ def clip_vocab_and_merges():
     return vocab, merges
 
 
-def write_tokenizer(out_dir: Path, pad_token="<|endoftext|>"):
-    """SD 1.5's tokenizer files; SD 2.x's differ only in pad_token ("!", id 0)."""
-    vocab, merges = clip_vocab_and_merges()
+def write_tokenizer_files(out_dir: Path, vocab, merges, pad_token, share_vocab_with=None):
+    """A CLIP tokenizer folder as SD 1.5 ships it (vocab.json, merges.txt, tokenizer_config.json,
+    special_tokens_map.json); share_vocab_with: a relative folder whose vocab.json and merges.txt (the
+    same bytes, checked) the first two become symlinks to."""
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def write_vocab_files(d: Path):
@@ -290,7 +291,12 @@ def write_tokenizer(out_dir: Path, pad_token="<|endoftext|>"):
         for k in ("is_local", "local_files_only", "name_or_path"):
             cfg.pop(k, None)
         (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    write_vocab_files(out_dir)
+        if share_vocab_with is None:
+            write_vocab_files(out_dir)
+        else:
+            for fn in ("vocab.json", "merges.txt"):
+                os.symlink(f"{share_vocab_with}/{fn}", out_dir / fn)
+                assert (out_dir / fn).read_bytes() == (src / fn).read_bytes(), fn
     special = {
         "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>",
@@ -298,6 +304,12 @@ def write_tokenizer(out_dir: Path, pad_token="<|endoftext|>"):
         "unk_token": "<|endoftext|>",
     }
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def write_tokenizer(out_dir: Path, pad_token="<|endoftext|>"):
+    """SD 1.5's tokenizer files; SD 2.x's differ only in pad_token ("!", id 0)."""
+    vocab, merges = clip_vocab_and_merges()
+    write_tokenizer_files(out_dir, vocab, merges, pad_token)
 
     tok = CLIPTokenizer.from_pretrained(str(out_dir), local_files_only=True)
     ids = tok("a photo of a cat").input_ids
@@ -2047,15 +2059,20 @@ def build_text_encoder_sd2(num_layers):
     return te.eval()
 
 
-def openclip_text_keys(te_sd, prefix="cond_stage_model.model."):
-    """transformers CLIPTextModel tensors -> OpenCLIP TextTransformer names, as SD 2.x checkpoints store them (fp16)."""
-    sd = {k.removeprefix("text_model."): v.half() for k, v in te_sd.items() if not k.endswith("position_ids")}
+def openclip_text_keys(te_sd, prefix="cond_stage_model.model.", half=True):
+    """transformers CLIPTextModel(WithProjection) tensors -> OpenCLIP TextTransformer names, as SD 2.x checkpoints
+    store them (fp16) or SDXL's second encoder (half=False: values unchanged); text_projection becomes the transpose
+    of text_projection.weight (open_clip computes x @ text_projection)."""
+    sd = {k.removeprefix("text_model."): v.half() if half else v for k, v in te_sd.items()
+          if not k.endswith("position_ids")}
     out = {
         "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
         "positional_embedding": sd.pop("embeddings.position_embedding.weight"),  # a bare [77, C] parameter
         "ln_final.weight": sd.pop("final_layer_norm.weight"),
         "ln_final.bias": sd.pop("final_layer_norm.bias"),
     }
+    if "text_projection.weight" in sd:
+        out["text_projection"] = sd.pop("text_projection.weight").T
     n_layers = len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")})
     renames = (("layer_norm1", "ln_1"), ("self_attn.out_proj", "attn.out_proj"), ("layer_norm2", "ln_2"),
                ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"))
