@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::loading::{Defaults, STANDARD_512};
-use crate::pipeline::{Init, Request};
+use crate::pipeline::{Init, Request, SizeConditioning, TextOptions};
+use crate::prompt::Syntax;
 use crate::sampling::samplers::{resolve, Sampler};
 use crate::sampling::schedule::ScheduleKind;
 
@@ -34,6 +35,12 @@ pub struct JobOptions {
     pub sampler: Option<String>,
     pub schedule: Option<String>,
     pub batch_count: Option<usize>,
+    pub clip_skip: Option<usize>,
+    pub prompt_syntax: Option<String>,
+    /// SDXL's size conditioning, as on the command line (`WxH`, `TOP,LEFT`).
+    pub original_size: Option<String>,
+    pub crop_top_left: Option<String>,
+    pub target_size: Option<String>,
 }
 
 /// More images than this from one job is surely a typo.
@@ -51,6 +58,11 @@ pub const JOB_OPTIONS: &[&str] = &[
     "sampler",
     "schedule",
     "batch-count",
+    "clip-skip",
+    "prompt-syntax",
+    "original-size",
+    "crop-top-left",
+    "target-size",
 ];
 
 fn parse_num<T: std::str::FromStr>(key: &str, value: &str) -> anyhow::Result<T> {
@@ -75,6 +87,17 @@ impl JobOptions {
             }
             "schedule" => self.schedule = Some(ScheduleKind::parse(value)?.name().to_string()),
             "batch-count" => self.batch_count = Some(parse_num(&key, value)?),
+            "clip-skip" => self.clip_skip = Some(parse_num(&key, value)?),
+            "prompt-syntax" => self.prompt_syntax = Some(Syntax::parse(value)?.name().to_string()),
+            "original-size" | "target-size" => {
+                SizeConditioning::parse_size(value).with_context(|| format!("--{key}"))?;
+                let slot = if key == "original-size" { &mut self.original_size } else { &mut self.target_size };
+                *slot = Some(value.to_string());
+            }
+            "crop-top-left" => {
+                SizeConditioning::parse_top_left(value).context("--crop-top-left")?;
+                self.crop_top_left = Some(value.to_string());
+            }
             other => bail!("unknown option --{other} (job options: {})", JOB_OPTIONS.join(", ")),
         }
         Ok(())
@@ -93,7 +116,32 @@ impl JobOptions {
             sampler: self.sampler.clone().or_else(|| defaults.sampler.clone()),
             schedule: self.schedule.clone().or_else(|| defaults.schedule.clone()),
             batch_count: self.batch_count.or(defaults.batch_count),
+            clip_skip: self.clip_skip.or(defaults.clip_skip),
+            prompt_syntax: self.prompt_syntax.clone().or_else(|| defaults.prompt_syntax.clone()),
+            original_size: self.original_size.clone().or_else(|| defaults.original_size.clone()),
+            crop_top_left: self.crop_top_left.clone().or_else(|| defaults.crop_top_left.clone()),
+            target_size: self.target_size.clone().or_else(|| defaults.target_size.clone()),
         }
+    }
+
+    /// The prompt reading and SDXL size conditioning these options ask for.
+    pub fn text_and_size(&self) -> anyhow::Result<(TextOptions, SizeConditioning)> {
+        let text = TextOptions {
+            syntax: self.prompt_syntax.as_deref().map(Syntax::parse).transpose()?.unwrap_or_default(),
+            clip_skip: self.clip_skip.unwrap_or(1),
+        };
+        let size = |v: &Option<String>, what: &str| {
+            v.as_deref().map(SizeConditioning::parse_size).transpose().with_context(|| format!("--{what}"))
+        };
+        let size_conditioning = SizeConditioning {
+            original: size(&self.original_size, "original-size")?,
+            crop_top_left: match self.crop_top_left.as_deref() {
+                Some(v) => SizeConditioning::parse_top_left(v).context("--crop-top-left")?,
+                None => (0, 0),
+            },
+            target: size(&self.target_size, "target-size")?,
+        };
+        Ok((text, size_conditioning))
     }
 
     /// Checks values that can be checked without the model.
@@ -112,6 +160,10 @@ impl JobOptions {
         if let Some(n) = self.batch_count.filter(|n| !(1..=MAX_BATCH_COUNT).contains(n)) {
             bail!("--batch-count must be between 1 and {MAX_BATCH_COUNT}, got {n}");
         }
+        if self.clip_skip == Some(0) {
+            bail!("--clip-skip must be at least 1");
+        }
+        self.text_and_size()?;
         if let Some(c) = self.cfg_scale.filter(|c| !c.is_finite() || *c < 0.0) {
             bail!("--cfg-scale must be a number ≥ 0, got {c}");
         }
@@ -313,6 +365,7 @@ impl Planned {
     pub fn request(&self, defaults: &Defaults) -> anyhow::Result<Request> {
         let o = &self.options;
         let (sampler, schedule) = resolve(o.sampler.as_deref(), o.schedule.as_deref(), defaults.sampling())?;
+        let (text, size_conditioning) = o.text_and_size()?;
         Ok(Request {
             prompt: o.prompt.clone().unwrap_or_default(),
             negative_prompt: o.negative_prompt.clone().unwrap_or_default(),
@@ -324,8 +377,8 @@ impl Planned {
             sampler,
             schedule,
             init: Init::Noise,
-            size_conditioning: Default::default(),
-            text: Default::default(),
+            size_conditioning,
+            text,
         })
     }
 }

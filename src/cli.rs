@@ -341,6 +341,11 @@ impl Common {
             sampler: self.sampler.clone(),
             schedule: self.schedule.clone(),
             batch_count: self.batch_count,
+            clip_skip: self.clip_skip,
+            prompt_syntax: self.prompt_syntax.clone(),
+            original_size: self.original_size.clone(),
+            crop_top_left: self.crop_top_left.clone(),
+            target_size: self.target_size.clone(),
         }
     }
 }

@@ -293,3 +293,40 @@ fn interrupt_stops_cleanly_and_resumes() {
     batch(&file, &stopped, &["--seed", "5"]);
     assert_same_as_clean(&stopped, &clean);
 }
+
+/// Prompt reading, clip skip and SDXL's size conditioning reach batch jobs,
+/// from a job line or from the command line, as in single runs.
+#[test]
+fn text_and_size_options_apply_to_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let xl = fixture("tiny-sdxl").to_str().unwrap().to_string();
+    let lines = "--prompt \"a (red:1.4) fox\" --clip-skip 2 --original-size 96x128 --crop-top-left 8,4 --seed 1\n\
+                 {\"prompt\": \"a (red:1.4) fox\", \"prompt_syntax\": \"plain\", \"seed\": 1}\n";
+    let (plain, jsonl) = lines.split_once('\n').unwrap();
+    let out = dir.path().join("out");
+    let file = write(dir.path(), "jobs.txt", plain);
+    let run = |file: &Path, out: &Path, extra: &[&str]| {
+        let (file, out) = (file.to_str().unwrap(), out.to_str().unwrap());
+        let args = ["batch", file, "--out-dir", out, "--model", &xl, "-W", "64", "-H", "64", "--steps", "3", "-q"];
+        let o = sdgen(&[&args[..], extra].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    run(&file, &out, &["--target-size", "48x64"]);
+    let out2 = dir.path().join("out2");
+    run(&write(dir.path(), "jobs.jsonl", jsonl), &out2, &[]);
+    let single = |name: &str, extra: &[&str]| {
+        let path = dir.path().join(name);
+        let base = ["--model", &xl, "-p", "a (red:1.4) fox", "-s", "1", "-W", "64", "-H", "64", "--steps", "3", "-q"];
+        let o = sdgen(&[&base[..], extra, &["--out", path.to_str().unwrap()]].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        read_rgb(&path)
+    };
+    let sized = ["--clip-skip", "2", "--original-size", "96x128", "--crop-top-left", "8,4", "--target-size", "48x64"];
+    let a = single("a.png", &sized);
+    assert_eq!(read_rgb(&out.join("00000-1.png")).as_raw(), a.as_raw());
+    let b = single("b.png", &["--prompt-syntax", "plain"]);
+    assert_eq!(read_rgb(&out2.join("00000-1.png")).as_raw(), b.as_raw());
+    assert_ne!(a.as_raw(), b.as_raw());
+    let params = sdgen::image_io::read_parameters(&out.join("00000-1.png")).unwrap().unwrap();
+    assert!(params.contains("Clip skip: 2") && params.contains("Target size: 48x64"), "{params}");
+}
