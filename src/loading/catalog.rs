@@ -205,18 +205,22 @@ fn describe_folder(dir: &Path, name: String, hash: String) -> anyhow::Result<Ent
     })
 }
 
-/// Bytes of every file under `dir` (following links, as loading does).
+/// Bytes of every file under `dir` (following links, as loading does; a
+/// link loop ends at a depth no model folder reaches).
 fn folder_size(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-    entries
-        .flatten()
-        .map(|e| {
-            let p = e.path();
-            match std::fs::metadata(&p) {
-                Ok(m) if m.is_dir() => folder_size(&p),
-                Ok(m) => m.len(),
-                Err(_) => 0,
-            }
-        })
-        .sum()
+    fn walk(dir: &Path, depth: usize) -> u64 {
+        let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+        entries
+            .flatten()
+            .map(|e| {
+                let p = e.path();
+                match std::fs::metadata(&p) {
+                    Ok(m) if m.is_dir() && depth < 8 => walk(&p, depth + 1),
+                    Ok(m) if m.is_file() => m.len(),
+                    _ => 0,
+                }
+            })
+            .sum()
+    }
+    walk(dir, 0)
 }
