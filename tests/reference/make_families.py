@@ -112,29 +112,15 @@ SD2_INPAINT_SCHEDULER_CONFIG = {
 XL_VAE_SCALING = 0.13025
 
 # ---- UNets ---------------------------------------------------------------------------------------------------------
-POOLED_DIM, TIME_DIM = 32, 8
+POOLED_DIM, TIME_DIM = make_sdxl_unet.POOLED_DIM, make_sdxl_unet.TIME_DIM
 # SDXL's structure at two levels, at SDXL's own rules: 32 groups, 64-wide heads (heads = channels / 64), no attention
 # at level 0, linear proj_in/proj_out, 2 transformer layers at the deeper level and in the mid block, "text_time".
 XL_UNET_CONFIG = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
+    make_sdxl_unet.CONFIG,  # POOLED_DIM and TIME_DIM as there
     block_out_channels=[32, 64],
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    transformer_layers_per_block=[1, 2],
     attention_head_dim=[1, 1],  # diffusers' (misnamed) heads per block: one 64-wide head at the 64-channel level
-    use_linear_projection=True,
     cross_attention_dim=128,  # 64 (text_encoder) + 64 (text_encoder_2)
     norm_num_groups=32,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=TIME_DIM,
-    projection_class_embeddings_input_dim=POOLED_DIM + 6 * TIME_DIM,  # 80
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    upcast_attention=False,
 )
 XL_INPAINT_UNET_CONFIG = dict(XL_UNET_CONFIG, in_channels=9)
 XL_UNET_SEED, XL_INPAINT_UNET_SEED = 3201, 3202
@@ -405,21 +391,14 @@ def build_xl_single_file(pipe):
         assert k not in sd, f"duplicate key {k}"
         sd[k] = v.detach().contiguous()
 
-    ucfg, vcfg = dict(pipe.unet.config), dict(pipe.vae.config)
-    for k, v in pipe.unet.state_dict().items():
-        put("model.diffusion_model." + unet_key_to_sgm(k, ucfg), v.half())
-    for k, v in pipe.vae.state_dict().items():
-        lk = mf.vae_key_to_ldm(k, vcfg)
-        v = v.half()
-        if ".mid.attn_1." in lk and lk.endswith(".weight") and v.ndim == 2:
-            v = v[:, :, None, None]  # LDM stores the VAE attention projections as 1x1 convs
-        put("first_stage_model." + lk, v)
+    mf.put_unet_and_vae(put, pipe, unet_key_to_sgm)
     for k, v in pipe.text_encoder.state_dict().items():
         k = k if k.startswith("text_model.") else "text_model." + k
         put("conditioner.embedders.0.transformer." + k, v.float())
     put("conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
         torch.arange(77, dtype=torch.int64)[None])
-    for k, v in mf.openclip_text_keys(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model.", half=False).items():
+    te2 = pipe.text_encoder_2.state_dict()
+    for k, v in mf.openclip_text_keys(te2, "conditioner.embedders.1.model.", half=False).items():
         put(k, v.float())
     return sd
 

@@ -548,6 +548,21 @@ def ldm_schedule_buffers():
     return {k: torch.tensor(v, dtype=torch.float32) for k, v in bufs.items()}
 
 
+def put_unet_and_vae(put, pipe, unet_key=None):
+    """pipe's UNet (model.diffusion_model.*, names by unet_key, default unet_key_to_ldm) and VAE
+    (first_stage_model.*) in the original checkpoints' names, as F16."""
+    unet_key = unet_key or unet_key_to_ldm
+    ucfg, vcfg = dict(pipe.unet.config), dict(pipe.vae.config)
+    for k, v in pipe.unet.state_dict().items():
+        put("model.diffusion_model." + unet_key(k, ucfg), v.half())
+    for k, v in pipe.vae.state_dict().items():
+        lk = vae_key_to_ldm(k, vcfg)
+        v = v.half()
+        if ".mid.attn_1." in lk and lk.endswith(".weight") and v.ndim == 2:
+            v = v[:, :, None, None]  # LDM stores the VAE attention projections as 1x1 convs
+        put("first_stage_model." + lk, v)
+
+
 def build_single_file(pipe, text_encoder_keys=None):
     """SD1 layout; text_encoder_keys (already prefixed) replace the transformers CLIP, for SD 2.x's OpenCLIP."""
     sd = {}
@@ -556,15 +571,7 @@ def build_single_file(pipe, text_encoder_keys=None):
         assert k not in sd, f"duplicate key {k}"
         sd[k] = v.detach().contiguous()
 
-    ucfg, vcfg = dict(pipe.unet.config), dict(pipe.vae.config)
-    for k, v in pipe.unet.state_dict().items():
-        put("model.diffusion_model." + unet_key_to_ldm(k, ucfg), v.half())
-    for k, v in pipe.vae.state_dict().items():
-        lk = vae_key_to_ldm(k, vcfg)
-        v = v.half()
-        if ".mid.attn_1." in lk and lk.endswith(".weight") and v.ndim == 2:
-            v = v[:, :, None, None]  # LDM stores the VAE attention projections as 1x1 convs
-        put("first_stage_model." + lk, v)
+    put_unet_and_vae(put, pipe)
     if text_encoder_keys is None:
         te_sd = pipe.text_encoder.state_dict()
         for k, v in te_sd.items():
