@@ -126,21 +126,12 @@ impl JobOptions {
 
     /// The prompt reading and SDXL size conditioning these options ask for.
     pub fn text_and_size(&self) -> anyhow::Result<(TextOptions, SizeConditioning)> {
-        let text = TextOptions {
-            syntax: self.prompt_syntax.as_deref().map(Syntax::parse).transpose()?.unwrap_or_default(),
-            clip_skip: self.clip_skip.unwrap_or(1),
-        };
-        let size = |v: &Option<String>, what: &str| {
-            v.as_deref().map(SizeConditioning::parse_size).transpose().with_context(|| format!("--{what}"))
-        };
-        let size_conditioning = SizeConditioning {
-            original: size(&self.original_size, "original-size")?,
-            crop_top_left: match self.crop_top_left.as_deref() {
-                Some(v) => SizeConditioning::parse_top_left(v).context("--crop-top-left")?,
-                None => (0, 0),
-            },
-            target: size(&self.target_size, "target-size")?,
-        };
+        let text = TextOptions::from_options(self.prompt_syntax.as_deref(), self.clip_skip)?;
+        let size_conditioning = SizeConditioning::from_texts(
+            self.original_size.as_deref(),
+            self.crop_top_left.as_deref(),
+            self.target_size.as_deref(),
+        )?;
         Ok((text, size_conditioning))
     }
 

@@ -75,16 +75,10 @@ impl Parameters<'_> {
             fields.push(("Prompt syntax", "plain".to_string()));
         }
         // SDXL's size conditioning, when not the defaults (sdgen's own keys).
-        let sc = &r.size_conditioning;
-        let wxh = |(h, w): (usize, usize)| format!("{w}x{h}");
-        if let Some(size) = sc.original {
-            fields.push(("Original size", wxh(size)));
-        }
-        if sc.crop_top_left != (0, 0) {
-            fields.push(("Crop top left", format!("{},{}", sc.crop_top_left.0, sc.crop_top_left.1)));
-        }
-        if let Some(size) = sc.target {
-            fields.push(("Target size", wxh(size)));
+        for (key, value) in SIZE_KEYS.iter().zip(r.size_conditioning.texts()) {
+            if let Some(v) = value {
+                fields.push((key, v));
+            }
         }
         fields.push(("Version", format!("sdgen {}", env!("CARGO_PKG_VERSION"))));
         let pairs: Vec<String> = fields.iter().map(|(k, v)| format!("{k}: {}", quote(v))).collect();
@@ -101,6 +95,9 @@ fn mentions(text: &str, word: &str) -> bool {
     text.match_indices(&word)
         .any(|(i, _)| boundary(text[..i].chars().last()) && boundary(text[i + word.len()..].chars().next()))
 }
+
+/// sdgen's keys for SDXL's size conditioning, in [`SizeConditioning::texts`] order.
+const SIZE_KEYS: [&str; 3] = ["Original size", "Crop top left", "Target size"];
 
 /// A1111 quotes values that contain a comma or a colon.
 fn quote(v: &str) -> String {
@@ -236,16 +233,9 @@ impl Infotext {
             let v = need(k)?;
             v.parse().with_context(|| format!("{k}: {v:?} is not a number"))
         };
-        let size = |k: &str, v: &str| SizeConditioning::parse_size(v).with_context(|| format!("{k}: {v:?}"));
-        let (h, w) = size("Size", need("Size")?)?;
-        let size_conditioning = SizeConditioning {
-            original: self.get("Original size").map(|v| size("Original size", v)).transpose()?,
-            crop_top_left: match self.get("Crop top left") {
-                Some(v) => SizeConditioning::parse_top_left(v).context("Crop top left")?,
-                None => (0, 0),
-            },
-            target: self.get("Target size").map(|v| size("Target size", v)).transpose()?,
-        };
+        let (h, w) = SizeConditioning::parse_size(need("Size")?).context("Size")?;
+        let [original, crop, target] = SIZE_KEYS.map(|k| self.get(k));
+        let size_conditioning = SizeConditioning::from_texts(original, crop, target)?;
         let seed = need("Seed")?;
         let (sampler, schedule) = resolve(Some(need("Sampler")?), self.get("Schedule type"), STANDARD_512.sampling())?;
         let request = Request {
@@ -260,13 +250,12 @@ impl Infotext {
             schedule,
             init: Init::Noise,
             size_conditioning,
-            text: TextOptions {
-                syntax: self.get("Prompt syntax").map(Syntax::parse).transpose()?.unwrap_or_default(),
-                clip_skip: match self.get("Clip skip") {
-                    Some(v) => v.parse().with_context(|| format!("Clip skip: {v:?} is not a number"))?,
-                    None => 1,
-                },
-            },
+            text: TextOptions::from_options(
+                self.get("Prompt syntax"),
+                self.get("Clip skip")
+                    .map(|v| v.parse().with_context(|| format!("Clip skip: {v:?} is not a number")))
+                    .transpose()?,
+            )?,
         };
         Ok(Recorded {
             request,

@@ -21,7 +21,7 @@ use sdgen::loading::locate::{locate, Located};
 use sdgen::loading::lora::{self, LoraSpec};
 use sdgen::loading::Model;
 use sdgen::loading::{Adapters, Defaults, Preset, STANDARD_512};
-use sdgen::pipeline::{Event, Init, Request, SizeConditioning, TextOptions};
+use sdgen::pipeline::{Event, Init, Request};
 use sdgen::prompt::Syntax;
 use sdgen::sampling::denoiser::Prediction;
 
@@ -407,6 +407,8 @@ fn request_from(args: &Common, init: Init, seed: u64, defaults: &Defaults) -> an
     let (w, h) = input.unwrap_or((args.width.unwrap_or(defaults.size), args.height.unwrap_or(defaults.size)));
     let (sampler, schedule) =
         sdgen::sampling::samplers::resolve(args.sampler.as_deref(), args.schedule.as_deref(), defaults.sampling())?;
+    // Parsed as a batch job's options are.
+    let (text, size_conditioning) = args.job_defaults().text_and_size()?;
     let request = Request {
         prompt: args.prompt.clone().context("--prompt is required")?,
         negative_prompt: args.negative_prompt.clone().unwrap_or_default(),
@@ -418,28 +420,8 @@ fn request_from(args: &Common, init: Init, seed: u64, defaults: &Defaults) -> an
         sampler,
         schedule,
         init,
-        size_conditioning: SizeConditioning {
-            original: args
-                .original_size
-                .as_deref()
-                .map(SizeConditioning::parse_size)
-                .transpose()
-                .context("--original-size")?,
-            crop_top_left: match args.crop_top_left.as_deref() {
-                Some(v) => SizeConditioning::parse_top_left(v).context("--crop-top-left")?,
-                None => (0, 0),
-            },
-            target: args
-                .target_size
-                .as_deref()
-                .map(SizeConditioning::parse_size)
-                .transpose()
-                .context("--target-size")?,
-        },
-        text: TextOptions {
-            syntax: args.prompt_syntax.as_deref().map(Syntax::parse).transpose()?.unwrap_or_default(),
-            clip_skip: args.clip_skip.unwrap_or(1),
-        },
+        size_conditioning,
+        text,
     };
     request.validate()?;
     Ok(request)
@@ -853,6 +835,7 @@ fn run_replay(image: &Path, args: &Common) -> anyhow::Result<()> {
         .with_context(|| format!("{}", image.display()))
         .tag(Failure::Input)?;
     let r = &recorded.request;
+    let [original, crop, target] = r.size_conditioning.texts();
     let overridden = Common {
         prompt: args.prompt.clone().or(Some(r.prompt.clone())),
         negative_prompt: args.negative_prompt.clone().or(Some(r.negative_prompt.clone())),
@@ -867,12 +850,9 @@ fn run_replay(image: &Path, args: &Common) -> anyhow::Result<()> {
         prompt_syntax: args.prompt_syntax.clone().or(Some(r.text.syntax.name().to_string())),
         clip_skip: args.clip_skip.or(Some(r.text.clip_skip)),
         vae: args.vae.clone().or(recorded.vae.clone()),
-        original_size: args.original_size.clone().or(r.size_conditioning.original.map(|(h, w)| format!("{w}x{h}"))),
-        crop_top_left: args
-            .crop_top_left
-            .clone()
-            .or(Some(format!("{},{}", r.size_conditioning.crop_top_left.0, r.size_conditioning.crop_top_left.1))),
-        target_size: args.target_size.clone().or(r.size_conditioning.target.map(|(h, w)| format!("{w}x{h}"))),
+        original_size: args.original_size.clone().or(original),
+        crop_top_left: args.crop_top_left.clone().or(crop),
+        target_size: args.target_size.clone().or(target),
         out: args.out.clone().or_else(|| {
             let stem = image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             Some(PathBuf::from(format!("{stem}-replay.png")))

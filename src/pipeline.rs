@@ -66,6 +66,33 @@ impl SizeConditioning {
             .ok_or_else(|| anyhow::anyhow!("{s:?} is not TOP,LEFT in pixels"))
     }
 
+    /// From the three options' texts (`WxH`, `TOP,LEFT`, `WxH`: command
+    /// line, job lines and PNG parameters alike); absent ones are defaults.
+    pub fn from_texts(
+        original: Option<&str>,
+        crop_top_left: Option<&str>,
+        target: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let size = |v: Option<&str>, what: &str| v.map(Self::parse_size).transpose().with_context(|| what.to_string());
+        Ok(Self {
+            original: size(original, "original size")?,
+            crop_top_left: crop_top_left
+                .map(Self::parse_top_left)
+                .transpose()
+                .context("crop top-left")?
+                .unwrap_or((0, 0)),
+            target: size(target, "target size")?,
+        })
+    }
+
+    /// The texts [`SizeConditioning::from_texts`] reads, `None` for defaults.
+    pub fn texts(&self) -> [Option<String>; 3] {
+        let wxh = |(h, w): (usize, usize)| format!("{w}x{h}");
+        let (top, left) = self.crop_top_left;
+        [self.original.map(wxh), (self.crop_top_left != (0, 0)).then(|| format!("{top},{left}")), self.target.map(wxh)]
+    }
+
     /// diffusers' `add_time_ids` for an image of `height` × `width`.
     pub fn time_ids(&self, height: usize, width: usize) -> [f32; 6] {
         let (oh, ow) = self.original.unwrap_or((height, width));
@@ -86,6 +113,14 @@ pub struct TextOptions {
 impl Default for TextOptions {
     fn default() -> Self {
         Self { syntax: Syntax::A1111, clip_skip: 1 }
+    }
+}
+
+impl TextOptions {
+    /// From `--prompt-syntax` and `--clip-skip` (defaults when absent).
+    pub fn from_options(syntax: Option<&str>, clip_skip: Option<usize>) -> anyhow::Result<Self> {
+        let syntax = syntax.map(Syntax::parse).transpose()?.unwrap_or_default();
+        Ok(Self { syntax, clip_skip: clip_skip.unwrap_or(1) })
     }
 }
 

@@ -169,10 +169,14 @@ fn families_are_detected_and_listed() {
     let mut cached: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sidecar).unwrap()).unwrap();
     let real = cached["sha256"].as_str().unwrap().to_string();
     assert!(table.contains(&real[..10]));
-    cached["sha256"] = serde_json::json!("0123456789abcdef");
+    cached["sha256"] = serde_json::json!("0123456789".repeat(6) + "abcd");
     std::fs::write(&sidecar, cached.to_string()).unwrap();
     let listed = |args: &[&str]| String::from_utf8(common::sdgen(args).stdout).unwrap();
     assert!(listed(&["models", "--models-dir", models_dir]).contains("0123456789"));
+    // A damaged sidecar is recomputed, never trusted or fatal.
+    cached["sha256"] = serde_json::json!("abc");
+    std::fs::write(&sidecar, cached.to_string()).unwrap();
+    assert!(listed(&["models", "--models-dir", models_dir]).contains(&real[..10]));
     let real_file = fixture("tiny-sd1.safetensors");
     std::fs::remove_file(&file).unwrap();
     std::fs::copy(&real_file, &file).unwrap();

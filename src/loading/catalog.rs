@@ -80,7 +80,8 @@ fn write_sidecar(file: &Path, sidecar: &Sidecar) {
 /// The full SHA-256 of a file in hex, from its sidecar when that is current.
 pub fn sha256(file: &Path) -> anyhow::Result<String> {
     let mut sidecar = read_sidecar(file)?;
-    if let Some(hash) = &sidecar.sha256 {
+    // A sidecar is only a cache: anything but a SHA-256 in it is recomputed.
+    if let Some(hash) = sidecar.sha256.as_ref().filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())) {
         return Ok(hash.clone());
     }
     let mut f = std::fs::File::open(file).with_context(|| format!("{}: cannot open", file.display()))?;

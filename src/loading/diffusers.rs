@@ -77,13 +77,8 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Patc
     let scheduler: SchedulerConfig = read_json(&dir.join("scheduler/scheduler_config.json"))?;
     // SD-Turbo and SDXL-Turbo ship Euler schedulers with trailing spacing,
     // which no standard model's folder has.
-    #[derive(serde::Deserialize)]
-    struct SchedulerClass {
-        #[serde(rename = "_class_name", default)]
-        class: String,
-    }
-    let class: SchedulerClass = read_json(&dir.join("scheduler/scheduler_config.json"))?;
-    let euler = class.class.starts_with("EulerAncestralDiscrete") || class.class.starts_with("EulerDiscrete");
+    let euler =
+        scheduler.class_name.starts_with("EulerAncestralDiscrete") || scheduler.class_name.starts_with("EulerDiscrete");
     let preset = match Preset::from_name(&model_name(dir)) {
         Preset::Standard if euler && scheduler.timestep_spacing.as_deref() == Some("trailing") => Preset::Turbo,
         by_name => by_name,
@@ -96,15 +91,13 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Patc
     // SDXL: a second, pooled text encoder.
     let second = dir.join("text_encoder_2");
     let (te2, text_encoder_2) = if second.is_dir() {
-        #[derive(serde::Deserialize)]
-        struct Projection {
-            projection_dim: usize,
-        }
         let cfg: ClipConfig = read_json(&second.join("config.json"))?;
-        let proj: Projection = read_json(&second.join("config.json"))?;
+        let Some(projection_dim) = cfg.projection_dim else {
+            bail!("{}: config.json has no projection_dim (SDXL's second encoder projects)", second.display());
+        };
         let (ckpt, model) = load_text_encoder(&second, &cfg, dtype, device, patches)?;
         let vb = ckpt.var_builder(NameMap::prefixed(""), "second text encoder", dtype, device);
-        let projection = candle_nn::linear_no_bias(cfg.hidden_size, proj.projection_dim, vb.pp("text_projection"))
+        let projection = candle_nn::linear_no_bias(cfg.hidden_size, projection_dim, vb.pp("text_projection"))
             .with_context(|| format!("{}: text projection", second.display()))?;
         let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?;
         (Some(ckpt), Some(PooledTextEncoder { tokenizer, model, projection }))

@@ -330,6 +330,7 @@ pub fn infer_clip(t: &Tensors, prefix: &str, act: Activation) -> anyhow::Result<
         max_position_embeddings: t.dim(&format!("{prefix}embeddings.position_embedding.weight"), 0)?,
         hidden_act: act,
         layer_norm_eps: 1e-5,
+        projection_dim: None,
     })
 }
 
@@ -352,6 +353,8 @@ pub fn infer_openclip(t: &Tensors, p: &str, skip: usize) -> anyhow::Result<ClipC
         max_position_embeddings: t.dim(&format!("{p}positional_embedding"), 0)?,
         hidden_act: Activation::Gelu,
         layer_norm_eps: 1e-5,
+        // open_clip keeps the projection as a `[D, P]` matrix (SDXL's bigG).
+        projection_dim: t.shape(&format!("{p}text_projection")).ok().and_then(|s| s.get(1).copied()),
     })
 }
 

@@ -131,7 +131,13 @@ fn read_file(spec: &LoraSpec) -> anyhow::Result<File> {
         match part {
             Part::Down => entry.down = Some(t.clone()),
             Part::Up => entry.up = Some(t.clone()),
-            Part::Alpha => entry.alpha = Some(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?[0]),
+            Part::Alpha => {
+                let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let [alpha] = values[..] else {
+                    bail!("{}: `{name}` holds {} values; an alpha is one number", path.display(), values.len());
+                };
+                entry.alpha = Some(alpha);
+            }
         }
     }
     if parts.is_empty() {

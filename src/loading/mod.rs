@@ -269,7 +269,7 @@ pub fn detect_family(path: &Path, t: &ldm::Tensors) -> anyhow::Result<Family> {
     let text_encoder = |p: &str| t.has(&format!("{p}embeddings.token_embedding.weight"));
     let has_unet = t.has(&format!("{}input_blocks.0.0.weight", ldm::UNET_PREFIX));
     if has_unet {
-        if ldm::CLIP_PREFIXES.iter().any(|p| text_encoder(p)) {
+        if sd1_clip_prefix(t).is_some() {
             return Ok(Family::Sd1);
         }
         if t.has(&format!("{}token_embedding.weight", ldm::OPENCLIP_PREFIX)) {
@@ -292,6 +292,23 @@ pub fn detect_family(path: &Path, t: &ldm::Tensors) -> anyhow::Result<Family> {
         format!("not a Stable Diffusion 1.x/2.x/XL checkpoint (unexpected tensors: {})", unexpected(t))
     };
     anyhow::bail!("{}: {what}", path.display())
+}
+
+/// Where an SD 1.x single file keeps its CLIP text model.
+fn sd1_clip_prefix(t: &ldm::Tensors) -> Option<&'static str> {
+    ldm::CLIP_PREFIXES.iter().copied().find(|p| t.has(&format!("{p}embeddings.token_embedding.weight")))
+}
+
+/// A single file's (first) tokenizer: CLIP's, sized to the text encoder's
+/// token table; SD 2.x pads with `!` (id 0), not with the end token.
+fn single_file_tokenizer(family: Family, t: &ldm::Tensors) -> anyhow::Result<ClipTokenizer> {
+    let table = match family {
+        Family::Sd1 => format!("{}embeddings.token_embedding.weight", sd1_clip_prefix(t).unwrap_or_default()),
+        Family::Sd2 => format!("{}token_embedding.weight", ldm::OPENCLIP_PREFIX),
+        Family::Sdxl => format!("{}embeddings.token_embedding.weight", ldm::SDXL_CLIP_PREFIX),
+    };
+    let tokenizer = ClipTokenizer::embedded_for(t.dim(&table, 0)?)?;
+    Ok(if family == Family::Sd2 { tokenizer.with_pad_id(0) } else { tokenizer })
 }
 
 /// The names of a checkpoint outside the parts sdgen loads, grouped by their
@@ -343,10 +360,7 @@ fn load_single_file(
     let at = |what: &str| format!("{}: {what}", path.display());
     let (clip_cfg, clip_names) = match family {
         Family::Sd1 => {
-            let prefix = ldm::CLIP_PREFIXES
-                .iter()
-                .find(|p| tensors.has(&format!("{p}embeddings.token_embedding.weight")))
-                .expect("detected");
+            let prefix = sd1_clip_prefix(&tensors).unwrap_or_default();
             (ldm::infer_clip(&tensors, prefix, Activation::QuickGelu), weights::NameMap::prefixed(prefix))
         }
         Family::Sd2 => {
@@ -360,11 +374,7 @@ fn load_single_file(
         ),
     };
     let clip_cfg = clip_cfg.with_context(|| at("text encoder"))?;
-    let mut tokenizer = ClipTokenizer::embedded_for(clip_cfg.vocab_size).with_context(|| at("text encoder"))?;
-    if family == Family::Sd2 {
-        // SD 2.x pads prompts with `!` (id 0), not with the end token.
-        tokenizer = tokenizer.with_pad_id(0);
-    }
+    let tokenizer = single_file_tokenizer(family, &tensors).with_context(|| at("text encoder"))?;
     let text_encoder = ClipTextModel::new(&clip_cfg, ckpt.var_builder(clip_names, "text encoder", dtype, device))?;
     let text_encoder_2 = match family {
         Family::Sdxl => {
@@ -419,18 +429,8 @@ pub fn tokenizer_of(path: &Path) -> anyhow::Result<ClipTokenizer> {
     }
     let ckpt = weights::Checkpoint::open(&[path.to_path_buf()])?;
     let tensors = ldm::Tensors::new(ckpt.shapes());
-    let table = match detect_family(path, &tensors)? {
-        Family::Sd1 => ldm::CLIP_PREFIXES
-            .iter()
-            .map(|p| format!("{p}embeddings.token_embedding.weight"))
-            .find(|n| tensors.has(n))
-            .unwrap_or_default(),
-        Family::Sd2 => format!("{}token_embedding.weight", ldm::OPENCLIP_PREFIX),
-        Family::Sdxl => format!("{}embeddings.token_embedding.weight", ldm::SDXL_CLIP_PREFIX),
-    };
-    let tokenizer = ClipTokenizer::embedded_for(tensors.dim(&table, 0)?)?;
-    let sd2 = table.starts_with(ldm::OPENCLIP_PREFIX);
-    Ok(if sd2 { tokenizer.with_pad_id(0) } else { tokenizer })
+    let family = detect_family(path, &tensors)?;
+    single_file_tokenizer(family, &tensors).with_context(|| format!("{}: text encoder", path.display()))
 }
 
 /// SDXL's second text encoder from a single file (open_clip names): all of
@@ -444,7 +444,7 @@ fn load_openclip_pooled(
     let p = ldm::SDXL_OPENCLIP_PREFIX;
     let cfg = ldm::infer_openclip(tensors, p, 0)?;
     let names = ldm::openclip_names(p, cfg.num_hidden_layers);
-    let projection_dim = tensors.dim(&format!("{p}text_projection"), 1)?;
+    let projection_dim = cfg.projection_dim.with_context(|| format!("missing tensor `{p}text_projection`"))?;
     let model = ClipTextModel::new(&cfg, ckpt.var_builder(names.clone(), "second text encoder", dtype, device))?;
     let vb = ckpt.var_builder(names, "second text encoder", dtype, device);
     let projection = candle_nn::linear_no_bias(cfg.hidden_size, projection_dim, vb.pp("text_projection"))?;

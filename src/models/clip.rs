@@ -29,6 +29,9 @@ pub struct ClipConfig {
     pub hidden_act: Activation,
     #[serde(default = "ln_eps")]
     pub layer_norm_eps: f64,
+    /// The pooled output's width (`CLIPTextModelWithProjection`).
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
 }
 
 fn seventy_seven() -> usize {

@@ -11,6 +11,9 @@ use serde::Deserialize;
 /// diffusers' `scheduler_config.json`, the fields the samplers use.
 #[derive(Debug, Clone, Deserialize)]
 pub struct SchedulerConfig {
+    /// The diffusers class the folder names (empty for single files).
+    #[serde(rename = "_class_name", default)]
+    pub class_name: String,
     #[serde(default = "thousand")]
     pub num_train_timesteps: usize,
     #[serde(default = "beta_start")]
@@ -58,6 +61,7 @@ impl SchedulerConfig {
     /// SD 1.5's `scheduler_config.json`, used for single-file SD 1.x checkpoints.
     pub fn sd15() -> Self {
         Self {
+            class_name: String::new(),
             num_train_timesteps: 1000,
             beta_start: 0.00085,
             beta_end: 0.012,
