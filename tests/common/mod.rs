@@ -67,6 +67,7 @@ pub fn read_rgb(path: &Path) -> image::RgbImage {
 /// Largest and mean absolute difference in 8-bit levels.
 pub fn level_diff(a: &image::RgbImage, b: &image::RgbImage) -> (u8, f64) {
     assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
+    record_compared(a, b);
     let mut max = 0u8;
     let mut sum = 0u64;
     for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
@@ -75,6 +76,26 @@ pub fn level_diff(a: &image::RgbImage, b: &image::RgbImage) -> (u8, f64) {
         sum += d as u64;
     }
     (max, sum as f64 / a.as_raw().len() as f64)
+}
+
+/// With `SDGEN_PARITY_RECORD=DIR`, every pair of images a test compares is
+/// logged by SHA-256 to `DIR/<suite>.<test>`: two runs (two commits) that
+/// log the same lines produced bit-identical images.
+fn record_compared(a: &image::RgbImage, b: &image::RgbImage) {
+    use std::io::Write;
+    let Some(dir) = std::env::var_os("SDGEN_PARITY_RECORD") else { return };
+    let exe = std::env::current_exe().unwrap();
+    let stem = exe.file_stem().unwrap().to_string_lossy();
+    // Test binaries are named `<suite>-<build hash>`.
+    let suite = stem.rsplit_once('-').map_or(&*stem, |(s, _)| s);
+    let test = std::thread::current().name().unwrap_or("main").replace("::", "-");
+    let path = Path::new(&dir).join(format!("{suite}.{test}"));
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+    let hash = |i: &image::RgbImage| -> String {
+        use sha2::Digest;
+        sha2::Sha256::digest(i.as_raw()).iter().map(|b| format!("{b:02x}")).collect()
+    };
+    writeln!(f, "{} {}", hash(a), hash(b)).unwrap();
 }
 
 /// The parity tolerance: at most 3 levels anywhere and 0.5 on average.
