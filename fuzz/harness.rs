@@ -6,8 +6,10 @@
 
 use std::sync::OnceLock;
 
-use sdgen::batch::{parse_jobs, plan, JobOptions};
+use sdgen::batch::{parse_jobs, plan};
 use sdgen::prompt::{chunk, network_tags, parse_attention, Syntax};
+use sdgen::request::Init;
+use sdgen::settings::Settings;
 use sdgen::tokenizer::ClipTokenizer;
 
 /// Any bytes as a `.safetensors` model: header checks, name mapping, config
@@ -40,7 +42,7 @@ pub fn prompt(data: &[u8]) {
 /// Any text as a batch prompt file, plain and JSON Lines, then planned.
 pub fn prompt_file(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    let defaults = JobOptions::default();
+    let defaults = Settings::default();
     for jsonl in [false, true] {
         if let Ok(jobs) = parse_jobs(text, "fuzz", jsonl, &defaults) {
             let _ = plan(&jobs, &defaults, 0, None);
@@ -51,7 +53,7 @@ pub fn prompt_file(data: &[u8]) {
 /// Any text as a PNG's `parameters` chunk, as `sdgen replay` reads it.
 pub fn infotext(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    if let Ok(recorded) = sdgen::infotext::parse(&text).to_request() {
-        let _ = recorded.request.validate();
+    if let Ok(recorded) = sdgen::infotext::parse(&text).to_settings() {
+        let _ = recorded.settings.validate(&Init::Noise);
     }
 }

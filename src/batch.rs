@@ -13,155 +13,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::loading::{Defaults, STANDARD_512};
-use crate::pipeline::{Init, Request, SizeConditioning, TextOptions};
-use crate::prompt::Syntax;
-use crate::sampling::samplers::{resolve, Sampler};
-use crate::sampling::schedule::ScheduleKind;
-
-/// The per-image options a job line may set; unset ones take the command
-/// line's values.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct JobOptions {
-    pub prompt: Option<String>,
-    pub negative_prompt: Option<String>,
-    pub seed: Option<u64>,
-    pub steps: Option<usize>,
-    pub cfg_scale: Option<f64>,
-    pub width: Option<usize>,
-    pub height: Option<usize>,
-    pub sampler: Option<String>,
-    pub schedule: Option<String>,
-    pub batch_count: Option<usize>,
-    pub clip_skip: Option<usize>,
-    pub prompt_syntax: Option<String>,
-    /// SDXL's size conditioning, as on the command line (`WxH`, `TOP,LEFT`).
-    pub original_size: Option<String>,
-    pub crop_top_left: Option<String>,
-    pub target_size: Option<String>,
-}
-
-/// More images than this from one job is surely a typo.
-pub const MAX_BATCH_COUNT: usize = 10_000;
-
-/// The option names a job may use (kebab-case; snake_case is accepted too).
-pub const JOB_OPTIONS: &[&str] = &[
-    "prompt",
-    "negative-prompt",
-    "seed",
-    "steps",
-    "cfg-scale",
-    "width",
-    "height",
-    "sampler",
-    "schedule",
-    "batch-count",
-    "clip-skip",
-    "prompt-syntax",
-    "original-size",
-    "crop-top-left",
-    "target-size",
-];
-
-fn parse_num<T: std::str::FromStr>(key: &str, value: &str) -> anyhow::Result<T> {
-    value.trim().parse().map_err(|_| anyhow::anyhow!("--{key}: {value:?} is not a valid number"))
-}
-
-impl JobOptions {
-    /// Sets one option from its text value, checking it.
-    pub fn set(&mut self, key: &str, value: &str) -> anyhow::Result<()> {
-        let key = key.replace('_', "-");
-        match key.as_str() {
-            "prompt" => self.prompt = Some(value.to_string()),
-            "negative-prompt" => self.negative_prompt = Some(value.to_string()),
-            "seed" => self.seed = Some(parse_num(&key, value)?),
-            "steps" => self.steps = Some(parse_num(&key, value)?),
-            "cfg-scale" => self.cfg_scale = Some(parse_num(&key, value)?),
-            "width" => self.width = Some(parse_num(&key, value)?),
-            "height" => self.height = Some(parse_num(&key, value)?),
-            "sampler" => {
-                Sampler::parse_with_schedule(value)?;
-                self.sampler = Some(value.to_string());
-            }
-            "schedule" => self.schedule = Some(ScheduleKind::parse(value)?.name().to_string()),
-            "batch-count" => self.batch_count = Some(parse_num(&key, value)?),
-            "clip-skip" => self.clip_skip = Some(parse_num(&key, value)?),
-            "prompt-syntax" => self.prompt_syntax = Some(Syntax::parse(value)?.name().to_string()),
-            "original-size" | "target-size" => {
-                SizeConditioning::parse_size(value).with_context(|| format!("--{key}"))?;
-                let slot = if key == "original-size" { &mut self.original_size } else { &mut self.target_size };
-                *slot = Some(value.to_string());
-            }
-            "crop-top-left" => {
-                SizeConditioning::parse_top_left(value).context("--crop-top-left")?;
-                self.crop_top_left = Some(value.to_string());
-            }
-            other => bail!("unknown option --{other} (job options: {})", JOB_OPTIONS.join(", ")),
-        }
-        Ok(())
-    }
-
-    /// These options over `defaults`.
-    pub fn or(&self, defaults: &JobOptions) -> JobOptions {
-        JobOptions {
-            prompt: self.prompt.clone().or_else(|| defaults.prompt.clone()),
-            negative_prompt: self.negative_prompt.clone().or_else(|| defaults.negative_prompt.clone()),
-            seed: self.seed.or(defaults.seed),
-            steps: self.steps.or(defaults.steps),
-            cfg_scale: self.cfg_scale.or(defaults.cfg_scale),
-            width: self.width.or(defaults.width),
-            height: self.height.or(defaults.height),
-            sampler: self.sampler.clone().or_else(|| defaults.sampler.clone()),
-            schedule: self.schedule.clone().or_else(|| defaults.schedule.clone()),
-            batch_count: self.batch_count.or(defaults.batch_count),
-            clip_skip: self.clip_skip.or(defaults.clip_skip),
-            prompt_syntax: self.prompt_syntax.clone().or_else(|| defaults.prompt_syntax.clone()),
-            original_size: self.original_size.clone().or_else(|| defaults.original_size.clone()),
-            crop_top_left: self.crop_top_left.clone().or_else(|| defaults.crop_top_left.clone()),
-            target_size: self.target_size.clone().or_else(|| defaults.target_size.clone()),
-        }
-    }
-
-    /// The prompt reading and SDXL size conditioning these options ask for.
-    pub fn text_and_size(&self) -> anyhow::Result<(TextOptions, SizeConditioning)> {
-        let text = TextOptions::from_options(self.prompt_syntax.as_deref(), self.clip_skip)?;
-        let size_conditioning = SizeConditioning::from_texts(
-            self.original_size.as_deref(),
-            self.crop_top_left.as_deref(),
-            self.target_size.as_deref(),
-        )?;
-        Ok((text, size_conditioning))
-    }
-
-    /// Checks values that can be checked without the model.
-    fn check(&self) -> anyhow::Result<()> {
-        if self.prompt.is_none() {
-            bail!("no prompt");
-        }
-        for (what, v) in [("width", self.width), ("height", self.height)] {
-            if let Some(v) = v.filter(|v| *v == 0 || v % 8 != 0 || *v > crate::image_io::MAX_SIDE as usize) {
-                bail!("--{what} must be a positive multiple of 8 up to {}, got {v}", crate::image_io::MAX_SIDE);
-            }
-        }
-        if self.steps == Some(0) {
-            bail!("--steps must be at least 1");
-        }
-        if let Some(n) = self.batch_count.filter(|n| !(1..=MAX_BATCH_COUNT).contains(n)) {
-            bail!("--batch-count must be between 1 and {MAX_BATCH_COUNT}, got {n}");
-        }
-        if self.clip_skip == Some(0) {
-            bail!("--clip-skip must be at least 1");
-        }
-        self.text_and_size()?;
-        if let Some(c) = self.cfg_scale.filter(|c| !c.is_finite() || *c < 0.0) {
-            bail!("--cfg-scale must be a number ≥ 0, got {c}");
-        }
-        resolve(self.sampler.as_deref(), self.schedule.as_deref(), STANDARD_512.sampling())?;
-        Ok(())
-    }
-}
+use crate::loading::lora::LoraArg;
+use crate::loading::Defaults;
+use crate::request::{Init, Request};
+use crate::session::{prompt_loras, Job, RunEvent, RunOptions, Session, Summary};
+use crate::settings::Settings;
 
 /// Splits a line as a POSIX shell would split words: whitespace separates,
 /// single quotes are literal, double quotes allow `\"` and `\\`, a backslash
@@ -209,9 +66,9 @@ pub fn shell_words(line: &str) -> anyhow::Result<Vec<String>> {
     Ok(words)
 }
 
-/// `--key value` / `--key=value` words into options.
-fn options_from_words(words: &[String]) -> anyhow::Result<JobOptions> {
-    let mut opts = JobOptions::default();
+/// `--key value` / `--key=value` words into settings.
+fn settings_from_words(words: &[String]) -> anyhow::Result<Settings> {
+    let mut opts = Settings::default();
     let mut i = 0;
     while i < words.len() {
         let Some(flag) = words[i].strip_prefix("--") else {
@@ -235,12 +92,12 @@ fn options_from_words(words: &[String]) -> anyhow::Result<JobOptions> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobLine {
     pub line: usize,
-    pub options: JobOptions,
+    pub settings: Settings,
 }
 
 /// Parses and checks a whole job file. `source` names it in errors;
 /// `jsonl` selects JSON Lines. Every error names the line.
-pub fn parse_jobs(text: &str, source: &str, jsonl: bool, defaults: &JobOptions) -> anyhow::Result<Vec<JobLine>> {
+pub fn parse_jobs(text: &str, source: &str, jsonl: bool, defaults: &Settings) -> anyhow::Result<Vec<JobLine>> {
     let mut jobs = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;
@@ -249,10 +106,10 @@ pub fn parse_jobs(text: &str, source: &str, jsonl: bool, defaults: &JobOptions) 
             continue;
         }
         let at = || format!("{source}:{line}");
-        let options = if jsonl {
+        let settings = if jsonl {
             let object: serde_json::Map<String, serde_json::Value> =
                 serde_json::from_str(trimmed).with_context(|| format!("{}: not a JSON object", at()))?;
-            let mut opts = JobOptions::default();
+            let mut opts = Settings::default();
             for (k, v) in &object {
                 let value = match v {
                     serde_json::Value::String(s) => s.clone(),
@@ -263,19 +120,19 @@ pub fn parse_jobs(text: &str, source: &str, jsonl: bool, defaults: &JobOptions) 
             }
             opts
         } else if trimmed.starts_with("--") {
-            options_from_words(&shell_words(trimmed).with_context(at)?).with_context(at)?
+            settings_from_words(&shell_words(trimmed).with_context(at)?).with_context(at)?
         } else {
-            JobOptions { prompt: Some(trimmed.to_string()), ..Default::default() }
+            Settings { prompt: Some(trimmed.to_string()), ..Default::default() }
         };
-        options.or(defaults).check().with_context(at)?;
-        jobs.push(JobLine { line, options });
+        settings.over(defaults).validate(&Init::Noise).with_context(at)?;
+        jobs.push(JobLine { line, settings });
     }
     Ok(jobs)
 }
 
 /// Reads a job file (`-` = standard input); `.jsonl` files, and standard
 /// input whose first job line starts with `{`, are JSON Lines.
-pub fn read_jobs(path: &Path, defaults: &JobOptions) -> anyhow::Result<Vec<JobLine>> {
+pub fn read_jobs(path: &Path, defaults: &Settings) -> anyhow::Result<Vec<JobLine>> {
     let (text, name) = if path == Path::new("-") {
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes).context("reading standard input")?;
@@ -323,20 +180,20 @@ pub struct Planned {
     pub k: usize,
     pub seed: u64,
     pub file: String,
-    pub options: JobOptions,
+    pub settings: Settings,
 }
 
 /// Every image of the file, in order. A job without a seed starts at
 /// `base_seed` + the number of images of all earlier jobs; its k-th image
 /// uses start + k. Only jobs of `shard` are returned, but seeds and names
 /// are those of the whole file.
-pub fn plan(jobs: &[JobLine], defaults: &JobOptions, base_seed: u64, shard: Option<Shard>) -> Vec<Planned> {
+pub fn plan(jobs: &[JobLine], defaults: &Settings, base_seed: u64, shard: Option<Shard>) -> Vec<Planned> {
     let mut out = Vec::new();
     let mut images_before = 0u64;
     for (job, j) in jobs.iter().enumerate() {
-        let opts = j.options.or(defaults);
+        let opts = j.settings.over(defaults);
         let count = opts.batch_count.unwrap_or(1);
-        let start = j.options.seed.unwrap_or(base_seed.wrapping_add(images_before));
+        let start = j.settings.seed.unwrap_or(base_seed.wrapping_add(images_before));
         images_before += count as u64;
         if shard.is_some_and(|s| job % s.count != s.index) {
             continue;
@@ -344,7 +201,7 @@ pub fn plan(jobs: &[JobLine], defaults: &JobOptions, base_seed: u64, shard: Opti
         for k in 0..count {
             let seed = start.wrapping_add(k as u64);
             let file = if count > 1 { format!("{job:05}-{seed}-{k}.png") } else { format!("{job:05}-{seed}.png") };
-            out.push(Planned { job, line: j.line, k, seed, file, options: opts.clone() });
+            out.push(Planned { job, line: j.line, k, seed, file, settings: opts.clone() });
         }
     }
     out
@@ -354,23 +211,7 @@ impl Planned {
     /// The generation request, with the model's defaults for what the job
     /// and the command line leave out.
     pub fn request(&self, defaults: &Defaults) -> anyhow::Result<Request> {
-        let o = &self.options;
-        let (sampler, schedule) = resolve(o.sampler.as_deref(), o.schedule.as_deref(), defaults.sampling())?;
-        let (text, size_conditioning) = o.text_and_size()?;
-        Ok(Request {
-            prompt: o.prompt.clone().unwrap_or_default(),
-            negative_prompt: o.negative_prompt.clone().unwrap_or_default(),
-            seed: self.seed,
-            steps: o.steps.unwrap_or(defaults.steps),
-            cfg_scale: o.cfg_scale.unwrap_or(defaults.cfg_scale),
-            width: o.width.unwrap_or(defaults.size),
-            height: o.height.unwrap_or(defaults.size),
-            sampler,
-            schedule,
-            init: Init::Noise,
-            size_conditioning,
-            text,
-        })
+        Settings { seed: Some(self.seed), ..self.settings.clone() }.resolve(defaults, Init::Noise)
     }
 }
 
@@ -391,10 +232,6 @@ pub struct ManifestEntry {
     pub file: String,
     pub sha256: String,
     pub seconds: f64,
-}
-
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The manifest of an output folder: append-only JSON Lines, one line per
@@ -425,7 +262,9 @@ impl Manifest {
 
     /// Whether `file` in `dir` is finished: recorded, present, same hash.
     pub fn is_done(&self, dir: &Path, file: &str) -> bool {
-        self.done.get(file).is_some_and(|hash| std::fs::read(dir.join(file)).is_ok_and(|b| sha256_hex(&b) == *hash))
+        self.done.get(file).is_some_and(|hash| {
+            std::fs::read(dir.join(file)).is_ok_and(|b| crate::loading::hashing::sha256_hex(&b) == *hash)
+        })
     }
 
     /// Appends one entry and syncs it to disk.
@@ -458,106 +297,57 @@ impl Manifest {
     }
 }
 
-/// What a batch run reports.
-#[derive(Debug)]
-pub enum BatchEvent<'a> {
-    /// Images `files` start generating together; `done` of `total` are finished.
-    Started {
-        files: &'a [String],
-        done: usize,
-        total: usize,
-    },
-    Pipeline(crate::pipeline::Event),
-    Finished {
-        file: &'a str,
-        seconds: f64,
-    },
-    Failed {
-        file: &'a str,
-        error: String,
-    },
-}
-
-/// Counts for the final summary.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct Summary {
-    pub done: usize,
-    pub skipped: usize,
-    pub failed: usize,
-    pub interrupted: bool,
-}
-
-/// What a run needs besides the plan.
-pub struct RunOptions<'a> {
-    pub out_dir: &'a Path,
-    pub batch_size: usize,
-    pub model_hash: &'a str,
-    /// Set (e.g. by Ctrl-C) to stop after the images in progress.
-    pub stop: &'a std::sync::atomic::AtomicBool,
-}
-
-/// Generates every planned image not yet in the manifest, `batch_size` at a
-/// time when consecutive images share size, steps, sampler and guidance.
-/// Each PNG is written atomically and then recorded in the manifest.
-pub fn run(
-    model: &crate::loading::Model,
-    device: &candle_core::Device,
-    planned: &[Planned],
-    manifest: &mut Manifest,
-    opts: &RunOptions,
-    events: &mut dyn FnMut(BatchEvent),
-) -> anyhow::Result<Summary> {
-    use std::sync::atomic::Ordering;
-    let mut summary = Summary::default();
-    let mut todo = Vec::new();
+/// The LoRAs of the jobs' `<lora:…>` tags (and warnings for other network
+/// tags): the model loads once, so every job must ask for the same ones.
+pub fn common_loras(file: &Path, planned: &[Planned]) -> anyhow::Result<(Vec<LoraArg>, Vec<String>)> {
+    let mut common: Option<(Vec<LoraArg>, Vec<String>)> = None;
     for p in planned {
-        // Only this run writes these names (shards have their own jobs).
-        let path = opts.out_dir.join(&p.file);
-        crate::image_io::remove_stale_temp_files(&path)
-            .with_context(|| format!("{}: cannot clean up temporary files", opts.out_dir.display()))?;
-        if manifest.is_done(opts.out_dir, &p.file) {
-            summary.skipped += 1;
-        } else {
-            todo.push((p, p.request(&model.defaults())?));
+        let s = &p.settings;
+        let this = prompt_loras(s.prompt.as_deref().unwrap_or_default(), s.prompt_syntax.unwrap_or_default())?;
+        match &common {
+            Some((loras, _)) if *loras != this.0 => bail!(
+                "{}: jobs use different <lora:…> tags; sdgen loads one set per batch: split the file by LoRA",
+                file.display()
+            ),
+            Some(_) => {}
+            None => common = Some(this),
         }
     }
-    let total = planned.len();
-    let mut i = 0;
-    while i < todo.len() {
-        if opts.stop.load(Ordering::SeqCst) {
-            summary.interrupted = true;
-            break;
+    Ok(common.unwrap_or_default())
+}
+
+/// Generates every planned image not yet in the manifest into `out_dir`
+/// (see [`Session::run`]), recording each in the manifest once its PNG is
+/// in place; `events` sees the run's progress.
+pub fn run(
+    session: &Session,
+    planned: &[Planned],
+    manifest: &mut Manifest,
+    out_dir: &Path,
+    opts: &RunOptions,
+    events: &mut dyn FnMut(&RunEvent),
+) -> anyhow::Result<Summary> {
+    let mut skipped = 0;
+    let (mut todo, mut jobs) = (Vec::new(), Vec::new());
+    let defaults = session.model.defaults();
+    for p in planned {
+        let path = out_dir.join(&p.file);
+        // Only this run writes these names (shards have their own jobs).
+        crate::image_io::remove_stale_temp_files(&path)
+            .with_context(|| format!("{}: cannot clean up temporary files", out_dir.display()))?;
+        if manifest.is_done(out_dir, &p.file) {
+            skipped += 1;
+        } else {
+            todo.push(p);
+            jobs.push(Job { request: p.request(&defaults)?, path });
         }
-        let key = todo[i].1.batch_key();
-        let n = todo[i..].iter().take(opts.batch_size.max(1)).take_while(|(_, r)| r.batch_key() == key).count();
-        let group = &todo[i..i + n];
-        i += n;
-        let files: Vec<String> = group.iter().map(|(p, _)| p.file.clone()).collect();
-        events(BatchEvent::Started { files: &files, done: summary.done + summary.skipped, total });
-        let started = std::time::Instant::now();
-        let requests: Vec<Request> = group.iter().map(|(_, r)| r.clone()).collect();
-        let images = match model.generate_batch(&requests, device, &mut |e| events(BatchEvent::Pipeline(e))) {
-            Ok(images) => images,
-            Err(e) => {
-                for f in &files {
-                    events(BatchEvent::Failed { file: f, error: format!("{e:#}") });
-                }
-                summary.failed += n;
-                continue;
-            }
-        };
-        let seconds = started.elapsed().as_secs_f64() / n as f64;
-        for ((p, r), image) in group.iter().zip(images) {
-            let path = opts.out_dir.join(&p.file);
-            let params = crate::infotext::Parameters {
-                request: r,
-                model_name: &model.name,
-                model_hash: opts.model_hash,
-                family: model.family.name(),
-                applied: &model.applied,
-            };
-            crate::image_io::write_png(&path, &image, &params.infotext())?;
-            let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read back", path.display()))?;
+    }
+    let mut summary = session.run(&jobs, opts, &mut |e| {
+        if let RunEvent::Written { job, seconds } = &e {
+            let i = jobs.iter().position(|j| std::ptr::eq(j, *job)).expect("one of this run's jobs");
+            let (p, r) = (todo[i], &job.request);
+            let bytes =
+                std::fs::read(&job.path).with_context(|| format!("{}: cannot read back", job.path.display()))?;
             manifest.append(&ManifestEntry {
                 job: p.job,
                 line: p.line,
@@ -571,13 +361,14 @@ pub fn run(
                 sampler: r.sampler.name().to_string(),
                 schedule: r.schedule.name().to_string(),
                 file: p.file.clone(),
-                sha256: sha256_hex(&bytes),
-                seconds,
+                sha256: crate::loading::hashing::sha256_hex(&bytes),
+                seconds: *seconds,
             })?;
-            summary.done += 1;
-            events(BatchEvent::Finished { file: &p.file, seconds });
         }
-    }
+        events(&e);
+        Ok(())
+    })?;
+    summary.skipped = skipped;
     Ok(summary)
 }
 
@@ -596,16 +387,16 @@ mod tests {
     #[test]
     fn plain_files_have_comments_options_and_prompts() {
         let text = "# comment\n\na red fox\n--prompt \"a cat\" --seed 5 --batch-count 2\n--prompt=dog --steps=3\n";
-        let jobs = parse_jobs(text, "f.txt", false, &JobOptions::default()).unwrap();
+        let jobs = parse_jobs(text, "f.txt", false, &Settings::default()).unwrap();
         assert_eq!(jobs.iter().map(|j| j.line).collect::<Vec<_>>(), vec![3, 4, 5]);
-        assert_eq!(jobs[0].options.prompt.as_deref(), Some("a red fox"));
-        assert_eq!(jobs[1].options.seed, Some(5));
-        assert_eq!(jobs[2].options.steps, Some(3));
+        assert_eq!(jobs[0].settings.prompt.as_deref(), Some("a red fox"));
+        assert_eq!(jobs[1].settings.seed, Some(5));
+        assert_eq!(jobs[2].settings.steps, Some(3));
     }
 
     #[test]
     fn errors_name_the_line() {
-        let defaults = JobOptions::default();
+        let defaults = Settings::default();
         for (text, want) in [
             ("fox\n--prompt x --bogus 1\n", "f:2: unknown option --bogus"),
             ("fox\n\n--prompt x --width 65\n", "f:3: --width must be a positive multiple of 8"),
@@ -624,22 +415,22 @@ mod tests {
     #[test]
     fn jsonl_accepts_snake_and_kebab_case() {
         let text = "{\"prompt\": \"a\", \"cfg_scale\": 6, \"negative-prompt\": \"b\"}\n";
-        let jobs = parse_jobs(text, "j", true, &JobOptions::default()).unwrap();
-        assert_eq!(jobs[0].options.cfg_scale, Some(6.0));
-        assert_eq!(jobs[0].options.negative_prompt.as_deref(), Some("b"));
+        let jobs = parse_jobs(text, "j", true, &Settings::default()).unwrap();
+        assert_eq!(jobs[0].settings.cfg_scale, Some(6.0));
+        assert_eq!(jobs[0].settings.negative_prompt.as_deref(), Some("b"));
     }
 
     #[test]
     fn seeds_follow_image_counts_and_shards_partition_jobs() {
         let text = "a\n--prompt b --batch-count 3\n--prompt c --seed 100 --batch-count 2\nd\n";
-        let jobs = parse_jobs(text, "f", false, &JobOptions::default()).unwrap();
-        let all = plan(&jobs, &JobOptions::default(), 10, None);
+        let jobs = parse_jobs(text, "f", false, &Settings::default()).unwrap();
+        let all = plan(&jobs, &Settings::default(), 10, None);
         let seeds: Vec<u64> = all.iter().map(|p| p.seed).collect();
         assert_eq!(seeds, vec![10, 11, 12, 13, 100, 101, 16]);
         assert_eq!(all[1].file, "00001-11-0.png");
         assert_eq!(all[6].file, "00003-16.png");
-        let s0 = plan(&jobs, &JobOptions::default(), 10, Some(Shard { index: 0, count: 2 }));
-        let s1 = plan(&jobs, &JobOptions::default(), 10, Some(Shard { index: 1, count: 2 }));
+        let s0 = plan(&jobs, &Settings::default(), 10, Some(Shard { index: 0, count: 2 }));
+        let s1 = plan(&jobs, &Settings::default(), 10, Some(Shard { index: 1, count: 2 }));
         let mut union: Vec<_> = s0.iter().chain(&s1).map(|p| p.file.clone()).collect();
         union.sort();
         let mut every: Vec<_> = all.iter().map(|p| p.file.clone()).collect();
@@ -667,7 +458,7 @@ mod tests {
             sampler: "euler".into(),
             schedule: "normal".into(),
             file: "a.png".into(),
-            sha256: sha256_hex(b"png"),
+            sha256: crate::loading::hashing::sha256_hex(b"png"),
             seconds: 0.1,
         };
         std::fs::write(&path, b"{\"job\": 0, \"li").unwrap();

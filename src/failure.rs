@@ -34,6 +34,17 @@ impl Failure {
     }
 }
 
+/// An error chain on one line: each cause's first line (candle appends
+/// backtraces), joined by `: `.
+pub fn one_line(error: &anyhow::Error) -> String {
+    let causes: Vec<String> = error
+        .chain()
+        .map(|c| c.to_string().lines().next().unwrap_or_default().trim().to_string())
+        .filter(|c| !c.is_empty())
+        .collect();
+    causes.join(": ")
+}
+
 /// Shown as nothing: the kind is a marker, not part of the message.
 impl std::fmt::Display for Failure {
     fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -4,11 +4,11 @@
 
 use anyhow::{bail, Context};
 
-use crate::loading::{Applied, STANDARD_512};
-use crate::pipeline::{Init, Request, SizeConditioning, TextOptions};
+use crate::loading::Applied;
 use crate::prompt::Syntax;
-use crate::sampling::samplers::resolve;
+use crate::request::{Init, Request, Size};
 use crate::sampling::schedule::ScheduleKind;
+use crate::settings::Settings;
 
 /// Everything the `parameters` chunk records about an image.
 pub struct Parameters<'a> {
@@ -75,9 +75,13 @@ impl Parameters<'_> {
             fields.push(("Prompt syntax", "plain".to_string()));
         }
         // SDXL's size conditioning, when not the defaults (sdgen's own keys).
-        for (key, value) in SIZE_KEYS.iter().zip(r.size_conditioning.texts()) {
+        let c = &r.size_conditioning;
+        let crop = (c.crop_top_left != Default::default()).then(|| c.crop_top_left.to_string());
+        for (key, value) in
+            SIZE_KEYS.iter().zip([c.original.map(|s| s.to_string()), crop, c.target.map(|s| s.to_string())])
+        {
             if let Some(v) = value {
-                fields.push((key, v));
+                fields.push((key.0, v));
             }
         }
         fields.push(("Version", format!("sdgen {}", env!("CARGO_PKG_VERSION"))));
@@ -96,8 +100,9 @@ fn mentions(text: &str, word: &str) -> bool {
         .any(|(i, _)| boundary(text[..i].chars().last()) && boundary(text[i + word.len()..].chars().next()))
 }
 
-/// sdgen's keys for SDXL's size conditioning, in [`SizeConditioning::texts`] order.
-const SIZE_KEYS: [&str; 3] = ["Original size", "Crop top left", "Target size"];
+/// sdgen's keys for SDXL's size conditioning and the settings they are.
+const SIZE_KEYS: [(&str, &str); 3] =
+    [("Original size", "original-size"), ("Crop top left", "crop-top-left"), ("Target size", "target-size")];
 
 /// A1111 quotes values that contain a comma or a colon.
 fn quote(v: &str) -> String {
@@ -185,7 +190,7 @@ pub fn parse(text: &str) -> Infotext {
 /// The generation settings of a txt2img infotext, and the model it names.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Recorded {
-    pub request: Request,
+    pub settings: Settings,
     pub model_name: Option<String>,
     pub model_hash: Option<String>,
     /// The name of a VAE that replaced the model's.
@@ -218,9 +223,9 @@ const KNOWN: &[&str] = &[
 ];
 
 impl Infotext {
-    /// The txt2img request this text describes; unknown keys and editing
+    /// The txt2img settings this text describes; unknown keys and editing
     /// images (which need their input files) are errors.
-    pub fn to_request(&self) -> anyhow::Result<Recorded> {
+    pub fn to_settings(&self) -> anyhow::Result<Recorded> {
         let unknown: Vec<&str> = self.fields.iter().map(|(k, _)| k.as_str()).filter(|k| !KNOWN.contains(k)).collect();
         if !unknown.is_empty() {
             bail!("unsupported parameters: {}", unknown.join(", "));
@@ -228,37 +233,32 @@ impl Infotext {
         if self.get("Denoising strength").is_some() || self.get("Mask blur").is_some() {
             bail!("this image was made from another image (img2img/inpaint); replay needs its input and supports txt2img only");
         }
-        let need = |k: &str| self.get(k).with_context(|| format!("the parameters have no {k:?}"));
-        let number = |k: &str| -> anyhow::Result<f64> {
-            let v = need(k)?;
-            v.parse().with_context(|| format!("{k}: {v:?} is not a number"))
+        let mut settings = Settings {
+            prompt: Some(self.prompt.clone()),
+            negative_prompt: Some(self.negative_prompt.clone()),
+            ..Settings::default()
         };
-        let (h, w) = SizeConditioning::parse_size(need("Size")?).context("Size")?;
-        let [original, crop, target] = SIZE_KEYS.map(|k| self.get(k));
-        let size_conditioning = SizeConditioning::from_texts(original, crop, target)?;
-        let seed = need("Seed")?;
-        let (sampler, schedule) = resolve(Some(need("Sampler")?), self.get("Schedule type"), STANDARD_512.sampling())?;
-        let request = Request {
-            prompt: self.prompt.clone(),
-            negative_prompt: self.negative_prompt.clone(),
-            seed: seed.parse().with_context(|| format!("Seed: {seed:?} is not a seed"))?,
-            steps: number("Steps")? as usize,
-            cfg_scale: number("CFG scale")?,
-            width: w,
-            height: h,
-            sampler,
-            schedule,
-            init: Init::Noise,
-            size_conditioning,
-            text: TextOptions::from_options(
-                self.get("Prompt syntax"),
-                self.get("Clip skip")
-                    .map(|v| v.parse().with_context(|| format!("Clip skip: {v:?} is not a number")))
-                    .transpose()?,
-            )?,
-        };
+        for key in ["Steps", "Sampler", "CFG scale", "Seed", "Size"] {
+            self.get(key).with_context(|| format!("the parameters have no {key:?}"))?;
+        }
+        let size: Size = self.get("Size").unwrap_or_default().parse().context("Size")?;
+        (settings.width, settings.height) = (Some(size.width), Some(size.height));
+        let keys = [
+            ("Steps", "steps"),
+            ("Sampler", "sampler"),
+            ("Schedule type", "schedule"),
+            ("CFG scale", "cfg-scale"),
+            ("Seed", "seed"),
+            ("Clip skip", "clip-skip"),
+            ("Prompt syntax", "prompt-syntax"),
+        ];
+        for (key, setting) in keys.iter().chain(&SIZE_KEYS) {
+            if let Some(value) = self.get(key) {
+                settings.set(setting, value).with_context(|| key.to_string())?;
+            }
+        }
         Ok(Recorded {
-            request,
+            settings,
             model_name: self.get("Model").map(str::to_string),
             model_hash: self.get("Model hash").map(str::to_string),
             vae: self.get("VAE").map(str::to_string),
@@ -269,6 +269,8 @@ impl Infotext {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::loading::STANDARD_512;
+    use crate::request::{SizeConditioning, TextOptions, TopLeft};
     use crate::sampling::samplers::Sampler;
 
     fn request() -> Request {
@@ -283,7 +285,11 @@ mod tests {
             sampler: Sampler::DpmPP2M,
             schedule: ScheduleKind::Karras,
             init: Init::Noise,
-            size_conditioning: SizeConditioning { original: Some((96, 128)), crop_top_left: (8, 4), target: None },
+            size_conditioning: SizeConditioning {
+                original: Some(Size { width: 128, height: 96 }),
+                crop_top_left: TopLeft { top: 8, left: 4 },
+                target: None,
+            },
             text: TextOptions { syntax: Syntax::Plain, clip_skip: 2 },
         }
     }
@@ -309,8 +315,8 @@ mod tests {
             "{text}"
         );
         let parsed = parse(&text);
-        let rec = parsed.to_request().unwrap();
-        assert_eq!(rec.request, r);
+        let rec = parsed.to_settings().unwrap();
+        assert_eq!(rec.settings.resolve(&STANDARD_512, Init::Noise).unwrap(), r);
         assert_eq!(rec.model_name.as_deref(), Some("my, model"));
         assert_eq!(rec.model_hash.as_deref(), Some("0123456789"));
     }
@@ -321,10 +327,10 @@ mod tests {
         let parsed = parse(a1111);
         assert_eq!(parsed.prompt, "masterpiece, fox");
         assert_eq!(parsed.negative_prompt, "ugly");
-        let err = parsed.to_request().unwrap_err().to_string();
+        let err = parsed.to_settings().unwrap_err().to_string();
         assert!(err.contains("ENSD"), "{err}");
         let no_params = parse("just a prompt, with: a colon");
         assert!(no_params.fields.is_empty());
-        assert!(no_params.to_request().unwrap_err().to_string().contains("the parameters have no"));
+        assert!(no_params.to_settings().unwrap_err().to_string().contains("the parameters have no"));
     }
 }

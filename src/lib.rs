@@ -1,17 +1,21 @@
 //! sdgen: Stable Diffusion image generation on candle.
 //!
-//! Layout: [`loading`] finds and reads weights into [`models`]; [`tokenizer`]
-//! and [`rng`] reproduce CLIP's tokenizer and torch's CPU generator;
-//! [`prompt`] reads A1111's prompt syntax into weighted 75-token chunks;
-//! [`sampling`] holds schedules, the denoiser and the samplers; [`pipeline`]
-//! ties them into txt2img, img2img and inpainting, with [`editing`] doing the
-//! pixel-side work (masks, canvases, overlays); [`image_io`] reads images and
-//! writes PNGs with their parameters.
+//! Layers, top down (ARCHITECTURE.md has the map):
+//! - [`settings`] parses and checks what the user asks for and resolves it
+//!   into a [`request::Request`]; [`session`] loads a model once and runs
+//!   requests into PNGs for every front end ([`batch`] adds job files).
+//! - [`pipeline`] turns a request into images: text encoding ([`prompt`],
+//!   [`tokenizer`]), the seed's noise ([`rng`]), [`sampling`], decoding,
+//!   with [`editing`] doing the pixel-side work of img2img and inpainting.
+//! - [`loading`] finds and reads weights into [`models`]; [`image_io`] and
+//!   [`infotext`] read and write images and their parameters.
 
 pub mod batch;
+pub mod bench;
 pub mod device;
 pub mod editing;
 pub mod failure;
+pub mod files;
 pub mod image_io;
 pub mod infotext;
 pub mod loading;
@@ -20,6 +24,10 @@ pub mod models;
 pub mod pipeline;
 pub mod prompt;
 pub mod random_model;
+pub mod request;
 pub mod rng;
 pub mod sampling;
+pub mod session;
+pub mod settings;
+pub mod timings;
 pub mod tokenizer;

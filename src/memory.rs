@@ -134,19 +134,17 @@ pub fn check(need: &Estimate, available: u64, dtype: DType, width: usize, height
     )
 }
 
-/// A model's native image side, from its files alone: SDXL 1024, SD 2.x 768
-/// (its v models'; the larger is the safer guess here), else 512.
+/// A model's native image side, from its files alone: its family's default
+/// size (for SD 2.x its v models' 768, the larger and so the safer guess).
 pub fn native_side(path: &Path) -> usize {
-    if path.is_dir() {
-        return if path.join("text_encoder_2").is_dir() { 1024 } else { 768 };
-    }
-    let Ok(ckpt) = Checkpoint::open(&[path.to_path_buf()]) else { return 512 };
-    let tensors = crate::loading::ldm::Tensors::new(ckpt.shapes());
-    match crate::loading::detect_family(path, &tensors) {
-        Ok(crate::loading::Family::Sdxl) => 1024,
-        Ok(crate::loading::Family::Sd2) => 768,
-        _ => 512,
-    }
+    use crate::loading::{Defaults, Family, Preset};
+    let family = if path.is_dir() {
+        Family::of_folder(path)
+    } else {
+        Checkpoint::open(&[path.to_path_buf()])
+            .and_then(|ckpt| Family::of_single_file(path, &crate::loading::ldm::Tensors::new(ckpt.shapes())))
+    };
+    family.map_or(512, |f| Defaults::of(f, crate::sampling::denoiser::Prediction::V, Preset::Standard).size)
 }
 
 #[cfg(test)]

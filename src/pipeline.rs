@@ -19,127 +19,11 @@ use crate::failure::{Failure, Tag};
 use crate::image_io::Image;
 use crate::loading::Model;
 use crate::models::clip::ClipTextModel;
-use crate::prompt::{self, Syntax};
+use crate::prompt;
+use crate::request::{Init, Request, TextOptions};
 use crate::rng::TorchRng;
-use crate::sampling::denoiser::{Conditioning, TextEmbedding, UNetDenoiser};
-use crate::sampling::samplers::{sample, Sampler};
-use crate::sampling::schedule::ScheduleKind;
-
-/// Where the latents come from.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Init {
-    /// Noise only (txt2img).
-    Noise,
-    /// An image, noised to `strength` (img2img).
-    Image { image: Image, strength: f64 },
-    /// An image repainted where `mask` is set (inpaint, outpaint).
-    Inpaint { image: Image, mask: Mask, strength: f64, mask_blur: f32 },
-}
-
-/// SDXL's size conditioning ("micro-conditioning"), as diffusers orders
-/// it: `(height, width)` pairs and `(top, left)`, in pixels. Other models
-/// ignore it.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct SizeConditioning {
-    /// The size the training image had before resizing [default: the output size].
-    pub original: Option<(usize, usize)>,
-    pub crop_top_left: (usize, usize),
-    /// [default: the output size].
-    pub target: Option<(usize, usize)>,
-}
-
-impl SizeConditioning {
-    /// `WxH` (as sizes are written on the command line and in PNG
-    /// parameters) → `(height, width)`.
-    pub fn parse_size(s: &str) -> anyhow::Result<(usize, usize)> {
-        let (w, h) = s
-            .split_once(['x', 'X'])
-            .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)))
-            .ok_or_else(|| anyhow::anyhow!("{s:?} is not a size WIDTHxHEIGHT"))?;
-        Ok((h, w))
-    }
-
-    /// `TOP,LEFT` → `(top, left)`.
-    pub fn parse_top_left(s: &str) -> anyhow::Result<(usize, usize)> {
-        s.split_once(',')
-            .and_then(|(t, l)| Some((t.trim().parse().ok()?, l.trim().parse().ok()?)))
-            .ok_or_else(|| anyhow::anyhow!("{s:?} is not TOP,LEFT in pixels"))
-    }
-
-    /// From the three options' texts (`WxH`, `TOP,LEFT`, `WxH`: command
-    /// line, job lines and PNG parameters alike); absent ones are defaults.
-    pub fn from_texts(
-        original: Option<&str>,
-        crop_top_left: Option<&str>,
-        target: Option<&str>,
-    ) -> anyhow::Result<Self> {
-        use anyhow::Context;
-        let size = |v: Option<&str>, what: &str| v.map(Self::parse_size).transpose().with_context(|| what.to_string());
-        Ok(Self {
-            original: size(original, "original size")?,
-            crop_top_left: crop_top_left
-                .map(Self::parse_top_left)
-                .transpose()
-                .context("crop top-left")?
-                .unwrap_or((0, 0)),
-            target: size(target, "target size")?,
-        })
-    }
-
-    /// The texts [`SizeConditioning::from_texts`] reads, `None` for defaults.
-    pub fn texts(&self) -> [Option<String>; 3] {
-        let wxh = |(h, w): (usize, usize)| format!("{w}x{h}");
-        let (top, left) = self.crop_top_left;
-        [self.original.map(wxh), (self.crop_top_left != (0, 0)).then(|| format!("{top},{left}")), self.target.map(wxh)]
-    }
-
-    /// diffusers' `add_time_ids` for an image of `height` × `width`.
-    pub fn time_ids(&self, height: usize, width: usize) -> [f32; 6] {
-        let (oh, ow) = self.original.unwrap_or((height, width));
-        let (th, tw) = self.target.unwrap_or((height, width));
-        let (top, left) = self.crop_top_left;
-        [oh, ow, top, left, th, tw].map(|v| v as f32)
-    }
-}
-
-/// How prompts become text conditioning.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TextOptions {
-    pub syntax: Syntax,
-    /// A1111's "Clip skip": 1 = the family's usual layer, 2 = one earlier, ….
-    pub clip_skip: usize,
-}
-
-impl Default for TextOptions {
-    fn default() -> Self {
-        Self { syntax: Syntax::A1111, clip_skip: 1 }
-    }
-}
-
-impl TextOptions {
-    /// From `--prompt-syntax` and `--clip-skip` (defaults when absent).
-    pub fn from_options(syntax: Option<&str>, clip_skip: Option<usize>) -> anyhow::Result<Self> {
-        let syntax = syntax.map(Syntax::parse).transpose()?.unwrap_or_default();
-        Ok(Self { syntax, clip_skip: clip_skip.unwrap_or(1) })
-    }
-}
-
-/// One generation job.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Request {
-    pub prompt: String,
-    pub negative_prompt: String,
-    pub seed: u64,
-    pub steps: usize,
-    pub cfg_scale: f64,
-    pub width: usize,
-    pub height: usize,
-    pub sampler: Sampler,
-    pub schedule: ScheduleKind,
-    pub init: Init,
-    pub size_conditioning: SizeConditioning,
-    pub text: TextOptions,
-}
+use crate::sampling::denoiser::{Conditioning, Denoiser, TextEmbedding};
+use crate::sampling::samplers::sample;
 
 /// What the pipeline reports while it runs.
 #[derive(Debug)]
@@ -153,57 +37,8 @@ pub enum Event {
         total: usize,
     },
     Decoding,
-}
-
-impl Request {
-    /// Checks what can be checked before any model is loaded.
-    pub fn validate(&self) -> anyhow::Result<()> {
-        for (what, v) in [("width", self.width), ("height", self.height)] {
-            if v == 0 || v % 8 != 0 {
-                anyhow::bail!("{what} must be a positive multiple of 8, got {v}");
-            }
-            if v > crate::image_io::MAX_SIDE as usize {
-                anyhow::bail!("{what} {v} is larger than the {} pixels sdgen allows", crate::image_io::MAX_SIDE);
-            }
-        }
-        if self.steps == 0 {
-            anyhow::bail!("steps must be at least 1");
-        }
-        if self.text.clip_skip == 0 {
-            anyhow::bail!("clip skip must be at least 1 (1 = the model's usual text encoder layer)");
-        }
-        if !self.cfg_scale.is_finite() || self.cfg_scale < 0.0 {
-            anyhow::bail!("cfg scale must be a number ≥ 0, got {}", self.cfg_scale);
-        }
-        if let Some(s) = self.strength() {
-            if !(s > 0.0 && s <= 1.0) {
-                anyhow::bail!("strength must be in (0, 1], got {s}");
-            }
-            if (self.steps as f64 * s) < 1.0 {
-                anyhow::bail!("strength {s} × {} steps runs no step; raise --strength or --steps", self.steps);
-            }
-        }
-        Ok(())
-    }
-
-    /// Jobs with equal keys can share UNet calls.
-    pub fn batch_key(&self) -> (usize, usize, usize, Sampler, ScheduleKind, u64, u8, Option<u64>) {
-        let kind = match self.init {
-            Init::Noise => 0,
-            Init::Image { .. } => 1,
-            Init::Inpaint { .. } => 2,
-        };
-        let strength = self.strength().map(f64::to_bits);
-        (self.width, self.height, self.steps, self.sampler, self.schedule, self.cfg_scale.to_bits(), kind, strength)
-    }
-
-    /// The denoising strength of image-based jobs.
-    pub fn strength(&self) -> Option<f64> {
-        match &self.init {
-            Init::Noise => None,
-            Init::Image { strength, .. } | Init::Inpaint { strength, .. } => Some(*strength),
-        }
-    }
+    /// The batch's images are ready.
+    Decoded,
 }
 
 impl Model {
@@ -329,11 +164,6 @@ impl Model {
     fn encode_image(&self, image: &Image, mask: Option<&Mask>, device: &Device) -> anyhow::Result<Tensor> {
         let pixels = editing::to_tensor(image, mask, device)?;
         Ok((self.vae.encode_mean(&pixels)? * self.vae.config.scaling_factor)?)
-    }
-
-    /// Whether the UNet takes the mask and masked image beside the sample.
-    pub fn is_inpainting(&self) -> bool {
-        self.unet.config.in_channels == self.vae.config.latent_channels * 2 + 1
     }
 
     /// Runs one job on `device`.
@@ -462,7 +292,7 @@ impl Model {
             _ => None,
         };
 
-        let mut denoiser = UNetDenoiser::new(&self.unet, &schedule, self.prediction, &conditioning, extra)?;
+        let mut denoiser = Denoiser::new(&self.unet, &schedule, self.prediction, &conditioning, extra)?;
         events(Event::Sampling);
         let (first, total) = (schedule.start, schedule.timesteps.len());
         let last_sigma_scale = 1.0 / schedule.final_scale() as f64;
@@ -482,7 +312,8 @@ impl Model {
         check_finite(&latents, &self.path, "UNet")?;
         events(Event::Decoding);
         let latents = (latents * (schedule.final_scale() as f64 / self.vae.config.scaling_factor))?;
-        reqs.iter()
+        let images = reqs
+            .iter()
             .enumerate()
             .map(|(b, r)| {
                 let decoded = self.vae.decode(&latents.narrow(0, b, 1)?)?;
@@ -495,7 +326,9 @@ impl Model {
                     _ => generated,
                 })
             })
-            .collect()
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        events(Event::Decoded);
+        Ok(images)
     }
 }
 

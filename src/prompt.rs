@@ -34,15 +34,19 @@ pub enum Syntax {
     Plain,
 }
 
-impl Syntax {
-    pub fn parse(s: &str) -> anyhow::Result<Self> {
+impl std::str::FromStr for Syntax {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "a1111" | "auto1111" | "webui" => Ok(Syntax::A1111),
             "plain" | "diffusers" => Ok(Syntax::Plain),
             other => anyhow::bail!("--prompt-syntax {other:?}: use a1111 or plain"),
         }
     }
+}
 
+impl Syntax {
     pub fn name(self) -> &'static str {
         match self {
             Syntax::A1111 => "a1111",
@@ -161,6 +165,9 @@ pub fn parse_attention(text: &str) -> (Vec<(String, f64)>, Vec<String>) {
 pub struct Chunk {
     pub ids: Vec<u32>,
     pub weights: Vec<f32>,
+    /// How many of `ids` after BOS are the prompt's (the rest is EOS and
+    /// padding); a prompt's own `<|endoftext|>` counts as one of them.
+    pub tokens: usize,
     /// Textual-inversion embeddings: (position in `ids`, index of the
     /// embedding); its vectors replace the token embeddings from there.
     pub fixes: Vec<(usize, usize)>,
@@ -256,23 +263,22 @@ pub fn chunk_with(tokenizer: &ClipTokenizer, text: &str, syntax: Syntax, embeddi
     Chunked { chunks: b.chunks, token_count: b.token_count, warnings }
 }
 
-/// A chunk's ids: BOS, `body` (≤ 75), the end token up to 77; then, after
-/// the first end token, padding (SD 2.x and SDXL's second encoder pad with
-/// `!`, others with the end token itself). `fixes` are positions in `body`.
+/// A chunk's ids: BOS, `body` (≤ 75), the end token, then padding up to
+/// 77 (SD 2.x and SDXL's second encoder pad with `!`, others with the end
+/// token itself), as transformers pads: an end token inside `body` (the
+/// prompt's own `<|endoftext|>`) stays a token. `fixes` are positions in `body`.
 fn finish((bos, eos, pad): (u32, u32, u32), body: Vec<u32>, weights: Vec<f32>, fixes: Vec<(usize, usize)>) -> Chunk {
+    let tokens = body.len();
     let mut ids = Vec::with_capacity(MAX_LEN);
     ids.push(bos);
     ids.extend(&body);
-    ids.resize(MAX_LEN - 1, eos);
     ids.push(eos);
-    if let Some(first) = ids.iter().position(|&id| id == eos) {
-        ids[first + 1..].iter_mut().for_each(|id| *id = pad);
-    }
+    ids.resize(MAX_LEN, pad);
     let mut w = Vec::with_capacity(MAX_LEN);
     w.push(1.0);
     w.extend(&weights);
     w.resize(MAX_LEN, 1.0);
-    Chunk { ids, weights: w, fixes: fixes.into_iter().map(|(p, e)| (p + 1, e)).collect() }
+    Chunk { ids, weights: w, tokens, fixes: fixes.into_iter().map(|(p, e)| (p + 1, e)).collect() }
 }
 
 /// The chunks so far and the one being filled.

@@ -237,11 +237,6 @@ fn split_merge_line(line: &str) -> Result<(String, String)> {
     }
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
-}
-
 /// The pad token named by a diffusers `tokenizer/` folder, following transformers: the
 /// legacy `special_tokens_map.json` overrides `tokenizer_config.json` unless the latter
 /// carries an `added_tokens_decoder`.
@@ -249,7 +244,7 @@ fn pad_token_of_dir(dir: &Path) -> Result<Option<String>> {
     let read = |name: &str| -> Result<Option<SpecialTokens>> {
         let path = dir.join(name);
         if path.is_file() {
-            read_json(&path).map(Some)
+            crate::files::read_json(&path).map(Some)
         } else {
             Ok(None)
         }
@@ -316,7 +311,7 @@ impl ClipTokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let tokenizer_json = dir.join("tokenizer.json");
         let (vocab, merges, added) = if tokenizer_json.is_file() {
-            let parsed: TokenizerJson = read_json(&tokenizer_json)?;
+            let parsed: TokenizerJson = crate::files::read_json(&tokenizer_json)?;
             let merges = parsed
                 .model
                 .merges
@@ -331,7 +326,7 @@ impl ClipTokenizer {
             (parsed.model.vocab, merges, added)
         } else {
             let vocab_path = dir.join("vocab.json");
-            let vocab: HashMap<String, u32> = read_json(&vocab_path)?;
+            let vocab: HashMap<String, u32> = crate::files::read_json(&vocab_path)?;
             let merges_path = dir.join("merges.txt");
             let text =
                 std::fs::read_to_string(&merges_path).with_context(|| format!("reading {}", merges_path.display()))?;

@@ -51,7 +51,7 @@ fn lora_matches_diffusers_in_both_formats() {
     parity.check("kohya tag", &ours, &reference("lora_kohya"));
     assert!(err.contains("LoRA tiny_kohya: applied to 146 of 146 modules"), "{err}");
     assert!(params.starts_with("a photo of a cat <lora:tiny_kohya:0.8>\n"), "{params}");
-    let hash = sdgen::loading::lora::short_hash(&fixture("adapters/Lora/tiny_kohya.safetensors")).unwrap();
+    let hash = sdgen::loading::hashing::short_sha256(&fixture("adapters/Lora/tiny_kohya.safetensors"), 12).unwrap();
     assert!(params.contains(&format!("Lora hashes: \"tiny_kohya: {hash}\"")), "{params}");
 
     let peft = fixture("adapters/Lora/tiny_peft.safetensors");
@@ -122,7 +122,7 @@ fn textual_inversion_matches_diffusers() {
         m.applied.embeddings.iter().map(|e| (e.name.as_str(), e.len())).collect::<Vec<_>>(),
         [("onevec", 1), ("tinyemb", 2)]
     );
-    let opts = sdgen::pipeline::TextOptions::default();
+    let opts = sdgen::request::TextOptions::default();
     let cond = m.encode_text(prompt, &opts, &Device::Cpu, &mut |_| {}).unwrap();
     let r = candle_core::safetensors::load(fixture("reference/adapters/ti_cond.safetensors"), &Device::Cpu).unwrap();
     let err = relative_error(&cond.context, &r["cond"]);

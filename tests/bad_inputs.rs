@@ -211,6 +211,28 @@ fn no_model_offline_is_a_clear_error() {
     assert!(!out.exists());
 }
 
+/// With downloads on but the hub out of reach, the error says the cause
+/// once, and what to do instead.
+#[test]
+fn failed_download_says_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.png");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdgen"))
+        .args(["--prompt", "x", "--models-dir", dir.path().to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .env_remove("HF_HUB_OFFLINE")
+        // Nothing listens on port 9 (discard) here: the connection is refused.
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(4));
+    let err = stderr(&o);
+    let line = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("no error line: {err}"));
+    assert!(line.contains("downloading") && line.contains("failed (") && line.contains("pass --model"), "{line}");
+    let cause = line.split("failed (").nth(1).unwrap().split(')').next().unwrap();
+    assert_eq!(line.matches(cause).count(), 1, "the cause is said once: {line}");
+    assert!(!out.exists());
+}
+
 /// How a corpus file is given to sdgen.
 enum Given {
     Model,
@@ -381,9 +403,9 @@ fn arguments_and_devices_have_their_exit_status() {
     };
     for (args, words) in [
         (&["--steps", "0"][..], "steps must be at least 1"),
-        (&["--cfg-scale", "-2"], "cfg scale"),
+        (&["--cfg-scale", "-2"], "--cfg-scale must be a number ≥ 0"),
         (&["--width", "7"], "multiple of 8"),
-        (&["--clip-skip", "0"], "clip skip"),
+        (&["--clip-skip", "0"], "--clip-skip must be at least 1"),
         (&["--sampler", "eulr"], "did you mean euler?"),
         (&["img2img", "--init-image", image.to_str().unwrap(), "--strength", "1.5"], "strength must be in (0, 1]"),
     ] {
@@ -391,8 +413,10 @@ fn arguments_and_devices_have_their_exit_status() {
         assert_eq!(code, Some(2), "{args:?}: {err}");
         assert!(err.contains(words), "{args:?}: {err}");
     }
+    // An unknown device name is a usage error; a device this build or
+    // machine cannot open is a device failure.
     let (code, err) = run(&["--device", "tpu"]);
-    assert!(code == Some(5) && err.contains("use auto, cpu, cuda, cuda:N or metal"), "{err}");
+    assert!(code == Some(2) && err.contains("use auto, cpu, cuda, cuda:N or metal"), "{err}");
     if !cfg!(feature = "cuda") {
         let (code, err) = run(&["--device", "cuda"]);
         assert!(code == Some(5) && err.contains("--features cuda"), "{err}");

@@ -10,7 +10,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use common::fixture;
 use sdgen::loading::Model;
-use sdgen::pipeline::{Init, Request};
+use sdgen::request::{Init, Request};
 use sdgen::sampling::samplers::Sampler;
 use sdgen::sampling::schedule::ScheduleKind;
 
@@ -142,7 +142,7 @@ fn families_are_detected_and_listed() {
     ] {
         let e = describe(&fixture(path)).unwrap();
         assert_eq!((e.family, e.inpainting, e.prediction), (family, inpainting, prediction), "{path}");
-        assert_eq!(e.hash, sdgen::loading::model_hash(&fixture(path)).unwrap());
+        assert_eq!(e.hash, sdgen::loading::hashing::model_hash(&fixture(path)).unwrap());
         let loaded = Model::load(&fixture(path), &Device::Cpu, DType::F32).unwrap();
         assert_eq!(loaded.family.name(), family, "{path}");
     }

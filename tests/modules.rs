@@ -70,7 +70,7 @@ fn schedules_match_diffusers_arrays() {
     assert!(ours.iter().zip(&ac).all(|(a, b)| close(*a, *b)), "alphas_cumprod");
     for steps in [10, 20] {
         for name in ["euler", "euler_a"] {
-            let s = Sampler::parse(name).unwrap().schedule(&cfg, steps, ScheduleKind::Normal).unwrap();
+            let s = name.parse::<Sampler>().unwrap().schedule(&cfg, steps, ScheduleKind::Normal).unwrap();
             let key = |k: &str| format!("sched.{name}.{steps}.{k}");
             let sigmas: Vec<f32> = r[&key("sigmas")].to_vec1().unwrap();
             let timesteps: Vec<f32> = r[&key("timesteps")].to_vec1().unwrap();
@@ -182,12 +182,13 @@ fn tiled_vae_encode_blends_tiles_and_equals_whole_with_one_tile() {
 /// SDXL-shaped UNet (tests/reference/make_sdxl_unet.py).
 #[test]
 fn sdxl_unet_add_embedding_matches_diffusers() {
-    use sdgen::loading::weights::{Checkpoint, NameMap};
+    use sdgen::loading::weights::{Checkpoint, Component, NameMap};
     use sdgen::models::unet::{TextTime, UNet, UNetConfig};
     let dir = fixture("tiny-sdxl-unet");
     let cfg: UNetConfig = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let ckpt = Checkpoint::open(&[dir.join("diffusion_pytorch_model.safetensors")]).unwrap();
-    let unet = UNet::new(&cfg, ckpt.var_builder(NameMap::prefixed(""), "UNet", DType::F32, &Device::Cpu)).unwrap();
+    let unet =
+        UNet::new(&cfg, ckpt.var_builder(NameMap::prefixed(""), Component::Unet, DType::F32, &Device::Cpu)).unwrap();
     assert!(ckpt.unused().is_empty(), "unused: {:?}", ckpt.unused());
     let r = candle_core::safetensors::load(fixture("reference/sdxl/unet.safetensors"), &Device::Cpu).unwrap();
     let t = r["timestep"].to_vec1::<f32>().unwrap()[0];
@@ -210,7 +211,7 @@ fn sdxl_unet_add_embedding_matches_diffusers() {
 /// concatenated into the context, and encoder 2's pooled, projected output.
 #[test]
 fn sdxl_text_encoders_match_transformers() {
-    use sdgen::loading::weights::{Checkpoint, NameMap};
+    use sdgen::loading::weights::{Checkpoint, Component, NameMap};
     use sdgen::models::clip::{ClipConfig, ClipTextModel};
     let r = candle_core::safetensors::load(fixture("reference/sdxl/text.safetensors"), &Device::Cpu).unwrap();
     let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
@@ -220,7 +221,7 @@ fn sdxl_text_encoders_match_transformers() {
         let ckpt = Checkpoint::open(&[dir.join("model.safetensors")]).unwrap();
         // transformers names CLIPTextModelWithProjection's tower `text_model.`.
         let prefix = if ckpt.shapes().iter().any(|(n, _)| n.starts_with("text_model.")) { "text_model." } else { "" };
-        let vb = ckpt.var_builder(NameMap::prefixed(prefix), "text encoder", DType::F32, &Device::Cpu);
+        let vb = ckpt.var_builder(NameMap::prefixed(prefix), Component::TextEncoder, DType::F32, &Device::Cpu);
         let model = ClipTextModel::new(&cfg, vb).unwrap();
         (model, ckpt)
     };
@@ -231,7 +232,9 @@ fn sdxl_text_encoders_match_transformers() {
     let projection = candle_nn::linear_no_bias(
         64,
         32,
-        ckpt2.var_builder(NameMap::prefixed(""), "text projection", DType::F32, &Device::Cpu).pp("text_projection"),
+        ckpt2
+            .var_builder(NameMap::prefixed(""), Component::TextEncoder2, DType::F32, &Device::Cpu)
+            .pp("text_projection"),
     )
     .unwrap();
     let pooled = enc2.pooled(&last2, &ids, &projection).unwrap();

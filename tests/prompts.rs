@@ -7,8 +7,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use sdgen::loading::Model;
-use sdgen::pipeline::{Init, Request, TextOptions};
 use sdgen::prompt::{chunk, parse_attention, Syntax};
+use sdgen::request::{Init, Request, TextOptions};
 use sdgen::tokenizer::ClipTokenizer;
 use serde::Deserialize;
 

@@ -134,8 +134,8 @@ fn every_schedule_matches_diffusers_arrays() {
     let cfg = SchedulerConfig::sd15();
     let (mut checked, mut refused) = (0, Vec::new());
     for e in file.entries.iter().filter(|e| e.status == "ok") {
-        let sampler = Sampler::parse(&e.sampler).unwrap();
-        let Ok(ours) = sampler.schedule(&cfg, e.steps, ScheduleKind::parse(&e.schedule).unwrap()) else {
+        let sampler: Sampler = e.sampler.parse().unwrap();
+        let Ok(ours) = sampler.schedule(&cfg, e.steps, e.schedule.parse::<ScheduleKind>().unwrap()) else {
             refused.push(e.key_prefix.clone());
             continue;
         };

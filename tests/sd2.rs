@@ -129,7 +129,7 @@ fn prediction_is_detected_from_single_files() {
         let m = Model::load(&model_path(file, dir.path()), &Device::Cpu, DType::F32).unwrap();
         assert_eq!(m.family, Family::Sd2, "{file}");
         assert_eq!(m.prediction, expected, "{file}");
-        let ours = sdgen::loading::v_probe(&m.unet).unwrap();
+        let ours = sdgen::loading::model::v_probe(&m.unet).unwrap();
         let theirs = probes[file];
         eprintln!("{file}: probe {ours} (diffusers {theirs})");
         assert!((ours - theirs).abs() <= 1e-4 * theirs.abs().max(1.0), "{file}: probe {ours} vs diffusers {theirs}");

@@ -188,7 +188,7 @@ fn sdxl_embeddings_reach_both_encoders() {
     let adapters = sdgen::loading::Adapters { embeddings: Some(dir.path().to_path_buf()), ..Default::default() };
     let with = Model::load_with(&fixture("tiny-sdxl"), &Device::Cpu, DType::F32, &adapters).unwrap();
     let without = Model::load(&fixture("tiny-sdxl"), &Device::Cpu, DType::F32).unwrap();
-    let opts = sdgen::pipeline::TextOptions::default();
+    let opts = sdgen::request::TextOptions::default();
     let encode = |m: &Model| m.encode_text("a shiny cat", &opts, &Device::Cpu, &mut |_| {}).unwrap().context;
     let (a, b) = (encode(&with), encode(&without));
     for half in 0..2 {

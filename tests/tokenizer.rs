@@ -213,3 +213,42 @@ fn from_dir_errors_name_the_file() {
     let err = format!("{:#}", ClipTokenizer::from_dir(dir.path()).unwrap_err());
     assert!(err.contains("tokenizer.json"), "{err}");
 }
+
+/// A prompt's chunk holds what transformers' padded encoding holds (the
+/// recorded cases), also when the prompt itself contains `<|endoftext|>`:
+/// that is a token like any other, and the padding starts after the end
+/// token that closes the prompt.
+#[test]
+fn chunks_pad_as_transformers_does() {
+    use sdgen::prompt::{chunk, Syntax};
+    let tok = ClipTokenizer::embedded().unwrap();
+    let mut with_end_token = 0;
+    for case in cases() {
+        let chunked = chunk(&tok, &case.prompt, Syntax::Plain);
+        assert_eq!(chunked.chunks[0].ids, case.ids, "{:?}", case.prompt);
+        with_end_token += usize::from(case.tokens.contains(&EOS));
+    }
+    assert!(with_end_token >= 5, "the recorded cases hold prompts with <|endoftext|>");
+    let a_b = chunk(&tok, "a <|endoftext|> b", Syntax::A1111).chunks.remove(0);
+    assert_eq!(&a_b.ids[..6], &[BOS, 320, EOS, 321, EOS, EOS]);
+    assert_eq!(a_b.tokens, 3);
+    let padded_with_0 = chunk(&tok.with_pad_id(0), "a <|endoftext|> b", Syntax::A1111).chunks.remove(0);
+    assert_eq!(&padded_with_0.ids[..6], &[BOS, 320, EOS, 321, EOS, 0]);
+}
+
+/// Prompts may start with `-` or be `--`: they are the option's value.
+#[test]
+fn prompts_may_start_with_a_hyphen() {
+    use sdgen::prompt::{chunk, Syntax};
+    let tok = ClipTokenizer::embedded().unwrap();
+    for prompt in ["-a red fox", "--", "--steps 3"] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdgen"))
+            .args(["tokenize", "--json", "--prompt", prompt])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{prompt:?}: {}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let ids: Vec<u32> = serde_json::from_value(v["chunks"][0]["ids"].clone()).unwrap();
+        assert_eq!(ids, chunk(&tok, prompt, Syntax::A1111).chunks[0].ids, "{prompt:?}");
+    }
+}

@@ -133,6 +133,19 @@ fn random_seed_is_printed_and_stored() {
     assert!(text.contains(&format!("Seed: {seed},")), "{text}");
 }
 
+/// A prompt that starts with `-` (or is `--`) is the prompt, not an option,
+/// and is what the PNG records.
+#[test]
+fn prompts_starting_with_a_hyphen_are_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, prompt) in ["-a red fox", "--"].into_iter().enumerate() {
+        let out = dir.path().join(format!("{i}.png"));
+        run_tiny(&out, &["--prompt", prompt, "--negative-prompt", "-blurry", "--steps", "1", "--quiet"]);
+        let text = sdgen::image_io::read_parameters(&out).unwrap().unwrap();
+        assert!(text.starts_with(&format!("{prompt}\nNegative prompt: -blurry\n")), "{text}");
+    }
+}
+
 /// `--batch-size 3` runs the images of `--batch-count 3` through the UNet
 /// together: same files, same seeds, the same pixels up to float rounding.
 #[test]

@@ -8,22 +8,18 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
-use serde::de::DeserializeOwned;
 
-use super::lora::Patches;
-use super::weights::{Checkpoint, NameMap};
-use super::{model_name, Family, Model, PooledTextEncoder, Preset};
-use crate::models::clip::{Activation, ClipConfig, ClipTextModel};
+use super::assets::display_name;
+use super::family::{Family, Preset};
+use super::lora::{component_weights, Patches};
+use super::model::{vae_dtype, Model, PooledTextEncoder};
+use super::weights::{Checkpoint, Component, NameMap};
+use crate::files::read_json;
+use crate::models::clip::{ClipConfig, ClipTextModel};
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{Vae, VaeConfig};
-use crate::sampling::denoiser::Prediction;
 use crate::sampling::schedule::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
-
-pub fn read_json<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: invalid config", path.display()))
-}
 
 /// The weight files of a component folder whose weights are named `base`
 /// (`diffusion_pytorch_model` or `model`), full precision preferred.
@@ -79,7 +75,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Patc
     // which no standard model's folder has.
     let euler =
         scheduler.class_name.starts_with("EulerAncestralDiscrete") || scheduler.class_name.starts_with("EulerDiscrete");
-    let preset = match Preset::from_name(&model_name(dir)) {
+    let preset = match Preset::from_name(&display_name(dir)) {
         Preset::Standard if euler && scheduler.timestep_spacing.as_deref() == Some("trailing") => Preset::Turbo,
         by_name => by_name,
     };
@@ -87,7 +83,9 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Patc
     let unet_cfg: UNetConfig = read_json(&dir.join("unet/config.json"))?;
     let vae_cfg: VaeConfig = read_json(&dir.join("vae/config.json"))?;
 
-    let (te, text_encoder) = load_text_encoder(&dir.join("text_encoder"), &clip_cfg, dtype, device, patches)?;
+    let family = Family::of_folder(dir)?;
+    let (te, text_encoder) =
+        load_text_encoder(&dir.join("text_encoder"), Component::TextEncoder, &clip_cfg, dtype, device, patches)?;
     // SDXL: a second, pooled text encoder.
     let second = dir.join("text_encoder_2");
     let (te2, text_encoder_2) = if second.is_dir() {
@@ -95,8 +93,8 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Patc
         let Some(projection_dim) = cfg.projection_dim else {
             bail!("{}: config.json has no projection_dim (SDXL's second encoder projects)", second.display());
         };
-        let (ckpt, model) = load_text_encoder(&second, &cfg, dtype, device, patches)?;
-        let vb = ckpt.var_builder(NameMap::prefixed(""), "second text encoder", dtype, device);
+        let (ckpt, model) = load_text_encoder(&second, Component::TextEncoder2, &cfg, dtype, device, patches)?;
+        let vb = component_weights(&ckpt, NameMap::prefixed(""), Component::TextEncoder2, patches, dtype, device);
         let projection = candle_nn::linear_no_bias(cfg.hidden_size, projection_dim, vb.pp("text_projection"))
             .with_context(|| format!("{}: text projection", second.display()))?;
         let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?;
@@ -104,25 +102,17 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Patc
     } else {
         (None, None)
     };
-    let family = match (&text_encoder_2, clip_cfg.hidden_act) {
-        (Some(_), _) => Family::Sdxl,
-        // SD 2.x's OpenCLIP text tower uses exact GELU; SD 1.x's CLIP quick GELU.
-        (None, Activation::Gelu) => Family::Sd2,
-        (None, Activation::QuickGelu) => Family::Sd1,
-    };
-
     let unet_files = weight_files(&dir.join("unet"), "diffusion_pytorch_model")?;
     let unet_ckpt = Checkpoint::open(&unet_files)?;
     if let Some(p) = patches {
-        unet_ckpt.patch_with(p);
         p.set_unet_names(&unet_cfg);
     }
-    let unet = UNet::new(&unet_cfg, unet_ckpt.var_builder(NameMap::prefixed(""), "UNet", dtype, device))
-        .with_context(|| format!("{}: UNet", dir.display()))?;
+    let unet_weights = component_weights(&unet_ckpt, NameMap::prefixed(""), Component::Unet, patches, dtype, device);
+    let unet = UNet::new(&unet_cfg, unet_weights).with_context(|| format!("{}: UNet", dir.display()))?;
 
     let vae_ckpt = Checkpoint::open(&weight_files(&dir.join("vae"), "diffusion_pytorch_model")?)?;
-    let vae_dtype = super::vae_dtype(family, &vae_cfg, dtype);
-    let vae = Vae::new(&vae_cfg, true, vae_ckpt.var_builder(NameMap::prefixed(""), "VAE", vae_dtype, device))
+    let vae_dtype = vae_dtype(family, &vae_cfg, dtype);
+    let vae = Vae::new(&vae_cfg, true, vae_ckpt.var_builder(NameMap::prefixed(""), Component::Vae, vae_dtype, device))
         .with_context(|| format!("{}: VAE", dir.display()))?;
 
     let tok_dir = dir.join("tokenizer");
@@ -134,7 +124,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Patc
         .collect();
     Ok(Model {
         family,
-        name: model_name(dir),
+        name: display_name(dir),
         path: dir.to_path_buf(),
         hash_file: unet_files[0].clone(),
         tokenizer,
@@ -143,7 +133,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Patc
         text_encoder_2,
         unet,
         vae,
-        prediction: Prediction::parse(&scheduler.prediction_type)?,
+        prediction: scheduler.prediction_type.parse()?,
         preset,
         scheduler,
         unused,
@@ -155,17 +145,15 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Patc
 /// weights under `text_model.`.
 fn load_text_encoder(
     dir: &Path,
+    component: Component,
     cfg: &ClipConfig,
     dtype: DType,
     device: &Device,
     patches: Option<&Arc<Patches>>,
 ) -> anyhow::Result<(Arc<Checkpoint>, ClipTextModel)> {
     let ckpt = Checkpoint::open(&weight_files(dir, "model")?)?;
-    if let Some(p) = patches {
-        ckpt.patch_with(p);
-    }
     let prefix = if ckpt.shapes().iter().any(|(n, _)| n.starts_with("text_model.")) { "text_model." } else { "" };
-    let model = ClipTextModel::new(cfg, ckpt.var_builder(NameMap::prefixed(prefix), "text encoder", dtype, device))
-        .with_context(|| format!("{}: text encoder", dir.display()))?;
+    let weights = component_weights(&ckpt, NameMap::prefixed(prefix), component, patches, dtype, device);
+    let model = ClipTextModel::new(cfg, weights).with_context(|| format!("{}: text encoder", dir.display()))?;
     Ok((ckpt, model))
 }

@@ -59,8 +59,8 @@ pub fn read(path: &Path, widths: &[usize]) -> anyhow::Result<Embedding> {
         bail!("{}: embedding has {n} vectors; 1 to 75, the same for each encoder, are usable", path.display());
     }
     Ok(Embedding {
-        name: super::model_name(path),
-        hash: super::catalog::sha256(path)?[..12].to_string(),
+        name: super::assets::display_name(path),
+        hash: super::hashing::short_sha256(path, super::hashing::ADAPTER_HASH_DIGITS)?,
         vectors: per_encoder.into_iter().take(widths.len()).collect(),
     })
 }

@@ -43,7 +43,8 @@ pub fn offline_from_env() -> bool {
 pub fn download_default(models_dir: &Path, progress: bool) -> anyhow::Result<PathBuf> {
     let target = default_model_dir(models_dir);
     let cache = models_dir.join(".hf-cache");
-    let api = hf_hub::api::sync::ApiBuilder::new()
+    // From the environment: HF_ENDPOINT points at a mirror, as huggingface_hub reads it.
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
         .with_cache_dir(cache.clone())
         .with_progress(progress)
         .build()

@@ -367,3 +367,37 @@ fn token_table(t: &Tensors, name: &str) -> anyhow::Result<(usize, usize)> {
         ref other => bail!("`{name}` has shape {other:?}, expected 2 dims"),
     }
 }
+
+/// The names of a checkpoint outside the parts sdgen loads, grouped by their
+/// first two components (`` `double_blocks.0.*` (24) ``), at most five groups.
+pub fn unexpected(t: &Tensors) -> String {
+    // The model's parts, and the training state LDM checkpoints carry.
+    const KNOWN: &[&str] = &[
+        UNET_PREFIX,
+        VAE_PREFIX,
+        "cond_stage_model.",
+        "conditioner.embedders.",
+        "model_ema.",
+        "betas",
+        "alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "sqrt_",
+        "posterior_",
+        "logvar",
+        "lvlb_weights",
+    ];
+    let mut groups = std::collections::BTreeMap::<String, usize>::new();
+    for name in t.names().filter(|n| !KNOWN.iter().any(|k| n.starts_with(k))) {
+        let parts: Vec<&str> = name.splitn(3, '.').collect();
+        let group = if parts.len() > 2 { format!("{}.{}.*", parts[0], parts[1]) } else { name.clone() };
+        *groups.entry(group).or_default() += 1;
+    }
+    if groups.is_empty() {
+        return "none; the text encoder is missing".into();
+    }
+    let mut list: Vec<String> = groups.iter().take(5).map(|(g, n)| format!("`{g}` ({n})")).collect();
+    if groups.len() > 5 {
+        list.push(format!("and {} more groups", groups.len() - 5));
+    }
+    list.join(", ")
+}

@@ -10,40 +10,44 @@
 //! reported, never silently dropped.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, OnceLock};
 
-use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor};
+use anyhow::bail;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
 
-use super::weights::NameMap;
+use super::weights::{Checkpoint, Component, NameMap, Source};
 
-/// Which model a LoRA module patches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Target {
-    Unet,
-    TextEncoder,
-    TextEncoder2,
+/// The kohya prefix of a component's module names.
+fn kohya_prefix(target: Component) -> &'static str {
+    match target {
+        Component::Unet => "lora_unet_",
+        Component::TextEncoder => "lora_te_",
+        Component::TextEncoder2 => "lora_te2_",
+        Component::Vae => "lora_vae_",
+    }
 }
 
-impl Target {
-    /// The kohya prefix of the target's module names.
-    fn prefix(self) -> &'static str {
-        match self {
-            Target::Unet => "lora_unet_",
-            Target::TextEncoder => "lora_te_",
-            Target::TextEncoder2 => "lora_te2_",
-        }
-    }
+/// `NAME_OR_PATH[:WEIGHT]` as `--lora` takes it (the weight after the last
+/// colon, default 1); the name is looked up when the model loads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraArg {
+    pub name: String,
+    pub weight: f32,
+}
 
-    /// The target of a component as the loaders name it.
-    pub fn of_component(component: &str) -> Option<Self> {
-        match component {
-            "UNet" => Some(Target::Unet),
-            "text encoder" => Some(Target::TextEncoder),
-            "second text encoder" => Some(Target::TextEncoder2),
-            _ => None,
-        }
+impl FromStr for LoraArg {
+    type Err = anyhow::Error;
+
+    fn from_str(arg: &str) -> anyhow::Result<Self> {
+        let (name, weight) = match arg.rsplit_once(':') {
+            Some((n, w)) if w.trim().parse::<f32>().is_ok() => (n, w.trim().parse().expect("checked")),
+            _ => (arg, 1.0),
+        };
+        Ok(LoraArg { name: name.to_string(), weight })
     }
 }
 
@@ -57,33 +61,8 @@ pub struct LoraSpec {
 impl LoraSpec {
     /// The name A1111 shows (the file stem).
     pub fn name(&self) -> String {
-        super::model_name(&self.path)
+        super::assets::display_name(&self.path)
     }
-}
-
-/// Finds a LoRA by path, or by name in `<models>/Lora/` or `<models>/loras/`.
-pub fn locate(name: &str, models_dir: &Path) -> anyhow::Result<PathBuf> {
-    let direct = PathBuf::from(name);
-    if direct.is_file() {
-        return Ok(direct);
-    }
-    for sub in ["Lora", "loras", "LoRA", "lora"] {
-        for candidate in [models_dir.join(sub).join(format!("{name}.safetensors")), models_dir.join(sub).join(name)] {
-            if candidate.is_file() {
-                return Ok(candidate);
-            }
-        }
-    }
-    bail!("LoRA {name:?}: no such file, and not in {}/Lora or {}/loras", models_dir.display(), models_dir.display())
-}
-
-/// Parses `NAME_OR_PATH[:WEIGHT]` (the weight after the last colon, default 1).
-pub fn parse_spec(arg: &str, models_dir: &Path) -> anyhow::Result<LoraSpec> {
-    let (name, weight) = match arg.rsplit_once(':') {
-        Some((n, w)) if w.trim().parse::<f32>().is_ok() => (n, w.trim().parse().expect("checked")),
-        _ => (arg, 1.0),
-    };
-    Ok(LoraSpec { path: locate(name, models_dir)?, weight })
 }
 
 /// One low-rank update.
@@ -97,7 +76,7 @@ struct Module {
 /// One LoRA file's updates by (target, module key with underscores).
 struct File {
     name: String,
-    modules: HashMap<(Target, String), Module>,
+    modules: HashMap<(Component, String), Module>,
     /// Keys of the file that are not LoRA tensors sdgen understands.
     unknown: Vec<String>,
 }
@@ -120,7 +99,7 @@ fn read_file(spec: &LoraSpec) -> anyhow::Result<File> {
         up: Option<Tensor>,
         alpha: Option<f32>,
     }
-    let mut parts: BTreeMap<(Target, String), Parts> = BTreeMap::new();
+    let mut parts: BTreeMap<(Component, String), Parts> = BTreeMap::new();
     let mut unknown = Vec::new();
     for (name, t) in &tensors {
         let Some((target, module, part)) = classify(name) else {
@@ -166,15 +145,18 @@ enum Part {
 }
 
 /// (target, module name, part) of a LoRA tensor name in either format.
-fn classify(name: &str) -> Option<(Target, String, Part)> {
-    const KOHYA: &[(&str, Target)] = &[
-        ("lora_unet_", Target::Unet),
-        ("lora_te1_", Target::TextEncoder),
-        ("lora_te2_", Target::TextEncoder2),
-        ("lora_te_", Target::TextEncoder),
+fn classify(name: &str) -> Option<(Component, String, Part)> {
+    const KOHYA: &[(&str, Component)] = &[
+        ("lora_unet_", Component::Unet),
+        ("lora_te1_", Component::TextEncoder),
+        ("lora_te2_", Component::TextEncoder2),
+        ("lora_te_", Component::TextEncoder),
     ];
-    const PEFT: &[(&str, Target)] =
-        &[("unet.", Target::Unet), ("text_encoder_2.", Target::TextEncoder2), ("text_encoder.", Target::TextEncoder)];
+    const PEFT: &[(&str, Component)] = &[
+        ("unet.", Component::Unet),
+        ("text_encoder_2.", Component::TextEncoder2),
+        ("text_encoder.", Component::TextEncoder),
+    ];
     const PARTS: &[(&str, Part)] = &[
         (".lora_down.weight", Part::Down),
         (".lora_up.weight", Part::Up),
@@ -195,7 +177,7 @@ pub struct Patches {
     /// The UNet's original checkpoint names (SDXL kohya LoRAs use them),
     /// known once the UNet's config is.
     unet_ldm: OnceLock<NameMap>,
-    applied: Mutex<BTreeSet<(usize, Target, String)>>,
+    applied: Mutex<BTreeSet<(usize, Component, String)>>,
 }
 
 impl Patches {
@@ -210,19 +192,29 @@ impl Patches {
         let _ = self.unet_ldm.set(super::ldm::unet_names(cfg));
     }
 
-    /// `tensor` (the model's `name` in `component`) with every matching
-    /// update added, in f32.
-    pub fn apply(&self, component: &str, name: &str, tensor: Tensor) -> candle_core::Result<Tensor> {
-        let (Some(target), Some(module)) = (Target::of_component(component), name.strip_suffix(".weight")) else {
-            return Ok(tensor);
-        };
+    /// The module keys the model's `name` in `target` may have in LoRA files.
+    fn keys(&self, target: Component, name: &str) -> Vec<String> {
+        let Some(module) = name.strip_suffix(".weight") else { return Vec::new() };
         let mut keys = vec![module_key(module)];
-        if let (Target::Unet, Some(map)) = (target, self.unet_ldm.get()) {
+        if let (Component::Unet, Some(map)) = (target, self.unet_ldm.get()) {
             if let Some((ldm, _)) = map.rename(name) {
                 let ldm = ldm.strip_prefix(super::ldm::UNET_PREFIX).unwrap_or(&ldm);
                 keys.push(module_key(ldm.strip_suffix(".weight").unwrap_or(ldm)));
             }
         }
+        keys
+    }
+
+    /// Whether any LoRA updates the model's `name` in `target`.
+    fn touches(&self, target: Component, name: &str) -> bool {
+        let keys = self.keys(target, name);
+        self.files.iter().any(|f| keys.iter().any(|k| f.modules.contains_key(&(target, k.clone()))))
+    }
+
+    /// `tensor` (the model's `name` in `target`) with every matching update
+    /// added, in f32.
+    fn apply(&self, target: Component, name: &str, tensor: Tensor) -> candle_core::Result<Tensor> {
+        let keys = self.keys(target, name);
         let mut out = tensor;
         for (i, file) in self.files.iter().enumerate() {
             let Some((key, m)) = keys.iter().find_map(|k| file.modules.get(&(target, k.clone())).map(|m| (k, m)))
@@ -257,7 +249,7 @@ impl Patches {
                     .modules
                     .keys()
                     .filter(|(t, k)| !applied.contains(&(i, *t, k.clone())))
-                    .map(|(t, k)| format!("{}{k}", t.prefix()))
+                    .map(|(t, k)| format!("{}{k}", kohya_prefix(*t)))
                     .collect::<BTreeSet<_>>()
                     .into_iter()
                     .collect();
@@ -283,7 +275,67 @@ impl Patches {
     }
 }
 
-/// First 12 hex digits of a LoRA's SHA-256 (A1111's `Lora hashes`).
-pub fn short_hash(path: &Path) -> anyhow::Result<String> {
-    Ok(super::catalog::sha256(path).with_context(|| format!("{}: hashing", path.display()))?[..12].to_string())
+/// A weight source with LoRAs merged in: the checkpoint knows nothing of
+/// LoRAs, the loaders wrap its sources in this when there are some.
+struct Patched {
+    inner: Source,
+    patches: Arc<Patches>,
+}
+
+impl Patched {
+    fn load(
+        &self,
+        name: &str,
+        read: impl Fn(DType, &Device) -> candle_core::Result<Tensor>,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let target = self.inner.component();
+        if !self.patches.touches(target, name) {
+            return read(dtype, dev);
+        }
+        // Merged in f32 on the CPU, whatever the stored and compute dtypes.
+        let base = read(DType::F32, &Device::Cpu)?;
+        self.patches.apply(target, name, base)?.to_dtype(dtype)?.to_device(dev)
+    }
+}
+
+impl SimpleBackend for Patched {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.load(name, |d, v| self.inner.get(s.clone(), name, init, d, v), dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, |d, v| self.inner.get_unchecked(name, d, v), dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
+}
+
+/// The weights of `component` in `ckpt` (named through `map`), with
+/// `patches` merged in when there are any.
+pub fn component_weights(
+    ckpt: &Arc<Checkpoint>,
+    map: NameMap,
+    component: Component,
+    patches: Option<&Arc<Patches>>,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
+    let source = ckpt.source(map, component);
+    match patches {
+        Some(p) => {
+            VarBuilder::from_backend(Box::new(Patched { inner: source, patches: p.clone() }), dtype, device.clone())
+        }
+        None => VarBuilder::from_backend(Box::new(source), dtype, device.clone()),
+    }
 }

@@ -15,6 +15,28 @@ use candle_nn::{Init, VarBuilder};
 use safetensors::tensor::TensorInfo;
 use safetensors::SafeTensors;
 
+/// The parts of a pipeline that load weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Component {
+    TextEncoder,
+    /// SDXL's second, pooled text encoder.
+    TextEncoder2,
+    Unet,
+    Vae,
+}
+
+impl Component {
+    /// How errors name it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Component::TextEncoder => "text encoder",
+            Component::TextEncoder2 => "second text encoder",
+            Component::Unet => "UNet",
+            Component::Vae => "VAE",
+        }
+    }
+}
+
 /// How a checkpoint tensor becomes the model's tensor.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Transform {
@@ -133,8 +155,6 @@ pub struct Checkpoint {
     tensors: HashMap<String, (usize, u64, TensorInfo)>,
     label: String,
     used: Mutex<HashSet<String>>,
-    /// LoRAs merged into the tensors as they are read.
-    patches: std::sync::OnceLock<Arc<super::lora::Patches>>,
 }
 
 impl Checkpoint {
@@ -174,7 +194,7 @@ impl Checkpoint {
             [first, ..] => format!("{} (+{} shards)", first.display(), paths.len() - 1),
             [] => bail!("no weight files given"),
         };
-        Ok(Arc::new(Self { files, tensors, label, used: Mutex::new(HashSet::new()), patches: Default::default() }))
+        Ok(Arc::new(Self { files, tensors, label, used: Mutex::new(HashSet::new()) }))
     }
 
     /// Reads one tensor as stored (on the CPU).
@@ -219,34 +239,38 @@ impl Checkpoint {
         self.tensors.keys().filter(|n| !used.contains(*n)).cloned().collect()
     }
 
-    /// Merges `patches` into every tensor read from now on.
-    pub fn patch_with(&self, patches: &Arc<super::lora::Patches>) {
-        let _ = self.patches.set(patches.clone());
+    /// `component`'s tensors in this checkpoint, named through `map`.
+    pub fn source(self: &Arc<Self>, map: NameMap, component: Component) -> Source {
+        Source { ckpt: self.clone(), map, component }
     }
 
-    /// A `VarBuilder` reading this checkpoint through `map`, converting to `dtype`.
+    /// A `VarBuilder` reading `component` through `map`, converting to `dtype`.
     pub fn var_builder(
         self: &Arc<Self>,
         map: NameMap,
-        component: &'static str,
+        component: Component,
         dtype: DType,
         device: &Device,
     ) -> VarBuilder<'static> {
-        let backend = Component { ckpt: self.clone(), map, component };
-        VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+        VarBuilder::from_backend(Box::new(self.source(map, component)), dtype, device.clone())
     }
 }
 
-struct Component {
+/// One component's tensors in a checkpoint: a `VarBuilder` backend.
+pub struct Source {
     ckpt: Arc<Checkpoint>,
     map: NameMap,
-    component: &'static str,
+    component: Component,
 }
 
-impl Component {
+impl Source {
+    pub fn component(&self) -> Component {
+        self.component
+    }
+
     fn load(&self, name: &str, shape: Option<&Shape>, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let label = &self.ckpt.label;
-        let what = self.component;
+        let what = self.component.label();
         let (stored, transform) = self.map.rename(name).ok_or_else(|| {
             candle_core::Error::Msg(format!("{label}: no checkpoint name for {what} tensor `{name}`"))
         })?;
@@ -288,15 +312,12 @@ impl Component {
         if let Some(e) = expected.as_ref().filter(|e| t.dims() != e.as_slice()) {
             t = t.reshape(e.as_slice())?;
         }
-        if let Some(patches) = self.ckpt.patches.get() {
-            t = patches.apply(self.component, name, t)?;
-        }
         self.ckpt.used.lock().expect("lock").insert(stored);
         t.to_dtype(dtype)?.to_device(dev)
     }
 }
 
-impl SimpleBackend for Component {
+impl SimpleBackend for Source {
     fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         self.load(name, Some(&s), dtype, dev)
     }

@@ -1,5 +1,6 @@
 //! Model code: the CLIP text encoder, the UNet and the VAE, built on candle-nn
-//! layers from a `VarBuilder` whose tensor names are diffusers' names.
+//! layers from a `VarBuilder` whose tensor names are diffusers' names; the
+//! [`Backbone`] seam the denoiser drives.
 
 pub mod attention;
 pub mod blocks;
@@ -9,7 +10,42 @@ pub mod vae;
 
 use std::collections::HashMap;
 
+use candle_core::{DType, Result, Tensor};
 use serde::Deserialize;
+
+/// What a backbone is conditioned on for one batch.
+pub struct BackboneConditioning<'a> {
+    /// The text states it attends to, `(B, L, D)`.
+    pub context: &'a Tensor,
+    /// An LCM UNet's embedded guidance scale, `(B, d)`.
+    pub guidance: Option<&'a Tensor>,
+    /// SDXL's pooled text and size numbers.
+    pub text_time: Option<unet::TextTime<'a>>,
+}
+
+/// A denoising network (the UNet today; MMDiT next): the model output (ε,
+/// v, …, as its parameterisation says) for a scaled sample at timestep `t`.
+pub trait Backbone {
+    fn dtype(&self) -> DType;
+    /// The width of the guidance-scale embedding it takes instead of
+    /// classifier-free guidance (LCM), if any.
+    fn guidance_dim(&self) -> Option<usize>;
+    fn forward(&self, sample: &Tensor, t: f32, cond: &BackboneConditioning) -> Result<Tensor>;
+}
+
+impl Backbone for unet::UNet {
+    fn dtype(&self) -> DType {
+        unet::UNet::dtype(self)
+    }
+
+    fn guidance_dim(&self) -> Option<usize> {
+        self.config.time_cond_proj_dim
+    }
+
+    fn forward(&self, sample: &Tensor, t: f32, cond: &BackboneConditioning) -> Result<Tensor> {
+        self.forward_with(sample, t, cond.context, cond.guidance, cond.text_time.as_ref())
+    }
+}
 
 /// serde default for numeric config fields: `#[serde(default = "value::<N>")]`.
 pub(crate) fn value<const N: usize>() -> usize {

@@ -211,8 +211,10 @@ pub enum Tiling {
     Never,
 }
 
-impl Tiling {
-    pub fn parse(s: &str) -> anyhow::Result<Self> {
+impl std::str::FromStr for Tiling {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
         Ok(match s.trim().to_ascii_lowercase().as_str() {
             "auto" => Tiling::Auto,
             "on" | "always" => Tiling::Always,

@@ -1,10 +1,12 @@
-//! The denoiser wrapper `(x, σ) → x̂₀` around the UNet: input scaling,
-//! timestep lookup, classifier-free guidance, and ε/v prediction. Samplers
-//! see only this.
+//! The denoiser `(x, σ) → x̂₀` samplers see, in k-diffusion-style layers
+//! around a [`Backbone`]: its conditioning ([`Conditioned`]), guidance
+//! ([`Guided`]), and the output's parameterisation with the σ-space input
+//! scaling ([`Denoiser`]).
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
-use crate::models::unet::{TextTime, UNet};
+use crate::models::unet::TextTime;
+use crate::models::{Backbone, BackboneConditioning};
 use crate::sampling::schedule::Schedule;
 
 /// What the UNet predicts.
@@ -14,16 +16,20 @@ pub enum Prediction {
     V,
 }
 
-impl Prediction {
-    /// diffusers' `prediction_type` values, and `eps` / `v` as the CLI says them.
-    pub fn parse(s: &str) -> anyhow::Result<Self> {
+/// diffusers' `prediction_type` values, and `eps` / `v` as the CLI says them.
+impl std::str::FromStr for Prediction {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
         match s {
             "epsilon" | "eps" => Ok(Prediction::Epsilon),
             "v_prediction" | "v" => Ok(Prediction::V),
             other => anyhow::bail!("prediction type {other:?} is not supported; use eps or v"),
         }
     }
+}
 
+impl Prediction {
     pub fn name(self) -> &'static str {
         match self {
             Prediction::Epsilon => "eps",
@@ -62,44 +68,34 @@ pub struct Conditioning {
     pub time_ids: Option<Tensor>,
 }
 
-pub struct UNetDenoiser<'a> {
-    unet: &'a UNet,
-    schedule: &'a Schedule,
-    prediction: Prediction,
-    /// `[uncond; cond]` when guided, else `cond`.
+/// Layer 1: the backbone with its conditioning for one batch: the text
+/// context, SDXL's added embeddings, an inpainting UNet's extra input
+/// channels, an LCM UNet's embedded guidance scale. With guidance its rows
+/// are the negative prompts' then the prompts', as diffusers batches them.
+pub struct Conditioned<'a> {
+    backbone: &'a dyn Backbone,
     context: Tensor,
     /// SDXL's pooled embeddings and size numbers, batched like `context`.
     added: Option<(Tensor, Tensor)>,
-    cfg_scale: Option<f64>,
-    /// Channels appended to the scaled sample (an inpainting UNet's latent
-    /// mask and masked-image latents).
+    /// Channels appended to the scaled sample, per image.
     extra: Option<Tensor>,
-    /// LCM UNets: the embedded guidance scale, in place of guidance.
     guidance: Option<Tensor>,
 }
 
-impl<'a> UNetDenoiser<'a> {
-    /// Guidance runs only for `cfg_scale > 1` (with a negative embedding), as
-    /// in diffusers; otherwise one conditional UNet pass per step.
-    pub fn new(
-        unet: &'a UNet,
-        schedule: &'a Schedule,
-        prediction: Prediction,
-        c: &Conditioning,
-        extra: Option<Tensor>,
-    ) -> Result<Self> {
+impl<'a> Conditioned<'a> {
+    /// `guided`: rows for the negative prompts come first.
+    fn new(backbone: &'a dyn Backbone, c: &Conditioning, extra: Option<Tensor>, guided: bool) -> Result<Self> {
+        let dtype = backbone.dtype();
         let batch = c.cond.context.dim(0)?;
-        // An LCM UNet embeds w = cfg − 1 and runs once, unguided.
-        let guidance = match unet.config.time_cond_proj_dim {
+        let guidance = match backbone.guidance_dim() {
             Some(dim) => Some(
                 crate::models::unet::guidance_embedding(c.cfg_scale as f32 - 1.0, dim, c.cond.context.device())?
                     .repeat((batch, 1))?
-                    .to_dtype(unet.dtype())?,
+                    .to_dtype(dtype)?,
             ),
             None => None,
         };
-        let uncond = c.uncond.as_ref().filter(|_| c.cfg_scale > 1.0 && guidance.is_none());
-        // The negative rows first, as diffusers batches them.
+        let uncond = c.uncond.as_ref().filter(|_| guided);
         let both = |u: &Tensor, c: &Tensor| match uncond {
             Some(_) => Tensor::cat(&[u, c], 0),
             None => Ok(c.clone()),
@@ -115,39 +111,77 @@ impl<'a> UNetDenoiser<'a> {
                     Some(None) => candle_core::bail!("the negative prompt has no pooled embedding"),
                     None => pooled.clone(),
                 };
-                Some((pooled.to_dtype(unet.dtype())?, both(ids, ids)?))
+                Some((pooled.to_dtype(dtype)?, both(ids, ids)?))
             }
             _ => None,
         };
-        let context = context.to_dtype(unet.dtype())?;
-        let cfg_scale = uncond.map(|_| c.cfg_scale);
-        Ok(Self { unet, schedule, prediction, context, added, cfg_scale, extra, guidance })
+        Ok(Self { backbone, context: context.to_dtype(dtype)?, added, extra, guidance })
+    }
+
+    /// The backbone's output for `input` (in the backbone's dtype, `rows`
+    /// = 1 or 2 copies of the batch) at timestep `t`, cast to `dtype`.
+    fn output(&self, input: &Tensor, rows: usize, t: f32, dtype: DType) -> Result<Tensor> {
+        let input = match &self.extra {
+            Some(extra) => Tensor::cat(&[input, &Tensor::cat(&vec![extra; rows], 0)?], 1)?,
+            None => input.clone(),
+        };
+        let text_time = self.added.as_ref().map(|(text_embeds, time_ids)| TextTime { text_embeds, time_ids });
+        let guidance = self.guidance.as_ref().filter(|_| rows == 1);
+        let cond = BackboneConditioning { context: &self.context, guidance, text_time };
+        self.backbone.forward(&input, t, &cond)?.to_dtype(dtype)
     }
 }
 
-impl Denoise for UNetDenoiser<'_> {
+/// Layer 2: classifier-free guidance over the model output:
+/// `uncond + scale · (cond − uncond)`, or the prompts alone.
+pub struct Guided<'a> {
+    inner: Conditioned<'a>,
+    scale: Option<f64>,
+}
+
+impl Guided<'_> {
+    fn output(&self, input: &Tensor, t: f32, dtype: DType) -> Result<Tensor> {
+        let Some(scale) = self.scale else { return self.inner.output(input, 1, t, dtype) };
+        let both = self.inner.output(&Tensor::cat(&[input, input], 0)?, 2, t, dtype)?;
+        let b = input.dim(0)?;
+        let (uncond, cond) = (both.narrow(0, 0, b)?, both.narrow(0, b, b)?);
+        &uncond + ((cond - &uncond)? * scale)?
+    }
+}
+
+/// Layer 3, what samplers see: σ-space in, x̂₀ out. Scales the input for
+/// the backbone, looks up the timestep of σ, and reads the guided output
+/// as its parameterisation says (ε or v).
+pub struct Denoiser<'a> {
+    inner: Guided<'a>,
+    schedule: &'a Schedule,
+    prediction: Prediction,
+}
+
+impl<'a> Denoiser<'a> {
+    /// Guidance runs only for `cfg_scale > 1` with a negative embedding and
+    /// a backbone without embedded guidance, as in diffusers; otherwise one
+    /// conditional pass per step.
+    pub fn new(
+        backbone: &'a dyn Backbone,
+        schedule: &'a Schedule,
+        prediction: Prediction,
+        c: &Conditioning,
+        extra: Option<Tensor>,
+    ) -> Result<Self> {
+        let guided = c.uncond.is_some() && c.cfg_scale > 1.0 && backbone.guidance_dim().is_none();
+        let inner = Conditioned::new(backbone, c, extra, guided)?;
+        Ok(Self { inner: Guided { inner, scale: guided.then_some(c.cfg_scale) }, schedule, prediction })
+    }
+}
+
+impl Denoise for Denoiser<'_> {
     fn denoise(&mut self, x: &Tensor, sigma: f32) -> anyhow::Result<Tensor> {
         let t = self.schedule.timestep(sigma);
         let c_in = (sigma * sigma + 1.0).sqrt() as f64;
-        // The sampler's latents are f32; the UNet runs in its own dtype.
-        let scaled = (x / c_in)?.to_dtype(self.unet.dtype())?;
-        let input = match &self.extra {
-            Some(extra) => Tensor::cat(&[&scaled, extra], 1)?,
-            None => scaled,
-        };
-        let added = self.added.as_ref().map(|(text_embeds, time_ids)| TextTime { text_embeds, time_ids });
-        let forward = |input: &Tensor, guidance: Option<&Tensor>| -> Result<Tensor> {
-            self.unet.forward_with(input, t, &self.context, guidance, added.as_ref())?.to_dtype(x.dtype())
-        };
-        let out = match self.cfg_scale {
-            Some(scale) => {
-                let both = forward(&Tensor::cat(&[&input, &input], 0)?, None)?;
-                let b = x.dim(0)?;
-                let (uncond, cond) = (both.narrow(0, 0, b)?, both.narrow(0, b, b)?);
-                (&uncond + ((cond - &uncond)? * scale)?)?
-            }
-            None => forward(&input, self.guidance.as_ref())?,
-        };
+        // The sampler's latents are f32; the backbone runs in its own dtype.
+        let scaled = (x / c_in)?.to_dtype(self.inner.inner.backbone.dtype())?;
+        let out = self.inner.output(&scaled, t, x.dtype())?;
         let s = sigma as f64;
         Ok(match self.prediction {
             Prediction::Epsilon => (x - (out * s)?)?,

@@ -25,6 +25,8 @@
 //! - `ddim`: DDIMScheduler (η = 0): an Euler step between σ(ᾱ_t) and
 //!   σ(ᾱ_prev), ending at ᾱ₀.
 
+use std::str::FromStr;
+
 use anyhow::bail;
 use candle_core::{Device, Tensor};
 
@@ -73,33 +75,6 @@ pub const SAMPLERS: &[(Sampler, &str, &str, bool, &str)] = &[
 impl Sampler {
     fn row(self) -> &'static (Sampler, &'static str, &'static str, bool, &'static str) {
         SAMPLERS.iter().find(|r| r.0 == self).expect("every sampler has a row")
-    }
-
-    /// A sampler by its name (ComfyUI style, e.g. `dpmpp_2m`) or A1111
-    /// display name (`DPM++ 2M`, case-insensitive); an A1111 name may carry
-    /// its schedule (`DPM++ 2M Karras`), returned beside it.
-    pub fn parse_with_schedule(name: &str) -> anyhow::Result<(Self, Option<ScheduleKind>)> {
-        let lower = name.trim().to_ascii_lowercase();
-        for (suffix, kind) in [(" karras", ScheduleKind::Karras), (" exponential", ScheduleKind::Exponential)] {
-            if let Some(base) = lower.strip_suffix(suffix) {
-                return Ok((Self::parse(base)?, Some(kind)));
-            }
-        }
-        Ok((Self::parse(&lower)?, None))
-    }
-
-    pub fn parse(name: &str) -> anyhow::Result<Self> {
-        let lower = name.trim().to_ascii_lowercase();
-        let aliases = [("euler_ancestral", Sampler::EulerAncestral), ("k_lms", Sampler::Lms), ("plms", Sampler::Plms)];
-        if let Some((_, s)) = aliases.iter().find(|(a, _)| *a == lower) {
-            return Ok(*s);
-        }
-        if let Some(row) = SAMPLERS.iter().find(|r| r.1 == lower || r.2.to_ascii_lowercase() == lower) {
-            return Ok(row.0);
-        }
-        let names: Vec<&str> = SAMPLERS.iter().map(|r| r.1).collect();
-        let closest = names.iter().min_by_key(|n| edit_distance(n, &lower)).expect("samplers exist");
-        bail!("unknown sampler {name:?} (did you mean {closest}?); available: {}", names.join(", "))
     }
 
     pub fn name(self) -> &'static str {
@@ -170,23 +145,69 @@ impl Sampler {
     }
 }
 
+/// A sampler by its name (ComfyUI style, e.g. `dpmpp_2m`) or A1111 display
+/// name (`DPM++ 2M`), case-insensitive.
+impl FromStr for Sampler {
+    type Err = anyhow::Error;
+
+    fn from_str(name: &str) -> anyhow::Result<Self> {
+        let lower = name.trim().to_ascii_lowercase();
+        let aliases = [("euler_ancestral", Sampler::EulerAncestral), ("k_lms", Sampler::Lms), ("plms", Sampler::Plms)];
+        if let Some((_, s)) = aliases.iter().find(|(a, _)| *a == lower) {
+            return Ok(*s);
+        }
+        if let Some(row) = SAMPLERS.iter().find(|r| r.1 == lower || r.2.to_ascii_lowercase() == lower) {
+            return Ok(row.0);
+        }
+        let names: Vec<&str> = SAMPLERS.iter().map(|r| r.1).collect();
+        let closest = names.iter().min_by_key(|n| edit_distance(n, &lower)).expect("samplers exist");
+        bail!("unknown sampler {name:?} (did you mean {closest}?); available: {}", names.join(", "))
+    }
+}
+
+/// A sampler as the user names it: an A1111 name may carry its schedule
+/// (`DPM++ 2M Karras`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SamplerName {
+    pub sampler: Sampler,
+    pub schedule: Option<ScheduleKind>,
+}
+
+impl FromStr for SamplerName {
+    type Err = anyhow::Error;
+
+    fn from_str(name: &str) -> anyhow::Result<Self> {
+        let lower = name.trim().to_ascii_lowercase();
+        for (suffix, kind) in [(" karras", ScheduleKind::Karras), (" exponential", ScheduleKind::Exponential)] {
+            if let Some(base) = lower.strip_suffix(suffix) {
+                return Ok(Self { sampler: base.parse()?, schedule: Some(kind) });
+            }
+        }
+        Ok(Self { sampler: lower.parse()?, schedule: None })
+    }
+}
+
 /// The sampler and schedule the user asked for: `--sampler` (an A1111 name
 /// may include the schedule) and `--schedule`; neither means the model's
 /// `default` (A1111's DPM++ 2M with the Karras schedule for most); a sampler
 /// alone runs with its scheduler's own spacing.
 pub fn resolve(
-    sampler: Option<&str>,
-    schedule: Option<&str>,
+    sampler: Option<SamplerName>,
+    schedule: Option<ScheduleKind>,
     default: (Sampler, ScheduleKind),
 ) -> anyhow::Result<(Sampler, ScheduleKind)> {
-    let schedule = schedule.map(ScheduleKind::parse).transpose()?;
-    let Some(name) = sampler else {
+    let Some(SamplerName { sampler, schedule: implied }) = sampler else {
         return Ok((default.0, schedule.unwrap_or(default.1)));
     };
-    let (sampler, implied) = Sampler::parse_with_schedule(name)?;
     match (implied, schedule) {
         (Some(a), Some(b)) if a != b => {
-            bail!("--sampler {name:?} implies the {} schedule but --schedule says {}", a.name(), b.name())
+            bail!(
+                "--sampler {} {} implies the {} schedule but --schedule says {}",
+                sampler.a1111_name(),
+                a.a1111_name(),
+                a.name(),
+                b.name()
+            )
         }
         (a, b) => Ok((sampler, b.or(a).unwrap_or(ScheduleKind::Normal))),
     }
@@ -622,17 +643,17 @@ mod tests {
 
     #[test]
     fn names_aliases_and_suggestions() {
-        assert_eq!(Sampler::parse("DPM++ 2M").unwrap(), Sampler::DpmPP2M);
-        assert_eq!(Sampler::parse("euler a").unwrap(), Sampler::EulerAncestral);
+        assert_eq!("DPM++ 2M".parse::<Sampler>().unwrap(), Sampler::DpmPP2M);
+        assert_eq!("euler a".parse::<Sampler>().unwrap(), Sampler::EulerAncestral);
         assert_eq!(
-            Sampler::parse_with_schedule("DPM++ 2M Karras").unwrap(),
-            (Sampler::DpmPP2M, Some(ScheduleKind::Karras))
+            "DPM++ 2M Karras".parse::<SamplerName>().unwrap(),
+            SamplerName { sampler: Sampler::DpmPP2M, schedule: Some(ScheduleKind::Karras) }
         );
-        let err = Sampler::parse("dpmpp_2n").unwrap_err().to_string();
+        let err = "dpmpp_2n".parse::<Sampler>().unwrap_err().to_string();
         assert!(err.contains("did you mean dpmpp_2m"), "{err}");
         for row in SAMPLERS {
-            assert_eq!(Sampler::parse(row.1).unwrap(), row.0);
-            assert_eq!(Sampler::parse(row.2).unwrap(), row.0);
+            assert_eq!(row.1.parse::<Sampler>().unwrap(), row.0);
+            assert_eq!(row.2.parse::<Sampler>().unwrap(), row.0);
         }
     }
 

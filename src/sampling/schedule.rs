@@ -191,8 +191,10 @@ pub const SCHEDULE_NAMES: &[(&str, &str)] = &[
     ("linspace", "timesteps evenly spread over the whole training range"),
 ];
 
-impl ScheduleKind {
-    pub fn parse(name: &str) -> anyhow::Result<Self> {
+impl std::str::FromStr for ScheduleKind {
+    type Err = anyhow::Error;
+
+    fn from_str(name: &str) -> anyhow::Result<Self> {
         Ok(match name.trim().to_ascii_lowercase().as_str() {
             "normal" | "automatic" | "default" => ScheduleKind::Normal,
             "karras" => ScheduleKind::Karras,
@@ -207,7 +209,9 @@ impl ScheduleKind {
             }
         })
     }
+}
 
+impl ScheduleKind {
     pub fn name(self) -> &'static str {
         match self {
             ScheduleKind::Normal => "normal",

@@ -4,6 +4,16 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use sdgen::device::{DeviceSpec, Precision};
+use sdgen::loading::lora::LoraArg;
+use sdgen::loading::Preset;
+use sdgen::models::vae::Tiling;
+use sdgen::prompt::Syntax;
+use sdgen::request::{Size, TopLeft};
+use sdgen::sampling::denoiser::Prediction;
+use sdgen::sampling::samplers::SamplerName;
+use sdgen::sampling::schedule::ScheduleKind;
+use sdgen::settings::{SessionSettings, Settings};
 
 /// Stable Diffusion on the command line: txt2img (no subcommand), img2img,
 /// inpaint, outpaint, batch, replay.
@@ -102,7 +112,7 @@ pub enum Command {
     /// Show how a prompt is split into tokens and chunks, with each token's
     /// weight, as the text encoder gets them.
     Tokenize {
-        #[arg(long, short)]
+        #[arg(long, short, allow_hyphen_values = true)]
         prompt: String,
         /// Use this model's tokenizer [default: CLIP's, as SD 1.x].
         #[arg(long, value_name = "NAME|PATH")]
@@ -111,7 +121,7 @@ pub enum Command {
         models: ModelsDir,
         /// a1111 or plain [default: a1111].
         #[arg(long, value_name = "a1111|plain")]
-        prompt_syntax: Option<String>,
+        prompt_syntax: Option<Syntax>,
         /// `{"chunks": [{"ids": [...], "weights": [...]}], "token_count": N}`.
         #[arg(long)]
         json: bool,
@@ -164,10 +174,10 @@ pub enum DevCommand {
         #[arg(long)]
         no_decode: bool,
         #[arg(long, default_value = "auto")]
-        device: String,
+        device: DeviceSpec,
         /// f32, f16 or bf16 [default: f32 on CPU, f16 on GPU].
         #[arg(long)]
-        dtype: Option<String>,
+        dtype: Option<Precision>,
     },
     /// Measure the matrix-multiply rate of this build's backend (the peak
     /// that benchmarks compare achieved GFLOP/s against); prints JSON.
@@ -179,10 +189,10 @@ pub enum DevCommand {
         #[arg(long, default_value_t = 5)]
         repeat: usize,
         #[arg(long, default_value = "auto")]
-        device: String,
+        device: DeviceSpec,
         /// f32, f16 or bf16 [default: f32 on CPU, f16 on GPU].
         #[arg(long)]
-        dtype: Option<String>,
+        dtype: Option<Precision>,
     },
 }
 
@@ -222,10 +232,10 @@ pub struct Common {
     #[command(flatten)]
     pub models: ModelsDir,
     /// What to draw (required except for batch and replay).
-    #[arg(long, short)]
+    #[arg(long, short, allow_hyphen_values = true)]
     pub prompt: Option<String>,
     /// What to steer away from [default: none].
-    #[arg(long, short)]
+    #[arg(long, short, allow_hyphen_values = true)]
     pub negative_prompt: Option<String>,
     /// Random seed [default: random, printed and stored in the PNG; for
     /// batch, the base seed of the file].
@@ -247,16 +257,16 @@ pub struct Common {
     /// Sampler: a name from `sdgen samplers` (e.g. dpmpp_2m, euler_a) or an
     /// A1111 name ("DPM++ 2M Karras") [default: dpmpp_2m with karras].
     #[arg(long)]
-    pub sampler: Option<String>,
+    pub sampler: Option<SamplerName>,
     /// Schedule: normal, karras, exponential, beta, trailing, leading,
     /// linspace [default: karras with the default sampler, else normal].
     #[arg(long)]
-    pub schedule: Option<String>,
+    pub schedule: Option<ScheduleKind>,
     /// A LoRA merged into the weights: a path, or a name in <models>/Lora/
     /// or <models>/loras/, with an optional weight (`fluffy:0.8`);
     /// repeatable. `<lora:NAME:WEIGHT>` in the prompt does the same.
     #[arg(long, value_name = "NAME|PATH[:WEIGHT]")]
-    pub lora: Vec<String>,
+    pub lora: Vec<LoraArg>,
     /// Another VAE: a single .safetensors file (original or diffusers names),
     /// a path or a name in <models>/VAE/.
     #[arg(long, value_name = "NAME|PATH")]
@@ -265,7 +275,7 @@ pub struct Common {
     /// length in 75-token chunks) or plain (literal text cut at 75 tokens,
     /// as diffusers) [default: a1111].
     #[arg(long, value_name = "a1111|plain")]
-    pub prompt_syntax: Option<String>,
+    pub prompt_syntax: Option<Syntax>,
     /// Use the text encoder's output N − 1 layers before its usual one
     /// (A1111's "Clip skip"; diffusers' clip_skip = N − 1) [default: 1].
     #[arg(long, value_name = "N")]
@@ -273,13 +283,13 @@ pub struct Common {
     /// SDXL size conditioning: the original size to condition on, WIDTHxHEIGHT
     /// [default: the output size].
     #[arg(long, value_name = "WxH")]
-    pub original_size: Option<String>,
+    pub original_size: Option<Size>,
     /// SDXL size conditioning: the crop's top-left corner, TOP,LEFT in pixels [default: 0,0].
     #[arg(long, value_name = "TOP,LEFT")]
-    pub crop_top_left: Option<String>,
+    pub crop_top_left: Option<TopLeft>,
     /// SDXL size conditioning: the target size, WIDTHxHEIGHT [default: the output size].
     #[arg(long, value_name = "WxH")]
-    pub target_size: Option<String>,
+    pub target_size: Option<Size>,
     /// Number of images; image i uses seed + i [default: 1].
     #[arg(long)]
     pub batch_count: Option<usize>,
@@ -290,18 +300,18 @@ pub struct Common {
     pub batch_size: Option<usize>,
     /// auto (CUDA, then Metal, then CPU), cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "auto")]
-    pub device: String,
+    pub device: DeviceSpec,
     /// f32, f16 or bf16 [default: f32 on CPU, f16 on GPU].
     #[arg(long)]
-    pub dtype: Option<String>,
+    pub dtype: Option<Precision>,
     /// standard or turbo (1 step of euler_a on trailing timesteps, no
     /// guidance) [default: turbo when the model's name says so].
     #[arg(long, value_name = "standard|turbo")]
-    pub preset: Option<String>,
+    pub preset: Option<Preset>,
     /// What the UNet predicts: eps or v [default: the folder's scheduler
     /// config; for SD 2.x single files, detected from the weights].
     #[arg(long, value_name = "eps|v")]
-    pub prediction: Option<String>,
+    pub prediction: Option<Prediction>,
     /// Output PNG; with --batch-count N > 1, NAME-0.png … NAME-(N-1).png
     /// [default: sdgen.png; for replay, IMAGE-replay.png].
     #[arg(long, short)]
@@ -319,7 +329,7 @@ pub struct Common {
     /// memory: auto (above ~800² on SD models), on or off. Tiles differ
     /// slightly from a whole pass.
     #[arg(long, value_name = "auto|on|off", default_value = "auto")]
-    pub vae_tiling: String,
+    pub vae_tiling: Tiling,
     /// Print per-phase timings (load, text encoding, each UNet step, VAE
     /// decode, peak memory) as one JSON line on stderr.
     #[arg(long)]
@@ -327,25 +337,42 @@ pub struct Common {
 }
 
 impl Common {
-    /// The per-image options as batch defaults (the seed is the file's base
-    /// seed, not a per-job one).
-    pub fn job_defaults(&self) -> sdgen::batch::JobOptions {
-        sdgen::batch::JobOptions {
+    /// The per-image settings the command line gives.
+    pub fn settings(&self) -> Settings {
+        Settings {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
-            seed: None,
+            seed: self.seed,
             steps: self.steps,
             cfg_scale: self.cfg_scale,
             width: self.width,
             height: self.height,
-            sampler: self.sampler.clone(),
-            schedule: self.schedule.clone(),
+            sampler: self.sampler,
+            schedule: self.schedule,
             batch_count: self.batch_count,
             clip_skip: self.clip_skip,
-            prompt_syntax: self.prompt_syntax.clone(),
-            original_size: self.original_size.clone(),
-            crop_top_left: self.crop_top_left.clone(),
-            target_size: self.target_size.clone(),
+            prompt_syntax: self.prompt_syntax,
+            original_size: self.original_size,
+            crop_top_left: self.crop_top_left,
+            target_size: self.target_size,
+        }
+    }
+
+    /// What the session is opened with.
+    pub fn session_settings(&self) -> SessionSettings {
+        SessionSettings {
+            model: self.model.clone(),
+            models_dir: self.models.models_dir.clone(),
+            device: self.device,
+            dtype: self.dtype,
+            preset: self.preset,
+            prediction: self.prediction,
+            vae_tiling: self.vae_tiling,
+            loras: self.lora.clone(),
+            vae: self.vae.clone(),
+            offline: self.offline,
+            quiet: self.quiet,
+            batch_size: self.batch_size.unwrap_or(1),
         }
     }
 }

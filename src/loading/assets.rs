@@ -1,0 +1,159 @@
+//! Finding what the user names: a model (`--model`), a LoRA (`--lora`,
+//! `<lora:…>`), a VAE (`--vae`) and the embeddings folder, each by path or
+//! by name in the models dir, in the subfolders A1111 and ComfyUI use.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+
+/// What a name is looked up as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asset {
+    Model,
+    Lora,
+    Vae,
+}
+
+impl Asset {
+    /// The subfolders of the models dir it may be in.
+    fn subfolders(self) -> &'static [&'static str] {
+        match self {
+            Asset::Model => SUBFOLDERS,
+            Asset::Lora => &["Lora", "loras", "LoRA", "lora"],
+            Asset::Vae => &["VAE", "vae"],
+        }
+    }
+
+    /// Whether a name in the models dir resolved to `p`.
+    fn fits(self, p: &Path) -> bool {
+        match self {
+            Asset::Model => is_checkpoint_file(p) || is_diffusers_folder(p),
+            Asset::Lora | Asset::Vae => p.is_file(),
+        }
+    }
+}
+
+/// `name` as a path (any file, or for a model a diffusers folder), else
+/// `NAME.safetensors` or `NAME` in the models dir's subfolders for `kind`.
+pub fn find(kind: Asset, name: &str, models_dir: &Path) -> anyhow::Result<PathBuf> {
+    let direct = PathBuf::from(name);
+    if direct.is_file() || (kind == Asset::Model && is_diffusers_folder(&direct)) {
+        return Ok(direct);
+    }
+    if kind == Asset::Model && direct.is_dir() {
+        bail!("{}: folder has no model_index.json, so it is not a diffusers model folder", direct.display());
+    }
+    for sub in kind.subfolders() {
+        let base = models_dir.join(sub);
+        for candidate in [base.join(format!("{name}.safetensors")), base.join(name)] {
+            if kind.fits(&candidate) {
+                return Ok(candidate);
+            }
+        }
+    }
+    let dir = models_dir.display();
+    match kind {
+        Asset::Model => {
+            let known: Vec<String> = list_models(models_dir).iter().map(|p| display_name(p)).collect();
+            let hint = if known.is_empty() {
+                "it holds no models".to_string()
+            } else {
+                format!("it holds: {}", known.join(", "))
+            };
+            bail!("model {name:?}: no such file, and not found in {dir} ({hint})")
+        }
+        Asset::Lora => bail!("LoRA {name:?}: no such file, and not in {dir}/Lora or {dir}/loras"),
+        Asset::Vae => bail!("--vae {name:?}: no such file, and not in {dir}/VAE"),
+    }
+}
+
+/// The textual-inversion embeddings folder.
+pub fn embeddings_dir(models_dir: &Path) -> PathBuf {
+    models_dir.join("embeddings")
+}
+
+/// The name A1111 shows for a model or adapter path: the file stem or folder name.
+pub fn display_name(path: &Path) -> String {
+    let name = if path.is_dir() { path.file_name() } else { path.file_stem() };
+    name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
+}
+
+/// Subfolders of the models dir that other tools keep checkpoints in.
+pub const SUBFOLDERS: &[&str] = &["", "Stable-diffusion", "checkpoints"];
+
+/// What `--model` (or its absence) resolved to.
+#[derive(Debug, PartialEq)]
+pub enum Located {
+    Found(PathBuf),
+    /// The models dir holds no model at all.
+    Nothing,
+}
+
+fn is_diffusers_folder(p: &Path) -> bool {
+    p.join("model_index.json").is_file()
+}
+
+fn is_checkpoint_file(p: &Path) -> bool {
+    p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+}
+
+/// Every model in the models dir and its known subfolders, sorted.
+pub fn list_models(models_dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for sub in SUBFOLDERS {
+        let Ok(entries) = std::fs::read_dir(models_dir.join(sub)) else { continue };
+        for entry in entries.flatten() {
+            let p = entry.path();
+            if is_checkpoint_file(&p) || is_diffusers_folder(&p) {
+                found.push(p);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Resolves `--model` ([`find`]); without one, the only model in the models dir.
+pub fn locate(model: Option<&str>, models_dir: &Path) -> anyhow::Result<Located> {
+    let Some(model) = model else {
+        let all = list_models(models_dir);
+        return match all.as_slice() {
+            [] => Ok(Located::Nothing),
+            [one] => Ok(Located::Found(one.clone())),
+            many => {
+                let names: Vec<String> = many.iter().map(|p| p.display().to_string()).collect();
+                bail!(
+                    "{} models found in {}; choose one with --model: {}",
+                    many.len(),
+                    models_dir.display(),
+                    names.join(", ")
+                )
+            }
+        };
+    };
+    find(Asset::Model, model, models_dir).map(Located::Found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_by_name_in_subfolders_and_lists_ambiguity() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("Stable-diffusion")).unwrap();
+        std::fs::write(dir.path().join("Stable-diffusion/a.safetensors"), b"x").unwrap();
+        std::fs::create_dir_all(dir.path().join("b")).unwrap();
+        std::fs::write(dir.path().join("b/model_index.json"), b"{}").unwrap();
+        assert_eq!(
+            locate(Some("a"), dir.path()).unwrap(),
+            Located::Found(dir.path().join("Stable-diffusion/a.safetensors"))
+        );
+        assert_eq!(locate(Some("b"), dir.path()).unwrap(), Located::Found(dir.path().join("b")));
+        let err = locate(None, dir.path()).unwrap_err().to_string();
+        assert!(err.contains("2 models found"), "{err}");
+        assert!(locate(Some("c"), dir.path()).unwrap_err().to_string().contains("holds: a, b"));
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(locate(None, empty.path()).unwrap(), Located::Nothing);
+    }
+}

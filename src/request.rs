@@ -1,0 +1,188 @@
+//! One generation job, fully resolved: what the pipeline runs. Built from
+//! [`crate::settings::Settings`] over a model's defaults; checked here, once,
+//! whoever built it (command line, batch file, PNG replay, server).
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::bail;
+
+use crate::editing::Mask;
+use crate::image_io::Image;
+use crate::prompt::Syntax;
+use crate::sampling::samplers::Sampler;
+use crate::sampling::schedule::ScheduleKind;
+
+/// An image size, written `WIDTHxHEIGHT` (command line, job lines, PNG
+/// parameters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size {
+    pub width: usize,
+    pub height: usize,
+}
+
+impl FromStr for Size {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        s.split_once(['x', 'X'])
+            .and_then(|(w, h)| Some(Size { width: w.trim().parse().ok()?, height: h.trim().parse().ok()? }))
+            .ok_or_else(|| anyhow::anyhow!("{s:?} is not a size WIDTHxHEIGHT"))
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}x{}", self.width, self.height)
+    }
+}
+
+/// A crop's corner, written `TOP,LEFT` in pixels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TopLeft {
+    pub top: usize,
+    pub left: usize,
+}
+
+impl FromStr for TopLeft {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        s.split_once(',')
+            .and_then(|(t, l)| Some(TopLeft { top: t.trim().parse().ok()?, left: l.trim().parse().ok()? }))
+            .ok_or_else(|| anyhow::anyhow!("{s:?} is not TOP,LEFT in pixels"))
+    }
+}
+
+impl fmt::Display for TopLeft {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{},{}", self.top, self.left)
+    }
+}
+
+/// Where the latents come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Init {
+    /// Noise only (txt2img).
+    Noise,
+    /// An image, noised to `strength` (img2img).
+    Image { image: Image, strength: f64 },
+    /// An image repainted where `mask` is set (inpaint, outpaint).
+    Inpaint { image: Image, mask: Mask, strength: f64, mask_blur: f32 },
+}
+
+impl Init {
+    /// The input image's size, which is then the output's.
+    pub fn size(&self) -> Option<Size> {
+        match self {
+            Init::Noise => None,
+            Init::Image { image, .. } | Init::Inpaint { image, .. } => {
+                Some(Size { width: image.width, height: image.height })
+            }
+        }
+    }
+}
+
+/// SDXL's size conditioning ("micro-conditioning"). Other models ignore it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SizeConditioning {
+    /// The size the training image had before resizing [default: the output size].
+    pub original: Option<Size>,
+    pub crop_top_left: TopLeft,
+    /// [default: the output size].
+    pub target: Option<Size>,
+}
+
+impl SizeConditioning {
+    /// diffusers' `add_time_ids` for an image of `height` × `width`:
+    /// `(height, width)` pairs and `(top, left)`, as diffusers orders them.
+    pub fn time_ids(&self, height: usize, width: usize) -> [f32; 6] {
+        let output = Size { width, height };
+        let (o, t) = (self.original.unwrap_or(output), self.target.unwrap_or(output));
+        let TopLeft { top, left } = self.crop_top_left;
+        [o.height, o.width, top, left, t.height, t.width].map(|v| v as f32)
+    }
+}
+
+/// How prompts become text conditioning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextOptions {
+    pub syntax: Syntax,
+    /// A1111's "Clip skip": 1 = the family's usual layer, 2 = one earlier, ….
+    pub clip_skip: usize,
+}
+
+impl Default for TextOptions {
+    fn default() -> Self {
+        Self { syntax: Syntax::A1111, clip_skip: 1 }
+    }
+}
+
+/// One generation job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: u64,
+    pub steps: usize,
+    pub cfg_scale: f64,
+    pub width: usize,
+    pub height: usize,
+    pub sampler: Sampler,
+    pub schedule: ScheduleKind,
+    pub init: Init,
+    pub size_conditioning: SizeConditioning,
+    pub text: TextOptions,
+}
+
+impl Request {
+    /// Checks what can be checked before any model is loaded.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let max = crate::image_io::MAX_SIDE as usize;
+        for (what, v) in [("width", self.width), ("height", self.height)] {
+            if v == 0 || v % 8 != 0 {
+                bail!("--{what} must be a positive multiple of 8, got {v}");
+            }
+            if v > max {
+                bail!("--{what} {v} is larger than the {max} pixels sdgen allows");
+            }
+        }
+        if self.steps == 0 {
+            bail!("--steps must be at least 1");
+        }
+        if self.text.clip_skip == 0 {
+            bail!("--clip-skip must be at least 1 (1 = the model's usual text encoder layer)");
+        }
+        if !self.cfg_scale.is_finite() || self.cfg_scale < 0.0 {
+            bail!("--cfg-scale must be a number ≥ 0, got {}", self.cfg_scale);
+        }
+        if let Some(s) = self.strength() {
+            if !(s > 0.0 && s <= 1.0) {
+                bail!("--strength must be in (0, 1], got {s}");
+            }
+            if (self.steps as f64 * s) < 1.0 {
+                bail!("--strength {s} × {} steps runs no step; raise --strength or --steps", self.steps);
+            }
+        }
+        Ok(())
+    }
+
+    /// Jobs with equal keys can share UNet calls.
+    pub fn batch_key(&self) -> (usize, usize, usize, Sampler, ScheduleKind, u64, u8, Option<u64>) {
+        let kind = match self.init {
+            Init::Noise => 0,
+            Init::Image { .. } => 1,
+            Init::Inpaint { .. } => 2,
+        };
+        let strength = self.strength().map(f64::to_bits);
+        (self.width, self.height, self.steps, self.sampler, self.schedule, self.cfg_scale.to_bits(), kind, strength)
+    }
+
+    /// The denoising strength of image-based jobs.
+    pub fn strength(&self) -> Option<f64> {
+        match &self.init {
+            Init::Noise => None,
+            Init::Image { strength, .. } | Init::Inpaint { strength, .. } => Some(*strength),
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Generation settings, typed. Every option is parsed once, by its type's
+//! `FromStr` (clap uses it through `value_parser`; batch job lines, JSON
+//! Lines, PNG parameters and the server through [`Settings::set`]), layered
+//! ("these settings over those", [`Settings::over`]), checked once
+//! ([`Settings::validate`], which is [`Request::validate`] on the resolved
+//! request), and resolved against a model's defaults into the pipeline's
+//! [`Request`] ([`Settings::resolve`]).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+
+use crate::device::{DeviceSpec, Precision};
+use crate::loading::lora::LoraArg;
+use crate::loading::{Defaults, Preset, STANDARD_512};
+use crate::models::vae::Tiling;
+use crate::prompt::Syntax;
+use crate::request::{Init, Request, Size, SizeConditioning, TextOptions, TopLeft};
+use crate::sampling::denoiser::Prediction;
+use crate::sampling::samplers::{resolve, SamplerName};
+use crate::sampling::schedule::ScheduleKind;
+
+/// More images than this from one job is surely a typo.
+pub const MAX_BATCH_COUNT: usize = 10_000;
+
+/// The settings of one job's images; unset ones come from the layer below
+/// (the command line under a job line, the model's defaults under all).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Settings {
+    pub prompt: Option<String>,
+    pub negative_prompt: Option<String>,
+    pub seed: Option<u64>,
+    pub steps: Option<usize>,
+    pub cfg_scale: Option<f64>,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub sampler: Option<SamplerName>,
+    pub schedule: Option<ScheduleKind>,
+    pub batch_count: Option<usize>,
+    pub clip_skip: Option<usize>,
+    pub prompt_syntax: Option<Syntax>,
+    /// SDXL's size conditioning.
+    pub original_size: Option<Size>,
+    pub crop_top_left: Option<TopLeft>,
+    pub target_size: Option<Size>,
+}
+
+/// The names [`Settings::set`] takes (kebab-case; snake_case works too).
+pub const KEYS: &[&str] = &[
+    "prompt",
+    "negative-prompt",
+    "seed",
+    "steps",
+    "cfg-scale",
+    "width",
+    "height",
+    "sampler",
+    "schedule",
+    "batch-count",
+    "clip-skip",
+    "prompt-syntax",
+    "original-size",
+    "crop-top-left",
+    "target-size",
+];
+
+/// `value` as a number, the error naming the option.
+fn number<T: std::str::FromStr>(key: &str, value: &str) -> anyhow::Result<T> {
+    value.trim().parse().map_err(|_| anyhow::anyhow!("--{key}: {value:?} is not a valid number"))
+}
+
+impl Settings {
+    /// Sets one setting from its text, by name.
+    pub fn set(&mut self, key: &str, value: &str) -> anyhow::Result<()> {
+        let key = key.replace('_', "-");
+        let key = key.as_str();
+        match key {
+            "prompt" => self.prompt = Some(value.to_string()),
+            "negative-prompt" => self.negative_prompt = Some(value.to_string()),
+            "seed" => self.seed = Some(number(key, value)?),
+            "steps" => self.steps = Some(number(key, value)?),
+            "cfg-scale" => self.cfg_scale = Some(number(key, value)?),
+            "width" => self.width = Some(number(key, value)?),
+            "height" => self.height = Some(number(key, value)?),
+            "sampler" => self.sampler = Some(value.parse()?),
+            "schedule" => self.schedule = Some(value.parse()?),
+            "batch-count" => self.batch_count = Some(number(key, value)?),
+            "clip-skip" => self.clip_skip = Some(number(key, value)?),
+            "prompt-syntax" => self.prompt_syntax = Some(value.parse()?),
+            "original-size" => self.original_size = Some(value.parse().with_context(|| format!("--{key}"))?),
+            "crop-top-left" => self.crop_top_left = Some(value.parse().with_context(|| format!("--{key}"))?),
+            "target-size" => self.target_size = Some(value.parse().with_context(|| format!("--{key}"))?),
+            other => bail!("unknown option --{other} (job options: {})", KEYS.join(", ")),
+        }
+        Ok(())
+    }
+
+    /// These settings over `base`: each one set here wins.
+    pub fn over(&self, base: &Settings) -> Settings {
+        fn or<T: Clone>(a: &Option<T>, b: &Option<T>) -> Option<T> {
+            a.clone().or_else(|| b.clone())
+        }
+        Settings {
+            prompt: or(&self.prompt, &base.prompt),
+            negative_prompt: or(&self.negative_prompt, &base.negative_prompt),
+            seed: or(&self.seed, &base.seed),
+            steps: or(&self.steps, &base.steps),
+            cfg_scale: or(&self.cfg_scale, &base.cfg_scale),
+            width: or(&self.width, &base.width),
+            height: or(&self.height, &base.height),
+            sampler: or(&self.sampler, &base.sampler),
+            schedule: or(&self.schedule, &base.schedule),
+            batch_count: or(&self.batch_count, &base.batch_count),
+            clip_skip: or(&self.clip_skip, &base.clip_skip),
+            prompt_syntax: or(&self.prompt_syntax, &base.prompt_syntax),
+            original_size: or(&self.original_size, &base.original_size),
+            crop_top_left: or(&self.crop_top_left, &base.crop_top_left),
+            target_size: or(&self.target_size, &base.target_size),
+        }
+    }
+
+    /// Checks everything that can be checked before a model is loaded
+    /// (then only its defaults can change the request).
+    pub fn validate(&self, init: &Init) -> anyhow::Result<()> {
+        if self.prompt.is_none() {
+            bail!("no prompt: give one with --prompt");
+        }
+        self.image_count()?;
+        self.resolve(&STANDARD_512, init.clone())?;
+        Ok(())
+    }
+
+    /// How many images the job makes (`--batch-count`).
+    pub fn image_count(&self) -> anyhow::Result<usize> {
+        match self.batch_count.unwrap_or(1) {
+            n @ 1..=MAX_BATCH_COUNT => Ok(n),
+            n => bail!("--batch-count must be between 1 and {MAX_BATCH_COUNT}, got {n}"),
+        }
+    }
+
+    /// The request of the job's first image, with `defaults` (the model's)
+    /// for what is unset; the size is the input image's when there is one.
+    pub fn resolve(&self, defaults: &Defaults, init: Init) -> anyhow::Result<Request> {
+        let size = init.size().unwrap_or(Size {
+            width: self.width.unwrap_or(defaults.size),
+            height: self.height.unwrap_or(defaults.size),
+        });
+        let (sampler, schedule) = resolve(self.sampler, self.schedule, defaults.sampling())?;
+        let request = Request {
+            prompt: self.prompt.clone().unwrap_or_default(),
+            negative_prompt: self.negative_prompt.clone().unwrap_or_default(),
+            seed: self.seed.unwrap_or_default(),
+            steps: self.steps.unwrap_or(defaults.steps),
+            cfg_scale: self.cfg_scale.unwrap_or(defaults.cfg_scale),
+            width: size.width,
+            height: size.height,
+            sampler,
+            schedule,
+            init,
+            size_conditioning: SizeConditioning {
+                original: self.original_size,
+                crop_top_left: self.crop_top_left.unwrap_or_default(),
+                target: self.target_size,
+            },
+            text: TextOptions {
+                syntax: self.prompt_syntax.unwrap_or_default(),
+                clip_skip: self.clip_skip.unwrap_or(1),
+            },
+        };
+        request.validate()?;
+        Ok(request)
+    }
+}
+
+/// What a session is opened with: the model, its adapters, where and how
+/// it runs.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    /// A path or a name in the models dir; `None`: the only model there.
+    pub model: Option<String>,
+    pub models_dir: PathBuf,
+    pub device: DeviceSpec,
+    pub dtype: Option<Precision>,
+    pub preset: Option<Preset>,
+    pub prediction: Option<Prediction>,
+    pub vae_tiling: Tiling,
+    pub loras: Vec<LoraArg>,
+    pub vae: Option<String>,
+    /// Never download a model.
+    pub offline: bool,
+    /// No download progress bars.
+    pub quiet: bool,
+    /// Images per UNet batch.
+    pub batch_size: usize,
+}
+
+impl SessionSettings {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_parses_each_setting_and_over_layers_them() {
+        let mut job = Settings::default();
+        job.set("prompt", "a fox").unwrap();
+        job.set("cfg_scale", "6").unwrap();
+        job.set("sampler", "DPM++ 2M Karras").unwrap();
+        job.set("original-size", "128x96").unwrap();
+        let base = Settings { steps: Some(9), cfg_scale: Some(7.0), ..Settings::default() };
+        let both = job.over(&base);
+        assert_eq!((both.steps, both.cfg_scale), (Some(9), Some(6.0)));
+        let r = both.resolve(&STANDARD_512, Init::Noise).unwrap();
+        assert_eq!(r.schedule, ScheduleKind::Karras);
+        assert_eq!(r.size_conditioning.time_ids(512, 512), [96.0, 128.0, 0.0, 0.0, 512.0, 512.0]);
+        assert!(job.set("bogus", "1").unwrap_err().to_string().starts_with("unknown option --bogus"));
+        let err = job.set("steps", "many").unwrap_err().to_string();
+        assert_eq!(err, "--steps: \"many\" is not a valid number");
+    }
+
+    #[test]
+    fn validation_says_what_is_wrong() {
+        let ok = Settings { prompt: Some("x".into()), ..Settings::default() };
+        assert!(ok.validate(&Init::Noise).is_ok());
+        for (bad, want) in [
+            (Settings { width: Some(65), ..ok.clone() }, "--width must be a positive multiple of 8"),
+            (Settings { steps: Some(0), ..ok.clone() }, "--steps must be at least 1"),
+            (Settings { batch_count: Some(0), ..ok.clone() }, "--batch-count must be between 1 and"),
+            (Settings { prompt: None, ..ok.clone() }, "no prompt"),
+            (Settings { cfg_scale: Some(f64::NAN), ..ok.clone() }, "--cfg-scale must be a number"),
+        ] {
+            let err = bad.validate(&Init::Noise).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{err:?} should start with {want:?}");
+        }
+    }
+}
