@@ -4,8 +4,8 @@
 //! - [`settings`] parses and checks what the user asks for and resolves it
 //!   into a [`request::Request`]; [`session`] loads a model once and runs
 //!   requests into PNGs for every front end ([`batch`] adds job files).
-//! - [`pipeline`] turns a request into images: text encoding ([`prompt`],
-//!   [`tokenizer`]), the seed's noise ([`rng`]), [`sampling`], decoding,
+//! - [`pipeline`] turns a request into images: text conditioning ([`text`],
+//!   [`prompt`], [`tokenizer`]), the seed's noise ([`rng`]), [`sampling`], decoding,
 //!   with [`editing`] doing the pixel-side work of img2img and inpainting.
 //! - [`loading`] finds and reads weights into [`models`]; [`image_io`] and
 //!   [`infotext`] read and write images and their parameters.
@@ -29,5 +29,6 @@ pub mod rng;
 pub mod sampling;
 pub mod session;
 pub mod settings;
+pub mod text;
 pub mod timings;
 pub mod tokenizer;

@@ -18,12 +18,11 @@ use crate::editing::{self, Mask};
 use crate::failure::{Failure, Tag};
 use crate::image_io::Image;
 use crate::loading::Model;
-use crate::models::clip::ClipTextModel;
-use crate::prompt;
 use crate::request::{Init, Request, TextOptions};
 use crate::rng::TorchRng;
 use crate::sampling::denoiser::{Conditioning, Denoiser, TextEmbedding};
 use crate::sampling::samplers::sample;
+use crate::text::{self, TextConditioner};
 
 /// What the pipeline reports while it runs.
 #[derive(Debug)]
@@ -42,12 +41,8 @@ pub enum Event {
 }
 
 impl Model {
-    /// The text conditioning of `text`, `(1, 77·chunks, D)`: per chunk the
-    /// text encoder's final-normed hidden state (the last layer, or
-    /// `clip_skip − 1` earlier); for SDXL both encoders' states one layer
-    /// earlier without the norm, side by side, and the second encoder's
-    /// pooled output of the first chunk. Weighted tokens are scaled, then
-    /// each chunk is rescaled to its unweighted mean (A1111's emphasis).
+    /// The text conditioning of `text` ([`TextConditioner::encode`]), with
+    /// this model's embeddings; parser warnings go to `events`.
     pub fn encode_text(
         &self,
         text: &str,
@@ -55,63 +50,12 @@ impl Model {
         device: &Device,
         events: &mut dyn FnMut(Event),
     ) -> anyhow::Result<TextEmbedding> {
-        let chunk_of = |tokenizer: &crate::tokenizer::ClipTokenizer| {
-            let names: Vec<(Vec<u32>, usize)> =
-                self.applied.embeddings.iter().map(|e| (tokenizer.encode(&e.name), e.len())).collect();
-            prompt::chunk_with(tokenizer, text, opts.syntax, &names)
-        };
-        let first = chunk_of(&self.tokenizer);
-        for w in &first.warnings {
-            events(Event::Warning(w.clone()));
-        }
-        let second = self.text_encoder_2.as_ref().map(|enc| (enc, chunk_of(&enc.tokenizer)));
-        let skip = opts.clip_skip.max(1);
-        // Layers kept: SD 1.x/2.x end `clip_skip − 1` layers early (then the
-        // final norm), SDXL one more (no norm), as diffusers' `clip_skip`.
-        let keep = |model: &ClipTextModel, extra: usize| -> anyhow::Result<usize> {
-            let layers = model.config.num_hidden_layers;
-            (layers + 1)
-                .checked_sub(skip + extra)
-                .ok_or_else(|| anyhow::anyhow!("--clip-skip {skip} is more than this text encoder's {layers} layers"))
-        };
-        let ids_of =
-            |c: &prompt::Chunk| -> candle_core::Result<Tensor> { Tensor::new(c.ids.as_slice(), device)?.unsqueeze(0) };
-        let mut contexts = Vec::new();
-        let mut pooled = None;
-        // Each embedding's vectors for text encoder `encoder`, where a chunk uses them.
-        let fixes = |c: &prompt::Chunk, encoder: usize| -> Vec<(usize, Tensor)> {
-            c.fixes.iter().map(|&(p, e)| (p, self.applied.embeddings[e].vectors[encoder].clone())).collect()
-        };
-        for (i, chunk) in first.chunks.iter().enumerate() {
-            let ids = ids_of(chunk)?;
-            let context = match &second {
-                None => {
-                    let keep = keep(&self.text_encoder, 0)?;
-                    let (states, _) = self.text_encoder.hidden_states_with(&ids, keep, &fixes(chunk, 0))?;
-                    emphasize(&self.text_encoder.final_norm(&states)?, &chunk.weights)?
-                }
-                Some((enc, chunked)) => {
-                    let Some(chunk2) = chunked.chunks.get(i) else {
-                        anyhow::bail!("the two tokenizers split the prompt differently");
-                    };
-                    let keep1 = keep(&self.text_encoder, 1)?;
-                    let (a, _) = self.text_encoder.hidden_states_with(&ids, keep1, &fixes(chunk, 0))?;
-                    let ids2 = ids_of(chunk2)?;
-                    let (b, last) = enc.model.hidden_states_with(&ids2, keep(&enc.model, 1)?, &fixes(chunk2, 1))?;
-                    if i == 0 {
-                        pooled = Some(enc.model.pooled(&last, &ids2, &enc.projection)?);
-                    }
-                    Tensor::cat(&[emphasize(&a, &chunk.weights)?, emphasize(&b, &chunk2.weights)?], 2)?
-                }
-            };
-            contexts.push(context);
-        }
-        Ok(TextEmbedding { context: Tensor::cat(&contexts, 1)?, pooled })
+        let (embedding, warnings) = self.text.encode(text, opts, &self.applied.embeddings, device)?;
+        warnings.into_iter().for_each(|w| events(Event::Warning(w)));
+        Ok(embedding)
     }
 
-    /// The text conditioning of a batch: the prompts' and, when `guided`,
-    /// the negative prompts'. Shorter ones get empty-prompt chunks appended
-    /// up to the longest (A1111's padding of prompt and negative prompt).
+    /// The text conditioning of a batch ([`text::encode_prompts`]).
     pub fn encode_prompts(
         &self,
         reqs: &[Request],
@@ -119,44 +63,8 @@ impl Model {
         device: &Device,
         events: &mut dyn FnMut(Event),
     ) -> anyhow::Result<(TextEmbedding, Option<TextEmbedding>)> {
-        let mut encoded = Vec::new();
-        for r in reqs {
-            let cond = self.encode_text(&r.prompt, &r.text, device, events)?;
-            let uncond =
-                if guided { Some(self.encode_text(&r.negative_prompt, &r.text, device, events)?) } else { None };
-            encoded.push((cond, uncond));
-        }
-        // Prompts of fewer chunks than the longest (of the batch, negative
-        // prompts included) get empty-prompt chunks appended, as in A1111.
-        let longest = encoded.iter().flat_map(|(c, u)| [Some(c), u.as_ref()]).flatten().map(|e| e.context.dim(1));
-        let longest = longest.collect::<candle_core::Result<Vec<_>>>()?.into_iter().max().unwrap_or(0);
-        let mut conds = Vec::new();
-        let mut unconds = Vec::new();
-        for (r, (cond, uncond)) in reqs.iter().zip(encoded) {
-            let pad = |e: TextEmbedding, events: &mut dyn FnMut(Event)| -> anyhow::Result<TextEmbedding> {
-                let mut context = e.context;
-                while context.dim(1)? < longest {
-                    let empty = self.encode_text("", &r.text, device, events)?.context;
-                    context = Tensor::cat(&[&context, &empty], 1)?;
-                }
-                Ok(TextEmbedding { context, pooled: e.pooled })
-            };
-            conds.push(pad(cond, events)?);
-            if let Some(u) = uncond {
-                let u = pad(u, events)?;
-                // SDXL conditions an empty negative prompt on zeros.
-                unconds.push(if self.zero_empty_negative && r.negative_prompt.is_empty() {
-                    TextEmbedding {
-                        context: u.context.zeros_like()?,
-                        pooled: u.pooled.map(|p| p.zeros_like()).transpose()?,
-                    }
-                } else {
-                    u
-                });
-            }
-        }
-        let uncond = if guided { Some(TextEmbedding::cat(&unconds)?) } else { None };
-        Ok((TextEmbedding::cat(&conds)?, uncond))
+        let embeddings = &self.applied.embeddings;
+        text::encode_prompts(&self.text, embeddings, reqs, guided, device, &mut |w| events(Event::Warning(w)))
     }
 
     /// Scaled latents (VAE posterior mean × scaling factor) of an image, with
@@ -349,21 +257,6 @@ fn check_finite(t: &Tensor, model: &Path, part: &str) -> anyhow::Result<()> {
     }
     let also = if part == "VAE" { " or another VAE (--vae)" } else { "" };
     Err(non_finite(model, part, also)).tag(Failure::Model)
-}
-
-/// A1111's emphasis: each token's state × its weight, then the chunk
-/// rescaled so that its mean is the unweighted one.
-fn emphasize(z: &Tensor, weights: &[f32]) -> anyhow::Result<Tensor> {
-    if weights.iter().all(|&w| w == 1.0) {
-        return Ok(z.clone());
-    }
-    let dtype = z.dtype();
-    let z = z.to_dtype(DType::F32)?;
-    let w = Tensor::new(weights, z.device())?.reshape((1, weights.len(), 1))?;
-    let weighted = z.broadcast_mul(&w)?;
-    let before = z.mean_all()?.to_scalar::<f32>()?;
-    let after = weighted.mean_all()?.to_scalar::<f32>()?;
-    Ok((weighted * (before / after) as f64)?.to_dtype(dtype)?)
 }
 
 /// `(1, 3, H, W)` in [-1, 1] → 8-bit RGB: `round(clamp(x/2 + 0.5, 0, 1) · 255)`,

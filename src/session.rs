@@ -18,7 +18,7 @@ use crate::image_io::{read_image, read_mask_levels, write_png, Image};
 use crate::infotext::{Parameters, Recorded};
 use crate::loading::assets::{self, Asset, Located};
 use crate::loading::lora::{LoraArg, LoraSpec};
-use crate::loading::{hashing, Adapters, Model};
+use crate::loading::{model_hash, Adapters, Model};
 use crate::pipeline::Event;
 use crate::prompt::Syntax;
 use crate::request::{Init, Request, Size};
@@ -82,20 +82,16 @@ impl Session {
             }
         }
         events(OpenEvent::Loading);
-        let loras = settings
-            .loras
-            .iter()
-            .chain(prompt_loras)
-            .map(|l| Ok(LoraSpec { path: assets::find(Asset::Lora, &l.name, &settings.models_dir)?, weight: l.weight }))
-            .collect::<anyhow::Result<Vec<_>>>()
-            .tag(Failure::Model)?;
+        let loras: Vec<LoraArg> = settings.loras.iter().chain(prompt_loras).cloned().collect();
+        let loras = find_loras(&loras, &settings.models_dir)?;
         let vae = settings
             .vae
             .as_deref()
             .map(|name| assets::find(Asset::Vae, name, &settings.models_dir))
             .transpose()
             .tag(Failure::Model)?;
-        let adapters = Adapters { loras, embeddings: Some(assets::embeddings_dir(&settings.models_dir)), vae };
+        let embeddings = Some(assets::embeddings_dir(&settings.models_dir));
+        let adapters = Adapters { loras, embeddings, vae, retain_base: settings.swappable_loras };
         let mut model = Model::load_with(&path, &device, dtype, &adapters).tag(Failure::Model)?;
         model.vae.tiling = settings.vae_tiling;
         if let Some(p) = settings.prediction {
@@ -107,6 +103,14 @@ impl Session {
         let hash = model.hash().tag(Failure::Model)?;
         let report = LoadReport { path, loras: model.applied.lora_report.clone() };
         Ok((Session { model, hash, device }, report))
+    }
+
+    /// Merges `loras` (looked up in `models_dir`) in place of the current
+    /// ones, from the base weights the session kept (opened with
+    /// `swappable_loras`), without reading the model again.
+    pub fn set_loras(&mut self, loras: &[LoraArg], models_dir: &Path) -> anyhow::Result<()> {
+        let specs = find_loras(loras, models_dir)?;
+        self.model.merge_loras(&specs).tag(Failure::Model)
     }
 
     /// The PNG `parameters` text of an image made for `request`.
@@ -171,6 +175,12 @@ impl Session {
     }
 }
 
+/// The files of `loras`, by path or by name in `models_dir`.
+fn find_loras(loras: &[LoraArg], models_dir: &Path) -> anyhow::Result<Vec<LoraSpec>> {
+    let find = |l: &LoraArg| Ok(LoraSpec { path: assets::find(Asset::Lora, &l.name, models_dir)?, weight: l.weight });
+    loras.iter().map(find).collect::<anyhow::Result<Vec<_>>>().tag(Failure::Model)
+}
+
 /// The default model, downloaded into the models dir.
 #[cfg(feature = "download")]
 fn download_default(settings: &SessionSettings, events: &mut dyn FnMut(OpenEvent)) -> anyhow::Result<PathBuf> {
@@ -219,6 +229,11 @@ pub fn prompt_loras(prompt: &str, syntax: Syntax) -> anyhow::Result<(Vec<LoraArg
     }
     Ok((loras, warnings))
 }
+
+/// img2img's default strength (diffusers' and A1111's).
+pub const IMG2IMG_STRENGTH: f64 = 0.75;
+/// Inpainting's default strength: the masked area starts from pure noise.
+pub const INPAINT_STRENGTH: f64 = 1.0;
 
 /// The input images of a command, before they are read.
 #[derive(Debug, Clone)]
@@ -390,7 +405,7 @@ pub fn recorded_model(models_dir: &Path, recorded: &Recorded) -> anyhow::Result<
     }
     if let Some(hash) = &recorded.model_hash {
         for candidate in assets::list_models(models_dir) {
-            if hashing::model_hash(&candidate).is_ok_and(|h| h.eq_ignore_ascii_case(hash)) {
+            if model_hash(&candidate).is_ok_and(|h| h.eq_ignore_ascii_case(hash)) {
                 return Ok(candidate);
             }
         }

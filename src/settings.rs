@@ -192,6 +192,9 @@ pub struct SessionSettings {
     pub quiet: bool,
     /// Images per UNet batch.
     pub batch_size: usize,
+    /// Keep the base weights so that the session can swap LoRAs without
+    /// reading the model again ([`crate::session::Session::set_loras`]).
+    pub swappable_loras: bool,
 }
 
 impl SessionSettings {

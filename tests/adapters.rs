@@ -152,3 +152,64 @@ fn vae_override_matches_diffusers() {
     let (max, _) = level_diff(&reference("base"), &reference("vae"));
     assert!(max > 10 * MAX_LEVELS, "the VAE changes the image");
 }
+
+/// A session opened with swappable LoRAs merges others from the weights it
+/// kept: each swap gives the image a fresh load with those LoRAs gives, bit
+/// for bit, and so diffusers' within the parity tolerance.
+#[test]
+fn swapped_loras_equal_fresh_loads() {
+    use sdgen::loading::lora::LoraArg;
+    use sdgen::session::{Job, RunOptions, Session};
+    use sdgen::settings::Settings;
+    let dir = models_dir();
+    let out = dir.path().join("swap.png");
+    let mut settings = Settings::default();
+    for (key, value) in [("prompt", "a photo of a cat"), ("seed", "42"), ("steps", "6"), ("sampler", "euler")] {
+        settings.set(key, value).unwrap();
+    }
+    (settings.width, settings.height, settings.cfg_scale) = (Some(64), Some(64), Some(7.5));
+    let mut opened = sdgen::settings::SessionSettings {
+        model: Some(fixture("tiny-sd1").display().to_string()),
+        models_dir: dir.path().to_path_buf(),
+        device: sdgen::device::DeviceSpec::Cpu,
+        dtype: None,
+        preset: None,
+        prediction: None,
+        vae_tiling: sdgen::models::vae::Tiling::Auto,
+        loras: Vec::new(),
+        vae: None,
+        offline: true,
+        quiet: true,
+        batch_size: 1,
+        swappable_loras: true,
+    };
+    let generate = |session: &Session| {
+        let request = settings.resolve(&session.model.defaults(), sdgen::request::Init::Noise).unwrap();
+        let job = Job { request, path: out.clone() };
+        session.run(&[job], &RunOptions::default(), &mut |_| Ok(())).unwrap();
+        (read_rgb(&out), sdgen::image_io::read_parameters(&out).unwrap().unwrap())
+    };
+    let (mut session, _) = Session::open(&opened, &[], None, &mut |_| {}).unwrap();
+    let (base, _) = generate(&session);
+    let kohya = [LoraArg { name: "tiny_kohya".into(), weight: 0.8 }];
+    session.set_loras(&kohya, dir.path()).unwrap();
+    let (swapped, params) = generate(&session);
+    assert!(params.contains("Lora hashes: \"tiny_kohya: "), "{params}");
+    session.set_loras(&[], dir.path()).unwrap();
+    let (back, params) = generate(&session);
+    assert!(!params.contains("Lora hashes"), "{params}");
+
+    opened.loras = kohya.to_vec();
+    let (fresh, _) = Session::open(&opened, &[], None, &mut |_| {}).unwrap();
+    assert_eq!(swapped.as_raw(), generate(&fresh).0.as_raw(), "swapped in = loaded with the LoRA");
+    assert_eq!(back.as_raw(), base.as_raw(), "swapped out = the base model");
+    let mut parity = Parity::default();
+    parity.check("swapped kohya", &swapped, &reference("lora_kohya"));
+    parity.check("swapped back", &back, &reference("base"));
+    parity.assert_within_tolerance();
+
+    opened.swappable_loras = false;
+    let (mut fixed, _) = Session::open(&opened, &[], None, &mut |_| {}).unwrap();
+    let err = format!("{:#}", fixed.set_loras(&[], dir.path()).unwrap_err());
+    assert!(err.contains("reload it to change LoRAs"), "{err}");
+}

@@ -142,7 +142,7 @@ fn families_are_detected_and_listed() {
     ] {
         let e = describe(&fixture(path)).unwrap();
         assert_eq!((e.family, e.inpainting, e.prediction), (family, inpainting, prediction), "{path}");
-        assert_eq!(e.hash, sdgen::loading::hashing::model_hash(&fixture(path)).unwrap());
+        assert_eq!(e.hash, sdgen::loading::model_hash(&fixture(path)).unwrap());
         let loaded = Model::load(&fixture(path), &Device::Cpu, DType::F32).unwrap();
         assert_eq!(loaded.family.name(), family, "{path}");
     }

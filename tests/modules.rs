@@ -24,11 +24,11 @@ fn model() -> Model {
 fn text_encoder_matches_transformers() {
     let r = references();
     let m = model();
-    let ids = m.tokenizer.encode_padded("a red fox in the snow").ids;
+    let ids = m.text.tokenizer.encode_padded("a red fox in the snow").ids;
     let expected: Vec<i64> = r["clip.input_ids"].flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), expected, "token ids");
     let ids = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let out = m.text_encoder.forward(&ids).unwrap();
+    let out = m.text.encoder.forward(&ids).unwrap();
     let err = relative_error(&out, &r["clip.last_hidden_state"]);
     eprintln!("text encoder: relative error {err:e}");
     assert!(err < TOLERANCE, "text encoder relative error {err}");

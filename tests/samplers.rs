@@ -7,15 +7,10 @@ mod common;
 use common::*;
 use serde::Deserialize;
 
+/// A sampler case: the common fields and the schedule; img2img cases name
+/// their model, input image and strength.
 #[derive(Deserialize)]
-struct Cases {
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    #[serde(flatten)]
-    base: PromptCase,
+struct Extra {
     schedule: String,
     #[serde(default)]
     model: Option<String>,
@@ -27,29 +22,23 @@ struct Case {
     image: Option<String>,
 }
 
-impl std::ops::Deref for Case {
-    type Target = PromptCase;
-    fn deref(&self) -> &PromptCase {
-        &self.base
-    }
-}
+type Case = CaseWith<Extra>;
 
 fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(fixture("reference/samplers/cases.json")).unwrap();
-    serde_json::from_str::<Cases>(&text).unwrap().cases
+    read_cases("reference/samplers/cases.json")
 }
 
 fn run(case: &Case, out: &std::path::Path) -> image::RgbImage {
-    let model = fixture(case.model.as_deref().unwrap_or("tiny-sd1"));
+    let model = fixture(case.extra.model.as_deref().unwrap_or("tiny-sd1"));
     let mut before: Vec<String> = Vec::new();
-    if case.mode.as_deref() == Some("img2img") {
-        let image = fixture(case.image.as_deref().expect("img2img case has an image"));
+    if case.extra.mode.as_deref() == Some("img2img") {
+        let image = fixture(case.extra.image.as_deref().expect("img2img case has an image"));
         before.extend(["img2img".into(), "--init-image".into(), image.to_str().unwrap().into()]);
-        before.extend(["--strength".into(), case.strength.expect("img2img strength").to_string()]);
+        before.extend(["--strength".into(), case.extra.strength.expect("img2img strength").to_string()]);
     } else {
         before.extend(case.size_args());
     }
-    before.extend(["--schedule".into(), case.schedule.clone()]);
+    before.extend(["--schedule".into(), case.extra.schedule.clone()]);
     case.job(&model, out).run(&before, &case.name)
 }
 
@@ -76,7 +65,10 @@ fn sampler_references_are_distinct() {
     let cases = cases();
     let find = |sampler: &str| {
         cases.iter().find(|c| {
-            c.sampler == sampler && c.schedule == "normal" && c.mode.as_deref() != Some("img2img") && c.steps > 1
+            c.sampler == sampler
+                && c.extra.schedule == "normal"
+                && c.extra.mode.as_deref() != Some("img2img")
+                && c.steps > 1
         })
     };
     let euler = find("euler").expect("an euler case");

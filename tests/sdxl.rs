@@ -105,14 +105,14 @@ fn single_file_and_folder_load_the_same_sdxl_model() {
     let single = Model::load(&fixture("tiny-sdxl.safetensors"), &Device::Cpu, DType::F32).unwrap();
     for m in [&folder, &single] {
         assert_eq!(m.family, Family::Sdxl);
-        let second = m.text_encoder_2.as_ref().expect("second text encoder");
+        let second = m.text.pooled.as_ref().expect("second text encoder");
         assert_eq!(*second.tokenizer.encode_padded("a cat").ids.last().unwrap(), 0, "`!` padding");
-        assert_eq!(*m.tokenizer.encode_padded("a cat").ids.last().unwrap(), 999, "end-token padding");
+        assert_eq!(*m.text.tokenizer.encode_padded("a cat").ids.last().unwrap(), 999, "end-token padding");
         assert_eq!(second.model.config.num_hidden_layers, 3);
         assert_eq!(m.vae.config.scaling_factor, 0.13025);
         assert_eq!(m.scheduler.timestep_spacing.as_deref(), Some("leading"));
         assert_eq!(m.unet.config.addition_time_embed_dim, Some(8));
-        assert!(m.zero_empty_negative);
+        assert!(m.text.zero_empty_negative);
         // Real SDXL files also store the first encoder's position ids buffer.
         assert!(m.unused.iter().all(|n| n.ends_with("position_ids")), "unused: {:?}", m.unused);
         let d = m.defaults();

@@ -42,7 +42,7 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         init_image: PathBuf,
         /// How much to change it: 1 repaints everything, small values keep it close.
-        #[arg(long, default_value_t = 0.75, allow_negative_numbers = true)]
+        #[arg(long, default_value_t = sdgen::session::IMG2IMG_STRENGTH, allow_negative_numbers = true)]
         strength: f64,
         #[command(flatten)]
         common: Common,
@@ -215,7 +215,7 @@ pub struct ModelsDir {
 #[derive(Debug, Args)]
 pub struct EditArgs {
     /// How much of the masked area to repaint: 1 starts from pure noise.
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = sdgen::session::INPAINT_STRENGTH, allow_negative_numbers = true)]
     pub strength: f64,
     /// Fade the result in from the mask's edge over PX pixels (inward only).
     #[arg(long, value_name = "PX", default_value_t = 0.0)]
@@ -373,6 +373,7 @@ impl Common {
             offline: self.offline,
             quiet: self.quiet,
             batch_size: self.batch_size.unwrap_or(1),
+            swappable_loras: false,
         }
     }
 }

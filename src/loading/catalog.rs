@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::assets::display_name;
 use super::family::Family;
-use super::hashing::{model_hash, read_sidecar, stamp, write_sidecar};
+use super::hashing::{read_sidecar, stamp, write_sidecar};
 use super::model::v_probe;
 use super::weights::{Checkpoint, Component};
 use super::{diffusers, ldm};
@@ -38,7 +38,7 @@ pub struct Entry {
 
 /// Describes the model at `path` (a single file or a diffusers folder).
 pub fn describe(path: &Path) -> anyhow::Result<Entry> {
-    let hash = model_hash(path)?;
+    let hash = super::model_hash(path)?;
     let name = display_name(path);
     if path.is_dir() {
         describe_folder(path, name, hash)

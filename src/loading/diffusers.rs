@@ -11,14 +11,15 @@ use candle_core::{DType, Device};
 
 use super::assets::display_name;
 use super::family::{Family, Preset};
-use super::lora::{component_weights, Patches};
-use super::model::{vae_dtype, Model, PooledTextEncoder};
+use super::lora::{component_weights, Merging};
+use super::model::{vae_dtype, Model};
 use super::weights::{Checkpoint, Component, NameMap};
 use crate::files::read_json;
 use crate::models::clip::{ClipConfig, ClipTextModel};
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{Vae, VaeConfig};
 use crate::sampling::schedule::SchedulerConfig;
+use crate::text::{ClipText, PooledTextEncoder};
 use crate::tokenizer::ClipTokenizer;
 
 /// The weight files of a component folder whose weights are named `base`
@@ -49,7 +50,7 @@ pub fn weight_files(dir: &Path, base: &str) -> anyhow::Result<Vec<PathBuf>> {
     bail!("{}: no {base}.safetensors (or .fp16 / sharded variant) found", dir.display())
 }
 
-pub fn load(dir: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Patches>>) -> anyhow::Result<Model> {
+pub fn load(dir: &Path, device: &Device, dtype: DType, merging: Merging) -> anyhow::Result<Model> {
     #[derive(serde::Deserialize)]
     struct ModelIndex {
         #[serde(rename = "_class_name")]
@@ -85,7 +86,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Patc
 
     let family = Family::of_folder(dir)?;
     let (te, text_encoder) =
-        load_text_encoder(&dir.join("text_encoder"), Component::TextEncoder, &clip_cfg, dtype, device, patches)?;
+        load_text_encoder(&dir.join("text_encoder"), Component::TextEncoder, &clip_cfg, dtype, device, merging)?;
     // SDXL: a second, pooled text encoder.
     let second = dir.join("text_encoder_2");
     let (te2, text_encoder_2) = if second.is_dir() {
@@ -93,8 +94,8 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Patc
         let Some(projection_dim) = cfg.projection_dim else {
             bail!("{}: config.json has no projection_dim (SDXL's second encoder projects)", second.display());
         };
-        let (ckpt, model) = load_text_encoder(&second, Component::TextEncoder2, &cfg, dtype, device, patches)?;
-        let vb = component_weights(&ckpt, NameMap::prefixed(""), Component::TextEncoder2, patches, dtype, device);
+        let (ckpt, model) = load_text_encoder(&second, Component::TextEncoder2, &cfg, dtype, device, merging)?;
+        let vb = component_weights(&ckpt, NameMap::prefixed(""), Component::TextEncoder2, merging, dtype, device);
         let projection = candle_nn::linear_no_bias(cfg.hidden_size, projection_dim, vb.pp("text_projection"))
             .with_context(|| format!("{}: text projection", second.display()))?;
         let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?;
@@ -104,10 +105,10 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Patc
     };
     let unet_files = weight_files(&dir.join("unet"), "diffusion_pytorch_model")?;
     let unet_ckpt = Checkpoint::open(&unet_files)?;
-    if let Some(p) = patches {
+    if let Some(p) = merging.patches {
         p.set_unet_names(&unet_cfg);
     }
-    let unet_weights = component_weights(&unet_ckpt, NameMap::prefixed(""), Component::Unet, patches, dtype, device);
+    let unet_weights = component_weights(&unet_ckpt, NameMap::prefixed(""), Component::Unet, merging, dtype, device);
     let unet = UNet::new(&unet_cfg, unet_weights).with_context(|| format!("{}: UNet", dir.display()))?;
 
     let vae_ckpt = Checkpoint::open(&weight_files(&dir.join("vae"), "diffusion_pytorch_model")?)?;
@@ -127,10 +128,12 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Patc
         name: display_name(dir),
         path: dir.to_path_buf(),
         hash_file: unet_files[0].clone(),
-        tokenizer,
-        text_encoder,
-        zero_empty_negative: text_encoder_2.is_some() && index.force_zeros_for_empty_prompt.unwrap_or(true),
-        text_encoder_2,
+        text: ClipText {
+            tokenizer,
+            encoder: text_encoder,
+            zero_empty_negative: text_encoder_2.is_some() && index.force_zeros_for_empty_prompt.unwrap_or(true),
+            pooled: text_encoder_2,
+        },
         unet,
         vae,
         prediction: scheduler.prediction_type.parse()?,
@@ -138,6 +141,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Patc
         scheduler,
         unused,
         applied: Default::default(),
+        base: merging.keep_base.cloned(),
     })
 }
 
@@ -149,11 +153,11 @@ fn load_text_encoder(
     cfg: &ClipConfig,
     dtype: DType,
     device: &Device,
-    patches: Option<&Arc<Patches>>,
+    merging: Merging,
 ) -> anyhow::Result<(Arc<Checkpoint>, ClipTextModel)> {
     let ckpt = Checkpoint::open(&weight_files(dir, "model")?)?;
     let prefix = if ckpt.shapes().iter().any(|(n, _)| n.starts_with("text_model.")) { "text_model." } else { "" };
-    let weights = component_weights(&ckpt, NameMap::prefixed(prefix), component, patches, dtype, device);
+    let weights = component_weights(&ckpt, NameMap::prefixed(prefix), component, merging, dtype, device);
     let model = ClipTextModel::new(cfg, weights).with_context(|| format!("{}: text encoder", dir.display()))?;
     Ok((ckpt, model))
 }

@@ -91,17 +91,6 @@ pub fn short_sha256(path: &Path, digits: usize) -> anyhow::Result<String> {
     Ok(sha256(path).with_context(|| format!("{}: hashing", path.display()))?[..digits].to_string())
 }
 
-/// The model hash of a checkpoint file or diffusers folder (A1111: the
-/// checkpoint; a folder: its UNet weights), without loading it.
-pub fn model_hash(path: &Path) -> anyhow::Result<String> {
-    if path.is_dir() {
-        let unet = super::diffusers::weight_files(&path.join("unet"), "diffusion_pytorch_model")?;
-        short_sha256(&unet[0], MODEL_HASH_DIGITS)
-    } else {
-        short_sha256(path, MODEL_HASH_DIGITS)
-    }
-}
-
 /// Digits of A1111's model and VAE hashes ("Model hash", "VAE hash").
 pub const MODEL_HASH_DIGITS: usize = 10;
 /// Digits of A1111's LoRA and embedding hashes.

@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-use super::weights::{Checkpoint, Component, NameMap, Source};
+use super::weights::{Checkpoint, Component, NameMap};
 
 /// The kohya prefix of a component's module names.
 fn kohya_prefix(target: Component) -> &'static str {
@@ -277,12 +277,13 @@ impl Patches {
 
 /// A weight source with LoRAs merged in: the checkpoint knows nothing of
 /// LoRAs, the loaders wrap its sources in this when there are some.
-struct Patched {
-    inner: Source,
+struct Patched<B> {
+    inner: B,
+    component: Component,
     patches: Arc<Patches>,
 }
 
-impl Patched {
+impl<B: SimpleBackend> Patched<B> {
     fn load(
         &self,
         name: &str,
@@ -290,17 +291,16 @@ impl Patched {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let target = self.inner.component();
-        if !self.patches.touches(target, name) {
+        if !self.patches.touches(self.component, name) {
             return read(dtype, dev);
         }
         // Merged in f32 on the CPU, whatever the stored and compute dtypes.
         let base = read(DType::F32, &Device::Cpu)?;
-        self.patches.apply(target, name, base)?.to_dtype(dtype)?.to_device(dev)
+        self.patches.apply(self.component, name, base)?.to_dtype(dtype)?.to_device(dev)
     }
 }
 
-impl SimpleBackend for Patched {
+impl<B: SimpleBackend> SimpleBackend for Patched<B> {
     fn get(
         &self,
         s: Shape,
@@ -321,21 +321,136 @@ impl SimpleBackend for Patched {
     }
 }
 
-/// The weights of `component` in `ckpt` (named through `map`), with
-/// `patches` merged in when there are any.
-pub fn component_weights(
-    ckpt: &Arc<Checkpoint>,
-    map: NameMap,
+/// The weights a model's LoRA targets were built from, before any LoRA,
+/// kept so that other LoRAs can be merged later without reading the model
+/// files again. Tensors the model uses unchanged are shared with it.
+#[derive(Default)]
+pub struct BaseWeights {
+    tensors: Mutex<HashMap<(Component, String), Tensor>>,
+}
+
+impl BaseWeights {
+    fn get(&self, component: Component, name: &str) -> candle_core::Result<Tensor> {
+        let tensors = self.tensors.lock().expect("lock");
+        tensors
+            .get(&(component, name.to_string()))
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg(format!("no retained {} tensor `{name}`", component.label())))
+    }
+}
+
+/// Remembers every tensor its inner source hands out in a [`BaseWeights`].
+struct Recording<B> {
+    inner: B,
+    component: Component,
+    base: Arc<BaseWeights>,
+}
+
+impl<B> Recording<B> {
+    fn keep(&self, name: &str, t: candle_core::Result<Tensor>) -> candle_core::Result<Tensor> {
+        let t = t?;
+        self.base.tensors.lock().expect("lock").insert((self.component, name.to_string()), t.clone());
+        Ok(t)
+    }
+}
+
+impl<B: SimpleBackend> SimpleBackend for Recording<B> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.keep(name, self.inner.get(s, name, init, dtype, dev))
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.keep(name, self.inner.get_unchecked(name, dtype, dev))
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
+}
+
+/// A source over [`BaseWeights`].
+struct Retained {
+    base: Arc<BaseWeights>,
+    component: Component,
+}
+
+impl SimpleBackend for Retained {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.base.get(self.component, name)?;
+        if t.dims() != s.dims() {
+            candle_core::bail!("retained tensor `{name}` has shape {:?}, expected {:?}", t.dims(), s.dims());
+        }
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.base.get(self.component, name)?.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.base.tensors.lock().expect("lock").contains_key(&(self.component, name.to_string()))
+    }
+}
+
+/// How a component's weights are read besides the checkpoint: LoRAs to
+/// merge, and where to keep the base weights for merging others later.
+#[derive(Clone, Copy, Default)]
+pub struct Merging<'a> {
+    pub patches: Option<&'a Arc<Patches>>,
+    pub keep_base: Option<&'a Arc<BaseWeights>>,
+}
+
+/// `backend` as a `VarBuilder`, with `patches` merged in when there are any.
+fn builder<B: SimpleBackend + 'static>(
+    backend: B,
     component: Component,
     patches: Option<&Arc<Patches>>,
     dtype: DType,
     device: &Device,
 ) -> VarBuilder<'static> {
-    let source = ckpt.source(map, component);
     match patches {
         Some(p) => {
-            VarBuilder::from_backend(Box::new(Patched { inner: source, patches: p.clone() }), dtype, device.clone())
+            let patched = Patched { inner: backend, component, patches: p.clone() };
+            VarBuilder::from_backend(Box::new(patched), dtype, device.clone())
         }
-        None => VarBuilder::from_backend(Box::new(source), dtype, device.clone()),
+        None => VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
     }
+}
+
+/// The weights of `component` in `ckpt` (named through `map`), as `merging`
+/// says.
+pub fn component_weights(
+    ckpt: &Arc<Checkpoint>,
+    map: NameMap,
+    component: Component,
+    merging: Merging,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
+    let source = ckpt.source(map, component);
+    match merging.keep_base {
+        Some(base) => {
+            let recording = Recording { inner: source, component, base: base.clone() };
+            builder(recording, component, merging.patches, dtype, device)
+        }
+        None => builder(source, component, merging.patches, dtype, device),
+    }
+}
+
+/// The weights of `component` from `base`, with `patches` merged in.
+pub fn retained_weights(
+    base: &Arc<BaseWeights>,
+    component: Component,
+    patches: Option<&Arc<Patches>>,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
+    builder(Retained { base: base.clone(), component }, component, patches, dtype, device)
 }

@@ -28,7 +28,7 @@ use candle_core::{DType, Device};
 
 use crate::tokenizer::ClipTokenizer;
 pub use family::{Defaults, Family, Preset, STANDARD_512};
-pub use model::{vae_dtype, Adapters, Applied, Model, PooledTextEncoder};
+pub use model::{vae_dtype, Adapters, Applied, Model};
 
 impl Model {
     /// Loads a single `.safetensors` checkpoint or a diffusers folder.
@@ -39,37 +39,93 @@ impl Model {
     /// [`Model::load`] with LoRAs merged into the weights, another VAE and
     /// textual-inversion embeddings.
     pub fn load_with(path: &Path, device: &Device, dtype: DType, adapters: &Adapters) -> anyhow::Result<Self> {
-        let patches = match adapters.loras.as_slice() {
-            [] => None,
-            specs => Some(Arc::new(lora::Patches::new(specs)?)),
-        };
+        let patches = patches_of(&adapters.loras)?;
+        let base = adapters.retain_base.then(|| Arc::new(lora::BaseWeights::default()));
+        let merging = lora::Merging { patches: patches.as_ref(), keep_base: base.as_ref() };
         let mut model = if path.is_dir() {
-            diffusers::load(path, device, dtype, patches.as_ref())?
+            diffusers::load(path, device, dtype, merging)?
         } else {
-            single_file::load(path, device, dtype, patches.as_ref())?
+            single_file::load(path, device, dtype, merging)?
         };
-        if let Some(p) = patches {
-            model.applied.lora_report = p.report();
-            for spec in &adapters.loras {
-                model
-                    .applied
-                    .loras
-                    .push((spec.name(), hashing::short_sha256(&spec.path, hashing::ADAPTER_HASH_DIGITS)?));
-            }
-        }
+        model.record_loras(&adapters.loras, patches.as_deref())?;
         if let Some(path) = &adapters.vae {
             let dtype = vae_dtype(model.family, &model.vae.config, dtype);
             model.vae = model::load_vae(path, &model.vae.config, dtype, device)?;
-            model.applied.vae =
-                Some((assets::display_name(path), hashing::short_sha256(path, hashing::MODEL_HASH_DIGITS)?));
+            let hash = hashing::short_sha256(path, hashing::MODEL_HASH_DIGITS)?;
+            model.applied.vae = Some((assets::display_name(path), hash));
         }
         if let Some(dir) = &adapters.embeddings {
-            let mut widths = vec![model.text_encoder.config.hidden_size];
-            widths.extend(model.text_encoder_2.as_ref().map(|e| e.model.config.hidden_size));
+            let widths = model.text.widths();
             (model.applied.embeddings, model.applied.embeddings_skipped) = embeddings::read_dir(dir, &widths);
         }
         Ok(model)
     }
+
+    /// Merges `loras` into the base weights in place of the LoRAs the model
+    /// has now, without reading the model files again: the UNet and text
+    /// encoders are rebuilt from the retained base weights (bit for bit a
+    /// fresh load's where the stored and compute dtypes agree). The model
+    /// must have been loaded with [`Adapters::retain_base`]; on an error it
+    /// is left as it was.
+    pub fn merge_loras(&mut self, loras: &[lora::LoraSpec]) -> anyhow::Result<()> {
+        use crate::models::clip::ClipTextModel;
+        use crate::models::unet::UNet;
+        use weights::Component;
+        let Some(base) = self.base.clone() else {
+            anyhow::bail!("this model was loaded without its base weights kept; reload it to change LoRAs");
+        };
+        let patches = patches_of(loras)?;
+        if let Some(p) = &patches {
+            p.set_unet_names(&self.unet.config);
+        }
+        let (dtype, device) = (self.unet.dtype(), self.unet.device());
+        let vb = |c| lora::retained_weights(&base, c, patches.as_ref(), dtype, &device);
+        let unet = UNet::new(&self.unet.config, vb(Component::Unet))?;
+        let encoder = ClipTextModel::new(&self.text.encoder.config, vb(Component::TextEncoder))?;
+        let pooled = match &self.text.pooled {
+            Some(p) => {
+                let (projection_dim, hidden) = p.projection.weight().dims2()?;
+                let model = ClipTextModel::new(&p.model.config, vb(Component::TextEncoder2))?;
+                let vb = vb(Component::TextEncoder2).pp("text_projection");
+                Some((model, candle_nn::linear_no_bias(hidden, projection_dim, vb)?))
+            }
+            None => None,
+        };
+        self.record_loras(loras, patches.as_deref())?;
+        (self.unet, self.text.encoder) = (unet, encoder);
+        if let (Some(p), Some((model, projection))) = (&mut self.text.pooled, pooled) {
+            (p.model, p.projection) = (model, projection);
+        }
+        Ok(())
+    }
+
+    /// Records the LoRAs merged into this model (names, A1111 hashes, what applied).
+    fn record_loras(&mut self, loras: &[lora::LoraSpec], patches: Option<&lora::Patches>) -> anyhow::Result<()> {
+        self.applied.lora_report = patches.map(lora::Patches::report).unwrap_or_default();
+        self.applied.loras = loras
+            .iter()
+            .map(|spec| Ok((spec.name(), hashing::short_sha256(&spec.path, hashing::ADAPTER_HASH_DIGITS)?)))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(())
+    }
+}
+
+/// The LoRA files of `loras`, read; `None` without any.
+fn patches_of(loras: &[lora::LoraSpec]) -> anyhow::Result<Option<Arc<lora::Patches>>> {
+    Ok(match loras {
+        [] => None,
+        specs => Some(Arc::new(lora::Patches::new(specs)?)),
+    })
+}
+
+/// The model hash of a checkpoint file or diffusers folder (A1111: the
+/// checkpoint; a folder: its UNet weights), without loading it.
+pub fn model_hash(path: &Path) -> anyhow::Result<String> {
+    let file = match path.is_dir() {
+        true => diffusers::weight_files(&path.join("unet"), "diffusion_pytorch_model")?.remove(0),
+        false => path.to_path_buf(),
+    };
+    hashing::short_sha256(&file, hashing::MODEL_HASH_DIGITS)
 }
 
 /// The (first) tokenizer of a model, without loading its weights: a

@@ -11,20 +11,11 @@ use super::family::{Defaults, Family, Preset};
 use super::hashing;
 use super::weights::{self, Component};
 use super::{embeddings, ldm, lora};
-use crate::models::clip::ClipTextModel;
 use crate::models::unet::UNet;
 use crate::models::vae::Vae;
 use crate::sampling::denoiser::Prediction;
 use crate::sampling::schedule::SchedulerConfig;
-use crate::tokenizer::ClipTokenizer;
-
-/// A text encoder whose pooled, projected output also conditions the UNet
-/// (SDXL's second).
-pub struct PooledTextEncoder {
-    pub tokenizer: ClipTokenizer,
-    pub model: ClipTextModel,
-    pub projection: candle_nn::Linear,
-}
+use crate::text::ClipText;
 
 /// A loaded pipeline's components and what identifies them.
 pub struct Model {
@@ -36,14 +27,8 @@ pub struct Model {
     /// The weights file whose SHA-256 is the model hash (A1111 convention:
     /// the checkpoint; for a diffusers folder, its UNet weights).
     pub hash_file: PathBuf,
-    pub tokenizer: ClipTokenizer,
-    pub text_encoder: ClipTextModel,
-    /// SDXL's second text encoder.
-    pub text_encoder_2: Option<PooledTextEncoder>,
-    /// An empty negative prompt conditions on zeros instead of the encoded
-    /// "" (diffusers' `force_zeros_for_empty_prompt`, true for SDXL; A1111
-    /// does the same for SDXL).
-    pub zero_empty_negative: bool,
+    /// The text encoders.
+    pub text: ClipText,
     pub unet: UNet,
     pub vae: Vae,
     pub scheduler: SchedulerConfig,
@@ -53,6 +38,9 @@ pub struct Model {
     pub unused: BTreeSet<String>,
     /// The adapters loaded with it.
     pub applied: Applied,
+    /// The LoRA targets' weights before any LoRA, when loaded with
+    /// [`Adapters::retain_base`].
+    pub base: Option<std::sync::Arc<lora::BaseWeights>>,
 }
 
 /// What to load with a model.
@@ -63,6 +51,9 @@ pub struct Adapters {
     pub embeddings: Option<PathBuf>,
     /// A VAE file replacing the model's.
     pub vae: Option<PathBuf>,
+    /// Keep the base weights so that [`Model::merge_loras`] can swap LoRAs
+    /// later without reading the model files again (a server's sessions).
+    pub retain_base: bool,
 }
 
 /// The adapters a model was loaded with, for reports and PNG metadata.

@@ -10,13 +10,14 @@ use candle_core::{DType, Device};
 use super::assets::display_name;
 use super::family::{Family, FamilySpec, Preset, TextTower};
 use super::ldm;
-use super::lora::{component_weights, Patches};
-use super::model::{detect_prediction, vae_dtype, Model, PooledTextEncoder};
+use super::lora::{component_weights, Merging};
+use super::model::{detect_prediction, vae_dtype, Model};
 use super::weights::{self, Component, NameMap};
 use crate::models::clip::{Activation, ClipConfig, ClipTextModel};
 use crate::models::unet::UNet;
 use crate::models::vae::Vae;
 use crate::sampling::denoiser::Prediction;
+use crate::text::{ClipText, PooledTextEncoder};
 use crate::tokenizer::ClipTokenizer;
 
 /// A text tower's tokenizer: CLIP's, sized to its token table (the
@@ -56,7 +57,7 @@ pub fn tokenizer(path: &Path) -> anyhow::Result<ClipTokenizer> {
     tokenizer_for(tower, prefix, &tensors).with_context(|| format!("{}: text encoder", path.display()))
 }
 
-pub fn load(path: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Patches>>) -> anyhow::Result<Model> {
+pub fn load(path: &Path, device: &Device, dtype: DType, merging: Merging) -> anyhow::Result<Model> {
     let ckpt = weights::Checkpoint::open(&[path.to_path_buf()])?;
     let tensors = ldm::Tensors::new(ckpt.shapes());
     let family = Family::of_single_file(path, &tensors)?;
@@ -67,23 +68,23 @@ pub fn load(path: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Pat
     let tokenizer = tokenizer_for(tower, prefix, &tensors).with_context(|| at("text encoder"))?;
     let text_encoder = ClipTextModel::new(
         &clip_cfg,
-        component_weights(&ckpt, clip_names, Component::TextEncoder, patches, dtype, device),
+        component_weights(&ckpt, clip_names, Component::TextEncoder, merging, dtype, device),
     )?;
     let text_encoder_2 = match spec.pooled_text_encoder {
         Some(tower) => Some(
-            load_pooled(&ckpt, &tensors, tower, patches, dtype, device).with_context(|| at("second text encoder"))?,
+            load_pooled(&ckpt, &tensors, tower, merging, dtype, device).with_context(|| at("second text encoder"))?,
         ),
         None => None,
     };
     let pooled_dim = text_encoder_2.as_ref().map(|e| e.projection.weight().dim(0)).transpose()?;
     let unet_cfg = ldm::infer_unet(&tensors, pooled_dim).with_context(|| at("UNet"))?;
     let vae_cfg = ldm::infer_vae(&tensors, spec.vae_scaling).with_context(|| at("VAE"))?;
-    if let Some(p) = patches {
+    if let Some(p) = merging.patches {
         p.set_unet_names(&unet_cfg);
     }
     let unet = UNet::new(
         &unet_cfg,
-        component_weights(&ckpt, ldm::unet_names(&unet_cfg), Component::Unet, patches, dtype, device),
+        component_weights(&ckpt, ldm::unet_names(&unet_cfg), Component::Unet, merging, dtype, device),
     )?;
     let vae_dtype = vae_dtype(family, &vae_cfg, dtype);
     let vae = Vae::new(
@@ -100,10 +101,12 @@ pub fn load(path: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Pat
         name: display_name(path),
         path: path.to_path_buf(),
         hash_file: path.to_path_buf(),
-        tokenizer,
-        text_encoder,
-        zero_empty_negative: text_encoder_2.is_some(),
-        text_encoder_2,
+        text: ClipText {
+            tokenizer,
+            encoder: text_encoder,
+            zero_empty_negative: text_encoder_2.is_some(),
+            pooled: text_encoder_2,
+        },
         unet,
         vae,
         scheduler: (spec.scheduler)(),
@@ -111,6 +114,7 @@ pub fn load(path: &Path, device: &Device, dtype: DType, patches: Option<&Arc<Pat
         preset: Preset::from_name(&display_name(path)),
         unused: ckpt.unused(),
         applied: Default::default(),
+        base: merging.keep_base.cloned(),
     })
 }
 
@@ -120,14 +124,14 @@ fn load_pooled(
     ckpt: &Arc<weights::Checkpoint>,
     t: &ldm::Tensors,
     tower: TextTower,
-    patches: Option<&Arc<Patches>>,
+    merging: Merging,
     dtype: DType,
     device: &Device,
 ) -> anyhow::Result<PooledTextEncoder> {
     let prefix = tower.prefix_in(t).unwrap_or_default();
     let (cfg, names) = text_tower(tower, prefix, t)?;
     let projection_dim = cfg.projection_dim.with_context(|| format!("missing tensor `{prefix}text_projection`"))?;
-    let weights = || component_weights(ckpt, names.clone(), Component::TextEncoder2, patches, dtype, device);
+    let weights = || component_weights(ckpt, names.clone(), Component::TextEncoder2, merging, dtype, device);
     let model = ClipTextModel::new(&cfg, weights())?;
     let projection = candle_nn::linear_no_bias(cfg.hidden_size, projection_dim, weights().pp("text_projection"))?;
     let tokenizer = tokenizer_for(tower, prefix, t)?;

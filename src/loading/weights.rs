@@ -264,10 +264,6 @@ pub struct Source {
 }
 
 impl Source {
-    pub fn component(&self) -> Component {
-        self.component
-    }
-
     fn load(&self, name: &str, shape: Option<&Shape>, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let label = &self.ckpt.label;
         let what = self.component.label();

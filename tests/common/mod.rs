@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests: fixture paths, running the
-//! built binary, and comparing images level by level.
+//! Helpers shared by the integration tests: fixture paths, running a job
+//! through the library (parity suites) or the built binary (CLI tests), and
+//! comparing images level by level.
 #![allow(dead_code)] // each test crate uses a different subset
 
 use std::path::{Path, PathBuf};
@@ -132,14 +133,93 @@ impl Job<'_> {
         args
     }
 
-    /// Runs sdgen with these options after `before` (a subcommand and its
-    /// options) and returns the image it wrote.
+    /// Runs these options after `before` (a subcommand and its options, as
+    /// the command line takes them) through the library, and returns the
+    /// image written to `out`.
     pub fn run(&self, before: &[String], name: &str) -> image::RgbImage {
         let args: Vec<String> = before.iter().cloned().chain(self.args()).collect();
-        let o = sdgen(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        assert!(o.status.success(), "case {name}: sdgen failed: {}", stderr(&o));
+        run_library(&args).unwrap_or_else(|e| panic!("case {name}: {e:#}"));
         read_rgb(self.out)
     }
+}
+
+/// What `sdgen [SUBCOMMAND] OPTIONS` does, through the library alone: the
+/// options read by the library's parsers (`Settings::set`, the typed
+/// settings' `FromStr`), the input images read, a session opened on the
+/// CPU, and the job run into its PNG.
+pub fn run_library(args: &[String]) -> anyhow::Result<()> {
+    use sdgen::session::{self, InitSpec, RunOptions, Session};
+    use sdgen::settings::{SessionSettings, Settings};
+    let (mode, options) = match args.first().map(String::as_str) {
+        Some(m @ ("img2img" | "inpaint" | "outpaint")) => (m, &args[1..]),
+        _ => ("txt2img", args),
+    };
+    let mut settings = Settings::default();
+    let mut opened = SessionSettings {
+        model: None,
+        models_dir: fixture("no-models-here"),
+        device: sdgen::device::DeviceSpec::Cpu,
+        dtype: None,
+        preset: None,
+        prediction: None,
+        vae_tiling: sdgen::models::vae::Tiling::Auto,
+        loras: Vec::new(),
+        vae: None,
+        offline: true,
+        quiet: true,
+        batch_size: 1,
+        swappable_loras: false,
+    };
+    let (mut image, mut mask, mut out, mut pads) = (PathBuf::new(), PathBuf::new(), PathBuf::new(), [None; 4]);
+    let mut strength = if mode == "img2img" { session::IMG2IMG_STRENGTH } else { session::INPAINT_STRENGTH };
+    let mut mask_blur = 0.0;
+    let mut words = options.iter();
+    while let Some(word) = words.next() {
+        let key = word.strip_prefix("--").unwrap_or_else(|| panic!("expected an option, got {word:?}"));
+        if key == "quiet" {
+            continue;
+        }
+        let value = words.next().unwrap_or_else(|| panic!("--{key} needs a value"));
+        match key {
+            "model" => opened.model = Some(value.clone()),
+            "dtype" => opened.dtype = Some(value.parse()?),
+            "prediction" => opened.prediction = Some(value.parse()?),
+            "preset" => opened.preset = Some(value.parse()?),
+            "lora" => opened.loras.push(value.parse()?),
+            "vae" => opened.vae = Some(value.clone()),
+            "batch-size" => opened.batch_size = value.parse()?,
+            "init-image" | "image" => image = value.into(),
+            "mask" => mask = value.into(),
+            "strength" => strength = value.parse()?,
+            "mask-blur" => mask_blur = value.parse()?,
+            "pad-left" | "pad-right" | "pad-top" | "pad-bottom" => {
+                let side = ["pad-left", "pad-right", "pad-top", "pad-bottom"].iter().position(|k| *k == key);
+                pads[side.expect("a side")] = Some(value.parse()?);
+            }
+            "out" => out = value.into(),
+            _ => settings.set(key, value)?,
+        }
+    }
+    let [left, right, top, bottom] = pads.map(|p| p.unwrap_or(0));
+    let spec = match mode {
+        "img2img" => InitSpec::Img2img { image, strength },
+        "inpaint" => InitSpec::Inpaint { image, mask, strength, mask_blur },
+        "outpaint" => {
+            let pads = sdgen::editing::Pads { left, right, top, bottom };
+            InitSpec::Outpaint { image, pads, strength, mask_blur }
+        }
+        _ => InitSpec::Noise,
+    };
+    let init = spec.read(&settings)?;
+    settings.validate(&init)?;
+    let prompt = settings.prompt.as_deref().unwrap_or_default();
+    let (loras, _) = session::prompt_loras(prompt, settings.prompt_syntax.unwrap_or_default())?;
+    let (session, _) = Session::open(&opened, &loras, init.size(), &mut |_| {})?;
+    let request = settings.resolve(&session.model.defaults(), init)?;
+    let jobs = session::numbered_jobs(&request, &out, settings.image_count()?);
+    let options = RunOptions { batch_size: opened.batch_size, ..RunOptions::default() };
+    session.run(&jobs, &options, &mut |_| Ok(()))?;
+    Ok(())
 }
 
 /// The fields every txt2img-style reference case has (cases.json of the
