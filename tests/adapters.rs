@@ -170,18 +170,8 @@ fn swapped_loras_equal_fresh_loads() {
     (settings.width, settings.height, settings.cfg_scale) = (Some(64), Some(64), Some(7.5));
     let mut opened = sdgen::settings::SessionSettings {
         model: Some(fixture("tiny-sd1").display().to_string()),
-        models_dir: dir.path().to_path_buf(),
-        device: sdgen::device::DeviceSpec::Cpu,
-        dtype: None,
-        preset: None,
-        prediction: None,
-        vae_tiling: sdgen::models::vae::Tiling::Auto,
-        loras: Vec::new(),
-        vae: None,
-        offline: true,
-        quiet: true,
-        batch_size: 1,
         swappable_loras: true,
+        ..cpu_session(dir.path())
     };
     let generate = |session: &Session| {
         let request = settings.resolve(&session.model.defaults(), sdgen::request::Init::Noise).unwrap();

@@ -143,21 +143,11 @@ impl Job<'_> {
     }
 }
 
-/// What `sdgen [SUBCOMMAND] OPTIONS` does, through the library alone: the
-/// options read by the library's parsers (`Settings::set`, the typed
-/// settings' `FromStr`), the input images read, a session opened on the
-/// CPU, and the job run into its PNG.
-pub fn run_library(args: &[String]) -> anyhow::Result<()> {
-    use sdgen::session::{self, InitSpec, RunOptions, Session};
-    use sdgen::settings::{SessionSettings, Settings};
-    let (mode, options) = match args.first().map(String::as_str) {
-        Some(m @ ("img2img" | "inpaint" | "outpaint")) => (m, &args[1..]),
-        _ => ("txt2img", args),
-    };
-    let mut settings = Settings::default();
-    let mut opened = SessionSettings {
+/// A session on the CPU over `models_dir`, offline, no model named yet.
+pub fn cpu_session(models_dir: &Path) -> sdgen::settings::SessionSettings {
+    sdgen::settings::SessionSettings {
         model: None,
-        models_dir: fixture("no-models-here"),
+        models_dir: models_dir.to_path_buf(),
         device: sdgen::device::DeviceSpec::Cpu,
         dtype: None,
         preset: None,
@@ -169,7 +159,22 @@ pub fn run_library(args: &[String]) -> anyhow::Result<()> {
         quiet: true,
         batch_size: 1,
         swappable_loras: false,
+    }
+}
+
+/// What `sdgen [SUBCOMMAND] OPTIONS` does, through the library alone: the
+/// options read by the library's parsers (`Settings::set`, the typed
+/// settings' `FromStr`), the input images read, a session opened on the
+/// CPU, and the job run into its PNG.
+pub fn run_library(args: &[String]) -> anyhow::Result<()> {
+    use sdgen::session::{self, InitSpec, RunOptions, Session};
+    use sdgen::settings::Settings;
+    let (mode, options) = match args.first().map(String::as_str) {
+        Some(m @ ("img2img" | "inpaint" | "outpaint")) => (m, &args[1..]),
+        _ => ("txt2img", args),
     };
+    let mut settings = Settings::default();
+    let mut opened = cpu_session(&fixture("no-models-here"));
     let (mut image, mut mask, mut out, mut pads) = (PathBuf::new(), PathBuf::new(), PathBuf::new(), [None; 4]);
     let mut strength = if mode == "img2img" { session::IMG2IMG_STRENGTH } else { session::INPAINT_STRENGTH };
     let mut mask_blur = 0.0;
