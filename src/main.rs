@@ -93,14 +93,14 @@ fn open(
     args: &Common,
     settings: &SessionSettings,
     (loras, warnings): (Vec<LoraArg>, Vec<String>),
-    init: &Init,
+    size: (Option<usize>, Option<usize>),
 ) -> anyhow::Result<Session> {
     for w in warnings {
         eprintln!("warning: {w}");
     }
     let spinner = ProgressBar::with_draw_target(None, draw_target(args.quiet));
     spinner.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("valid template"));
-    let (session, report) = Session::open(settings, &loras, init.size(), &mut |e| match e {
+    let (session, report) = Session::open(settings, &loras, size, &mut |e| match e {
         OpenEvent::Downloading { repo, size, into } => {
             eprintln!("No model in {}: downloading {repo} ({size}) from the Hugging Face hub …", into.display())
         }
@@ -166,7 +166,8 @@ fn run_single(
         settings.prompt_syntax.unwrap_or_default(),
     );
     let load_started = Instant::now();
-    let session = open(args, session_settings, prompt_loras.tag(Failure::Usage)?, &init)?;
+    let size = init.size_asked(settings.width, settings.height);
+    let session = open(args, session_settings, prompt_loras.tag(Failure::Usage)?, size)?;
     let timings = args.timings.then(|| Timings::new(load_started.elapsed().as_secs_f64()));
     let request = settings.resolve(&session.model.defaults(), init).tag(Failure::Usage)?;
     let jobs = session::numbered_jobs(&request, out, settings.image_count()?);
@@ -212,7 +213,7 @@ fn run_batch(file: &Path, out_dir: &Path, shard: Option<&str>, force: bool, args
     }
     let session_settings = args.session_settings();
     let loras = batch::common_loras(file, &planned).tag(Failure::Input)?;
-    let session = open(args, &session_settings, loras, &Init::Noise)?;
+    let session = open(args, &session_settings, loras, (args.width, args.height))?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();

@@ -72,6 +72,15 @@ pub enum Init {
 }
 
 impl Init {
+    /// The size asked for: the input image's (which is then the output's),
+    /// else `settings`' width and height.
+    pub fn size_asked(&self, width: Option<usize>, height: Option<usize>) -> (Option<usize>, Option<usize>) {
+        match self.size() {
+            Some(s) => (Some(s.width), Some(s.height)),
+            None => (width, height),
+        }
+    }
+
     /// The input image's size, which is then the output's.
     pub fn size(&self) -> Option<Size> {
         match self {

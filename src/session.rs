@@ -55,11 +55,12 @@ pub enum OpenEvent<'a> {
 impl Session {
     /// Finds, checks and loads the model `settings` name, with the LoRAs of
     /// `settings` and `prompt_loras` (a prompt's `<lora:…>` tags). `size`
-    /// is the image size when an input image fixes it (for the memory check).
+    /// is the width and height asked for, if any (for the memory check;
+    /// the model's native size stands in for what is not given).
     pub fn open(
         settings: &SessionSettings,
         prompt_loras: &[LoraArg],
-        size: Option<Size>,
+        size: (Option<usize>, Option<usize>),
         events: &mut dyn FnMut(OpenEvent),
     ) -> anyhow::Result<(Session, LoadReport)> {
         settings.validate().tag(Failure::Usage)?;
@@ -73,7 +74,7 @@ impl Session {
         if device.is_cpu() {
             if let Some(available) = crate::memory::available() {
                 let native = crate::memory::native_side(&path);
-                let size = size.unwrap_or(Size { width: native, height: native });
+                let size = Size { width: size.0.unwrap_or(native), height: size.1.unwrap_or(native) };
                 let need = crate::memory::estimate(&path, dtype, size.width, size.height, 2 * settings.batch_size)
                     .tag(Failure::Model)?;
                 crate::memory::check(&need, available, dtype, size.width, size.height)

@@ -179,7 +179,7 @@ fn swapped_loras_equal_fresh_loads() {
         session.run(&[job], &RunOptions::default(), &mut |_| Ok(())).unwrap();
         (read_rgb(&out), sdgen::image_io::read_parameters(&out).unwrap().unwrap())
     };
-    let (mut session, _) = Session::open(&opened, &[], None, &mut |_| {}).unwrap();
+    let (mut session, _) = Session::open(&opened, &[], (None, None), &mut |_| {}).unwrap();
     let (base, _) = generate(&session);
     let kohya = [LoraArg { name: "tiny_kohya".into(), weight: 0.8 }];
     session.set_loras(&kohya, dir.path()).unwrap();
@@ -190,7 +190,7 @@ fn swapped_loras_equal_fresh_loads() {
     assert!(!params.contains("Lora hashes"), "{params}");
 
     opened.loras = kohya.to_vec();
-    let (fresh, _) = Session::open(&opened, &[], None, &mut |_| {}).unwrap();
+    let (fresh, _) = Session::open(&opened, &[], (None, None), &mut |_| {}).unwrap();
     assert_eq!(swapped.as_raw(), generate(&fresh).0.as_raw(), "swapped in = loaded with the LoRA");
     assert_eq!(back.as_raw(), base.as_raw(), "swapped out = the base model");
     let mut parity = Parity::default();
@@ -199,7 +199,7 @@ fn swapped_loras_equal_fresh_loads() {
     parity.assert_within_tolerance();
 
     opened.swappable_loras = false;
-    let (mut fixed, _) = Session::open(&opened, &[], None, &mut |_| {}).unwrap();
+    let (mut fixed, _) = Session::open(&opened, &[], (None, None), &mut |_| {}).unwrap();
     let err = format!("{:#}", fixed.set_loras(&[], dir.path()).unwrap_err());
     assert!(err.contains("reload it to change LoRAs"), "{err}");
 }

@@ -219,7 +219,7 @@ pub fn run_library(args: &[String]) -> anyhow::Result<()> {
     settings.validate(&init)?;
     let prompt = settings.prompt.as_deref().unwrap_or_default();
     let (loras, _) = session::prompt_loras(prompt, settings.prompt_syntax.unwrap_or_default())?;
-    let (session, _) = Session::open(&opened, &loras, init.size(), &mut |_| {})?;
+    let (session, _) = Session::open(&opened, &loras, init.size_asked(settings.width, settings.height), &mut |_| {})?;
     let request = settings.resolve(&session.model.defaults(), init)?;
     let jobs = session::numbered_jobs(&request, &out, settings.image_count()?);
     let options = RunOptions { batch_size: opened.batch_size, ..RunOptions::default() };
