@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
+use crate::failure::{Failure, Tag};
 use crate::loading::lora::LoraArg;
 use crate::loading::Defaults;
 use crate::request::{Init, Request};
@@ -133,6 +134,10 @@ pub fn parse_jobs(text: &str, source: &str, jsonl: bool, defaults: &Settings) ->
 /// Reads a job file (`-` = standard input); `.jsonl` files, and standard
 /// input whose first job line starts with `{`, are JSON Lines.
 pub fn read_jobs(path: &Path, defaults: &Settings) -> anyhow::Result<Vec<JobLine>> {
+    read_jobs_untagged(path, defaults).tag(Failure::Input)
+}
+
+fn read_jobs_untagged(path: &Path, defaults: &Settings) -> anyhow::Result<Vec<JobLine>> {
     let (text, name) = if path == Path::new("-") {
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes).context("reading standard input")?;
@@ -157,18 +162,32 @@ pub struct Shard {
     pub count: usize,
 }
 
-impl Shard {
-    pub fn parse(s: &str) -> anyhow::Result<Self> {
+impl std::str::FromStr for Shard {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
         let parsed = s.split_once('/').and_then(|(k, n)| Some((k.trim().parse().ok()?, n.trim().parse().ok()?)));
         match parsed {
             Some((index, count)) if count > 0 && index < count => Ok(Self { index, count }),
             _ => bail!("--shard {s:?}: expected K/N with 0 ≤ K < N (e.g. 0/4)"),
         }
     }
+}
 
-    pub fn manifest_name(&self) -> String {
+impl Shard {
+    fn manifest_name(&self) -> String {
         format!("manifest-{}-of-{}.jsonl", self.index, self.count)
     }
+}
+
+/// Creates `out_dir` if needed and opens the manifest of `shard` in it
+/// (emptied when `fresh`).
+pub fn open_out_dir(out_dir: &Path, shard: Option<Shard>, fresh: bool) -> anyhow::Result<Manifest> {
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("{}: cannot create", out_dir.display()))
+        .tag(Failure::Output)?;
+    let name = shard.map_or_else(|| "manifest.jsonl".to_string(), |s| s.manifest_name());
+    Manifest::open(&out_dir.join(name), fresh).tag(Failure::Output)
 }
 
 /// One image to make: its job, its seed, its file name.
@@ -300,6 +319,10 @@ impl Manifest {
 /// The LoRAs of the jobs' `<lora:…>` tags (and warnings for other network
 /// tags): the model loads once, so every job must ask for the same ones.
 pub fn common_loras(file: &Path, planned: &[Planned]) -> anyhow::Result<(Vec<LoraArg>, Vec<String>)> {
+    common_loras_untagged(file, planned).tag(Failure::Input)
+}
+
+fn common_loras_untagged(file: &Path, planned: &[Planned]) -> anyhow::Result<(Vec<LoraArg>, Vec<String>)> {
     let mut common: Option<(Vec<LoraArg>, Vec<String>)> = None;
     for p in planned {
         let s = &p.settings;
@@ -437,7 +460,7 @@ mod tests {
         every.sort();
         assert_eq!(union, every);
         assert!(s0.iter().all(|p| p.job % 2 == 0) && s1.iter().all(|p| p.job % 2 == 1));
-        assert!(Shard::parse("2/2").is_err() && Shard::parse("x").is_err());
+        assert!("2/2".parse::<Shard>().is_err() && "x".parse::<Shard>().is_err());
     }
 
     #[test]

@@ -16,12 +16,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use cli::args::{Cli, Command, Common, DevCommand};
 use cli::listing::{list_models, list_samplers, tokenize};
 use cli::progress::{draw_target, Progress};
-use sdgen::batch::{self, Manifest, Shard};
+use sdgen::batch::{self, Shard};
 use sdgen::editing::Pads;
-use sdgen::failure::{self, Failure, Tag};
+use sdgen::failure::{self, Failure};
 use sdgen::loading::lora::LoraArg;
-use sdgen::request::Init;
-use sdgen::session::{self, InitSpec, OpenEvent, RunOptions, Session};
+use sdgen::session::{self, InitSpec, OpenEvent, RunOptions, Session, SingleJob};
 use sdgen::settings::{SessionSettings, Settings};
 use sdgen::timings::Timings;
 
@@ -60,7 +59,7 @@ fn main() -> ExitCode {
             done(run_command(common, InitSpec::Outpaint { image: image.clone(), pads, strength, mask_blur }))
         }
         Some(Command::Batch { file, out_dir, shard, force, common }) => {
-            run_batch(file, out_dir, shard.as_deref(), *force, common)
+            run_batch(file, out_dir, *shard, *force, common)
         }
         Some(Command::Replay { image, common }) => done(run_replay(image, common)),
         Some(Command::Samplers) => {
@@ -143,7 +142,7 @@ fn open(
 /// txt2img and the editing commands with the command line's settings.
 fn run_command(args: &Common, spec: InitSpec) -> anyhow::Result<()> {
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("sdgen.png"));
-    run_single(args, args.settings(), &args.session_settings(), &out, spec)
+    run_single(args, args.settings(), &args.session_settings(), out, spec)
 }
 
 /// One job: `--batch-count` images, `--batch-size` of them at a time.
@@ -151,26 +150,16 @@ fn run_single(
     args: &Common,
     settings: Settings,
     session_settings: &SessionSettings,
-    out: &Path,
+    out: PathBuf,
     spec: InitSpec,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let settings = Settings { seed: Some(settings.seed.unwrap_or_else(random_seed)), ..settings };
-    // Bad options fail before anything is read or loaded.
-    settings.validate(&Init::Noise).tag(Failure::Usage)?;
-    let init = spec.read(&settings)?;
-    settings.validate(&init).tag(Failure::Usage)?;
-    session::check_output(out)?;
-    let prompt_loras = session::prompt_loras(
-        settings.prompt.as_deref().unwrap_or_default(),
-        settings.prompt_syntax.unwrap_or_default(),
-    );
+    let job = SingleJob::prepare(settings, &spec, out)?;
     let load_started = Instant::now();
-    let size = init.size_asked(settings.width, settings.height);
-    let session = open(args, session_settings, prompt_loras.tag(Failure::Usage)?, size)?;
+    let session = open(args, session_settings, job.prompt_loras()?, job.size_asked())?;
     let timings = args.timings.then(|| Timings::new(load_started.elapsed().as_secs_f64()));
-    let request = settings.resolve(&session.model.defaults(), init).tag(Failure::Usage)?;
-    let jobs = session::numbered_jobs(&request, out, settings.image_count()?);
+    let jobs = job.jobs(&session)?;
     let mut progress = Progress::new(started, args.quiet, None, timings);
     let options = RunOptions { batch_size: session_settings.batch_size, ..RunOptions::default() };
     session.run(&jobs, &options, &mut |e| {
@@ -187,32 +176,33 @@ fn run_single(
 /// Exit status of a batch stopped by Ctrl-C (128 + SIGINT, as shells report it).
 const INTERRUPTED: u8 = 130;
 
-fn run_batch(file: &Path, out_dir: &Path, shard: Option<&str>, force: bool, args: &Common) -> anyhow::Result<ExitCode> {
+fn run_batch(
+    file: &Path,
+    out_dir: &Path,
+    shard: Option<Shard>,
+    force: bool,
+    args: &Common,
+) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let defaults = Settings { seed: None, ..args.settings() };
-    let jobs = batch::read_jobs(file, &defaults).tag(Failure::Input)?;
+    let jobs = batch::read_jobs(file, &defaults)?;
     if jobs.is_empty() {
         eprintln!("{}: no jobs in the file; nothing to do", file.display());
         return Ok(ExitCode::SUCCESS);
     }
-    let shard = shard.map(Shard::parse).transpose().tag(Failure::Usage)?;
     let base_seed = args.seed.unwrap_or_else(|| {
         let s = random_seed();
         eprintln!("base seed {s} (pass --seed {s} to reproduce this batch)");
         s
     });
     let planned = batch::plan(&jobs, &defaults, base_seed, shard);
-    std::fs::create_dir_all(out_dir)
-        .with_context(|| format!("{}: cannot create", out_dir.display()))
-        .tag(Failure::Output)?;
-    let manifest_name = shard.map_or_else(|| "manifest.jsonl".to_string(), |s| s.manifest_name());
-    let mut manifest = Manifest::open(&out_dir.join(manifest_name), force).tag(Failure::Output)?;
+    let mut manifest = batch::open_out_dir(out_dir, shard, force)?;
     if planned.iter().all(|p| manifest.is_done(out_dir, &p.file)) {
         eprintln!("all {} images are already done in {}", planned.len(), out_dir.display());
         return Ok(ExitCode::SUCCESS);
     }
     let session_settings = args.session_settings();
-    let loras = batch::common_loras(file, &planned).tag(Failure::Input)?;
+    let loras = batch::common_loras(file, &planned)?;
     let session = open(args, &session_settings, loras, (args.width, args.height))?;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -248,11 +238,7 @@ fn run_batch(file: &Path, out_dir: &Path, shard: Option<&str>, force: bool, args
 /// Regenerates an image from its `parameters` chunk; options given on the
 /// command line override the recorded ones.
 fn run_replay(image: &Path, args: &Common) -> anyhow::Result<()> {
-    let text = sdgen::image_io::read_parameters(image)
-        .and_then(|t| t.with_context(|| format!("{}: no generation parameters in this PNG", image.display())))
-        .tag(Failure::Input)?;
-    let recorded =
-        sdgen::infotext::parse(&text).to_settings().with_context(|| image.display().to_string()).tag(Failure::Input)?;
+    let recorded = session::recorded_settings(image)?;
     let mut session = args.session_settings();
     if session.model.is_none() {
         session.model = Some(session::recorded_model(&session.models_dir, &recorded)?.display().to_string());
@@ -260,7 +246,7 @@ fn run_replay(image: &Path, args: &Common) -> anyhow::Result<()> {
     session.vae = session.vae.or(recorded.vae);
     let stem = image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("{stem}-replay.png")));
-    run_single(args, args.settings().over(&recorded.settings), &session, &out, InitSpec::Noise)
+    run_single(args, args.settings().over(&recorded.settings), &session, out, InitSpec::Noise)
 }
 
 fn run_dev(dev: &DevCommand) -> anyhow::Result<()> {

@@ -322,6 +322,54 @@ fn check_size(path: &Path, image: &Image) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A single command's job (txt2img, img2img, inpaint, outpaint, replay),
+/// checked and with its input read before any model loads.
+pub struct SingleJob {
+    pub settings: Settings,
+    pub init: Init,
+    pub out: PathBuf,
+}
+
+impl SingleJob {
+    /// Checks `settings` (usage errors), reads `spec`'s input images (input
+    /// errors), checks `out` (output errors). `settings` must carry a seed.
+    pub fn prepare(settings: Settings, spec: &InitSpec, out: PathBuf) -> anyhow::Result<Self> {
+        // Bad options fail before any file is read.
+        settings.validate(&Init::Noise).tag(Failure::Usage)?;
+        let init = spec.read(&settings)?;
+        settings.validate(&init).tag(Failure::Usage)?;
+        check_output(&out)?;
+        Ok(Self { settings, init, out })
+    }
+
+    /// The LoRAs its prompt's tags name, and warnings about other tags.
+    pub fn prompt_loras(&self) -> anyhow::Result<(Vec<LoraArg>, Vec<String>)> {
+        let s = &self.settings;
+        prompt_loras(s.prompt.as_deref().unwrap_or_default(), s.prompt_syntax.unwrap_or_default()).tag(Failure::Usage)
+    }
+
+    /// The width and height it asks for, for [`Session::open`].
+    pub fn size_asked(&self) -> (Option<usize>, Option<usize>) {
+        self.init.size_asked(self.settings.width, self.settings.height)
+    }
+
+    /// Its images on `session`: the model's defaults for what is unset,
+    /// seeds S, S+1, … and numbered files when there are several.
+    pub fn jobs(self, session: &Session) -> anyhow::Result<Vec<Job>> {
+        let count = self.settings.image_count().tag(Failure::Usage)?;
+        let request = self.settings.resolve(&session.model.defaults(), self.init).tag(Failure::Usage)?;
+        Ok(numbered_jobs(&request, &self.out, count))
+    }
+}
+
+/// The settings recorded in a PNG's parameters, and the model they name.
+pub fn recorded_settings(image: &Path) -> anyhow::Result<Recorded> {
+    let text = crate::image_io::read_parameters(image)
+        .and_then(|t| t.with_context(|| format!("{}: no generation parameters in this PNG", image.display())))
+        .tag(Failure::Input)?;
+    crate::infotext::parse(&text).to_settings().with_context(|| image.display().to_string()).tag(Failure::Input)
+}
+
 /// One image to make and the PNG it goes to.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -331,7 +379,7 @@ pub struct Job {
 
 /// `count` images of `request` with seeds S, S+1, … into `out`, or
 /// `NAME-0.png` … `NAME-(count−1).png` beside it when there are several.
-pub fn numbered_jobs(request: &Request, out: &Path, count: usize) -> Vec<Job> {
+fn numbered_jobs(request: &Request, out: &Path, count: usize) -> Vec<Job> {
     if count == 1 {
         return vec![Job { request: request.clone(), path: out.to_path_buf() }];
     }
@@ -345,7 +393,7 @@ pub fn numbered_jobs(request: &Request, out: &Path, count: usize) -> Vec<Job> {
 }
 
 /// Refuses an output path sdgen cannot write a PNG to, before any work.
-pub fn check_output(out: &Path) -> anyhow::Result<()> {
+fn check_output(out: &Path) -> anyhow::Result<()> {
     if out.extension().is_none_or(|e| !e.eq_ignore_ascii_case("png")) {
         return Err(anyhow::anyhow!("{}: output must be a .png file", out.display())).tag(Failure::Output);
     }

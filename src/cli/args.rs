@@ -92,7 +92,7 @@ pub enum Command {
         out_dir: PathBuf,
         /// Only jobs with index ≡ K (mod N), for splitting one file across machines.
         #[arg(long, value_name = "K/N")]
-        shard: Option<String>,
+        shard: Option<sdgen::batch::Shard>,
         /// Regenerate images already in the manifest.
         #[arg(long)]
         force: bool,

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use sdgen::failure::{self, Failure, Tag};
+use sdgen::failure::{self, Failure};
 
 /// `sdgen models`: a table (or JSON lines) of what the models dir holds; a
 /// model that cannot be read is reported on stderr and makes the exit
@@ -51,7 +51,7 @@ pub fn tokenize(
     let tokenizer = match model {
         Some(m) => {
             let path = sdgen::loading::assets::find(sdgen::loading::assets::Asset::Model, m, models_dir);
-            path.and_then(|p| sdgen::loading::tokenizer_of(&p)).tag(Failure::Model)?
+            sdgen::loading::tokenizer_of(&path?)?
         }
         None => sdgen::tokenizer::ClipTokenizer::embedded()?,
     };

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 
+use crate::failure::{Failure, Tag};
+
 /// What a name is looked up as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Asset {
@@ -36,6 +38,10 @@ impl Asset {
 /// `name` as a path (any file, or for a model a diffusers folder), else
 /// `NAME.safetensors` or `NAME` in the models dir's subfolders for `kind`.
 pub fn find(kind: Asset, name: &str, models_dir: &Path) -> anyhow::Result<PathBuf> {
+    find_untagged(kind, name, models_dir).tag(Failure::Model)
+}
+
+fn find_untagged(kind: Asset, name: &str, models_dir: &Path) -> anyhow::Result<PathBuf> {
     let direct = PathBuf::from(name);
     if direct.is_file() || (kind == Asset::Model && is_diffusers_folder(&direct)) {
         return Ok(direct);
@@ -152,7 +158,7 @@ mod tests {
         assert_eq!(locate(Some("b"), dir.path()).unwrap(), Located::Found(dir.path().join("b")));
         let err = locate(None, dir.path()).unwrap_err().to_string();
         assert!(err.contains("2 models found"), "{err}");
-        assert!(locate(Some("c"), dir.path()).unwrap_err().to_string().contains("holds: a, b"));
+        assert!(format!("{:#}", locate(Some("c"), dir.path()).unwrap_err()).contains("holds: a, b"));
         let empty = tempfile::tempdir().unwrap();
         assert_eq!(locate(None, empty.path()).unwrap(), Located::Nothing);
     }

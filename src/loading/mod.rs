@@ -132,9 +132,12 @@ pub fn model_hash(path: &Path) -> anyhow::Result<String> {
 /// folder's `tokenizer/`, or for a single file CLIP's, sized to its token
 /// table and padding as its family does.
 pub fn tokenizer_of(path: &Path) -> anyhow::Result<ClipTokenizer> {
-    if path.is_dir() {
-        let dir = path.join("tokenizer");
-        return if dir.is_dir() { ClipTokenizer::from_dir(&dir) } else { ClipTokenizer::embedded() };
+    use crate::failure::{Failure, Tag};
+    let dir = path.join("tokenizer");
+    match path.is_dir() {
+        true if dir.is_dir() => ClipTokenizer::from_dir(&dir),
+        true => ClipTokenizer::embedded(),
+        false => single_file::tokenizer(path),
     }
-    single_file::tokenizer(path)
+    .tag(Failure::Model)
 }

@@ -215,13 +215,9 @@ pub fn run_library(args: &[String]) -> anyhow::Result<()> {
         }
         _ => InitSpec::Noise,
     };
-    let init = spec.read(&settings)?;
-    settings.validate(&init)?;
-    let prompt = settings.prompt.as_deref().unwrap_or_default();
-    let (loras, _) = session::prompt_loras(prompt, settings.prompt_syntax.unwrap_or_default())?;
-    let (session, _) = Session::open(&opened, &loras, init.size_asked(settings.width, settings.height), &mut |_| {})?;
-    let request = settings.resolve(&session.model.defaults(), init)?;
-    let jobs = session::numbered_jobs(&request, &out, settings.image_count()?);
+    let job = session::SingleJob::prepare(settings, &spec, out)?;
+    let (session, _) = Session::open(&opened, &job.prompt_loras()?.0, job.size_asked(), &mut |_| {})?;
+    let jobs = job.jobs(&session)?;
     let options = RunOptions { batch_size: opened.batch_size, ..RunOptions::default() };
     session.run(&jobs, &options, &mut |_| Ok(()))?;
     Ok(())
