@@ -77,8 +77,10 @@ pub struct Conditioned<'a> {
     context: Tensor,
     /// SDXL's pooled embeddings and size numbers, batched like `context`.
     added: Option<(Tensor, Tensor)>,
-    /// Channels appended to the scaled sample, per image.
+    /// Channels appended to the scaled sample, per image (an inpainting
+    /// UNet's latent mask and masked-image latents).
     extra: Option<Tensor>,
+    /// LCM UNets: the embedded guidance scale, in place of guidance.
     guidance: Option<Tensor>,
 }
 
@@ -87,6 +89,7 @@ impl<'a> Conditioned<'a> {
     fn new(backbone: &'a dyn Backbone, c: &Conditioning, extra: Option<Tensor>, guided: bool) -> Result<Self> {
         let dtype = backbone.dtype();
         let batch = c.cond.context.dim(0)?;
+        // An LCM UNet embeds w = cfg − 1 and runs once, unguided.
         let guidance = match backbone.guidance_dim() {
             Some(dim) => Some(
                 crate::models::unet::guidance_embedding(c.cfg_scale as f32 - 1.0, dim, c.cond.context.device())?
