@@ -21,14 +21,18 @@ use candle_nn::VarBuilder;
 
 use super::weights::{Checkpoint, Component, NameMap};
 
+/// kohya's module name prefixes and the components they patch; the first
+/// of each component is the one reports use.
+const KOHYA: &[(&str, Component)] = &[
+    ("lora_unet_", Component::Unet),
+    ("lora_te_", Component::TextEncoder),
+    ("lora_te1_", Component::TextEncoder),
+    ("lora_te2_", Component::TextEncoder2),
+];
+
 /// The kohya prefix of a component's module names.
 fn kohya_prefix(target: Component) -> &'static str {
-    match target {
-        Component::Unet => "lora_unet_",
-        Component::TextEncoder => "lora_te_",
-        Component::TextEncoder2 => "lora_te2_",
-        Component::Vae => "lora_vae_",
-    }
+    KOHYA.iter().find(|(_, c)| *c == target).map_or("", |(p, _)| p)
 }
 
 /// `NAME_OR_PATH[:WEIGHT]` as `--lora` takes it (the weight after the last
@@ -146,12 +150,6 @@ enum Part {
 
 /// (target, module name, part) of a LoRA tensor name in either format.
 fn classify(name: &str) -> Option<(Component, String, Part)> {
-    const KOHYA: &[(&str, Component)] = &[
-        ("lora_unet_", Component::Unet),
-        ("lora_te1_", Component::TextEncoder),
-        ("lora_te2_", Component::TextEncoder2),
-        ("lora_te_", Component::TextEncoder),
-    ];
     const PEFT: &[(&str, Component)] = &[
         ("unet.", Component::Unet),
         ("text_encoder_2.", Component::TextEncoder2),
