@@ -49,12 +49,6 @@ for b in "$@"; do
     builds+=("$b")
 done
 
-# Fixtures over 5 MB are committed in parts.
-for part in $(find tests/fixtures -name '*.part-000'); do
-    whole=${part%.part-000}
-    [ -e "$whole" ] || cat "$whole".part-* >"$whole"
-done
-
 parity() { # build dtype max mean suites
     local name; name=$(basename "$1")
     echo "== parity: $name on CUDA, $2 (tolerance max $3 / mean $4 levels)"

@@ -242,7 +242,8 @@ fn assert_same_as_clean(dir: &Path, clean: &Path) {
 #[test]
 fn random_kills_and_resumes_end_as_a_clean_run() {
     let dir = tempfile::tempdir().unwrap();
-    let jobs: String = (0..16).map(|i| format!("--prompt \"job {i}\" --steps 4\n")).collect();
+    // Enough work that most of the 20 runs are still going when killed.
+    let jobs: String = (0..40).map(|i| format!("--prompt \"job {i}\" --steps 4\n")).collect();
     let file = write(dir.path(), "jobs.txt", &jobs);
     let clean = dir.path().join("clean");
     batch(&file, &clean, &["--seed", "11"]);

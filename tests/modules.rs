@@ -179,12 +179,12 @@ fn tiled_vae_encode_blends_tiles_and_equals_whole_with_one_tile() {
 
 /// SDXL's added conditioning path (pooled text + sinusoids of the six size
 /// numbers → linear–SiLU–linear, added to the timestep embedding) on a tiny
-/// SDXL-shaped UNet (tests/reference/make_sdxl_unet.py).
+/// SDXL-shaped UNet, tiny-sdxl's (tests/reference/make_sdxl_unet.py).
 #[test]
 fn sdxl_unet_add_embedding_matches_diffusers() {
     use sdgen::loading::weights::{Checkpoint, Component, NameMap};
     use sdgen::models::unet::{TextTime, UNet, UNetConfig};
-    let dir = fixture("tiny-sdxl-unet");
+    let dir = fixture("tiny-sdxl/unet");
     let cfg: UNetConfig = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let ckpt = Checkpoint::open(&[dir.join("diffusion_pytorch_model.safetensors")]).unwrap();
     let unet =

@@ -252,9 +252,13 @@ pub fn infer_unet(t: &Tensors, pooled_dim: Option<usize>) -> anyhow::Result<UNet
     let Some(cross_attention_dim) = context_dim else {
         bail!("the UNet has no cross-attention blocks: not a Stable Diffusion UNet");
     };
-    // SD 1.x UNets use 8 heads everywhere; later ones 64-wide heads.
-    let heads =
-        if linear_projection { PerBlock::Each(channels.iter().map(|c| c / 64).collect()) } else { PerBlock::One(8) };
+    // SD 1.x UNets use 8 heads everywhere; later ones 64-wide heads (at least one: narrower blocks have a
+    // single head of their whole width).
+    let heads = if linear_projection {
+        PerBlock::Each(channels.iter().map(|c| (c / 64).max(1)).collect())
+    } else {
+        PerBlock::One(8)
+    };
     let down_block_types =
         attention.iter().map(|a| if *a { "CrossAttnDownBlock2D" } else { "DownBlock2D" }.to_string()).collect();
     let up_block_types =
@@ -270,6 +274,7 @@ pub fn infer_unet(t: &Tensors, pooled_dim: Option<usize>) -> anyhow::Result<UNet
         addition_time_embed_dim = Some((input - pooled) / 6);
         projection_class_embeddings_input_dim = Some(input);
     }
+    let norm_num_groups = norm_groups(&channels);
     Ok(UNetConfig {
         in_channels: conv_in[1],
         out_channels: t.dim(&format!("{p}out.2.weight"), 0)?,
@@ -280,7 +285,7 @@ pub fn infer_unet(t: &Tensors, pooled_dim: Option<usize>) -> anyhow::Result<UNet
         cross_attention_dim,
         attention_head_dim: heads,
         num_attention_heads: None,
-        norm_num_groups: 32,
+        norm_num_groups,
         norm_eps: 1e-5,
         use_linear_projection: linear_projection,
         // As SD 2.1 needs in f16 (only more exact for others); nothing changes in f32.
@@ -295,6 +300,13 @@ pub fn infer_unet(t: &Tensors, pooled_dim: Option<usize>) -> anyhow::Result<UNet
     })
 }
 
+/// GroupNorm's group count, which checkpoints do not record: 32, as in every
+/// SD UNet and VAE, or the narrowest block's width where that is below 32
+/// (tiny test models: one group per channel).
+fn norm_groups(widths: &[usize]) -> usize {
+    widths.iter().copied().fold(32, usize::min)
+}
+
 /// The VAE's config from an LDM checkpoint (scaling factor: the family's).
 pub fn infer_vae(t: &Tensors, scaling_factor: f64) -> anyhow::Result<VaeConfig> {
     let p = VAE_PREFIX;
@@ -302,16 +314,16 @@ pub fn infer_vae(t: &Tensors, scaling_factor: f64) -> anyhow::Result<VaeConfig> 
     if levels == 0 {
         bail!("no VAE decoder (`{p}decoder.up.*`) in the checkpoint");
     }
-    let block_out_channels = (0..levels)
+    let block_out_channels: Vec<usize> = (0..levels)
         .map(|i| t.dim(&format!("{p}decoder.up.{i}.block.0.conv2.weight"), 0))
         .collect::<anyhow::Result<_>>()?;
     Ok(VaeConfig {
+        norm_num_groups: norm_groups(&block_out_channels),
         in_channels: t.dim(&format!("{p}encoder.conv_in.weight"), 1)?,
         out_channels: t.dim(&format!("{p}decoder.conv_out.weight"), 0)?,
         latent_channels: t.dim(&format!("{p}post_quant_conv.weight"), 0)?,
         block_out_channels,
         layers_per_block: t.count(&format!("{p}decoder.up.0.block.")) - 1,
-        norm_num_groups: 32,
         scaling_factor,
         other: Default::default(),
     })

@@ -6,42 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// A fixture path. Files over 5 MB are committed as `NAME.part-000`,
-/// `NAME.part-001`, …; the first call reassembles every such file in place
-/// (they are git-ignored).
+/// A fixture path (under tests/fixtures).
 pub fn fixture(rel: &str) -> PathBuf {
-    static ASSEMBLED: std::sync::Once = std::sync::Once::new();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    ASSEMBLED.call_once(|| assemble_parts(&root));
-    root.join(rel)
-}
-
-fn assemble_parts(dir: &Path) {
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let path = entry.path();
-        // Symlinked model parts point into folders assembled on their own.
-        if entry.file_type().unwrap().is_dir() {
-            assemble_parts(&path);
-            continue;
-        }
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let Some(target) = name.strip_suffix(".part-000") else { continue };
-        let parts: Vec<PathBuf> =
-            (0..).map(|i| dir.join(format!("{target}.part-{i:03}"))).take_while(|p| p.is_file()).collect();
-        let size: u64 = parts.iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
-        let whole = dir.join(target);
-        if std::fs::metadata(&whole).is_ok_and(|m| m.len() == size) {
-            continue;
-        }
-        // Other test processes may assemble too: write aside, then rename.
-        let tmp = dir.join(format!(".{target}.{}.tmp", std::process::id()));
-        let mut bytes = Vec::with_capacity(size as usize);
-        for p in &parts {
-            bytes.extend(std::fs::read(p).unwrap());
-        }
-        std::fs::write(&tmp, bytes).unwrap();
-        std::fs::rename(&tmp, &whole).unwrap();
-    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
 }
 
 /// Runs `sdgen` with `args` on the CPU, without a models dir or network

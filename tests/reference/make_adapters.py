@@ -63,7 +63,7 @@ LORA_UP_GAIN = 0.6  # lora_up ~ LORA_UP_GAIN * N / sqrt(rank); lora_down ~ N / s
 LOCON_MODULES = ("down_blocks.1.resnets.0.conv1", "up_blocks.0.resnets.0.conv1")
 FUSED_MODULES = (  # stored in lora_fused.safetensors as <component>.<module>.weight
     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
-    "unet.down_blocks.1.attentions.1.proj_in",  # 1x1 conv LoRA
+    "unet.down_blocks.1.attentions.0.proj_in",  # 1x1 conv LoRA
     "unet.down_blocks.1.resnets.0.conv1",  # 3x3 conv LoCon
     "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
 )
@@ -91,8 +91,6 @@ def fp16_randn(name, shape, scale):
 
 
 def load_pipe():
-    if not (mf.MODEL_DIR / "text_encoder" / "model-00001-of-00002.safetensors").exists():
-        mf.join_parts()
     return mf.load_folder_pipeline()
 
 
@@ -254,6 +252,20 @@ def check_fused(pipe_fused, pipe_base, deltas, what, only=None):
         f"W + {ALPHA / RANK * LORA_WEIGHT:g} * up@down (worst relative {worst:.2g})")
 
 
+def sorted_table(message):
+    """transformers' LOAD REPORT lists keys in set order, which changes from run to run (string hashing): the
+    table's rows sorted, so the recorded (truncated) message is the same on every run."""
+    lines = message.split("\n")
+    seps = [i for i, line in enumerate(lines) if set(line.strip()) <= set("-+|") and "-" in line]
+    if not seps:
+        return message
+    body = seps[0] + 1
+    end = body
+    while end < len(lines) and "|" in lines[end]:
+        end += 1
+    return "\n".join(lines[:body] + sorted(lines[body:end]) + lines[end:])
+
+
 class CaptureWarnings(logging.Handler):
     def __init__(self):
         super().__init__(logging.WARNING)
@@ -394,7 +406,7 @@ def main():
         lg.removeHandler(handler)
         lg.setLevel(lvl)
     ansi = re.compile(r"\x1b\[[0-9;]*m")
-    mis_messages = [ansi.sub("", m)[:300] for m in handler.records + [str(w.message) for w in py_warnings]]
+    mis_messages = [sorted_table(ansi.sub("", m))[:300] for m in handler.records + [str(w.message) for w in py_warnings]]
     for m in mis_messages:
         log(f"  mismatch warning: {m}")
     valid_keys = {kohya_name(c, n) for c, n in deltas} & set(mis_valid)
@@ -419,19 +431,20 @@ def main():
     pipe_t.load_textual_inversion(str(EMB_DIR / "onevec.safetensors"))
     tok = pipe_t.tokenizer
     added = {t: tok.convert_tokens_to_ids(t) for t in ("tinyemb", "tinyemb_1", "onevec")}
-    assert added == {"tinyemb": 49408, "tinyemb_1": 49409, "onevec": 49410}, added
+    v = mf.TINY_VOCAB  # the added tokens get the next ids
+    assert added == {"tinyemb": v, "tinyemb_1": v + 1, "onevec": v + 2}, added
     expanded = pipe_t.maybe_convert_prompt(TI_PROMPT, tok)
     assert expanded == "a photo of tinyemb tinyemb_1 and onevec, best quality", expanded
     ti_ids = tok(expanded, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     plain = base_pipe.tokenizer("a photo of", add_special_tokens=False).input_ids
     rest = base_pipe.tokenizer("and", add_special_tokens=False).input_ids
     tail = base_pipe.tokenizer(", best quality", add_special_tokens=False).input_ids
-    want_ids = [49406] + plain + [49408, 49409] + rest + [49410] + tail + [49407]
-    assert ti_ids[0, : len(want_ids)].tolist() == want_ids, (ti_ids[0, :16].tolist(), want_ids)
-    assert torch.all(ti_ids[0, len(want_ids):] == 49407)
+    want_ids = [mf.BOS_ID] + plain + [v, v + 1] + rest + [v + 2] + tail + [mf.EOS_ID]
+    assert ti_ids[0, : len(want_ids)].tolist() == want_ids, (ti_ids[0, :24].tolist(), want_ids)
+    assert torch.all(ti_ids[0, len(want_ids):] == mf.EOS_ID)
     emb = pipe_t.text_encoder.get_input_embeddings().weight
-    assert torch.equal(emb[49408], tinyemb[0]) and torch.equal(emb[49409], tinyemb[1])
-    assert torch.equal(emb[49410], onevec[0])
+    assert torch.equal(emb[v], tinyemb[0]) and torch.equal(emb[v + 1], tinyemb[1])
+    assert torch.equal(emb[v + 2], onevec[0])
     with torch.no_grad():
         ti_cond = pipe_t.text_encoder(ti_ids)[0]
         pe, _ = pipe_t.encode_prompt(TI_PROMPT, "cpu", 1, False)
@@ -558,7 +571,7 @@ def main():
             "note": "diffusers adds tokens tinyemb, tinyemb_1 (one per vector) and onevec and rewrites the prompt "
                     "(maybe_convert_prompt); A1111 matches the embedding file's stem as a word and splices its "
                     "vectors in at that position. Both give the same token-embedding sequence for this prompt.",
-            "ti_cond_safetensors": "input_ids int64 [1, 77] (expanded prompt, padded with 49407); cond float32 "
+            "ti_cond_safetensors": f"input_ids int64 [1, 77] (expanded prompt, padded with {mf.EOS_ID}); cond float32 "
                                    "[1, 77, 64] = text_encoder(input_ids).last_hidden_state",
         },
         "vae": {
@@ -590,6 +603,7 @@ def main():
 
     for d in (ADAPTERS, REF):
         mf.chmod_tree(d)
+    mf.check_file_sizes()
     mf.print_sizes([ADAPTERS, REF])
     log(f"done in {time.time() - t0:.0f}s")
 

@@ -9,19 +9,19 @@ Usage (from anywhere; paths come from this file's location):
 It deletes and rewrites only:
 
     tests/fixtures/tiny-sdxl/                  StableDiffusionXLPipeline folder (text encoders -> tiny-sdxl-text,
-                                               VAE weights -> tiny-sd1; new tokenizers, UNet, scheduler file)
-    tests/fixtures/tiny-sdxl.safetensors       the same model as one SDXL ("sgm") checkpoint; over 5 MB, so it is
-                                               left split into tiny-sdxl.safetensors.part-NNN (see README)
+                                               VAE weights and vocabulary -> tiny-sd1; new UNet, scheduler file)
+    tests/fixtures/tiny-sdxl.safetensors       the same model as one SDXL ("sgm") checkpoint
     tests/fixtures/tiny-sdxl-inpaint/          StableDiffusionXLInpaintPipeline folder (9-channel UNet + symlinks)
-    tests/fixtures/tiny-sd2-inpaint/           StableDiffusionInpaintPipeline folder, SD 2.x style (9-channel UNet)
+    tests/fixtures/tiny-sd2-inpaint/           StableDiffusionInpaintPipeline folder, SD 2.x style (symlinks only:
+                                               tiny-sd1-inpaint's 9-channel UNet, tiny-sd2's text encoder and VAE)
     tests/fixtures/reference/families/         txt2img.json, edit.json and their PNGs
+    tests/fixtures/reference/sdxl/unet.safetensors   one call of tiny-sdxl's UNet (make_sdxl_unet.write_reference)
 
-It needs the existing tiny-sdxl-text/, tiny-sd1/, tiny-sd2/, tiny-sd1-inpaint/ and images/ fixtures and reads the
-split (.part-NNN) ones through a temporary assembled mirror, so it writes nothing else.
+It needs the existing tiny-sdxl-text/, tiny-sd1/, tiny-sd2/, tiny-sd1-inpaint/ and images/ fixtures and writes
+nothing else.
 See tests/reference/README.md ("make_families.py").
 """
 
-import gzip
 import hashlib
 import itertools
 import json
@@ -65,12 +65,12 @@ XL_SINGLE = FIXTURES / "tiny-sdxl.safetensors"
 XL_INPAINT_DIR = FIXTURES / "tiny-sdxl-inpaint"
 SD2_INPAINT_DIR = FIXTURES / "tiny-sd2-inpaint"
 REF = FIXTURES / "reference" / "families"
-OUTPUTS = (XL_DIR, XL_SINGLE, XL_INPAINT_DIR, SD2_INPAINT_DIR, REF)
+XL_UNET_REF = FIXTURES / "reference" / "sdxl" / make_sdxl_unet.REF_FILE_NAME
+OUTPUTS = (XL_DIR, XL_SINGLE, XL_INPAINT_DIR, SD2_INPAINT_DIR, REF, XL_UNET_REF)
 TEXT_DIR = FIXTURES / "tiny-sdxl-text"
-VOCAB_GZ = ROOT / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 
 # ---- tokenizer ------------------------------------------------------------------------------------------------
-N_MERGES = 486  # 256 bytes + 256 bytes</w> + 486 merges + 2 specials = 1000 = the text encoders' vocab_size
+# make_fixtures.tiny_vocab_and_merges: CLIP's first 998 tokens + the two specials = the text encoders' vocab_size
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 # ---- scheduler / pipeline configs -------------------------------------------------------------------------------
@@ -113,16 +113,13 @@ XL_VAE_SCALING = 0.13025
 
 # ---- UNets ---------------------------------------------------------------------------------------------------------
 POOLED_DIM, TIME_DIM = make_sdxl_unet.POOLED_DIM, make_sdxl_unet.TIME_DIM
-# SDXL's structure at two levels, at SDXL's own rules: 32 groups, 64-wide heads (heads = channels / 64), no attention
-# at level 0, linear proj_in/proj_out, 2 transformer layers at the deeper level and in the mid block, "text_time".
-XL_UNET_CONFIG = dict(
-    make_sdxl_unet.CONFIG,  # POOLED_DIM and TIME_DIM as there
-    block_out_channels=[32, 64],
-    attention_head_dim=[1, 1],  # diffusers' (misnamed) heads per block: one 64-wide head at the 64-channel level
-    cross_attention_dim=128,  # 64 (text_encoder) + 64 (text_encoder_2)
-    norm_num_groups=32,
-)
-XL_INPAINT_UNET_CONFIG = dict(XL_UNET_CONFIG, in_channels=9)
+# SDXL's structure at two levels (make_sdxl_unet.CONFIG): 16 and 32 channels, 16 groups, no attention at level 0,
+# one head per block, linear proj_in/proj_out, 2 transformer layers at the deeper level and in the mid block, "text_time".
+XL_UNET_CONFIG = make_sdxl_unet.CONFIG
+# A folder-only model: 24 channels at both levels (17 carry the identity paths), 12 groups (two channels each), one
+# transformer layer everywhere.
+XL_INPAINT_UNET_CONFIG = dict(XL_UNET_CONFIG, in_channels=9, block_out_channels=[24, 24], norm_num_groups=12,
+                              transformer_layers_per_block=[1, 1])
 XL_UNET_SEED, XL_INPAINT_UNET_SEED = 3201, 3202
 # The denoiser-like identity paths of make_fixtures.build_unet / build_unet_inpaint (see tests/reference/README.md),
 # on top of make_sdxl_unet.randomize's random weights: they keep sampling contractive, so float noise is not
@@ -131,21 +128,10 @@ XL_ID_OUT = 1.2
 XL_F_OUT = 0.3
 XL_ATTN2_GAIN = 1.0  # extra factor on attn2.to_out (randomize() already gives it full gain)
 
-SD2_INPAINT_UNET_CONFIG = dict(
-    sample_size=8,
-    in_channels=9,
-    out_channels=4,
-    layers_per_block=1,
-    block_out_channels=(32, 64),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(1, 1),  # heads per level = channels / 64 (level 0 has no attention)
-    use_linear_projection=True,
-    upcast_attention=False,
-    cross_attention_dim=64,  # tiny-sd2's text encoder width
-    norm_num_groups=32,
-)
-SD2_INPAINT_PREFIX = "unet_sd2_inpaint."  # make_fixtures.init_random seeds every tensor by prefix + name
+# tiny-sd2-inpaint's UNet is tiny-sd1-inpaint's (a symlink): the SD 2.x parts are the text encoder (GELU, "!"
+# padding) and the scheduler file.
+SD2_INPAINT_SHARED = {"text_encoder": "../tiny-sd2/text_encoder", "tokenizer": "../tiny-sd2/tokenizer",
+                      "vae": "../tiny-sd2/vae", "unet": "../tiny-sd1-inpaint/unet"}
 
 # ---- cases -----------------------------------------------------------------------------------------------------------
 FOX, CAT = "a red fox in the snow", "a photo of a cat"
@@ -216,33 +202,6 @@ def symlink(target: str, link: Path):
     assert link.exists(), f"dangling symlink {link} -> {target}"
 
 
-def mirror(tmp: Path, names):
-    """tmp/<name> for each fixture folder: the same tree, relative symlinks copied as they are, regular files
-    linked by absolute path, and every NAME.part-NNN group joined into NAME. Relative links between the mirrored
-    folders then resolve inside tmp, so a folder with split files (tiny-sd1, tiny-sd2) loads without touching the
-    fixtures."""
-    for name in names:
-        src_root = FIXTURES / name
-        for dirpath, dirnames, filenames in os.walk(src_root):
-            d = Path(dirpath)
-            out = tmp / d.relative_to(FIXTURES)
-            out.mkdir(parents=True, exist_ok=True)
-            entries = list(filenames) + [n for n in dirnames if (d / n).is_symlink()]
-            dirnames[:] = [n for n in dirnames if not (d / n).is_symlink()]
-            for fn in entries:
-                p = d / fn
-                if p.is_symlink():
-                    os.symlink(os.readlink(p), out / fn)
-                elif ".part-" in fn:
-                    if fn.endswith(".part-000"):
-                        whole = fn[: -len(".part-000")]
-                        parts = sorted(d.glob(whole + ".part-*"))
-                        (out / whole).write_bytes(b"".join(q.read_bytes() for q in parts))
-                elif not (d / (fn + ".part-000")).exists():  # an assembled whole: its parts are joined instead
-                    os.symlink(p.resolve(), out / fn)
-    return tmp
-
-
 def tensor_digests(module):
     return {hashlib.sha256(v.float().numpy().tobytes()).hexdigest() for v in module.state_dict().values()}
 
@@ -277,25 +236,6 @@ def sha256_tree(paths):
 # =====================================================================================================================
 # Tokenizers
 # =====================================================================================================================
-
-
-def tiny_vocab_and_merges():
-    """CLIP's vocabulary built exactly as CLIP builds it (simple_tokenizer.py), truncated to its first 486 merges:
-    256 byte characters, the same + "</w>", the merged strings in order, then the two specials (ids 998, 999).
-    BPE only ever produces merges it knows, so the first 998 tokens of CLIP's vocabulary are a complete
-    vocabulary on their own."""
-    lines = gzip.open(VOCAB_GZ).read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : 1 + N_MERGES]]  # line 0 is a header
-    assert all(len(m) == 2 for m in merges)
-    byte_chars = list(mf.bytes_to_unicode().values())
-    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [BOS, EOS]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    assert len(vocab) == len(tokens) == 1000 and vocab[BOS] == 998 and vocab[EOS] == 999
-    # the same prefix as CLIP's full vocabulary (make_fixtures builds that one from open_clip's copy of the file)
-    full_vocab, full_merges = mf.clip_vocab_and_merges()
-    inv = {i: t for t, i in full_vocab.items()}
-    assert all(inv[i] == t for i, t in enumerate(tokens[:998])) and full_merges[:N_MERGES] == merges
-    return vocab, merges
 
 
 def check_tokenizer(path: Path, pad_id):
@@ -356,19 +296,6 @@ def build_xl_unet(config, seed):
     return unet.eval()
 
 
-@torch.no_grad()
-def build_sd2_inpaint_unet():
-    """make_fixtures.build_unet_inpaint's recipe (name-seeded init_random, residual gains, 9-channel paths) on an
-    SD 2.x-style config."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD2_INPAINT_UNET_CONFIG)
-    mf.init_random(unet, SD2_INPAINT_PREFIX)
-    mf.scale_cross_attention_out(unet, mf.UNET9_ATTN2_GAIN)
-    add_denoiser_paths(unet, True, mf.UNET9_ID_OUT, mf.UNET9_F_OUT, 1.0)
-    mf.round_to_fp16(unet)
-    return unet.eval()
-
-
 # =====================================================================================================================
 # Single file (SDXL "sgm" layout)
 # =====================================================================================================================
@@ -383,8 +310,7 @@ def unet_key_to_sgm(key, cfg):
 
 
 def build_xl_single_file(pipe):
-    """UNet and VAE as F16 (their values are fp16-exact, as in the folder), both text encoders F32 (tiny-sdxl-text
-    stores F32 values that fp16 would change)."""
+    """Everything F16, as in the folder (every value is fp16-exact)."""
     sd = {}
 
     def put(k, v):
@@ -394,12 +320,12 @@ def build_xl_single_file(pipe):
     mf.put_unet_and_vae(put, pipe, unet_key_to_sgm)
     for k, v in pipe.text_encoder.state_dict().items():
         k = k if k.startswith("text_model.") else "text_model." + k
-        put("conditioner.embedders.0.transformer." + k, v.float())
+        put("conditioner.embedders.0.transformer." + k, v.half())
     put("conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
         torch.arange(77, dtype=torch.int64)[None])
     te2 = pipe.text_encoder_2.state_dict()
-    for k, v in mf.openclip_text_keys(te2, "conditioner.embedders.1.model.", half=False).items():
-        put(k, v.float())
+    for k, v in mf.openclip_text_keys(te2, "conditioner.embedders.1.model.").items():
+        put(k, v)
     return sd
 
 
@@ -542,9 +468,10 @@ def image_diff(a, b):
 
 def make_xl_folder():
     log("tiny-sdxl: tokenizers, text encoder links, VAE, scheduler, UNet")
-    vocab, merges = tiny_vocab_and_merges()
-    mf.write_tokenizer_files(XL_DIR / "tokenizer", vocab, merges, pad_token=EOS)
-    mf.write_tokenizer_files(XL_DIR / "tokenizer_2", vocab, merges, pad_token="!", share_vocab_with="../tokenizer")
+    vocab, merges = mf.tiny_vocab_and_merges()  # the same files as tiny-sd1's tokenizer: symlinks to them
+    mf.write_tokenizer_files(XL_DIR / "tokenizer", vocab, merges, pad_token=EOS,
+                             share_vocab_with="../../tiny-sd1/tokenizer")
+    mf.write_tokenizer_files(XL_DIR / "tokenizer_2", vocab, merges, pad_token="!", share_vocab_with="../../tiny-sd1/tokenizer")
     tok1, ids1 = check_tokenizer(XL_DIR / "tokenizer", 999)
     tok2, ids2 = check_tokenizer(XL_DIR / "tokenizer_2", 0)
     assert ids1 == ids2
@@ -568,9 +495,10 @@ def make_xl_folder():
     assert_f16(XL_DIR / "unet" / "diffusion_pytorch_model.safetensors")
 
     # model_index.json as diffusers writes it (save_config of the pipeline built in memory)
-    te1 = CLIPTextModel.from_pretrained(str(TEXT_DIR / "text_encoder"), local_files_only=True).eval()
-    te2 = CLIPTextModelWithProjection.from_pretrained(str(TEXT_DIR / "text_encoder_2"), local_files_only=True).eval()
-    vae = AutoencoderKL.from_pretrained(str(XL_DIR / "vae"), local_files_only=True).eval()
+    f32 = dict(local_files_only=True, dtype=torch.float32)
+    te1 = CLIPTextModel.from_pretrained(str(TEXT_DIR / "text_encoder"), **f32).eval()
+    te2 = CLIPTextModelWithProjection.from_pretrained(str(TEXT_DIR / "text_encoder_2"), **f32).eval()
+    vae = AutoencoderKL.from_pretrained(str(XL_DIR / "vae"), **f32).eval()
     sched = EulerDiscreteScheduler.from_config(XL_SCHEDULER_CONFIG)
     mem = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
                                     unet=unet, scheduler=sched, force_zeros_for_empty_prompt=True,
@@ -592,8 +520,7 @@ def make_xl_folder():
     mf.state_dicts_equal(pipe.text_encoder_2, te2, "tiny-sdxl text_encoder_2")
     sd1_vae = AutoencoderKL.from_pretrained(str(FIXTURES / "tiny-sd1" / "vae"), local_files_only=True)
     mf.state_dicts_equal(pipe.vae, sd1_vae, "tiny-sdxl vae")
-    old_unet = UNet2DConditionModel.from_pretrained(str(FIXTURES / "tiny-sdxl-unet"), local_files_only=True)
-    check_distinct_from("tiny-sdxl unet", unet, [old_unet, sd1_vae])
+    check_distinct_from("tiny-sdxl unet", unet, [sd1_vae])
     n = sum(p.numel() for p in unet.parameters())
     log(f"  UNet: {len(unet.state_dict())} F16 tensors, {n} parameters; folder loads and equals the models built")
     return pipe
@@ -631,7 +558,7 @@ def make_xl_single_file(pipe):
         a, b = back[k].float(), folder[comp][dk]
         assert torch.equal(a.reshape(b.shape), b), k
     assert sorted(te2_back) == sorted(folder["text_encoder_2"])
-    assert all(torch.equal(te2_back[k], folder["text_encoder_2"][k]) for k in te2_back)
+    assert all(torch.equal(te2_back[k].float(), folder["text_encoder_2"][k]) for k in te2_back)
     extra = set(back) - set(inv) - {k for k in back if k.startswith("conditioner.embedders.1.")}
     assert extra == {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids"}, extra
     assert back["model.diffusion_model.label_emb.0.0.weight"].shape == (XL_UNET_CONFIG["block_out_channels"][0] * 4,
@@ -710,32 +637,26 @@ def make_xl_inpaint_folder(xl_pipe):
     return pipe9
 
 
-def make_sd2_inpaint_folder(tmp: Path):
-    log("tiny-sd2-inpaint: 9-channel SD 2.x-style UNet + symlinks to tiny-sd2")
-    unet9 = build_sd2_inpaint_unet()
-    mf.check_weights("tiny-sd2-inpaint unet", unet9.state_dict())
-    unet9.half().save_pretrained(str(SD2_INPAINT_DIR / "unet"), safe_serialization=True)
-    unet9.float()
-    assert_f16(SD2_INPAINT_DIR / "unet" / "diffusion_pytorch_model.safetensors")
-    for name in ("text_encoder", "tokenizer", "vae"):
-        symlink(f"../tiny-sd2/{name}", SD2_INPAINT_DIR / name)
+def make_sd2_inpaint_folder():
+    log("tiny-sd2-inpaint: symlinks to tiny-sd1-inpaint's 9-channel UNet and tiny-sd2's text encoder, tokenizer, VAE")
+    for name, target in SD2_INPAINT_SHARED.items():
+        symlink(target, SD2_INPAINT_DIR / name)
     write_json(SD2_INPAINT_DIR / "scheduler" / "scheduler_config.json", SD2_INPAINT_SCHEDULER_CONFIG)
     index = dict(mf.MODEL_INDEX, _class_name="StableDiffusionInpaintPipeline", scheduler=["diffusers", "PNDMScheduler"])
     write_json(SD2_INPAINT_DIR / "model_index.json", index)
     mf.chmod_plain(SD2_INPAINT_DIR)
-    # load through the assembled mirror (tiny-sd2's text encoder is committed split)
-    tmp = mirror(tmp / "sd2", ["tiny-sd1", "tiny-sd2", "tiny-sd2-inpaint"])
-    pipe = StableDiffusionInpaintPipeline.from_pretrained(str(tmp / "tiny-sd2-inpaint"), safety_checker=None,
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(str(SD2_INPAINT_DIR), safety_checker=None,
                                                           dtype=torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe.scheduler) is PNDMScheduler and pipe.tokenizer.pad_token_id == 0
-    assert pipe.text_encoder.config.hidden_act == "gelu"
-    mf.state_dicts_equal(pipe.unet, unet9, "tiny-sd2-inpaint unet")
-    sd2_unet = UNet2DConditionModel.from_pretrained(str(tmp / "tiny-sd2" / "unet"), local_files_only=True)
+    assert pipe.text_encoder.config.hidden_act == "gelu" and pipe.unet.config.in_channels == 9
     sd1_unet9 = UNet2DConditionModel.from_pretrained(str(FIXTURES / "tiny-sd1-inpaint" / "unet"), local_files_only=True)
-    check_distinct_from("tiny-sd2-inpaint unet", unet9, [sd2_unet, sd1_unet9])
-    size = (SD2_INPAINT_DIR / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
-    log(f"  UNet: {sum(p.numel() for p in unet9.parameters())} parameters, {size} bytes; loads and equals the built one")
+    mf.state_dicts_equal(pipe.unet, sd1_unet9, "tiny-sd2-inpaint unet")
+    sd2_te = CLIPTextModel.from_pretrained(str(FIXTURES / "tiny-sd2" / "text_encoder"), local_files_only=True,
+                                           dtype=torch.float32)
+    mf.state_dicts_equal(pipe.text_encoder, sd2_te, "tiny-sd2-inpaint text_encoder")
+    log(f"  loads; UNet = tiny-sd1-inpaint's ({sum(p.numel() for p in pipe.unet.parameters())} parameters), "
+        "text encoder = tiny-sd2's")
     return pipe
 
 
@@ -834,11 +755,10 @@ def make_t2i_references(pipe, sf_pipe):
     return images, raw, sched_info, (worst_mean, worst_max)
 
 
-def make_edit_references(pipes, tmp):
+def make_edit_references(pipes):
     log("edit references (tiny-sdxl-inpaint, tiny-sd2-inpaint)")
     # the same procedure as make_fixtures' inpaint9_* cases: reproduce one of them bit for bit first
-    tmp = mirror(tmp / "sd1", ["tiny-sd1", "tiny-sd1-inpaint"])
-    sd1_9 = StableDiffusionInpaintPipeline.from_pretrained(str(tmp / "tiny-sd1-inpaint"), safety_checker=None,
+    sd1_9 = StableDiffusionInpaintPipeline.from_pretrained(str(FIXTURES / "tiny-sd1-inpaint"), safety_checker=None,
                                                            dtype=torch.float32, local_files_only=True)
     sd1_9.set_progress_bar_config(disable=True)
     probe = next(c for c in mf.EDIT_CASES if c["name"] == "inpaint9_rect_euler")
@@ -938,28 +858,25 @@ def main():
     log(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}")
     for p in OUTPUTS:
         remove(p)
-    for old in XL_SINGLE.parent.glob(XL_SINGLE.name + ".part-*"):
-        old.unlink()
     for p in (XL_DIR, XL_INPAINT_DIR, SD2_INPAINT_DIR, REF):
         p.mkdir(parents=True)
 
-    with tempfile.TemporaryDirectory(prefix="sdgen-families-") as tmp_str:
-        tmp = Path(tmp_str)
-        xl_pipe = make_xl_folder()
-        sd, sf_pipe, sf_report, n_equal, n_by_prefix, plain_te2 = make_xl_single_file(xl_pipe)
-        xl9 = make_xl_inpaint_folder(xl_pipe)
-        sd2_9 = make_sd2_inpaint_folder(tmp)
+    xl_pipe = make_xl_folder()
+    make_sdxl_unet.write_reference(xl_pipe.unet)
+    sd, sf_pipe, sf_report, n_equal, n_by_prefix, plain_te2 = make_xl_single_file(xl_pipe)
+    xl9 = make_xl_inpaint_folder(xl_pipe)
+    sd2_9 = make_sd2_inpaint_folder()
 
-        images, t2i_raw, sched_info, worst_pair = make_t2i_references(xl_pipe, sf_pipe)
-        sf_result = (f"StableDiffusionXLPipeline.from_single_file(tiny-sdxl.safetensors, config=tests/fixtures/tiny-sdxl, "
-                     f"local_files_only=True, dtype=float32): {'; '.join(sf_report)}; {n_equal} tensors in all; "
-                     f"case {SINGLE_FILE_CASE} bit-identical to {SINGLE_FILE_TWIN}. Also checked: an independent "
-                     f"inverse mapping of every tensor of the file onto the folder's")
-        del sf_pipe
+    images, t2i_raw, sched_info, worst_pair = make_t2i_references(xl_pipe, sf_pipe)
+    sf_result = (f"StableDiffusionXLPipeline.from_single_file(tiny-sdxl.safetensors, config=tests/fixtures/tiny-sdxl, "
+                 f"local_files_only=True, dtype=float32): {'; '.join(sf_report)}; {n_equal} tensors in all; "
+                 f"case {SINGLE_FILE_CASE} bit-identical to {SINGLE_FILE_TWIN}. Also checked: an independent "
+                 f"inverse mapping of every tensor of the file onto the folder's")
+    del sf_pipe
 
-        edit_pipes = {"tiny-sdxl-inpaint": xl9, "tiny-sd2-inpaint": sd2_9}
-        edit_cases, edit_results, edit_in = make_edit_references(edit_pipes, tmp)
-        worst64 = float64_check(xl_pipe, t2i_raw, edit_pipes, edit_results, edit_in)
+    edit_pipes = {"tiny-sdxl-inpaint": xl9, "tiny-sd2-inpaint": sd2_9}
+    edit_cases, edit_results, edit_in = make_edit_references(edit_pipes)
+    worst64 = float64_check(xl_pipe, t2i_raw, edit_pipes, edit_results, edit_in)
 
     common = {
         "produced_by": "tests/reference/make_families.py",
@@ -973,8 +890,8 @@ def main():
     t2i_meta = dict(
         common,
         models={"tiny-sdxl": "tests/fixtures/tiny-sdxl",
-                "tiny-sdxl.safetensors": "tests/fixtures/tiny-sdxl.safetensors (committed as .part-NNN; "
-                                         "diffusers loads it with config=tests/fixtures/tiny-sdxl)"},
+                "tiny-sdxl.safetensors": "tests/fixtures/tiny-sdxl.safetensors (diffusers loads it with "
+                                         "config=tests/fixtures/tiny-sdxl)"},
         pipeline="StableDiffusionXLPipeline (add_watermarker=False), output_type='np'",
         pixel_conversion="round(clip(x, 0, 1) * 255) of diffusers' output_type='np'",
         scheduler_config=XL_SCHEDULER_CONFIG,
@@ -1026,12 +943,12 @@ def main():
     write_json(REF / "edit.json", edit_meta)
     mf.chmod_plain(REF)
 
-    mf.split_large_files((XL_SINGLE,))
+    mf.check_file_sizes()
     log(f"\n{sf_result}\nfloat64 worst {worst64:.4f} levels; txt2img pairs: smallest mean {worst_pair[0]:.1f}, "
         f"max {worst_pair[1]:.0f}")
     log("\nwritten (bytes; symlinks as '->'):")
     total = 0
-    for rel, h in sha256_tree(OUTPUTS + tuple(XL_SINGLE.parent.glob(XL_SINGLE.name + ".part-*"))).items():
+    for rel, h in sha256_tree(OUTPUTS).items():
         p = FIXTURES / rel
         size = 0 if p.is_symlink() else p.stat().st_size
         total += size

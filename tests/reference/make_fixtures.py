@@ -119,17 +119,22 @@ MODEL_INDEX = {
     "vae": ["diffusers", "AutoencoderKL"],
 }
 
+# SD 1.x's layout (attention at every level but the last, 8 heads, 1x1-conv projections, wider deeper down) at
+# 16/32/32 channels, one layer per level. 16 norm groups (single files: sdgen takes the narrowest width below 32): one
+# channel per group at level 0, where conv_norm_out must standardise each channel (see build_unet), two at 32
+# channels. A GroupNorm of one channel per group removes the per-channel constant the time embedding adds in every
+# resnet; at 32 groups of 32 channels the UNet's output would not depend on the timestep at all.
 UNET_CONFIG = dict(
     sample_size=8,
     in_channels=4,
     out_channels=4,
-    block_out_channels=(32, 64, 64),
+    block_out_channels=(16, 32, 32),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=2,
+    layers_per_block=1,
     cross_attention_dim=64,
     attention_head_dim=8,  # SD1 convention: this is the number of heads (8)
-    norm_num_groups=32,
+    norm_num_groups=16,
     use_linear_projection=False,
 )
 VAE_CONFIG = dict(
@@ -137,15 +142,17 @@ VAE_CONFIG = dict(
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(32, 32, 64, 64),
-    layers_per_block=2,
+    block_out_channels=(16, 16, 16, 16),  # 4 levels: latent = image / 8
+    layers_per_block=1,
     latent_channels=4,
-    norm_num_groups=32,
+    norm_num_groups=16,  # one group per channel (single files: sdgen takes the narrowest width below 32)
     sample_size=64,
     scaling_factor=0.18215,
 )
 CLIP_CONFIG = dict(
-    vocab_size=49408,
+    vocab_size=1000,  # TINY_VOCAB: CLIP's first 998 tokens + BOS 998 + EOS 999 (see tiny_vocab_and_merges)
+    bos_token_id=998,
+    eos_token_id=999,
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
@@ -165,9 +172,13 @@ NORM_B_STD = 0.05
 TOKEN_EMB_STD = 0.5
 POS_EMB_STD = 0.3
 UNET_ID_IN = 1.0  # conv_in: channels 0..3 = +latent, 4..7 = -latent
-UNET_ID_SHORTCUT = 2.0  # last up resnet's 1x1 shortcut passes those 8 skip channels on
-UNET_ID_OUT = 1.2  # conv_out: eps_c += UNET_ID_OUT * (ch_c - ch_{c+4})  (silu(z)-silu(-z) = z)
+# the last up resnet's 1x1 shortcut passes those 8 skip channels on; 0.85 and UNET_ID_OUT 1.6 are tuned for these
+# narrow UNets (16 channels at level 0): at the earlier 2.0 and 1.2, euler and euler_a images (at cfg 1) came out only
+# ~4 levels apart, and euler vs ddim img2img barely moved
+UNET_ID_SHORTCUT = 0.85
+UNET_ID_OUT = 1.6  # conv_out: eps_c += UNET_ID_OUT * (ch_c - ch_{c+4})  (silu(z)-silu(-z) = z)
 UNET_F_OUT = 0.3  # scale of the remaining (random, prompt/time dependent) conv_out weights
+UNET_ATTN2_GAIN = 1.0  # cross-attention outputs (attn2.to_out) at this gain instead of RES_GAIN
 VAE_OUT_GAIN = 0.4  # decoder.conv_out scale: keeps images unsaturated
 
 SAMPLERS = {
@@ -247,6 +258,15 @@ def bytes_to_unicode():
     return dict(zip(printable, [chr(c) for c in chars]))
 
 
+N_MERGES = 486  # 256 bytes + 256 bytes</w> + 486 merges + 2 specials = TINY_VOCAB, every tiny text encoder's vocab_size
+TINY_VOCAB = 512 + N_MERGES + 2
+BOS_ID, EOS_ID = TINY_VOCAB - 2, TINY_VOCAB - 1  # <|startoftext|> 998, <|endoftext|> 999
+VOCAB_GZ = ROOT / "assets" / "bpe_simple_vocab_16e6.txt.gz"  # what sdgen embeds (the same file as open_clip's)
+# "a photo of a cat" in the tiny vocabulary: 'photo' and 'cat' are not among its words, so they split:
+# <|startoftext|> a</w> pho to</w> of</w> a</w> c at</w> <|endoftext|>
+CAT_IDS = [998, 320, 816, 531, 539, 320, 66, 536, 999]
+
+
 def clip_vocab_and_merges():
     """CLIP's 49408-token vocabulary built from open_clip's bpe_simple_vocab_16e6.txt.gz."""
     path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
@@ -306,16 +326,38 @@ def write_tokenizer_files(out_dir: Path, vocab, merges, pad_token, share_vocab_w
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
-def write_tokenizer(out_dir: Path, pad_token="<|endoftext|>"):
-    """SD 1.5's tokenizer files; SD 2.x's differ only in pad_token ("!", id 0)."""
-    vocab, merges = clip_vocab_and_merges()
-    write_tokenizer_files(out_dir, vocab, merges, pad_token)
+def tiny_vocab_and_merges():
+    """CLIP's vocabulary built exactly as CLIP builds it (simple_tokenizer.py), truncated to its first N_MERGES
+    merges: 256 byte characters, the same + "</w>", the merged strings in order, then the two specials (ids 998,
+    999). BPE only ever produces merges it knows, so the first 998 tokens of CLIP's vocabulary are a complete
+    vocabulary on their own, with CLIP's ids: what sdgen's single-file rule (ClipTokenizer::embedded_for) builds
+    for a 1000-row token table."""
+    lines = gzip.open(VOCAB_GZ).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 1 + N_MERGES]]  # line 0 is a header
+    assert all(len(m) == 2 for m in merges)
+    byte_chars = list(bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    assert len(vocab) == len(tokens) == TINY_VOCAB and vocab["<|startoftext|>"] == BOS_ID and vocab["<|endoftext|>"] == EOS_ID
+    # the same prefix as CLIP's full vocabulary (built from open_clip's copy of the file)
+    full_vocab, full_merges = clip_vocab_and_merges()
+    inv = {i: t for t, i in full_vocab.items()}
+    assert all(inv[i] == t for i, t in enumerate(tokens[: TINY_VOCAB - 2])) and full_merges[:N_MERGES] == merges
+    return vocab, merges
+
+
+def write_tokenizer(out_dir: Path, pad_token="<|endoftext|>", share_vocab_with=None):
+    """The tiny-vocabulary tokenizer in SD 1.5's file set; SD 2.x's differs only in pad_token ("!", id 0) and
+    shares the vocabulary files (share_vocab_with, a relative folder)."""
+    vocab, merges = tiny_vocab_and_merges()
+    write_tokenizer_files(out_dir, vocab, merges, pad_token, share_vocab_with)
 
     tok = CLIPTokenizer.from_pretrained(str(out_dir), local_files_only=True)
     ids = tok("a photo of a cat").input_ids
-    assert ids == [49406, 320, 1125, 539, 320, 2368, 49407], ids
+    assert ids == CAT_IDS, ids
     assert tok.model_max_length == 77 and tok.pad_token_id == vocab[pad_token], (tok.model_max_length, tok.pad_token_id)
-    assert len(tok) == 49408
+    assert len(tok) == TINY_VOCAB
     return tok
 
 
@@ -362,16 +404,16 @@ def build_unet(config=UNET_CONFIG, prefix="unet.", id_out=UNET_ID_OUT, f_out=UNE
     """tiny-sd1's UNet (the defaults); tiny-lcm's with its own config, seed prefix and identity gain."""
     unet = UNet2DConditionModel(**config)
     init_random(unet, prefix)
-    # Cross-attention output at full gain, so prompts matter.
-    scale_cross_attention_out(unet, 1.0)
+    # Cross-attention output at full gain (UNET_ATTN2_GAIN), so prompts matter.
+    scale_cross_attention_out(unet, UNET_ATTN2_GAIN)
     # A denoiser-like path: eps ~= UNET_ID_OUT * (standardized input latent) + f(x, t, text).
-    w = unet.conv_in.weight  # [32, 4, 3, 3]
+    w = unet.conv_in.weight  # [C0, 4, 3, 3] (C0 = block_out_channels[0])
     w[:8].mul_(0.1)
     for c in range(4):
         w[c, c, 1, 1] += UNET_ID_IN
         w[4 + c, c, 1, 1] -= UNET_ID_IN
     pass_skip_channels(unet, 8)
-    wo = unet.conv_out.weight  # [4, 32, 3, 3]
+    wo = unet.conv_out.weight  # [4, C0, 3, 3]
     wo.mul_(f_out)
     add_latent_identity(wo, id_out)
     round_to_fp16(unet)
@@ -669,17 +711,19 @@ EDIT_DIR = FIXTURES / "reference" / "edit"
 INPAINT_SHARED = ("scheduler", "text_encoder", "tokenizer", "vae")
 INPAINT_MODEL_INDEX = dict(MODEL_INDEX, _class_name="StableDiffusionInpaintPipeline")
 
+# A folder-only model: 24 channels at both levels (17 carry the identity paths below), 12 norm groups (two channels
+# each, so the timestep reaches the output).
 UNET9_CONFIG = dict(
     sample_size=8,
     in_channels=9,  # 4 noisy latents + 1 mask + 4 masked-image latents
     out_channels=4,
-    block_out_channels=(32, 64),
+    block_out_channels=(24, 24),
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     layers_per_block=1,
     cross_attention_dim=64,
     attention_head_dim=8,
-    norm_num_groups=32,
+    norm_num_groups=12,
     use_linear_projection=False,
 )
 UNET9_ID_OUT = 1.7  # as UNET_ID_OUT, for the 9-channel UNet
@@ -796,7 +840,7 @@ def build_unet_inpaint():
     unet = UNet2DConditionModel(**UNET9_CONFIG)
     init_random(unet, "unet_inpaint.")
     scale_cross_attention_out(unet, UNET9_ATTN2_GAIN)
-    w = unet.conv_in.weight  # [32, 9, 3, 3]; input = cat(latents, mask, masked-image latents)
+    w = unet.conv_in.weight  # [24, 9, 3, 3]; input = cat(latents, mask, masked-image latents)
     w[:, 4].mul_(UNET9_MASK_GAIN)
     w[:17].mul_(0.1)
     w[16, 4, 1, 1] += UNET_ID_IN  # mask
@@ -806,7 +850,7 @@ def build_unet_inpaint():
         w[8 + c, 5 + c, 1, 1] += UNET_ID_IN  # +masked-image latent
         w[12 + c, 5 + c, 1, 1] -= UNET_ID_IN  # -masked-image latent
     pass_skip_channels(unet, 17)
-    wo = unet.conv_out.weight  # [4, 32, 3, 3]
+    wo = unet.conv_out.weight  # [4, 24, 3, 3]
     wo.mul_(UNET9_F_OUT)
     add_latent_identity(wo, UNET9_ID_OUT)
     for c in range(4):
@@ -992,7 +1036,7 @@ def make_edit_fixtures(pipe):
     state_dicts_equal(pipe9.unet, unet9, "tiny-sd1-inpaint unet")
     state_dicts_equal(pipe9.vae, pipe.vae, "tiny-sd1-inpaint vae")
     state_dicts_equal(pipe9.text_encoder, pipe.text_encoder, "tiny-sd1-inpaint text_encoder")
-    assert pipe9.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert pipe9.tokenizer("a photo of a cat").input_ids == CAT_IDS
     n_params = sum(p.numel() for p in unet9.parameters())
     load_result = (f"StableDiffusionInpaintPipeline.from_pretrained(tiny-sd1-inpaint): UNet {n_unet9} F16 tensors "
                    f"({n_params} parameters) identical to the built one; vae/text_encoder/tokenizer via symlinks "
@@ -1240,11 +1284,12 @@ LCM_DIR = FIXTURES / "tiny-lcm"
 SAMPLERS_DIR = FIXTURES / "reference" / "samplers"
 # tiny-lcm shares everything but its UNet with tiny-sd1 (relative symlinks), scheduler config included
 LCM_SHARED = ("scheduler", "text_encoder", "tokenizer", "vae")
-# smaller than tiny-sd1's (two levels, one layer each) to keep the fixture small; time_cond_proj_dim adds
-# time_embedding.cond_proj: Linear(32 -> 32, no bias)
+# smaller than tiny-sd1's (two levels of 16 channels, one layer each, 8 norm groups: a folder-only model) to keep the
+# fixture small; time_cond_proj_dim adds time_embedding.cond_proj: Linear(32 -> 16, no bias)
 LCM_UNET_CONFIG = dict(
     UNET_CONFIG,
-    block_out_channels=(32, 64),
+    block_out_channels=(16, 16),
+    norm_num_groups=8,
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     layers_per_block=1,
@@ -1698,7 +1743,7 @@ def make_lcm_model(pipe):
     unet = build_unet_lcm()
     check_weights("unet_lcm", unet.state_dict())
     cp = unet.time_embedding.cond_proj
-    assert cp.in_features == 32 and cp.out_features == 32 and cp.bias is None
+    assert cp.in_features == 32 and cp.out_features == LCM_UNET_CONFIG["block_out_channels"][0] and cp.bias is None
     sd1_digests = {hashlib.sha256(v.float().numpy().tobytes()).hexdigest() for v in pipe.unet.state_dict().values()}
     for k, v in unet.state_dict().items():
         assert hashlib.sha256(v.float().numpy().tobytes()).hexdigest() not in sd1_digests, f"unet_lcm.{k} copies tiny-sd1"
@@ -1984,7 +2029,7 @@ SD2_SINGLE_FILE = FIXTURES / "tiny-sd2.safetensors"
 # (the Rust test writes it itself). This script builds it in a temporary folder.
 SD2_EPS_NAME = "tiny-sd2-eps.safetensors"
 SD2_EPS_TENSOR = "model.diffusion_model.out.2.bias"
-SD2_LEGACY = (FIXTURES / SD2_EPS_NAME,)  # committed by earlier versions of this script: deleted with their parts
+SD2_LEGACY = (FIXTURES / SD2_EPS_NAME,)  # committed by earlier versions of this script: deleted
 SD2_REF_DIR = FIXTURES / "reference" / "sd2"
 SD2_OUTPUTS = (SD2_DIR, SD2_SINGLE_FILE, SD2_REF_DIR)
 # stabilityai/stable-diffusion-2-1's scheduler/scheduler_config.json, verbatim (345 bytes with this
@@ -2004,15 +2049,16 @@ SD2_SCHEDULER_CONFIG = {
     "trained_betas": None,
 }
 SD2_MODEL_INDEX = dict(MODEL_INDEX, scheduler=["diffusers", "DDIMScheduler"])
-# SD 2.1's UNet options. A list attention_head_dim is diffusers' (misnamed) heads per block: 1 head of 64
-# channels everywhere, so the head dim is 64 as in SD 2.x (single-file loaders infer heads = channels / 64).
-SD2_UNET_CONFIG = dict(UNET_CONFIG, block_out_channels=(64, 64, 64), attention_head_dim=(1, 1, 1),
+# SD 2.1's UNet options on two levels (16 and 32 channels, 16 norm groups as tiny-sd1). A list attention_head_dim is
+# diffusers' (misnamed) heads per block: 1 head per block, the block's whole width (SD 2.x's heads are 64 wide;
+# sdgen infers heads = channels / 64, at least 1).
+SD2_UNET_CONFIG = dict(UNET_CONFIG, block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(1, 1),
                        use_linear_projection=True, upcast_attention=True)
 # OpenCLIP ViT-H's activation is exact GELU; heads = width/64 as in ViT-H (16 x 64), so 1 here.
 SD2_CLIP_CONFIG = dict(CLIP_CONFIG, hidden_act="gelu", pad_token_id=0)
 SD2_TOWER_LAYERS = CLIP_CONFIG["num_hidden_layers"] + 1  # SD2 drops the last OpenCLIP block (penultimate layer)
 SD2_SHARED = ("vae",)  # relative symlinks to ../tiny-sd1/*
-SD2_TOKENIZER_SHARED = ("vocab.json", "merges.txt")  # relative symlinks to ../../tiny-sd1/tokenizer/*
 # out.2.bias shifts, so A1111's/sd.cpp's v-prediction probe (value < -1 means v) lands clearly on each
 # side (margin >= 0.5). Unshifted the probe gives -0.51. The folder carries the v shift. Both are exact
 # in f32 (and JSON), so the Rust side adds the very same number.
@@ -2066,11 +2112,11 @@ def build_text_encoder_sd2(num_layers):
     return te.eval()
 
 
-def openclip_text_keys(te_sd, prefix="cond_stage_model.model.", half=True):
+def openclip_text_keys(te_sd, prefix="cond_stage_model.model."):
     """transformers CLIPTextModel(WithProjection) tensors -> OpenCLIP TextTransformer names, as SD 2.x checkpoints
-    store them (fp16) or SDXL's second encoder (half=False: values unchanged); text_projection becomes the transpose
-    of text_projection.weight (open_clip computes x @ text_projection)."""
-    sd = {k.removeprefix("text_model."): v.half() if half else v for k, v in te_sd.items()
+    and SDXL's second encoder store them (fp16); text_projection becomes the transpose of text_projection.weight
+    (open_clip computes x @ text_projection)."""
+    sd = {k.removeprefix("text_model."): v.half() for k, v in te_sd.items()
           if not k.endswith("position_ids")}
     out = {
         "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
@@ -2120,7 +2166,7 @@ def openclip_penultimate(keys, ids):
     from open_clip.transformer import TextTransformer
 
     c = SD2_CLIP_CONFIG["hidden_size"]
-    tt = TextTransformer(context_length=77, vocab_size=49408, width=c, heads=SD2_CLIP_CONFIG["num_attention_heads"],
+    tt = TextTransformer(context_length=77, vocab_size=TINY_VOCAB, width=c, heads=SD2_CLIP_CONFIG["num_attention_heads"],
                          layers=SD2_TOWER_LAYERS, mlp_ratio=SD2_CLIP_CONFIG["intermediate_size"] / c, output_dim=c,
                          act_layer=nn.GELU)
     prefix = "cond_stage_model.model."
@@ -2182,20 +2228,16 @@ def make_sd2_fixtures():
         if p.exists():
             shutil.rmtree(p)
     for f in (SD2_SINGLE_FILE, *SD2_LEGACY):
-        for old in [f, *f.parent.glob(f.name + ".part-*")]:
-            old.unlink(missing_ok=True)
+        f.unlink(missing_ok=True)
     SD2_DIR.mkdir(parents=True)
     SD2_REF_DIR.mkdir(parents=True)
 
     # ---- diffusers folder -------------------------------------------------------------
     log("\nSD 2.x fixtures: tiny-sd2")
-    tok = write_tokenizer(SD2_DIR / "tokenizer", pad_token="!")
-    for name in SD2_TOKENIZER_SHARED:
-        assert (SD2_DIR / "tokenizer" / name).read_bytes() == (MODEL_DIR / "tokenizer" / name).read_bytes(), name
-        (SD2_DIR / "tokenizer" / name).unlink()
-        os.symlink(f"../../tiny-sd1/tokenizer/{name}", SD2_DIR / "tokenizer" / name)
+    # vocab.json and merges.txt: relative symlinks to ../../tiny-sd1/tokenizer/*
+    tok = write_tokenizer(SD2_DIR / "tokenizer", pad_token="!", share_vocab_with="../../tiny-sd1/tokenizer")
     pad_ids = tok("a photo of a cat", padding="max_length", max_length=77).input_ids
-    assert pad_ids == [49406, 320, 1125, 539, 320, 2368, 49407] + [0] * 70, pad_ids
+    assert pad_ids == CAT_IDS + [0] * (77 - len(CAT_IDS)), pad_ids
 
     unet = build_unet_sd2()
     te = build_text_encoder_sd2(CLIP_CONFIG["num_hidden_layers"])  # the folder's
@@ -2242,7 +2284,8 @@ def make_sd2_fixtures():
     log(f"writing + validating tiny-sd2.safetensors, {SD2_EPS_NAME} (patched, temporary)")
     te_keys = sd2_text_encoder_keys(tower)
     sd = build_single_file(pipe, te_keys)
-    assert sd["model.diffusion_model.input_blocks.1.1.proj_in.weight"].shape == (64, 64)  # linear, not 1x1 conv
+    c0 = SD2_UNET_CONFIG["block_out_channels"][0]
+    assert sd["model.diffusion_model.input_blocks.1.1.proj_in.weight"].shape == (c0, c0)  # linear, not 1x1 conv
     save_file(sd, str(SD2_SINGLE_FILE), metadata={"format": "pt"})
     chmod_tree(SD2_SINGLE_FILE)
     sf_bytes = SD2_SINGLE_FILE.read_bytes()
@@ -2415,34 +2458,24 @@ def print_sizes(paths):
     log(f"  {total:10d}  total")
 
 
-PART_SIZE = 4_000_000  # files over 5 MB are committed split into parts of this size
+MAX_FILE_BYTES = 5 * 2**20  # no fixture file may be larger (they are committed whole)
 
 
-def join_parts():
-    """Reassembles NAME from NAME.part-000, -001, ... (as the Rust tests do)."""
-    for first in FIXTURES.rglob("*.part-000"):
-        parts = sorted(first.parent.glob(first.name[: -len("000")] + "*"))
-        target = first.with_name(first.name[: -len(".part-000")])
-        target.write_bytes(b"".join(p.read_bytes() for p in parts))
-
-
-def split_large_files(roots=(FIXTURES,)):
-    """Splits every fixture over 5 MB (under roots: folders or files) into PART_SIZE parts (git-ignored whole)."""
-    for path in itertools.chain.from_iterable(r.rglob("*") if r.is_dir() else [r] for r in roots):
-        if path.is_symlink() or not path.is_file() or ".part-" in path.name or path.stat().st_size <= 5 * 2**20:
-            continue
-        for old in path.parent.glob(path.name + ".part-*"):
-            old.unlink()
-        data = path.read_bytes()
-        for i in range(0, len(data), PART_SIZE):
-            path.with_name(f"{path.name}.part-{i // PART_SIZE:03d}").write_bytes(data[i : i + PART_SIZE])
-        path.unlink()
+def check_file_sizes(root=FIXTURES):
+    """Every regular file under tests/fixtures is at most MAX_FILE_BYTES. And no .safetensors file starts like a
+    pickle (0x80, then a protocol number <= 5: a header length of 128, 384, 640, ... bytes), which sdgen's pickle
+    sniffing (src/loading/weights.rs, refuse_pickle) takes for one."""
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            assert p.stat().st_size <= MAX_FILE_BYTES, f"{p.relative_to(FIXTURES)}: {p.stat().st_size} bytes"
+            if p.suffix == ".safetensors":
+                head = p.read_bytes()[:2]
+                assert not (head[0] == 0x80 and head[1] <= 5), f"{p.relative_to(FIXTURES)} starts like a pickle"
 
 
 def main():
     t_start = time.time()
     log(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}")
-    join_parts()
     if sys.argv[1:] == ["--edit-only"]:
         # Regenerate only images/, tiny-sd1-inpaint/ and reference/edit/ from the existing tiny-sd1.
         make_edit_fixtures(load_folder_pipeline())
@@ -2459,15 +2492,13 @@ def main():
         # Regenerate only tiny-sd2/, tiny-sd2.safetensors and reference/sd2/ (symlinks into the existing tiny-sd1).
         make_sd2_fixtures()
         print_sizes(SD2_OUTPUTS)
-        split_large_files(SD2_OUTPUTS)
         log(f"done in {time.time() - t_start:.0f}s")
         return
     assert not sys.argv[1:], f"unknown arguments {sys.argv[1:]} (only --edit-only, --samplers-only or --sd2-only)"
     for p in (MODEL_DIR, REF_DIR):
         if p.exists():
             shutil.rmtree(p)
-    for old in [SINGLE_FILE, *SINGLE_FILE.parent.glob(SINGLE_FILE.name + ".part-*")]:
-        old.unlink(missing_ok=True)
+    SINGLE_FILE.unlink(missing_ok=True)
     MODEL_DIR.mkdir(parents=True)
     REF_DIR.mkdir(parents=True)
 
@@ -2480,10 +2511,10 @@ def main():
     # Every component stored in fp16 (its values are fp16-exact), each in another of
     # the file layouts diffusers folders come in, so the loader meets all three:
     # the `.fp16` variant name (UNet), the plain name (VAE), and shards with an
-    # index (text encoder; the token table is one shard on its own).
+    # index (text encoder; the two embedding tables are the first shard, the layers the second).
     unet.half().save_pretrained(str(MODEL_DIR / "unet"), safe_serialization=True, variant="fp16")
     vae.half().save_pretrained(str(MODEL_DIR / "vae"), safe_serialization=True)
-    te.half().save_pretrained(str(MODEL_DIR / "text_encoder"), safe_serialization=True, max_shard_size="2MB")
+    te.half().save_pretrained(str(MODEL_DIR / "text_encoder"), safe_serialization=True, max_shard_size="140KB")
     for m in (unet, vae, te):
         m.float()
     (MODEL_DIR / "scheduler").mkdir()
@@ -2711,7 +2742,7 @@ def main():
     log(edit_result)
     log(sampler_result)
     log(sd2_result)
-    split_large_files()
+    check_file_sizes()
     log(f"done in {time.time() - t_start:.0f}s")
 
 

@@ -2,7 +2,7 @@
 """Reference outputs of AUTOMATIC1111's (stable-diffusion-webui) prompt handling.
 
 Writes tests/fixtures/reference/prompts/
-  chunks.json                 parse_prompt_attention + tokenize_line results (SD1 vocabulary)
+  chunks.json                 parse_prompt_attention + tokenize_line results (CLIP's full vocabulary)
   conditioning.safetensors    A1111 conditioning from the tiny SD1 and tiny SDXL text encoders
   conditioning.json           what each tensor is, its prompt / negative prompt
   clip_skip.json + *.png      diffusers txt2img images with and without clip skip (tiny SD1, tiny SDXL)
@@ -467,15 +467,17 @@ def chunk_cases():
 
 
 def conditioning_cases():
+    # tiny-sd1's vocabulary (CLIP's first 998 tokens) splits most of WORDS into two or three tokens: these word
+    # counts give two-chunk prompts
     return [
         dict(name="weighted", prompt="a (red:1.3) cat on a [blue] mat"),
         dict(name="nested", prompt="((a cat)) with [[a hat]] and (((sky:0.8)))"),
-        dict(name="long_weighted", prompt=words(40) + " (" + words(20, 40) + ":1.3), [" + words(30, 60) + "]"),
+        dict(name="long_weighted", prompt=words(20) + " (" + words(15, 20) + ":1.3), [" + words(20, 35) + "]"),
         dict(name="break", prompt="a cat BREAK a (dog:1.2)"),
-        dict(name="negative_pads_uncond", prompt=words(60) + ", (" + words(25, 60) + ":1.1)",
+        dict(name="negative_pads_uncond", prompt=words(25) + ", (" + words(12, 25) + ":1.1)",
              negative_prompt="blurry, (low quality:1.4)"),
         dict(name="negative_pads_cond", prompt="a (cat:1.2)",
-             negative_prompt="blurry, " + words(90) + ", [ugly]"),
+             negative_prompt="blurry, " + words(40) + ", [ugly]"),
     ]
 
 
@@ -556,6 +558,7 @@ CLIP_SKIP_CASES = [
     ("clip_skip1_sdxl", "tiny-sdxl", None, 5.0, 1),
     ("clip_skip2_sdxl", "tiny-sdxl", None, 5.0, 2),
 ]
+CLIP_SKIP_SEED = 43  # (with seed 42, tiny-sd1's two images differ by only 21 levels at most)
 CLIP_SKIP_PAIR_MIN_MAX = 30  # levels: clip skip 2 vs 1 must differ by this much somewhere
 CLIP_SKIP_PAIR_MIN_MEAN = 2.0  # ... and by this much on average
 
@@ -598,7 +601,7 @@ def write_clip_skip_images():
 
     cases, images = [], {}
     for name, model, neg, cfg, skip in CLIP_SKIP_CASES:
-        case = dict(name=name, model=model, prompt="a photo of a cat", negative_prompt=neg, seed=42,
+        case = dict(name=name, model=model, prompt="a photo of a cat", negative_prompt=neg, seed=CLIP_SKIP_SEED,
                     steps=6, cfg_scale=cfg, width=64, height=64, sampler="euler", schedule="normal",
                     clip_skip=skip, diffusers_clip_skip=(skip - 1) or None, png=f"{name}.png")
         pipe, sched_config = pipes[model]
@@ -661,13 +664,23 @@ def main():
     os.makedirs(OUT_DIR, exist_ok=True)
     check_a1111_doctests()
 
-    sd1_tok = CLIPTokenizer.from_pretrained(SD1_TOKENIZER)
-    tok = Tok(sd1_tok)
-    assert len(sd1_tok.get_vocab()) == 49408
+    # chunks.json: CLIP's full vocabulary (what sdgen embeds), so the words below are one token each
+    from tokenizer_cases import write_vocab  # same directory
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_vocab(tmp)
+        full_tok = CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"))
+    tok = Tok(full_tok)
+    assert len(full_tok.get_vocab()) == 49408
     assert (tok.comma_token, tok.id_start, tok.id_end) == (267, 49406, 49407)
     for w in WORDS:
         assert len(tok.tokenize([w])[0]) == 1, w
     assert len(set(WORDS)) == len(WORDS)
+    # the conditioning: tiny-sd1's own tokenizer (CLIP's first 998 tokens + BOS 998 + EOS 999)
+    sd1_tok = CLIPTokenizer.from_pretrained(SD1_TOKENIZER)
+    tok_sd1 = Tok(sd1_tok)
+    assert len(sd1_tok.get_vocab()) == 1000
+    assert (tok_sd1.comma_token, tok_sd1.id_start, tok_sd1.id_end) == (267, 998, 999)
 
     # ---- chunks.json
     cases = []
@@ -723,9 +736,10 @@ def main():
         "algorithm_source": ALGORITHM_SOURCE,
         "difference": DIFFERENCE,
         "settings": {
-            "tokenizer": "transformers CLIPTokenizer from tests/fixtures/tiny-sd1/tokenizer (CLIP "
-                         "vocabulary, 49408 tokens), each parsed piece tokenized separately with "
-                         "truncation=False, add_special_tokens=False",
+            "tokenizer": "transformers CLIPTokenizer with CLIP's full vocabulary (49408 tokens; vocab.json "
+                         "and merges.txt built from assets/bpe_simple_vocab_16e6.txt.gz as CLIP builds them, "
+                         "tokenizer_cases.write_vocab: sdgen's embedded tokenizer), each parsed piece "
+                         "tokenized separately with truncation=False, add_special_tokens=False",
             "chunk_length": CHUNK_LENGTH, "comma_padding_backtrack": COMMA_PADDING_BACKTRACK,
             "comma_token": tok.comma_token, "id_start": tok.id_start, "id_end": tok.id_end,
             "id_pad": tok.id_pad, "emphasis": "Original", "textual_inversion": "none",
@@ -748,22 +762,22 @@ def main():
     te = CLIPTextModel.from_pretrained(SD1_TEXT_ENCODER, dtype=torch.float32).eval()
     cond_json = []
     with torch.no_grad():
-        _, empty_chunks, _ = tokenize_line(tok, "")
-        empty = sd1_encode(te, tok, empty_chunks)  # sd_models.get_empty_cond
+        _, empty_chunks, _ = tokenize_line(tok_sd1, "")
+        empty = sd1_encode(te, tok_sd1, empty_chunks)  # sd_models.get_empty_cond
         tensors["empty.cond"] = empty
         for case in conditioning_cases():
             name = case["name"]
             entry = dict(case)
-            parsed, chunks, token_count = tokenize_line(tok, case["prompt"])
-            cond = sd1_encode(te, tok, chunks)
+            parsed, chunks, token_count = tokenize_line(tok_sd1, case["prompt"])
+            cond = sd1_encode(te, tok_sd1, chunks)
             tensors[f"{name}.ids"] = torch.asarray([c["tokens"] for c in chunks], dtype=torch.int64)
             tensors[f"{name}.weights"] = torch.asarray([c["multipliers"] for c in chunks], dtype=torch.float32)
             entry["parsed"] = [[t, float(w)] for t, w in parsed]
             entry["token_count"] = token_count
             entry["chunks"] = len(chunks)
             if "negative_prompt" in case:
-                _, uchunks, _ = tokenize_line(tok, case["negative_prompt"])
-                uncond = sd1_encode(te, tok, uchunks)
+                _, uchunks, _ = tokenize_line(tok_sd1, case["negative_prompt"])
+                uncond = sd1_encode(te, tok_sd1, uchunks)
                 tensors[f"{name}.uncond.ids"] = torch.asarray([c["tokens"] for c in uchunks], dtype=torch.int64)
                 tensors[f"{name}.uncond.weights"] = torch.asarray([c["multipliers"] for c in uchunks], dtype=torch.float32)
                 entry["uncond_chunks"] = len(uchunks)
@@ -781,16 +795,20 @@ def main():
             entry["tensors"] = sorted(k for k in tensors if k.startswith(name + "."))
             cond_json.append(entry)
 
+        chunk_counts = {e["name"]: (e["chunks"], e.get("uncond_chunks")) for e in cond_json}
+        assert chunk_counts == {"weighted": (1, None), "nested": (1, None), "long_weighted": (2, None),
+                                "break": (2, None), "negative_pads_uncond": (2, 1), "negative_pads_cond": (1, 2)}, chunk_counts
+
         # clip skip 2 for one prompt
-        _, chunks, _ = tokenize_line(tok, conditioning_cases()[0]["prompt"])
-        skip2 = sd1_encode(te, tok, chunks, clip_skip=2)
+        _, chunks, _ = tokenize_line(tok_sd1, conditioning_cases()[0]["prompt"])
+        skip2 = sd1_encode(te, tok_sd1, chunks, clip_skip=2)
         assert not torch.allclose(skip2, tensors["weighted.cond"], atol=1e-3)
         tensors["weighted.clip_skip2.cond"] = skip2
         cond_json[0]["tensors"].append("weighted.clip_skip2.cond")
 
         # sanity: a weight-1 prompt equals plain transformers output
-        _, chunks, _ = tokenize_line(tok, "a photo of a cat")
-        plain = sd1_encode(te, tok, chunks)
+        _, chunks, _ = tokenize_line(tok_sd1, "a photo of a cat")
+        plain = sd1_encode(te, tok_sd1, chunks)
         ref = te(input_ids=torch.asarray([chunks[0]["tokens"]])).last_hidden_state
         assert torch.equal(plain, ref)
         # sanity: the weighted case changed the weighted rows, and kept the overall mean

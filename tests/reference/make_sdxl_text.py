@@ -2,14 +2,15 @@
 """Tiny random SDXL-style text encoders (both) and their transformers reference outputs.
 
 Writes
-  tests/fixtures/tiny-sdxl-text/text_encoder/{config.json, model.safetensors}     CLIPTextModel (F32)
-  tests/fixtures/tiny-sdxl-text/text_encoder_2/{config.json, model.safetensors}   CLIPTextModelWithProjection (F32)
+  tests/fixtures/tiny-sdxl-text/text_encoder/{config.json, model.safetensors}     CLIPTextModel (F16)
+  tests/fixtures/tiny-sdxl-text/text_encoder_2/{config.json, model.safetensors}   CLIPTextModelWithProjection (F16)
   tests/fixtures/reference/sdxl/text.safetensors   token ids + encoder outputs (F32, ids I64)
 
 SDXL's context is cat[enc1 penultimate hidden state, enc2 penultimate hidden state] (neither
 through the final layer norm); its pooled embedding is enc2's text_embeds, taken at
 input_ids.argmax(-1) because SDXL's configs carry the legacy eos_token_id 2.
-Everything runs in float32 on CPU and is deterministic (fixed seeds, no hub access).
+The weights are rounded to fp16 values and stored as F16; everything runs in float32 on CPU and is deterministic
+(fixed seeds, no hub access).
 
 Usage: python tests/reference/make_sdxl_text.py   (torch 2.15.0, transformers 5.23.0, safetensors)
 """
@@ -87,11 +88,16 @@ def main():
     randomize(enc1, seed=3101)
     enc2 = CLIPTextModelWithProjection(CLIPTextConfig(**CONFIG_2)).float().eval()
     randomize(enc2, seed=3102)
+    with torch.no_grad():
+        for m in (enc1, enc2):
+            for p in m.parameters():
+                p.copy_(p.half().float())  # fp16-exact values, stored as F16
 
     for name, m in (("text_encoder", enc1), ("text_encoder_2", enc2)):
         d = os.path.join(MODEL_DIR, name)
         os.makedirs(d, exist_ok=True)
-        m.save_pretrained(d, safe_serialization=True)
+        m.half().save_pretrained(d, safe_serialization=True)
+        m.float()
 
     ids = input_ids()
     with torch.no_grad():
@@ -113,8 +119,9 @@ def main():
         manual = manual @ enc2.text_projection.weight.T
         assert close(o2.text_embeds, manual), (o2.text_embeds - manual).abs().max()
         # Reloading from disk gives the same outputs.
-        r1 = CLIPTextModel.from_pretrained(os.path.join(MODEL_DIR, "text_encoder")).eval()
-        r2 = CLIPTextModelWithProjection.from_pretrained(os.path.join(MODEL_DIR, "text_encoder_2")).eval()
+        f32 = dict(dtype=torch.float32)
+        r1 = CLIPTextModel.from_pretrained(os.path.join(MODEL_DIR, "text_encoder"), **f32).eval()
+        r2 = CLIPTextModelWithProjection.from_pretrained(os.path.join(MODEL_DIR, "text_encoder_2"), **f32).eval()
         assert torch.equal(r1(ids, output_hidden_states=True).hidden_states[-2], o1.hidden_states[-2])
         assert torch.equal(r2(ids).text_embeds, o2.text_embeds)
 

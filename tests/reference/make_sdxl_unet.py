@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Tiny random SDXL-style UNet and its diffusers reference outputs.
+"""The tiny SDXL UNet's recipe (CONFIG, randomize) and its module reference.
 
-Writes
-  tests/fixtures/tiny-sdxl-unet/{config.json, diffusion_pytorch_model.safetensors}   (F32)
-  tests/fixtures/reference/sdxl/unet.safetensors   inputs + outputs of one UNet call (F32)
+make_families.py builds tests/fixtures/tiny-sdxl/unet/ from CONFIG and randomize() (plus make_fixtures' identity
+paths, rounded to fp16) and calls write_reference() on it, which writes
+  tests/fixtures/reference/sdxl/unet.safetensors   inputs + outputs of one UNet call, with and without the
+                                                   added conditioning (F32)
+Run on its own, this script rewrites that file from the committed tiny-sdxl/unet (the same bytes).
 
-The UNet has SDXL's structure (no attention at the top level, linear proj_in/proj_out, more
-transformer layers deeper down, the "text_time" added conditioning) scaled down to 2 levels.
+The UNet has SDXL's structure (no attention at the top level, linear proj_in/proj_out, more transformer layers
+deeper down, the "text_time" added conditioning) scaled down to 2 levels of 16 and 32 channels.
 Everything runs in float32 on CPU and is deterministic (fixed seeds, no hub access).
 
 Usage: python tests/reference/make_sdxl_unet.py   (torch 2.15.0, diffusers 0.42.1, safetensors)
@@ -20,29 +22,31 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MODEL_DIR = os.path.join(ROOT, "tests", "fixtures", "tiny-sdxl-unet")
+MODEL_DIR = os.path.join(ROOT, "tests", "fixtures", "tiny-sdxl", "unet")
 REF_DIR = os.path.join(ROOT, "tests", "fixtures", "reference", "sdxl")
 
 POOLED_DIM = 32  # width of the pooled text embedding ("text_embeds")
 TIME_DIM = 8  # addition_time_embed_dim: sinusoid width per time_id
 
+# SDXL's rules at two levels of 16 and 32 channels: 16 norm groups (single files: sdgen takes the narrowest width
+# below 32; two channels a group at 32, so the time and size embedding reaches the output), no attention at level 0,
+# one head of the block's whole width (SDXL's are 64 wide; sdgen infers heads = channels / 64, at least 1), linear
+# projections, 2 transformer layers at the deeper level and in the mid block, cross-attention 128 = 64
+# (text_encoder) + 64 (text_encoder_2), "text_time" (time ids 6 x 8 + pooled 32).
 CONFIG = dict(
     sample_size=8,
     in_channels=4,
     out_channels=4,
-    layers_per_block=2,
-    # Requested [32, 64] with 32 groups is 1.98 M params (7.96 MB in F32); the fixture must stay
-    # <= 1.5 MB, so only the widths shrink (and the group count with them, 8 divides every width
-    # incl. the up blocks' concatenations 32/40/48). Everything structural is as requested.
-    block_out_channels=[16, 24],
+    layers_per_block=1,
+    block_out_channels=[16, 32],
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
     up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
     mid_block_type="UNetMidBlock2DCrossAttn",
     transformer_layers_per_block=[1, 2],
-    attention_head_dim=[1, 2],  # diffusers' (misnamed) number of heads per block
+    attention_head_dim=[1, 1],  # diffusers' (misnamed) number of heads per block
     use_linear_projection=True,
-    cross_attention_dim=64,
-    norm_num_groups=8,  # 2 channels per group at 16, 3 at 24 (SDXL: 10 at 320)
+    cross_attention_dim=128,
+    norm_num_groups=16,
     addition_embed_type="text_time",
     addition_time_embed_dim=TIME_DIM,
     projection_class_embeddings_input_dim=POOLED_DIM + 6 * TIME_DIM,  # 80
@@ -50,6 +54,7 @@ CONFIG = dict(
     freq_shift=0,
     upcast_attention=False,
 )
+REF_FILE_NAME = "unet.safetensors"
 
 
 def randomize(unet, seed):
@@ -70,18 +75,13 @@ def randomize(unet, seed):
                     p.copy_(0.02 * noise)
 
 
-def main():
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**CONFIG).float().eval()
-    randomize(unet, seed=3001)
-
-    os.makedirs(MODEL_DIR, exist_ok=True)
-    unet.save_pretrained(MODEL_DIR, safe_serialization=True)
-
-    # Inputs (batch 2; the two rows use different size/crop conditioning).
+def write_reference(unet):
+    """reference/sdxl/unet.safetensors: one call of `unet` (batch 2; the two rows use different size/crop
+    conditioning), with and without the added conditioning."""
+    unet = unet.float().eval()
     g = torch.Generator().manual_seed(3002)
     sample = torch.randn(2, 4, 8, 8, generator=g)
-    context = torch.randn(2, 7, 64, generator=g)
+    context = torch.randn(2, 7, unet.config.cross_attention_dim, generator=g)
     text_embeds = torch.randn(2, POOLED_DIM, generator=g)
     timestep = torch.tensor([601.0])
     # (orig_h, orig_w, crop_top, crop_left, target_h, target_w)
@@ -105,8 +105,9 @@ def main():
                    time_ids=time_ids, time_embeds=time_embeds, aug_emb=aug_emb, out=out,
                    out_no_added=out_no_added)
     os.makedirs(REF_DIR, exist_ok=True)
-    save_file({k: v.contiguous().float() for k, v in tensors.items()},
-              os.path.join(REF_DIR, "unet.safetensors"), metadata={"format": "pt"})
+    path = os.path.join(REF_DIR, REF_FILE_NAME)
+    save_file({k: v.contiguous().float() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    os.chmod(path, 0o644)
     for k, v in tensors.items():
         print(f"  {k:13s} {tuple(v.shape)}  std {v.std().item() if v.numel() > 1 else 0:.4f}")
 
@@ -116,6 +117,13 @@ def main():
     for k, v in sd.items():
         if k.startswith("add_"):
             print(f"  {k} {list(v.shape)}")
+
+
+def main():
+    torch.set_num_threads(2)
+    unet = UNet2DConditionModel.from_pretrained(MODEL_DIR, local_files_only=True, torch_dtype=torch.float32)
+    assert {k: unet.config[k] for k in CONFIG} == {k: (list(v) if isinstance(v, tuple) else v) for k, v in CONFIG.items()}
+    write_reference(unet)
 
 
 if __name__ == "__main__":
