@@ -183,3 +183,20 @@ fn families_are_detected_and_listed() {
     let json = listed(&["models", "--models-dir", models_dir, "--json"]);
     assert!(json.contains(&format!("\"hash\":\"{}\"", &real[..10])), "{json}");
 }
+
+/// A safetensors header of 128 bytes makes the file's first byte 0x80, a
+/// pickle's protocol byte: the file is still read as safetensors.
+#[test]
+fn a_header_of_128_bytes_is_not_a_pickle() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+    let header = format!("{json:<128}");
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    bytes.extend(1f32.to_le_bytes());
+    assert_eq!(bytes[0], 0x80);
+    let path = dir.path().join("w.safetensors");
+    std::fs::write(&path, bytes).unwrap();
+    let ckpt = sdgen::loading::weights::Checkpoint::open(&[path]).unwrap();
+    assert_eq!(ckpt.shapes(), [("w".to_string(), vec![1])]);
+}

@@ -98,12 +98,15 @@ const PICKLE_EXTENSIONS: &[&str] = &["ckpt", "pt", "pth", "bin", "pkl", "pickle"
 /// protocol byte, or a zip archive as `torch.save` writes), before anything
 /// reads them as data.
 pub fn refuse_pickle(path: &Path) -> anyhow::Result<()> {
+    use std::io::Read;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    let mut head = [0u8; 4];
-    let looks_pickled = std::fs::File::open(path)
-        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
-        .map(|n| n >= 2 && (head[0] == 0x80 && head[1] <= 5 || head[..n.min(4)] == *b"PK\x03\x04"))
-        .unwrap_or(false);
+    let mut head = Vec::new();
+    let _ = File::open(path).and_then(|f| f.take(9).read_to_end(&mut head));
+    // A safetensors file starts with its header's length, then `{`: a header
+    // of 128, 384, … bytes makes its first byte 0x80, as a pickle's is.
+    let safetensors_like = head.get(8) == Some(&b'{');
+    let pickle_protocol = head.len() >= 2 && head[0] == 0x80 && head[1] <= 5;
+    let looks_pickled = (pickle_protocol && !safetensors_like) || head.starts_with(b"PK\x03\x04");
     if PICKLE_EXTENSIONS.contains(&ext.as_str()) || looks_pickled {
         bail!(
             "{}: this is a pickled PyTorch file; sdgen never loads pickles because unpickling can run \
