@@ -25,6 +25,12 @@ use sdgen::settings::{SessionSettings, Settings};
 use sdgen::timings::Timings;
 
 fn main() -> ExitCode {
+    // Output piped into `head` and the like ends the process quietly, as
+    // for other command-line tools, instead of a panic on the next print.
+    // SAFETY: restoring a signal's default action, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // Help and version go to stdout as clap prints them; a bad argument is one line.

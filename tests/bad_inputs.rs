@@ -488,3 +488,21 @@ fn too_little_memory_fails_fast_with_the_numbers() {
         .unwrap();
     assert!(o.status.success() && out.exists(), "{}", stderr(&o));
 }
+
+/// Output cut short by its reader (`sdgen samplers | head -1`) ends the
+/// process quietly, without a panic.
+#[test]
+fn a_closed_output_pipe_is_no_panic() {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sdgen"))
+        .arg("samplers")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child.wait().unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+}
