@@ -273,32 +273,30 @@ impl Patches {
     }
 }
 
-/// A weight source with LoRAs merged in: the checkpoint knows nothing of
-/// LoRAs, the loaders wrap its sources in this when there are some.
-struct Patched<B> {
+/// Reads a tensor of a wrapped source at the dtype and device given.
+type Read<'a> = &'a dyn Fn(DType, &Device) -> candle_core::Result<Tensor>;
+
+/// A weight source that hands each tensor of `inner` through `through`
+/// (name, a reader of `inner`, the dtype and device asked for): LoRA
+/// merging and base-weight recording wrap the checkpoint this way, so the
+/// checkpoint knows nothing of them.
+struct Through<B, F> {
     inner: B,
-    component: Component,
-    patches: Arc<Patches>,
+    through: F,
 }
 
-impl<B: SimpleBackend> Patched<B> {
-    fn load(
-        &self,
-        name: &str,
-        read: impl Fn(DType, &Device) -> candle_core::Result<Tensor>,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        if !self.patches.touches(self.component, name) {
-            return read(dtype, dev);
-        }
-        // Merged in f32 on the CPU, whatever the stored and compute dtypes.
-        let base = read(DType::F32, &Device::Cpu)?;
-        self.patches.apply(self.component, name, base)?.to_dtype(dtype)?.to_device(dev)
-    }
+fn through<B, F>(inner: B, through: F) -> Through<B, F>
+where
+    F: Fn(&str, Read, DType, &Device) -> candle_core::Result<Tensor>,
+{
+    Through { inner, through }
 }
 
-impl<B: SimpleBackend> SimpleBackend for Patched<B> {
+impl<B, F> SimpleBackend for Through<B, F>
+where
+    B: SimpleBackend,
+    F: Fn(&str, Read, DType, &Device) -> candle_core::Result<Tensor> + Send + Sync,
+{
     fn get(
         &self,
         s: Shape,
@@ -307,11 +305,11 @@ impl<B: SimpleBackend> SimpleBackend for Patched<B> {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        self.load(name, |d, v| self.inner.get(s.clone(), name, init, d, v), dtype, dev)
+        (self.through)(name, &|d, v| self.inner.get(s.clone(), name, init, d, v), dtype, dev)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.load(name, |d, v| self.inner.get_unchecked(name, d, v), dtype, dev)
+        (self.through)(name, &|d, v| self.inner.get_unchecked(name, d, v), dtype, dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
@@ -334,42 +332,6 @@ impl BaseWeights {
             .get(&(component, name.to_string()))
             .cloned()
             .ok_or_else(|| candle_core::Error::Msg(format!("no retained {} tensor `{name}`", component.label())))
-    }
-}
-
-/// Remembers every tensor its inner source hands out in a [`BaseWeights`].
-struct Recording<B> {
-    inner: B,
-    component: Component,
-    base: Arc<BaseWeights>,
-}
-
-impl<B> Recording<B> {
-    fn keep(&self, name: &str, t: candle_core::Result<Tensor>) -> candle_core::Result<Tensor> {
-        let t = t?;
-        self.base.tensors.lock().expect("lock").insert((self.component, name.to_string()), t.clone());
-        Ok(t)
-    }
-}
-
-impl<B: SimpleBackend> SimpleBackend for Recording<B> {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        init: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.keep(name, self.inner.get(s, name, init, dtype, dev))
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.keep(name, self.inner.get_unchecked(name, dtype, dev))
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.inner.contains_tensor(name)
     }
 }
 
@@ -413,13 +375,18 @@ fn builder<B: SimpleBackend + 'static>(
     dtype: DType,
     device: &Device,
 ) -> VarBuilder<'static> {
-    match patches {
-        Some(p) => {
-            let patched = Patched { inner: backend, component, patches: p.clone() };
-            VarBuilder::from_backend(Box::new(patched), dtype, device.clone())
+    let Some(patches) = patches.cloned() else {
+        return VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+    };
+    let patched = through(backend, move |name, read, dtype, dev| {
+        if !patches.touches(component, name) {
+            return read(dtype, dev);
         }
-        None => VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
-    }
+        // Merged in f32 on the CPU, whatever the stored and compute dtypes.
+        let base = read(DType::F32, &Device::Cpu)?;
+        patches.apply(component, name, base)?.to_dtype(dtype)?.to_device(dev)
+    });
+    VarBuilder::from_backend(Box::new(patched), dtype, device.clone())
 }
 
 /// The weights of `component` in `ckpt` (named through `map`), as `merging`
@@ -435,7 +402,13 @@ pub fn component_weights(
     let source = ckpt.source(map, component);
     match merging.keep_base {
         Some(base) => {
-            let recording = Recording { inner: source, component, base: base.clone() };
+            let base = base.clone();
+            // Every tensor as the checkpoint gives it, before any LoRA.
+            let recording = through(source, move |name, read, dtype, dev| {
+                let t = read(dtype, dev)?;
+                base.tensors.lock().expect("lock").insert((component, name.to_string()), t.clone());
+                Ok(t)
+            });
             builder(recording, component, merging.patches, dtype, device)
         }
         None => builder(source, component, merging.patches, dtype, device),
