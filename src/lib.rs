@@ -7,7 +7,8 @@
 //! - [`pipeline`] turns a request into images: text conditioning ([`text`],
 //!   [`prompt`], [`tokenizer`]), the seed's noise ([`rng`]), [`sampling`], decoding,
 //!   with [`editing`] doing the pixel-side work of img2img and inpainting.
-//! - [`loading`] finds and reads weights into [`models`]; [`image_io`] and
+//! - [`loading`] finds and reads weights into [`models`], whose hot
+//!   operations are our own fused [`ops`]; [`image_io`] and
 //!   [`infotext`] read and write images and their parameters.
 
 pub mod batch;
@@ -21,6 +22,7 @@ pub mod infotext;
 pub mod loading;
 pub mod memory;
 pub mod models;
+pub mod ops;
 pub mod pipeline;
 pub mod prompt;
 pub mod random_model;

@@ -2,27 +2,16 @@
 //! them: ResNet blocks, up/down samplers, spatial transformers, attention.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig};
-use candle_nn::{GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
-use super::attention::attention;
-
-fn conv3x3(cin: usize, cout: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig { padding, stride, ..Default::default() };
-    conv2d(cin, cout, 3, cfg, vb)
-}
+use crate::ops::{attention, Conv2d, GroupNorm, Linear};
 
 pub fn conv1x1(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
-    conv2d(cin, cout, 1, Default::default(), vb)
+    Conv2d::new(cin, cout, 1, 1, 0, vb)
 }
 
 pub fn conv3x3_same(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
-    conv3x3(cin, cout, 1, 1, vb)
-}
-
-/// `silu(group_norm(x))`, the pre-activation both ResNets and output heads use.
-pub fn norm_silu(norm: &GroupNorm, x: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::silu(&norm.forward(x)?)
+    Conv2d::new(cin, cout, 3, 1, 1, vb)
 }
 
 /// diffusers' `ResnetBlock2D` with the default ("default" time-scale-shift) wiring.
@@ -40,31 +29,33 @@ impl ResnetBlock {
     /// `temb` is the time-embedding width (UNet) or `None` (VAE).
     pub fn new(cin: usize, cout: usize, temb: Option<usize>, groups: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         let time_emb_proj = match temb {
-            Some(t) => Some(linear(t, cout, vb.pp("time_emb_proj"))?),
+            Some(t) => Some(Linear::new(t, cout, vb.pp("time_emb_proj"))?),
             None => None,
         };
         let conv_shortcut = if cin != cout { Some(conv1x1(cin, cout, vb.pp("conv_shortcut"))?) } else { None };
         Ok(Self {
-            norm1: group_norm(groups, cin, eps, vb.pp("norm1"))?,
+            norm1: GroupNorm::new(groups, cin, eps, vb.pp("norm1"))?,
             conv1: conv3x3_same(cin, cout, vb.pp("conv1"))?,
             time_emb_proj,
-            norm2: group_norm(groups, cout, eps, vb.pp("norm2"))?,
+            norm2: GroupNorm::new(groups, cout, eps, vb.pp("norm2"))?,
             conv2: conv3x3_same(cout, cout, vb.pp("conv2"))?,
             conv_shortcut,
         })
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&norm_silu(&self.norm1, x)?)?;
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(&candle_nn::ops::silu(temb)?)?;
-            h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
-        }
-        let h = self.conv2.forward(&norm_silu(&self.norm2, &h)?)?;
-        match &self.conv_shortcut {
-            Some(c) => c.forward(x)? + h,
-            None => x + h,
-        }
+        // The time embedding is a per-image channel offset of conv1's output,
+        // and the skip connection conv2's residual: both ride in the convolutions.
+        let offset = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => Some(proj.forward(&candle_nn::ops::silu(temb)?)?),
+            _ => None,
+        };
+        let h = self.conv1.forward_with(&self.norm1.forward_silu(x)?, offset.as_ref(), None)?;
+        let skip = match &self.conv_shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        self.conv2.forward_with(&self.norm2.forward_silu(&h)?, None, Some(&skip))
     }
 }
 
@@ -73,23 +64,20 @@ impl ResnetBlock {
 #[derive(Debug)]
 pub struct Downsample {
     conv: Conv2d,
-    asymmetric: bool,
 }
 
 impl Downsample {
     pub fn new(channels: usize, asymmetric: bool, vb: VarBuilder) -> Result<Self> {
-        let padding = if asymmetric { 0 } else { 1 };
-        let conv = conv3x3(channels, channels, 2, padding, vb.pp("conv"))?;
-        Ok(Self { conv, asymmetric })
+        let conv = if asymmetric {
+            Conv2d::new(channels, channels, 3, 2, 0, vb.pp("conv"))?.with_bottom_right_padding(1)
+        } else {
+            Conv2d::new(channels, channels, 3, 2, 1, vb.pp("conv"))?
+        };
+        Ok(Self { conv })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.asymmetric {
-            let x = x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?;
-            self.conv.forward(&x)
-        } else {
-            self.conv.forward(x)
-        }
+        self.conv.forward(x)
     }
 }
 
@@ -126,21 +114,22 @@ impl CrossAttention {
         let head_dim = dim / heads;
         let inner = heads * head_dim;
         Ok(Self {
-            to_q: linear_no_bias(dim, inner, vb.pp("to_q"))?,
-            to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
-            to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
-            to_out: linear(inner, dim, vb.pp("to_out.0"))?,
+            to_q: Linear::no_bias(dim, inner, vb.pp("to_q"))?,
+            to_k: Linear::no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: Linear::no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_out: Linear::new(inner, dim, vb.pp("to_out.0"))?,
             heads,
             upcast,
         })
     }
 
-    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+    /// `residual + attention(x, context)`.
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
         let context = context.unwrap_or(x);
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
-        self.to_out.forward(&attention(&q, &k, &v, self.heads, false, self.upcast)?)
+        self.to_out.forward_add(&attention(&q, &k, &v, self.heads, false, self.upcast)?, residual)
     }
 }
 
@@ -155,15 +144,16 @@ struct FeedForward {
 impl FeedForward {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let inner = 4 * dim;
-        Ok(Self { proj: linear(dim, 2 * inner, vb.pp("net.0.proj"))?, out: linear(inner, dim, vb.pp("net.2"))? })
+        Ok(Self { proj: Linear::new(dim, 2 * inner, vb.pp("net.0.proj"))?, out: Linear::new(inner, dim, vb.pp("net.2"))? })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `residual + ff(x)`.
+    fn forward(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let hg = self.proj.forward(x)?;
         let inner = hg.dim(candle_core::D::Minus1)? / 2;
         let h = hg.narrow(candle_core::D::Minus1, 0, inner)?;
         let g = hg.narrow(candle_core::D::Minus1, inner, inner)?;
-        self.out.forward(&(h * g.gelu_erf()?)?)
+        self.out.forward_add(&(h * g.gelu_erf()?)?, residual)
     }
 }
 
@@ -190,27 +180,9 @@ impl TransformerBlock {
     }
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + x)?;
-        self.ff.forward(&self.norm3.forward(&x)?)? + x
-    }
-}
-
-/// Input/output projection of a spatial transformer: a 1×1 convolution (SD1)
-/// or a linear layer on the flattened pixels (SD2, SDXL).
-#[derive(Debug)]
-enum Projection {
-    Conv(Conv2d),
-    Linear(Linear),
-}
-
-impl Projection {
-    fn new(cin: usize, cout: usize, linear_proj: bool, vb: VarBuilder) -> Result<Self> {
-        Ok(if linear_proj {
-            Projection::Linear(linear(cin, cout, vb)?)
-        } else {
-            Projection::Conv(conv1x1(cin, cout, vb)?)
-        })
+        let x = self.attn1.forward(&self.norm1.forward(x)?, None, x)?;
+        let x = self.attn2.forward(&self.norm2.forward(&x)?, Some(context), &x)?;
+        self.ff.forward(&self.norm3.forward(&x)?, &x)
     }
 }
 
@@ -219,9 +191,13 @@ impl Projection {
 #[derive(Debug)]
 pub struct SpatialTransformer {
     norm: GroupNorm,
-    proj_in: Projection,
+    /// The projections are 1×1 convolutions (SD1) or linear layers on the
+    /// flattened pixels (SD2, SDXL): the same product, so `proj_in` is a
+    /// linear layer reading the feature map as a sequence and `proj_out` a
+    /// 1×1 convolution reading the sequence as a feature map, both in place.
+    proj_in: Linear,
     blocks: Vec<TransformerBlock>,
-    proj_out: Projection,
+    proj_out: Conv2d,
 }
 
 pub struct SpatialTransformerConfig {
@@ -242,31 +218,23 @@ impl SpatialTransformer {
                 TransformerBlock::new(c.channels, c.context_dim, c.heads, c.upcast_attention, vb)
             })
             .collect::<Result<_>>()?;
-        Ok(Self {
-            norm: group_norm(c.groups, c.channels, 1e-6, vb.pp("norm"))?,
-            proj_in: Projection::new(c.channels, c.channels, c.linear_projection, vb.pp("proj_in"))?,
-            blocks,
-            proj_out: Projection::new(c.channels, c.channels, c.linear_projection, vb.pp("proj_out"))?,
-        })
+        let ch = c.channels;
+        let (proj_in, proj_out) = if c.linear_projection {
+            (Linear::new(ch, ch, vb.pp("proj_in"))?, Conv2d::from_linear(ch, ch, vb.pp("proj_out"))?)
+        } else {
+            (Linear::from_conv1x1(ch, ch, vb.pp("proj_in"))?, conv1x1(ch, ch, vb.pp("proj_out"))?)
+        };
+        Ok(Self { norm: GroupNorm::new(c.groups, ch, 1e-6, vb.pp("norm"))?, proj_in, blocks, proj_out })
     }
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let to_seq = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
-        let from_seq = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous();
         let normed = self.norm.forward(x)?;
-        let mut seq = match &self.proj_in {
-            Projection::Conv(conv) => to_seq(&conv.forward(&normed)?)?,
-            Projection::Linear(lin) => lin.forward(&to_seq(&normed)?)?,
-        };
+        let mut seq = self.proj_in.forward(&pixels_as_sequence(&normed)?)?;
         for block in &self.blocks {
             seq = block.forward(&seq, context)?;
         }
-        let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&from_seq(&seq)?)?,
-            Projection::Linear(lin) => from_seq(&lin.forward(&seq)?)?,
-        };
-        out + x
+        self.proj_out.forward_with(&seq.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?, None, Some(x))
     }
 }
 
@@ -277,27 +245,35 @@ pub struct VaeAttention {
     to_q: Linear,
     to_k: Linear,
     to_v: Linear,
-    to_out: Linear,
+    /// A linear layer on the sequence, run as a 1×1 convolution back to the feature map.
+    to_out: Conv2d,
 }
 
 impl VaeAttention {
     pub fn new(channels: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            group_norm: group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
-            to_q: linear(channels, channels, vb.pp("to_q"))?,
-            to_k: linear(channels, channels, vb.pp("to_k"))?,
-            to_v: linear(channels, channels, vb.pp("to_v"))?,
-            to_out: linear(channels, channels, vb.pp("to_out.0"))?,
+            group_norm: GroupNorm::new(groups, channels, 1e-6, vb.pp("group_norm"))?,
+            to_q: Linear::new(channels, channels, vb.pp("to_q"))?,
+            to_k: Linear::new(channels, channels, vb.pp("to_k"))?,
+            to_v: Linear::new(channels, channels, vb.pp("to_v"))?,
+            to_out: Conv2d::from_linear(channels, channels, vb.pp("to_out.0"))?,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let seq = self.group_norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let seq = pixels_as_sequence(&self.group_norm.forward(x)?)?;
         let q = self.to_q.forward(&seq)?;
         let k = self.to_k.forward(&seq)?;
         let v = self.to_v.forward(&seq)?;
-        let out = self.to_out.forward(&attention(&q, &k, &v, 1, false, false)?)?;
-        out.transpose(1, 2)?.reshape((b, c, h, w))? + x
+        let out = attention(&q, &k, &v, 1, false, false)?;
+        self.to_out.forward_with(&out.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?, None, Some(x))
     }
+}
+
+/// A `(B, C, H, W)` feature map as a `(B, H·W, C)` sequence: a strided view
+/// that the linear layers read without a copy.
+fn pixels_as_sequence(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    x.reshape((b, c, h * w))?.transpose(1, 2)
 }

@@ -5,10 +5,12 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{group_norm, linear, Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{linear, Linear, VarBuilder};
 use serde::Deserialize;
 
-use super::blocks::{conv3x3_same, norm_silu, Downsample, ResnetBlock, SpatialTransformer};
+use crate::ops::{Conv2d, GroupNorm};
+
+use super::blocks::{conv3x3_same, Downsample, ResnetBlock, SpatialTransformer};
 use super::blocks::{SpatialTransformerConfig, Upsample};
 use super::PerBlock;
 
@@ -306,7 +308,7 @@ impl UNet {
             down,
             mid,
             up,
-            conv_norm_out: group_norm(groups, c0, eps, vb.pp("conv_norm_out"))?,
+            conv_norm_out: GroupNorm::new(groups, c0, eps, vb.pp("conv_norm_out"))?,
             conv_out: conv3x3_same(c0, config.out_channels, vb.pp("conv_out"))?,
             config: config.clone(),
         })
@@ -407,7 +409,7 @@ impl UNet {
                 h = u.forward(&h, (sh, sw))?;
             }
         }
-        self.conv_out.forward(&norm_silu(&self.conv_norm_out, &h)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 

@@ -4,11 +4,13 @@
 use std::collections::HashMap;
 
 use anyhow::bail;
-use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{group_norm, Conv2d, GroupNorm, VarBuilder};
+use candle_core::{DType, Result, Tensor};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::blocks::{conv1x1, conv3x3_same, norm_silu, Downsample, ResnetBlock, Upsample, VaeAttention};
+use crate::ops::{Conv2d, GroupNorm};
+
+use super::blocks::{conv1x1, conv3x3_same, Downsample, ResnetBlock, Upsample, VaeAttention};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct VaeConfig {
@@ -119,7 +121,7 @@ impl Decoder {
             conv_in: conv3x3_same(cfg.latent_channels, chans[0], vb.pp("conv_in"))?,
             mid: MidBlock::new(chans[0], g, vb.pp("mid_block"))?,
             up,
-            conv_norm_out: group_norm(g, c0, EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: GroupNorm::new(g, c0, EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv3x3_same(c0, cfg.out_channels, vb.pp("conv_out"))?,
         })
     }
@@ -135,7 +137,7 @@ impl Decoder {
                 h = u.forward(&h, (2 * hh, 2 * ww))?;
             }
         }
-        self.conv_out.forward(&norm_silu(&self.conv_norm_out, &h)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 
@@ -171,7 +173,7 @@ impl Encoder {
             conv_in: conv3x3_same(cfg.in_channels, chans[0], vb.pp("conv_in"))?,
             down,
             mid: MidBlock::new(last, g, vb.pp("mid_block"))?,
-            conv_norm_out: group_norm(g, last, EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: GroupNorm::new(g, last, EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv3x3_same(last, 2 * cfg.latent_channels, vb.pp("conv_out"))?,
         })
     }
@@ -187,7 +189,7 @@ impl Encoder {
             }
         }
         let h = self.mid.forward(&h)?;
-        self.conv_out.forward(&norm_silu(&self.conv_norm_out, &h)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 

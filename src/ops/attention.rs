@@ -1,0 +1,194 @@
+//! Scaled dot-product attention. The CPU forward works per image, head and
+//! block of query rows: it reads each head's columns of `q`, `k` and `v` in
+//! their `(B, L, H·d)` layout through GEMM strides and writes its rows of the
+//! output in place, so no head is transposed or copied and at most one
+//! block's scores per thread exist at a time.
+
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::kernels::{assume_init, cpu_slice, matmul, softmax, uninit, with_elem, Elem, Mat};
+
+/// Query rows per CPU task: a block's scores (rows × keys, f32) stay in cache
+/// for the value product.
+const QUERY_BLOCK: usize = 64;
+
+/// Upper bound on the bytes of one chunk's score matrix on other devices,
+/// whose composition materialises all heads' scores of a chunk at once.
+const GPU_SCORE_BUDGET_BYTES: usize = 2 << 30;
+
+/// `softmax(q kᵀ / √d) v` for `q: (B, Lq, H·d)`, `k, v: (B, Lk, H·d)`, split into
+/// `heads` heads; returns `(B, Lq, H·d)`. With `causal`, query `i` sees keys `≤ i`
+/// (CLIP's text encoder). With `upcast`, scores and softmax are computed in f32
+/// whatever the inputs' dtype (diffusers' `upcast_attention`, for SD 2.1).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool, upcast: bool) -> Result<Tensor> {
+    if !q.device().is_cpu() {
+        return attention_reference(q, k, v, heads, causal, upcast);
+    }
+    let dtype = v.dtype();
+    let op = AttentionOp { heads, causal };
+    let prepare = |t: &Tensor| {
+        let t = if upcast { t.to_dtype(DType::F32)? } else { t.clone() };
+        if t.stride().last() == Some(&1) {
+            Ok(t)
+        } else {
+            t.contiguous()
+        }
+    };
+    prepare(q)?.apply_op3_no_bwd(&prepare(k)?, &prepare(v)?, &op)?.to_dtype(dtype)
+}
+
+/// The candle composition, chunked over query rows so that a large image's
+/// score matrix never exists all at once: other devices' path and the CPU
+/// op's reference in tests.
+pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool, upcast: bool) -> Result<Tensor> {
+    let out_dtype = v.dtype();
+    let (q, k) = if upcast { (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?) } else { (q.clone(), k.clone()) };
+    let (b, lq, inner) = q.dims3()?;
+    let lk = k.dim(1)?;
+    let d = inner / heads;
+    let split = |t: &Tensor, l: usize| -> Result<Tensor> { t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous() };
+    let q = (split(&q, lq)? * (1.0 / (d as f64).sqrt()))?;
+    let kt = split(&k, lk)?.transpose(2, 3)?.contiguous()?;
+    let v = split(v, lk)?;
+    let rows = (GPU_SCORE_BUDGET_BYTES / (4 * b * heads * lk)).clamp(1, lq);
+    let mut outs = Vec::with_capacity(lq.div_ceil(rows));
+    let mut start = 0;
+    while start < lq {
+        let n = rows.min(lq - start);
+        let mut scores = q.narrow(2, start, n)?.matmul(&kt)?;
+        if causal {
+            let mask: Vec<f32> = (start..start + n)
+                .flat_map(|i| (0..lk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (n, lk), q.device())?.to_dtype(q.dtype())?;
+            scores = scores.broadcast_add(&mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(out_dtype)?;
+        outs.push(probs.matmul(&v)?);
+        start += n;
+    }
+    let out = if outs.len() == 1 { outs.pop().expect("one chunk") } else { Tensor::cat(&outs, 2)? };
+    out.transpose(1, 2)?.reshape((b, lq, inner))
+}
+
+struct AttentionOp {
+    heads: usize,
+    causal: bool,
+}
+
+/// A `(B, L, H·d)` operand: its elements and its batch and row strides.
+struct Seq<'a, T> {
+    data: &'a [T],
+    len: usize,
+    sb: usize,
+    sl: usize,
+}
+
+impl<'a, T: Elem> Seq<'a, T> {
+    fn new(s: &'a CpuStorage, l: &Layout, b: usize, inner: usize, what: &str) -> Result<Self> {
+        let (dims, st) = (l.dims(), l.stride());
+        if dims.len() != 3 || dims[0] != b || dims[2] != inner || st[2] != 1 {
+            bail!("attention: {what} has shape {dims:?} and strides {st:?}, expected ({b}, L, {inner}) with unit feature stride");
+        }
+        Ok(Self { data: cpu_slice(s, l)?, len: dims[1], sb: st[0], sl: st[1] })
+    }
+
+    /// Head `h` of image `b` from row `r`: a matrix with rows `sl` apart.
+    fn head(&self, b: usize, h: usize, d: usize, r: usize) -> *const T {
+        self.data[b * self.sb + r * self.sl + h * d..].as_ptr()
+    }
+}
+
+impl AttentionOp {
+    fn run<T: Elem>(&self, q: (&CpuStorage, &Layout), k: (&CpuStorage, &Layout), v: (&CpuStorage, &Layout)) -> Result<(CpuStorage, Shape)> {
+        let &[b, _, inner] = q.1.dims() else { bail!("attention: q must be (B, L, H·d), got {:?}", q.1.dims()) };
+        if self.heads == 0 || !inner.is_multiple_of(self.heads) {
+            bail!("attention: {inner} features do not split into {} heads", self.heads);
+        }
+        let (q, k, v) = (Seq::<T>::new(q.0, q.1, b, inner, "q")?, Seq::<T>::new(k.0, k.1, b, inner, "k")?, Seq::<T>::new(v.0, v.1, b, inner, "v")?);
+        if k.len != v.len {
+            bail!("attention: {} keys but {} values", k.len, v.len);
+        }
+        let (heads, d, lq, lk) = (self.heads, inner / self.heads, q.len, k.len);
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = uninit::<T>(b * lq * inner);
+        let blocks = lq.div_ceil(QUERY_BLOCK);
+        let out_ptr = out.as_mut_ptr() as usize;
+        (0..b * heads * blocks).into_par_iter().for_each_init(
+            || (vec![0f32; QUERY_BLOCK * lk], Vec::<T>::with_capacity(QUERY_BLOCK * lk)),
+            |(scores, probs), task| {
+                let (bi, h, blk) = (task / (heads * blocks), task / blocks % heads, task % blocks);
+                let r0 = blk * QUERY_BLOCK;
+                let n = QUERY_BLOCK.min(lq - r0);
+                let scores = &mut scores[..n * lk];
+                // scores (n × lk) = scale · q_h (n × d) · k_hᵀ (d × lk), in f32.
+                let qf = to_f32_rows(&q, bi, h, d, r0, n);
+                let kf = to_f32_rows(&k, bi, h, d, 0, lk);
+                let (qm, km) = (qf.mat(), kf.mat());
+                // SAFETY: the head views address rows r0..r0+n and 0..lk of valid operands.
+                unsafe {
+                    matmul((n, lk, d), scores.as_mut_ptr(), lk, false, qm, Mat { ptr: km.ptr, rs: km.cs, cs: km.rs }, scale, gemm::Parallelism::None)
+                };
+                for (i, row) in scores.chunks_mut(lk).enumerate() {
+                    // Causal: keys after the query are excluded exactly (zero weight).
+                    let seen = if self.causal { (r0 + i + 1).min(lk) } else { lk };
+                    softmax(&mut row[..seen]);
+                    row[seen..].iter_mut().for_each(|p| *p = 0.0);
+                }
+                let pm = if is_f32::<T>() {
+                    Mat::new(scores.as_ptr() as *const T, lk, 1)
+                } else {
+                    probs.clear();
+                    probs.extend(scores.iter().map(|p| T::from_f32(*p)));
+                    Mat::new(probs.as_ptr(), lk, 1)
+                };
+                let dst = (out_ptr as *mut T).wrapping_add(bi * lq * inner + r0 * inner + h * d);
+                let vm = Mat::new(v.head(bi, h, d, 0), v.sl, 1);
+                // SAFETY: each task writes its own rows r0..r0+n of head h's columns.
+                unsafe { matmul((n, d, lk), dst, inner, false, pm, vm, 1.0, gemm::Parallelism::None) };
+            },
+        );
+        // SAFETY: the tasks cover every (image, head, row) of the output.
+        let out = unsafe { assume_init(out) };
+        Ok((T::storage(out), Shape::from((b, lq, inner))))
+    }
+}
+
+/// Rows `r0..r0 + n` of one head as an f32 operand: borrowed as they are for
+/// f32, converted for f16 so that the scores are computed in f32.
+enum Rows<T> {
+    Borrowed(Mat<T>),
+    Owned(Vec<f32>, usize),
+}
+
+impl<T: Elem> Rows<T> {
+    fn mat(&self) -> Mat<f32> {
+        match self {
+            Rows::Borrowed(m) => Mat { ptr: m.ptr as *const f32, rs: m.rs, cs: m.cs },
+            Rows::Owned(v, d) => Mat::new(v.as_ptr(), *d, 1),
+        }
+    }
+}
+
+fn to_f32_rows<T: Elem>(s: &Seq<'_, T>, b: usize, h: usize, d: usize, r0: usize, n: usize) -> Rows<T> {
+    if is_f32::<T>() {
+        return Rows::Borrowed(Mat::new(s.head(b, h, d, r0), s.sl, 1));
+    }
+    let base = b * s.sb + h * d;
+    let v = (r0..r0 + n).flat_map(|r| s.data[base + r * s.sl..][..d].iter().map(|x| x.to_f32())).collect();
+    Rows::Owned(v, d)
+}
+
+fn is_f32<T: Elem>() -> bool {
+    std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "sdgen-attention"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        with_elem!(s1, T => self.run::<T>((s1, l1), (s2, l2), (s3, l3)))
+    }
+}

@@ -1,0 +1,290 @@
+//! 2-D convolution as one GEMM per image: `out (Cout, P) = W (Cout, Cin·k²) ·
+//! col (Cin·k², P)`. The weight's stored layout is already the GEMM's
+//! row-major left operand, so nothing is repacked per call; a 1×1 convolution
+//! reads its input in place (any layout whose pixels form one stride), and a
+//! k×k one builds its column matrix in parallel, in pixel chunks that bound
+//! its memory. Bias, per-image channel offsets (a ResNet's time embedding)
+//! and a residual are written into the output first and the GEMM adds to
+//! them, so none of them costs a pass of its own.
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+use super::kernels::{assume_init, cpu_slice, matmul, threads, uninit, with_elem, with_weight, Elem, Mat};
+
+/// Upper bound on one chunk's column matrix: the VAE's full-resolution
+/// convolutions would otherwise need gigabytes.
+const COLUMN_BUDGET_BYTES: usize = 32 << 20;
+
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    kernel: usize,
+    stride: usize,
+    /// Zero padding: top, bottom, left, right.
+    padding: [usize; 4],
+}
+
+impl Conv2d {
+    /// A `k×k` convolution with `padding` on every side, weights
+    /// `(cout, cin, k, k)` and a bias, as diffusers' `nn.Conv2d`.
+    pub fn new(cin: usize, cout: usize, k: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get((cout, cin, k, k), "weight")?;
+        let bias = Some(vb.get(cout, "bias")?);
+        Ok(Self { weight, bias, kernel: k, stride, padding: [padding; 4] })
+    }
+
+    /// A 1×1 convolution stored as a linear layer's `(cout, cin)` weights.
+    pub fn from_linear(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get((cout, cin), "weight")?.reshape((cout, cin, 1, 1))?;
+        let bias = Some(vb.get(cout, "bias")?);
+        Ok(Self { weight, bias, kernel: 1, stride: 1, padding: [0; 4] })
+    }
+
+    /// Pads bottom and right only (the VAE encoder's stride-2 downsampler).
+    pub fn with_bottom_right_padding(mut self, p: usize) -> Self {
+        self.padding = [0, p, 0, p];
+        self
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, None, None)
+    }
+
+    /// `conv(x) + offset[b, c] + residual`: `offset` is `(B, Cout)`, `residual`
+    /// the output's shape.
+    pub fn forward_with(&self, x: &Tensor, offset: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
+        if !x.device().is_cpu() {
+            return self.reference(x, offset, residual);
+        }
+        let x = if x.is_contiguous() || self.reads_in_place(x) { x.clone() } else { x.contiguous()? };
+        let op = ConvOp { conv: self, offset: offset.is_some(), residual: residual.is_some() };
+        let residual = residual.map(Tensor::contiguous).transpose()?;
+        let offset = offset.map(Tensor::contiguous).transpose()?;
+        match (offset, residual) {
+            (None, None) => x.apply_op1_no_bwd(&op),
+            (Some(e), None) | (None, Some(e)) => x.apply_op2_no_bwd(&e, &op),
+            (Some(o), Some(r)) => x.apply_op3_no_bwd(&o, &r, &op),
+        }
+    }
+
+    /// The unfused candle composition: other devices' path and the CPU op's
+    /// reference in tests.
+    pub fn reference(&self, x: &Tensor, offset: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
+        let [t, b, l, r] = self.padding;
+        let symmetric = t == b && l == r && t == l;
+        let (x, p) = if symmetric {
+            (x.contiguous()?, t)
+        } else {
+            (x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?, 0)
+        };
+        let mut y = x.conv2d(&self.weight, p, self.stride, 1, 1)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(&bias.reshape((1, (), 1, 1))?)?;
+        }
+        if let Some(o) = offset {
+            y = y.broadcast_add(&o.unsqueeze(2)?.unsqueeze(3)?)?;
+        }
+        match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        }
+    }
+
+    /// A 1×1 convolution reads any input whose pixels are one stride apart.
+    fn reads_in_place(&self, x: &Tensor) -> bool {
+        let pointwise = self.kernel == 1 && self.stride == 1 && self.padding == [0; 4];
+        let st = x.stride();
+        pointwise && st.len() == 4 && st[2] == x.dims()[3] * st[3]
+    }
+
+    fn out_size(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+        let [t, b, l, r] = self.padding;
+        let (hp, wp) = (h + t + b, w + l + r);
+        if hp < self.kernel || wp < self.kernel {
+            bail!("conv2d: input {h}×{w} is smaller than the {k}×{k} kernel", k = self.kernel);
+        }
+        Ok(((hp - self.kernel) / self.stride + 1, (wp - self.kernel) / self.stride + 1))
+    }
+}
+
+struct ConvOp<'a> {
+    conv: &'a Conv2d,
+    offset: bool,
+    residual: bool,
+}
+
+impl ConvOp<'_> {
+    fn run<T: Elem>(&self, x: (&CpuStorage, &Layout), extra: &[(&CpuStorage, &Layout)]) -> Result<(CpuStorage, Shape)> {
+        let c = self.conv;
+        let (wdims, (xs, xl)) = (c.weight.dims4()?, x);
+        let (cout, cin, k, _) = wdims;
+        let &[b, xc, h, w] = xl.dims() else { bail!("conv2d: expected a 4-D input, got {:?}", xl.dims()) };
+        if xc != cin {
+            bail!("conv2d: input has {xc} channels, the weights expect {cin}");
+        }
+        let (ho, wo) = c.out_size(h, w)?;
+        let p = ho * wo;
+        let offset = if self.offset { Some(extra_input::<T>(extra[0], b * cout, "offset")?) } else { None };
+        let residual =
+            if self.residual { Some(extra_input::<T>(extra[self.offset as usize], b * cout * p, "residual")?) } else { None };
+        let xdata = cpu_slice::<T>(xs, xl)?;
+        let st = xl.stride();
+        let mut out = uninit::<T>(b * cout * p);
+        let bias = c.bias.as_ref();
+        with_weight::<T, _>(&c.weight, |weight| {
+            let bias_vals: Vec<f32> = match bias {
+                Some(t) => with_weight::<T, _>(t, |v| Ok(v.iter().map(|x| x.to_f32()).collect()))?,
+                None => vec![0.0; cout],
+            };
+            let accumulate = bias.is_some() || offset.is_some() || residual.is_some();
+            let lhs = Mat::new(weight.as_ptr(), cin * k * k, 1);
+            for (bi, dst) in out.chunks_mut(cout * p).enumerate() {
+                if accumulate {
+                    dst.par_chunks_mut(p).enumerate().for_each(|(co, row)| {
+                        let add = bias_vals[co] + offset.map_or(0.0, |o| o[bi * cout + co].to_f32());
+                        match residual {
+                            Some(r) => {
+                                let r = &r[(bi * cout + co) * p..][..p];
+                                row.iter_mut().zip(r).for_each(|(d, r)| {
+                                    d.write(T::from_f32(r.to_f32() + add));
+                                });
+                            }
+                            None => row.iter_mut().for_each(|d| {
+                                d.write(T::from_f32(add));
+                            }),
+                        }
+                    });
+                }
+                let dst = dst.as_mut_ptr() as *mut T;
+                let xb = &xdata[bi * st[0]..];
+                if k == 1 && c.stride == 1 && c.padding == [0; 4] && st[2] == w * st[3] {
+                    // The input's pixels are one stride apart: read it in place.
+                    let rhs = Mat::new(xb.as_ptr(), st[1], st[3]);
+                    // SAFETY: the shapes and strides address `xb` and `dst` within bounds.
+                    unsafe { matmul((cout, p, cin), dst, p, accumulate, lhs, rhs, 1.0, threads()) };
+                    continue;
+                }
+                if !xl.is_contiguous() {
+                    bail!("conv2d: a {k}×{k} convolution needs a contiguous input");
+                }
+                let kk = cin * k * k;
+                let rows = (COLUMN_BUDGET_BYTES / (kk * wo * std::mem::size_of::<T>())).clamp(1, ho);
+                let mut col = uninit::<T>(kk * rows * wo);
+                let mut y0 = 0;
+                while y0 < ho {
+                    let n = rows.min(ho - y0) * wo;
+                    let col = &mut col[..kk * n];
+                    col.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
+                        let (ci, ky, kx) = (r / (k * k), r / k % k, r % k);
+                        let plane = &xb[ci * h * w..][..h * w];
+                        im2col_row(plane, (h, w), wo, (y0, n / wo), (ky, kx), c.stride, (c.padding[0], c.padding[2]), row);
+                    });
+                    let rhs = Mat::new(col.as_ptr() as *const T, n, 1);
+                    // SAFETY: `col` holds `kk × n` written elements; `dst` rows `y0..` are in bounds.
+                    unsafe { matmul((cout, n, kk), dst.add(y0 * wo), p, accumulate, lhs, rhs, 1.0, threads()) };
+                    y0 += n / wo;
+                }
+            }
+            Ok(())
+        })?;
+        // SAFETY: every output element was written, by the initial value or the GEMM (`accumulate == false`).
+        let out = unsafe { assume_init(out) };
+        Ok((T::storage(out), Shape::from((b, cout, ho, wo))))
+    }
+}
+
+/// A contiguous extra input of `len` elements.
+fn extra_input<'a, T: Elem>((s, l): (&'a CpuStorage, &Layout), len: usize, what: &str) -> Result<&'a [T]> {
+    if l.shape().elem_count() != len || !l.is_contiguous() {
+        bail!("conv2d: {what} of shape {:?} does not match the output", l.dims());
+    }
+    Ok(&cpu_slice(s, l)?[..len])
+}
+
+/// One row of the column matrix: input channel plane `plane` shifted by
+/// kernel tap `(ky, kx)`, for output rows `y0..y0 + rows`, zero outside the image.
+#[allow(clippy::too_many_arguments)]
+fn im2col_row<T: Elem>(
+    plane: &[T],
+    (h, w): (usize, usize),
+    wo: usize,
+    (y0, rows): (usize, usize),
+    (ky, kx): (usize, usize),
+    stride: usize,
+    (pt, pl): (usize, usize),
+    row: &mut [std::mem::MaybeUninit<T>],
+) {
+    let zero = T::from_f32(0.0);
+    for (oy, dst) in (y0..y0 + rows).zip(row.chunks_mut(wo)) {
+        let iy = (oy * stride + ky).wrapping_sub(pt);
+        if iy >= h {
+            dst.iter_mut().for_each(|d| {
+                d.write(zero);
+            });
+            continue;
+        }
+        let src = &plane[iy * w..][..w];
+        if stride == 1 {
+            // Output column ox reads input column ox + kx − pl.
+            let lo = pl.saturating_sub(kx).min(wo);
+            let hi = (w + pl).saturating_sub(kx).clamp(lo, wo);
+            dst[..lo].iter_mut().for_each(|d| {
+                d.write(zero);
+            });
+            for (d, s) in dst[lo..hi].iter_mut().zip(&src[lo + kx - pl..]) {
+                d.write(*s);
+            }
+            dst[hi..].iter_mut().for_each(|d| {
+                d.write(zero);
+            });
+        } else {
+            for (ox, d) in dst.iter_mut().enumerate() {
+                let ix = (ox * stride + kx).wrapping_sub(pl);
+                d.write(if ix < w { src[ix] } else { zero });
+            }
+        }
+    }
+}
+
+impl CustomOp1 for ConvOp<'_> {
+    fn name(&self) -> &'static str {
+        "sdgen-conv2d"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        with_elem!(s, T => self.run::<T>((s, l), &[]))
+    }
+}
+
+impl CustomOp2 for ConvOp<'_> {
+    fn name(&self) -> &'static str {
+        "sdgen-conv2d"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        with_elem!(s, T => self.run::<T>((s, l), &[(s2, l2)]))
+    }
+}
+
+impl CustomOp3 for ConvOp<'_> {
+    fn name(&self) -> &'static str {
+        "sdgen-conv2d"
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        with_elem!(s, T => self.run::<T>((s, l), &[(s2, l2), (s3, l3)]))
+    }
+}

@@ -1,0 +1,143 @@
+//! A linear layer `y = x Wᵀ + b [+ residual]` as one GEMM that reads `x` with
+//! its own strides (a permuted `(B, C, H·W)` feature map is a `(B, H·W, C)`
+//! sequence without a copy) and `W` transposed in place, with the bias and
+//! residual as the GEMM's initial value.
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+use super::kernels::{assume_init, cpu_slice, matmul, threads, uninit, with_elem, with_weight, Elem, Mat};
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get((cout, cin), "weight")?, bias: Some(vb.get(cout, "bias")?) })
+    }
+
+    pub fn no_bias(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get((cout, cin), "weight")?, bias: None })
+    }
+
+    /// A 1×1 convolution's `(cout, cin, 1, 1)` weights as a linear layer.
+    pub fn from_conv1x1(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get((cout, cin, 1, 1), "weight")?.reshape((cout, cin))?;
+        Ok(Self { weight, bias: Some(vb.get(cout, "bias")?) })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !x.device().is_cpu() {
+            return self.reference(x, None);
+        }
+        x.apply_op1_no_bwd(&LinearOp { linear: self })
+    }
+
+    /// `linear(x) + residual`.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if !x.device().is_cpu() {
+            return self.reference(x, Some(residual));
+        }
+        x.apply_op2_no_bwd(&residual.contiguous()?, &LinearOp { linear: self })
+    }
+
+    /// The unfused composition: other devices' path and the CPU op's reference in tests.
+    pub fn reference(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let w = match x.rank() {
+            3 => self.weight.broadcast_left(x.dim(0)?)?.t()?,
+            _ => self.weight.t()?,
+        };
+        let mut y = x.contiguous()?.matmul(&w)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        }
+    }
+}
+
+struct LinearOp<'a> {
+    linear: &'a Linear,
+}
+
+impl LinearOp<'_> {
+    fn run<T: Elem>(&self, x: (&CpuStorage, &Layout), residual: Option<(&CpuStorage, &Layout)>) -> Result<(CpuStorage, Shape)> {
+        let (xs, xl) = x;
+        let (cout, cin) = self.linear.weight.dims2()?;
+        let (dims, st) = (xl.dims(), xl.stride());
+        // (batches, rows, cin) with strides (batch, row, col).
+        let (b, l, sb, sl, sc) = match *dims {
+            [l, c] if c == cin => (1, l, 0, st[0], st[1]),
+            [b, l, c] if c == cin => (b, l, st[0], st[1], st[2]),
+            _ => bail!("linear: input {dims:?} does not end in {cin} features"),
+        };
+        // One GEMM over all rows when the batches are stacked rows.
+        let (b, l, sb) = if b > 1 && sb == l * sl { (1, b * l, 0) } else { (b, l, sb) };
+        let x = cpu_slice::<T>(xs, xl)?;
+        let residual = match residual {
+            Some((s, rl)) => {
+                if rl.shape().elem_count() != b * l * cout || !rl.is_contiguous() {
+                    bail!("linear: residual {:?} does not match the output", rl.dims());
+                }
+                Some(&cpu_slice::<T>(s, rl)?[..b * l * cout])
+            }
+            None => None,
+        };
+        let mut out = uninit::<T>(b * l * cout);
+        let accumulate = self.linear.bias.is_some() || residual.is_some();
+        if accumulate {
+            let bias: Vec<f32> = match &self.linear.bias {
+                Some(t) => with_weight::<T, _>(t, |v| Ok(v.iter().map(|x| x.to_f32()).collect()))?,
+                None => vec![0.0; cout],
+            };
+            out.par_chunks_mut(cout).enumerate().for_each(|(r, row)| match residual {
+                Some(res) => row.iter_mut().zip(&res[r * cout..]).zip(&bias).for_each(|((d, r), b)| {
+                    d.write(T::from_f32(r.to_f32() + b));
+                }),
+                None => row.iter_mut().zip(&bias).for_each(|(d, b)| {
+                    d.write(T::from_f32(*b));
+                }),
+            });
+        }
+        with_weight::<T, _>(&self.linear.weight, |w| {
+            // Wᵀ as the right operand: element (i, o) is w[o·cin + i].
+            let rhs = Mat::new(w.as_ptr(), 1, cin);
+            for bi in 0..b {
+                let lhs = Mat::new(x[bi * sb..].as_ptr(), sl, sc);
+                let dst = out[bi * l * cout..].as_mut_ptr() as *mut T;
+                // SAFETY: the strides come from the input's layout; `dst` holds `l × cout` elements.
+                unsafe { matmul((l, cout, cin), dst, cout, accumulate, lhs, rhs, 1.0, threads()) };
+            }
+            Ok(())
+        })?;
+        // SAFETY: every element was written by the initial value or the GEMM.
+        let out = unsafe { assume_init(out) };
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("rank ≥ 2") = cout;
+        Ok((T::storage(out), Shape::from(shape)))
+    }
+}
+
+impl CustomOp1 for LinearOp<'_> {
+    fn name(&self) -> &'static str {
+        "sdgen-linear"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        with_elem!(s, T => self.run::<T>((s, l), None))
+    }
+}
+
+impl CustomOp2 for LinearOp<'_> {
+    fn name(&self) -> &'static str {
+        "sdgen-linear"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        with_elem!(s, T => self.run::<T>((s, l), Some((s2, l2))))
+    }
+}

@@ -1,0 +1,36 @@
+//! Our own fused operations for the hot paths of the UNet and the VAE, as
+//! candle custom ops: convolution with its bias, per-image channel offsets and
+//! residual in the GEMM's initial value ([`Conv2d`]), linear layers that read
+//! strided inputs without copies ([`Linear`]), GroupNorm with the SiLU that
+//! follows it ([`GroupNorm`]) and attention blocked per head and query rows
+//! ([`attention`]).
+//!
+//! Each op has a CPU forward (`cpu_fwd`, f32 and f16); on other devices the
+//! same struct runs the unfused candle composition, which is also the
+//! reference the CPU forward is tested against (`tests/ops.rs`). A CUDA
+//! forward goes beside each `cpu_fwd`.
+
+mod attention;
+mod conv;
+mod kernels;
+mod linear;
+mod norm;
+
+pub use attention::{attention, attention_reference};
+pub use conv::Conv2d;
+pub use linear::Linear;
+pub use norm::GroupNorm;
+
+/// Keeps large freed buffers in the process instead of returning them to the
+/// kernel, so that the next step's activations reuse mapped pages rather than
+/// fault in fresh zeroed ones (glibc maps every allocation above its
+/// threshold anew, and the UNet's activations are all above it).
+pub fn reuse_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; it is called before
+    // any worker thread allocates.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}

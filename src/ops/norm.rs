@@ -1,0 +1,111 @@
+//! GroupNorm, optionally followed by SiLU (every ResNet block's and output
+//! head's pre-activation), in one pass per group after its statistics, with
+//! the groups of all images in parallel.
+
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+use super::kernels::{assume_init, cpu_slice, scale_shift, uninit, with_elem, with_weight, Elem};
+
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        if groups == 0 || !channels.is_multiple_of(groups) {
+            bail!("GroupNorm: {channels} channels do not split into {groups} groups");
+        }
+        Ok(Self { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, groups, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, false)
+    }
+
+    /// `silu(group_norm(x))`.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, true)
+    }
+
+    fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        if x.device().is_cpu() {
+            x.contiguous()?.apply_op1_no_bwd(&NormOp { norm: self, silu })
+        } else {
+            self.reference(x, silu)
+        }
+    }
+
+    /// The unfused composition (statistics in f32 for f16 inputs): other
+    /// devices' path and the CPU op's reference in tests.
+    pub fn reference(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let (b, c) = (x.dim(0)?, x.dim(1)?);
+        let g = x.to_dtype(DType::F32)?.reshape((b, self.groups, ()))?;
+        let centred = g.broadcast_sub(&g.mean_keepdim(2)?)?;
+        let var = centred.sqr()?.mean_keepdim(2)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?.reshape(x.shape())?;
+        let mut shape = vec![1, c];
+        shape.resize(x.rank(), 1);
+        let w = self.weight.to_dtype(DType::F32)?.reshape(shape.as_slice())?;
+        let bias = self.bias.to_dtype(DType::F32)?.reshape(shape.as_slice())?;
+        let y = normed.broadcast_mul(&w)?.broadcast_add(&bias)?;
+        let y = if silu { candle_nn::ops::silu(&y)? } else { y };
+        y.to_dtype(dtype)
+    }
+}
+
+struct NormOp<'a> {
+    norm: &'a GroupNorm,
+    silu: bool,
+}
+
+impl NormOp<'_> {
+    fn run<T: Elem>(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = l.dims();
+        if dims.len() < 2 {
+            bail!("GroupNorm: expected (B, C, …), got {dims:?}");
+        }
+        let (c, groups) = (dims[1], self.norm.groups);
+        if c != self.norm.weight.dim(0)? {
+            bail!("GroupNorm: input has {c} channels, the weights {}", self.norm.weight.dim(0)?);
+        }
+        let x = &cpu_slice::<T>(s, l)?[..l.shape().elem_count()];
+        let spatial: usize = dims[2..].iter().product();
+        let per_group = c / groups * spatial;
+        let weight: Vec<f32> = with_weight::<T, _>(&self.norm.weight, |v| Ok(v.iter().map(|x| x.to_f32()).collect()))?;
+        let bias: Vec<f32> = with_weight::<T, _>(&self.norm.bias, |v| Ok(v.iter().map(|x| x.to_f32()).collect()))?;
+        let mut out = uninit::<T>(x.len());
+        let (eps, silu) = (self.norm.eps, self.silu);
+        out.par_chunks_mut(per_group.max(1)).zip(x.par_chunks(per_group.max(1))).enumerate().for_each(|(i, (dst, src))| {
+            // Two passes in f64 over the group: the mean, then the centred variance.
+            let n = src.len() as f64;
+            let mean = src.iter().map(|v| v.to_f32() as f64).sum::<f64>() / n;
+            let var = src.iter().map(|v| (v.to_f32() as f64 - mean).powi(2)).sum::<f64>() / n;
+            let rstd = 1.0 / (var + eps).sqrt();
+            let first = i % groups * (c / groups);
+            for (j, (d, s)) in dst.chunks_mut(spatial).zip(src.chunks(spatial)).enumerate() {
+                let a = (rstd * weight[first + j] as f64) as f32;
+                let b0 = bias[first + j] - (mean * a as f64) as f32;
+                scale_shift(d, s, a, b0, silu);
+            }
+        });
+        // SAFETY: the groups cover the whole output and every element was written.
+        let out = unsafe { assume_init(out) };
+        Ok((T::storage(out), l.shape().clone()))
+    }
+}
+
+impl CustomOp1 for NormOp<'_> {
+    fn name(&self) -> &'static str {
+        "sdgen-group-norm"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        with_elem!(s, T => self.run::<T>(s, l))
+    }
+}
