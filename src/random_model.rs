@@ -1,7 +1,9 @@
 //! Random-weight models with the real shapes of a model family, for
 //! benchmarks: speed does not depend on weight values, and real weights
 //! cannot be downloaded everywhere. Deterministic from a seed; written as a
-//! diffusers folder with f16 weights (configs of the real model).
+//! diffusers folder with f16 weights (configs of the real model), plus the
+//! same weights as one LDM-named `model.safetensors` for tools that load
+//! single files (stable-diffusion.cpp in `scripts/bench`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,6 +14,8 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
+use crate::loading::ldm;
+use crate::loading::weights::{NameMap, Transform};
 use crate::models::clip::{ClipConfig, ClipTextModel};
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{Vae, VaeConfig};
@@ -106,19 +110,43 @@ impl SimpleBackend for RandomBackend {
     }
 }
 
-/// Builds one component with random weights and saves them as f16.
+type Tensors = HashMap<String, Tensor>;
+
+/// Builds one component with random weights, saves them as f16 and returns them.
 fn write_component(
     dir: &Path,
     file: &str,
     seed: u64,
     build: impl FnOnce(VarBuilder) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Tensors> {
     let backend = std::sync::Arc::new(RandomBackend { seed, made: Mutex::new(HashMap::new()) });
     let shared = SharedBackend(backend.clone());
     build(VarBuilder::from_backend(Box::new(shared), DType::F16, Device::Cpu))?;
     let made = std::mem::take(&mut *backend.made.lock().expect("lock"));
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    candle_core::safetensors::save(&made, dir.join(file)).with_context(|| format!("{}: cannot write", dir.display()))
+    candle_core::safetensors::save(&made, dir.join(file)).with_context(|| format!("{}: cannot write", dir.display()))?;
+    Ok(made)
+}
+
+/// The components' tensors under their LDM checkpoint names (SD 1.x layout),
+/// through the same name tables that read single files.
+fn ldm_checkpoint(unet: &UNetConfig, vae: &VaeConfig, parts: [Tensors; 3]) -> anyhow::Result<Tensors> {
+    let maps = [ldm::unet_names(unet), ldm::vae_names(vae, ldm::VAE_PREFIX), NameMap::prefixed(ldm::CLIP_PREFIXES[0])];
+    let mut out = HashMap::new();
+    for (map, part) in maps.iter().zip(parts) {
+        for (name, t) in part {
+            let (ckpt, transform) = map.rename(&name).with_context(|| format!("no LDM name for {name}"))?;
+            let t = match transform {
+                Transform::None => t,
+                // Biases pass as they are; weights regain their 1×1 kernel.
+                Transform::Conv1x1ToLinear if t.rank() == 1 => t,
+                Transform::Conv1x1ToLinear => t.reshape((t.dim(0)?, t.dim(1)?, 1, 1))?,
+                other => bail!("{name}: cannot store {other:?} in an SD 1.x checkpoint"),
+            };
+            out.insert(ckpt, t);
+        }
+    }
+    Ok(out)
 }
 
 /// Lets the builder own a handle while we keep one to read the tensors back.
@@ -167,15 +195,18 @@ fn write_with(out: &Path, seed: u64, [unet_json, vae_json, clip_json]: [&str; 3]
         std::fs::create_dir_all(path.parent().expect("has a folder"))?;
         std::fs::write(&path, text)?;
     }
-    write_component(&root.join("unet"), "diffusion_pytorch_model.fp16.safetensors", seed, |vb| {
+    let unet_weights = write_component(&root.join("unet"), "diffusion_pytorch_model.fp16.safetensors", seed, |vb| {
         UNet::new(&unet, vb).map(|_| ())
     })?;
-    write_component(&root.join("vae"), "diffusion_pytorch_model.fp16.safetensors", seed.wrapping_add(1), |vb| {
-        Vae::new(&vae, true, vb).map(|_| ())
-    })?;
-    write_component(&root.join("text_encoder"), "model.fp16.safetensors", seed.wrapping_add(2), |vb| {
+    let vae_weights =
+        write_component(&root.join("vae"), "diffusion_pytorch_model.fp16.safetensors", seed.wrapping_add(1), |vb| {
+            Vae::new(&vae, true, vb).map(|_| ())
+        })?;
+    let clip_weights = write_component(&root.join("text_encoder"), "model.fp16.safetensors", seed.wrapping_add(2), |vb| {
         ClipTextModel::new(&clip, vb).map(|_| ())
     })?;
+    let single = ldm_checkpoint(&unet, &vae, [unet_weights, vae_weights, clip_weights])?;
+    candle_core::safetensors::save(&single, root.join("model.safetensors"))?;
     let kept = tmp.keep();
     std::fs::rename(&kept, out).with_context(|| format!("{}: cannot create", out.display()))?;
     Ok(())
@@ -209,6 +240,17 @@ mod tests {
         assert_ne!(read(&a), read(&c), "another seed, other weights");
         let model = crate::loading::Model::load(&a, &Device::Cpu, DType::F32).unwrap();
         assert!(model.unused.is_empty());
+        // The single file holds the same weights under LDM names.
+        let single = crate::loading::Model::load(&a.join("model.safetensors"), &Device::Cpu, DType::F32).unwrap();
+        assert!(single.unused.is_empty());
+        let x = Tensor::randn(0f32, 1.0, (1, model.unet.config.in_channels, 8, 8), &Device::Cpu).unwrap();
+        let ctx = Tensor::ones((1, 77, model.unet.config.cross_attention_dim), DType::F32, &Device::Cpu).unwrap();
+        let out = |m: &crate::loading::Model| {
+            let eps = m.unet.forward(&x, 500.0, &ctx, None).unwrap();
+            let img = m.vae.decode(&x).unwrap();
+            [eps, img].map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        };
+        assert_eq!(out(&model), out(&single));
         assert!(write_with(&a, 7, cfgs).is_err(), "an existing folder is not overwritten");
         assert!(write("sdxl", &dir.path().join("x"), 0).is_err());
     }
