@@ -124,7 +124,8 @@ fn write_component(
     build(VarBuilder::from_backend(Box::new(shared), DType::F16, Device::Cpu))?;
     let made = std::mem::take(&mut *backend.made.lock().expect("lock"));
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    candle_core::safetensors::save(&made, dir.join(file)).with_context(|| format!("{}: cannot write", dir.display()))?;
+    candle_core::safetensors::save(&made, dir.join(file))
+        .with_context(|| format!("{}: cannot write", dir.display()))?;
     Ok(made)
 }
 
@@ -202,9 +203,10 @@ fn write_with(out: &Path, seed: u64, [unet_json, vae_json, clip_json]: [&str; 3]
         write_component(&root.join("vae"), "diffusion_pytorch_model.fp16.safetensors", seed.wrapping_add(1), |vb| {
             Vae::new(&vae, true, vb).map(|_| ())
         })?;
-    let clip_weights = write_component(&root.join("text_encoder"), "model.fp16.safetensors", seed.wrapping_add(2), |vb| {
-        ClipTextModel::new(&clip, vb).map(|_| ())
-    })?;
+    let clip_weights =
+        write_component(&root.join("text_encoder"), "model.fp16.safetensors", seed.wrapping_add(2), |vb| {
+            ClipTextModel::new(&clip, vb).map(|_| ())
+        })?;
     let single = ldm_checkpoint(&unet, &vae, [unet_weights, vae_weights, clip_weights])?;
     candle_core::safetensors::save(&single, root.join("model.safetensors"))?;
     let kept = tmp.keep();

@@ -61,7 +61,8 @@ impl Shapes {
     fn resnet(&mut self, batch: usize, cin: usize, cout: usize, side: usize, temb: bool) {
         self.norms.insert((batch, cin, side, true));
         self.norms.insert((batch, cout, side, true));
-        let c = ConvCase { batch, cin, cout, k: 3, stride: 1, side, bottom_right: false, offset: temb, residual: false };
+        let c =
+            ConvCase { batch, cin, cout, k: 3, stride: 1, side, bottom_right: false, offset: temb, residual: false };
         self.convs.insert(c);
         self.convs.insert(ConvCase { cin: cout, offset: false, residual: true, ..c });
         if cin != cout {
@@ -73,7 +74,8 @@ impl Shapes {
     }
 
     fn downsample(&mut self, batch: usize, c: usize, side: usize, bottom_right: bool) {
-        let case = ConvCase { batch, cin: c, cout: c, k: 3, stride: 2, side, bottom_right, offset: false, residual: false };
+        let case =
+            ConvCase { batch, cin: c, cout: c, k: 3, stride: 2, side, bottom_right, offset: false, residual: false };
         self.convs.insert(case);
     }
 
@@ -90,7 +92,17 @@ impl Shapes {
         self.attentions.insert((b, l, l, c, 8));
         self.attentions.insert((b, l, CONTEXT.0, c, 8));
         // proj_out: a 1×1 convolution reading the sequence as a feature map, + residual.
-        let case = ConvCase { batch: b, cin: c, cout: c, k: 1, stride: 1, side, bottom_right: false, offset: false, residual: true };
+        let case = ConvCase {
+            batch: b,
+            cin: c,
+            cout: c,
+            k: 1,
+            stride: 1,
+            side,
+            bottom_right: false,
+            offset: false,
+            residual: true,
+        };
         self.convs.insert(case);
     }
 
@@ -99,7 +111,17 @@ impl Shapes {
         self.norms.insert((1, c, side, false));
         self.linears.insert((1, side * side, c, c, true, false));
         self.attentions.insert((1, side * side, side * side, c, 1));
-        let case = ConvCase { batch: 1, cin: c, cout: c, k: 1, stride: 1, side, bottom_right: false, offset: false, residual: true };
+        let case = ConvCase {
+            batch: 1,
+            cin: c,
+            cout: c,
+            k: 1,
+            stride: 1,
+            side,
+            bottom_right: false,
+            offset: false,
+            residual: true,
+        };
         self.convs.insert(case);
     }
 }
@@ -229,7 +251,8 @@ fn conv_case(c: ConvCase, dtype: DType) {
     let bias = representable(randn(&[cout], 0.1), dtype);
     let pad = if k == 3 && !bottom_right { 1 } else { 0 };
     let make = |dtype| {
-        let conv = Conv2d::new(cin, cout, k, stride, pad, weights(vec![("weight", w.clone()), ("bias", bias.clone())], dtype));
+        let conv =
+            Conv2d::new(cin, cout, k, stride, pad, weights(vec![("weight", w.clone()), ("bias", bias.clone())], dtype));
         let conv = conv.unwrap();
         if bottom_right {
             conv.with_bottom_right_padding(1)
@@ -276,7 +299,12 @@ fn group_norms_match_candle_on_every_sd15_layer_shape() {
         let x = (randn(&[b, c, side, side], 2.0) + 3.0).unwrap();
         let norm = make(DType::F32);
         let ours = if silu { norm.forward_silu(&x) } else { norm.forward(&x) }.unwrap();
-        check(&format!("group norm {b}×{c}×{side}² silu={silu}"), &ours, &norm.reference(&x, silu).unwrap(), DType::F32);
+        check(
+            &format!("group norm {b}×{c}×{side}² silu={silu}"),
+            &ours,
+            &norm.reference(&x, silu).unwrap(),
+            DType::F32,
+        );
     }
 }
 
@@ -285,13 +313,12 @@ fn linear_layers_match_candle_on_every_sd15_layer_shape() {
     let shapes = all_shapes();
     eprintln!("{} linear shapes", shapes.linears.len());
     for &(b, l, cin, cout, strided, residual) in &shapes.linears {
-        let vb = weights(vec![("weight", randn(&[cout, cin], (1.0 / cin as f64).sqrt())), ("bias", randn(&[cout], 0.1))], DType::F32);
+        let vb = weights(
+            vec![("weight", randn(&[cout, cin], (1.0 / cin as f64).sqrt())), ("bias", randn(&[cout], 0.1))],
+            DType::F32,
+        );
         let lin = Linear::new(cin, cout, vb).unwrap();
-        let x = if strided {
-            randn(&[b, cin, l], 1.0).transpose(1, 2).unwrap()
-        } else {
-            randn(&[b, l, cin], 1.0)
-        };
+        let x = if strided { randn(&[b, cin, l], 1.0).transpose(1, 2).unwrap() } else { randn(&[b, l, cin], 1.0) };
         let what = format!("linear {b}×{l}×{cin}→{cout} strided={strided} residual={residual}");
         if residual {
             let r = randn(&[b, l, cout], 1.0);
@@ -320,9 +347,39 @@ fn attention_matches_candle_on_every_sd15_layer_shape_and_clip() {
 #[test]
 fn f16_ops_match_the_f32_composition() {
     let cases = [
-        ConvCase { batch: 2, cin: 640, cout: 640, k: 3, stride: 1, side: 16, bottom_right: false, offset: true, residual: false },
-        ConvCase { batch: 2, cin: 320, cout: 320, k: 1, stride: 1, side: 32, bottom_right: false, offset: false, residual: true },
-        ConvCase { batch: 1, cin: 128, cout: 128, k: 3, stride: 2, side: 64, bottom_right: true, offset: false, residual: false },
+        ConvCase {
+            batch: 2,
+            cin: 640,
+            cout: 640,
+            k: 3,
+            stride: 1,
+            side: 16,
+            bottom_right: false,
+            offset: true,
+            residual: false,
+        },
+        ConvCase {
+            batch: 2,
+            cin: 320,
+            cout: 320,
+            k: 1,
+            stride: 1,
+            side: 32,
+            bottom_right: false,
+            offset: false,
+            residual: true,
+        },
+        ConvCase {
+            batch: 1,
+            cin: 128,
+            cout: 128,
+            k: 3,
+            stride: 2,
+            side: 64,
+            bottom_right: true,
+            offset: false,
+            residual: false,
+        },
     ];
     for c in cases {
         conv_case(c, DType::F16);
@@ -330,7 +387,9 @@ fn f16_ops_match_the_f32_composition() {
     let f16 = |t: Tensor| representable(t, DType::F16);
     let x = f16(randn(&[2, 640, 16, 16], 1.0));
     let (w, b) = (f16(randn(&[640], 1.0)), f16(randn(&[640], 1.0)));
-    let norm = |dtype| GroupNorm::new(32, 640, 1e-5, weights(vec![("weight", w.clone()), ("bias", b.clone())], dtype)).unwrap();
+    let norm = |dtype| {
+        GroupNorm::new(32, 640, 1e-5, weights(vec![("weight", w.clone()), ("bias", b.clone())], dtype)).unwrap()
+    };
     let reference = norm(DType::F32).reference(&x, true).unwrap();
     let ours = norm(DType::F16).forward_silu(&to(&x, DType::F16)).unwrap();
     check("group norm 2×640×16² silu", &ours, &reference, DType::F16);

@@ -144,7 +144,10 @@ struct FeedForward {
 impl FeedForward {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let inner = 4 * dim;
-        Ok(Self { proj: Linear::new(dim, 2 * inner, vb.pp("net.0.proj"))?, out: Linear::new(inner, dim, vb.pp("net.2"))? })
+        Ok(Self {
+            proj: Linear::new(dim, 2 * inner, vb.pp("net.0.proj"))?,
+            out: Linear::new(inner, dim, vb.pp("net.2"))?,
+        })
     }
 
     /// `residual + ff(x)`.

@@ -41,7 +41,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool,
 /// The candle composition, chunked over query rows so that a large image's
 /// score matrix never exists all at once: other devices' path and the CPU
 /// op's reference in tests.
-pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool, upcast: bool) -> Result<Tensor> {
+pub fn attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    causal: bool,
+    upcast: bool,
+) -> Result<Tensor> {
     let out_dtype = v.dtype();
     let (q, k) = if upcast { (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?) } else { (q.clone(), k.clone()) };
     let (b, lq, inner) = q.dims3()?;
@@ -101,12 +108,21 @@ impl<'a, T: Elem> Seq<'a, T> {
 }
 
 impl AttentionOp {
-    fn run<T: Elem>(&self, q: (&CpuStorage, &Layout), k: (&CpuStorage, &Layout), v: (&CpuStorage, &Layout)) -> Result<(CpuStorage, Shape)> {
+    fn run<T: Elem>(
+        &self,
+        q: (&CpuStorage, &Layout),
+        k: (&CpuStorage, &Layout),
+        v: (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
         let &[b, _, inner] = q.1.dims() else { bail!("attention: q must be (B, L, H·d), got {:?}", q.1.dims()) };
         if self.heads == 0 || !inner.is_multiple_of(self.heads) {
             bail!("attention: {inner} features do not split into {} heads", self.heads);
         }
-        let (q, k, v) = (Seq::<T>::new(q.0, q.1, b, inner, "q")?, Seq::<T>::new(k.0, k.1, b, inner, "k")?, Seq::<T>::new(v.0, v.1, b, inner, "v")?);
+        let (q, k, v) = (
+            Seq::<T>::new(q.0, q.1, b, inner, "q")?,
+            Seq::<T>::new(k.0, k.1, b, inner, "k")?,
+            Seq::<T>::new(v.0, v.1, b, inner, "v")?,
+        );
         if k.len != v.len {
             bail!("attention: {} keys but {} values", k.len, v.len);
         }
@@ -128,7 +144,16 @@ impl AttentionOp {
                 let (qm, km) = (qf.mat(), kf.mat());
                 // SAFETY: the head views address rows r0..r0+n and 0..lk of valid operands.
                 unsafe {
-                    matmul((n, lk, d), scores.as_mut_ptr(), lk, false, qm, Mat { ptr: km.ptr, rs: km.cs, cs: km.rs }, scale, gemm::Parallelism::None)
+                    matmul(
+                        (n, lk, d),
+                        scores.as_mut_ptr(),
+                        lk,
+                        false,
+                        qm,
+                        Mat { ptr: km.ptr, rs: km.cs, cs: km.rs },
+                        scale,
+                        gemm::Parallelism::None,
+                    )
                 };
                 for (i, row) in scores.chunks_mut(lk).enumerate() {
                     // Causal: keys after the query are excluded exactly (zero weight).
@@ -188,7 +213,15 @@ impl CustomOp3 for AttentionOp {
     fn name(&self) -> &'static str {
         "sdgen-attention"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         with_elem!(s1, T => self.run::<T>((s1, l1), (s2, l2), (s3, l3)))
     }
 }

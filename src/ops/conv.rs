@@ -79,11 +79,8 @@ impl Conv2d {
     pub fn reference(&self, x: &Tensor, offset: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
         let [t, b, l, r] = self.padding;
         let symmetric = t == b && l == r && t == l;
-        let (x, p) = if symmetric {
-            (x.contiguous()?, t)
-        } else {
-            (x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?, 0)
-        };
+        let (x, p) =
+            if symmetric { (x.contiguous()?, t) } else { (x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?, 0) };
         let mut y = x.conv2d(&self.weight, p, self.stride, 1, 1)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(&bias.reshape((1, (), 1, 1))?)?;
@@ -132,8 +129,11 @@ impl ConvOp<'_> {
         let (ho, wo) = c.out_size(h, w)?;
         let p = ho * wo;
         let offset = if self.offset { Some(extra_input::<T>(extra[0], b * cout, "offset")?) } else { None };
-        let residual =
-            if self.residual { Some(extra_input::<T>(extra[self.offset as usize], b * cout * p, "residual")?) } else { None };
+        let residual = if self.residual {
+            Some(extra_input::<T>(extra[self.offset as usize], b * cout * p, "residual")?)
+        } else {
+            None
+        };
         let xdata = cpu_slice::<T>(xs, xl)?;
         let st = xl.stride();
         let mut out = uninit::<T>(b * cout * p);
@@ -184,7 +184,16 @@ impl ConvOp<'_> {
                     col.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
                         let (ci, ky, kx) = (r / (k * k), r / k % k, r % k);
                         let plane = &xb[ci * h * w..][..h * w];
-                        im2col_row(plane, (h, w), wo, (y0, n / wo), (ky, kx), c.stride, (c.padding[0], c.padding[2]), row);
+                        im2col_row(
+                            plane,
+                            (h, w),
+                            wo,
+                            (y0, n / wo),
+                            (ky, kx),
+                            c.stride,
+                            (c.padding[0], c.padding[2]),
+                            row,
+                        );
                     });
                     let rhs = Mat::new(col.as_ptr() as *const T, n, 1);
                     // SAFETY: `col` holds `kk × n` written elements; `dst` rows `y0..` are in bounds.

@@ -67,7 +67,11 @@ struct LinearOp<'a> {
 }
 
 impl LinearOp<'_> {
-    fn run<T: Elem>(&self, x: (&CpuStorage, &Layout), residual: Option<(&CpuStorage, &Layout)>) -> Result<(CpuStorage, Shape)> {
+    fn run<T: Elem>(
+        &self,
+        x: (&CpuStorage, &Layout),
+        residual: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
         let (xs, xl) = x;
         let (cout, cin) = self.linear.weight.dims2()?;
         let (dims, st) = (xl.dims(), xl.stride());

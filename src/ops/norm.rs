@@ -82,19 +82,21 @@ impl NormOp<'_> {
         let bias: Vec<f32> = with_weight::<T, _>(&self.norm.bias, |v| Ok(v.iter().map(|x| x.to_f32()).collect()))?;
         let mut out = uninit::<T>(x.len());
         let (eps, silu) = (self.norm.eps, self.silu);
-        out.par_chunks_mut(per_group.max(1)).zip(x.par_chunks(per_group.max(1))).enumerate().for_each(|(i, (dst, src))| {
-            // Two passes in f64 over the group: the mean, then the centred variance.
-            let n = src.len() as f64;
-            let mean = src.iter().map(|v| v.to_f32() as f64).sum::<f64>() / n;
-            let var = src.iter().map(|v| (v.to_f32() as f64 - mean).powi(2)).sum::<f64>() / n;
-            let rstd = 1.0 / (var + eps).sqrt();
-            let first = i % groups * (c / groups);
-            for (j, (d, s)) in dst.chunks_mut(spatial).zip(src.chunks(spatial)).enumerate() {
-                let a = (rstd * weight[first + j] as f64) as f32;
-                let b0 = bias[first + j] - (mean * a as f64) as f32;
-                scale_shift(d, s, a, b0, silu);
-            }
-        });
+        out.par_chunks_mut(per_group.max(1)).zip(x.par_chunks(per_group.max(1))).enumerate().for_each(
+            |(i, (dst, src))| {
+                // Two passes in f64 over the group: the mean, then the centred variance.
+                let n = src.len() as f64;
+                let mean = src.iter().map(|v| v.to_f32() as f64).sum::<f64>() / n;
+                let var = src.iter().map(|v| (v.to_f32() as f64 - mean).powi(2)).sum::<f64>() / n;
+                let rstd = 1.0 / (var + eps).sqrt();
+                let first = i % groups * (c / groups);
+                for (j, (d, s)) in dst.chunks_mut(spatial).zip(src.chunks(spatial)).enumerate() {
+                    let a = (rstd * weight[first + j] as f64) as f32;
+                    let b0 = bias[first + j] - (mean * a as f64) as f32;
+                    scale_shift(d, s, a, b0, silu);
+                }
+            },
+        );
         // SAFETY: the groups cover the whole output and every element was written.
         let out = unsafe { assume_init(out) };
         Ok((T::storage(out), l.shape().clone()))
