@@ -39,6 +39,9 @@ impl Model {
     /// [`Model::load`] with LoRAs merged into the weights, another VAE and
     /// textual-inversion embeddings.
     pub fn load_with(path: &Path, device: &Device, dtype: DType, adapters: &Adapters) -> anyhow::Result<Self> {
+        if device.is_cpu() {
+            crate::ops::reuse_freed_memory();
+        }
         let patches = patches_of(&adapters.loras)?;
         let base = adapters.retain_base.then(|| Arc::new(lora::BaseWeights::default()));
         let merging = lora::Merging { patches: patches.as_ref(), keep_base: base.as_ref() };

@@ -178,8 +178,11 @@ pub unsafe fn matmul<T: Elem>(
 /// polynomial (Cephes' coefficients), no branches.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
+    // Adding and subtracting 1.5·2²³ rounds to the nearest integer with plain
+    // vector arithmetic (`f32::round` is a library call).
+    const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = 1.987_569_1e-4_f32;
     let p = p.mul_add(r, 1.398_199_9e-3);
@@ -224,16 +227,29 @@ macro_rules! multiversion {
     };
 }
 
+/// Folds `xs` in 16 independent lanes, then the lanes: a float reduction the
+/// compiler may vectorise (a single accumulator fixes the order of additions).
+#[inline(always)]
+fn lane_fold(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
+    let mut acc = [init; 16];
+    let chunks = xs.chunks_exact(16);
+    let rest = chunks.remainder().iter().fold(init, |a, &x| f(a, x));
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = f(*a, x);
+        }
+    }
+    acc.iter().fold(rest, |a, &x| f(a, x))
+}
+
 multiversion! {
     /// `row = softmax(row)` in place, over f32 values.
     pub fn softmax(row: &mut [f32]) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
+        let max = lane_fold(row, f32::NEG_INFINITY, f32::max);
         for v in row.iter_mut() {
             *v = exp(*v - max);
-            sum += *v;
         }
-        let inv = 1.0 / sum;
+        let inv = 1.0 / lane_fold(row, 0.0, |a, b| a + b);
         for v in row.iter_mut() {
             *v *= inv;
         }

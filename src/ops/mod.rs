@@ -24,11 +24,11 @@ pub use norm::GroupNorm;
 /// Keeps large freed buffers in the process instead of returning them to the
 /// kernel, so that the next step's activations reuse mapped pages rather than
 /// fault in fresh zeroed ones (glibc maps every allocation above its
-/// threshold anew, and the UNet's activations are all above it).
+/// threshold anew, and the UNet's activations are all above it). Called when
+/// a model is loaded for the CPU.
 pub fn reuse_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator thresholds; it is called before
-    // any worker thread allocates.
+    // SAFETY: mallopt only changes allocator thresholds, under glibc's lock.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
