@@ -3,6 +3,10 @@
 `sdgen --timings` reports itself; prints one JSON line.
 
 Usage: bench_diffusers.py MODEL_DIR TOKENIZER_DIR SIZE STEPS THREADS [--device cuda --dtype f16 --batch N]
+                          [--out PNG]
+  --out  save the decoded image as diffusers' pipeline would make it ((x/2+0.5).clamp(0,1), *255,
+         round, uint8); with --batch N > 1, image i goes to PNG's stem + "-i". The conversion and
+         the write come after vae_decode_s and count in total_s only, as sdgen's PNG write does.
 """
 import argparse
 import json
@@ -19,6 +23,7 @@ for name in ("size", "steps", "threads"):
 ap.add_argument("--device", default="cpu")
 ap.add_argument("--dtype", default="f32", choices=["f32", "f16"])
 ap.add_argument("--batch", type=int, default=1, help="images per prompt, in one UNet batch")
+ap.add_argument("--out", help="write the decoded image to this PNG")
 a = ap.parse_args()
 model_dir, tokenizer_dir, size, steps, device = a.model_dir, a.tokenizer_dir, a.size, a.steps, a.device
 dtype = torch.float16 if a.dtype == "f16" else torch.float32
@@ -80,8 +85,20 @@ with torch.no_grad():
     starts = [t2 + encode] + marks[:-1]
     unet_steps = [end - start for start, end in zip(starts, marks)]
     t3 = now()
-    pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
+    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     decode = now() - t3
+
+if a.out:
+    from pathlib import Path
+
+    from PIL import Image
+
+    # diffusers' VaeImageProcessor.postprocess, output_type="pil".
+    pixels = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    pixels = (pixels * 255).round().astype("uint8")
+    out = Path(a.out)
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(out if len(pixels) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}"))
 
 print(
     json.dumps(

@@ -243,7 +243,7 @@ fn assert_same_as_clean(dir: &Path, clean: &Path) {
 fn random_kills_and_resumes_end_as_a_clean_run() {
     let dir = tempfile::tempdir().unwrap();
     // Enough work that most of the 20 runs are still going when killed.
-    let jobs: String = (0..40).map(|i| format!("--prompt \"job {i}\" --steps 4\n")).collect();
+    let jobs: String = (0..200).map(|i| format!("--prompt \"job {i}\" --steps 4\n")).collect();
     let file = write(dir.path(), "jobs.txt", &jobs);
     let clean = dir.path().join("clean");
     batch(&file, &clean, &["--seed", "11"]);
