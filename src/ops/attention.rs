@@ -4,10 +4,13 @@
 //! output in place, so no head is transposed or copied and at most one
 //! block's scores per thread exist at a time.
 
+use std::borrow::Cow;
+
+use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernels::{assume_init, cpu_slice, matmul, softmax, uninit, with_elem, Elem, Mat};
+use super::kernels::{assume_init, for_cpu, input_f32, matmul, output, softmax, uninit, Mat};
 
 /// Query rows per CPU task: a block's scores (rows × keys, f32) stay in cache
 /// for the value product.
@@ -25,17 +28,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool,
     if !q.device().is_cpu() {
         return attention_reference(q, k, v, heads, causal, upcast);
     }
-    let dtype = v.dtype();
-    let op = AttentionOp { heads, causal };
+    // The CPU kernel computes in f32 whatever the storage: `upcast` always holds.
     let prepare = |t: &Tensor| {
-        let t = if upcast { t.to_dtype(DType::F32)? } else { t.clone() };
+        let t = for_cpu(t)?;
         if t.stride().last() == Some(&1) {
             Ok(t)
         } else {
             t.contiguous()
         }
     };
-    prepare(q)?.apply_op3_no_bwd(&prepare(k)?, &prepare(v)?, &op)?.to_dtype(dtype)
+    prepare(q)?.apply_op3_no_bwd(&prepare(k)?, &prepare(v)?, &AttentionOp { heads, causal })
 }
 
 /// The candle composition, chunked over query rows so that a large image's
@@ -84,76 +86,68 @@ struct AttentionOp {
     causal: bool,
 }
 
-/// A `(B, L, H·d)` operand: its elements and its batch and row strides.
-struct Seq<'a, T> {
-    data: &'a [T],
+/// A `(B, L, H·d)` operand as f32: its elements and its batch and row strides.
+struct Seq<'a> {
+    data: Cow<'a, [f32]>,
     len: usize,
     sb: usize,
     sl: usize,
 }
 
-impl<'a, T: Elem> Seq<'a, T> {
+impl<'a> Seq<'a> {
     fn new(s: &'a CpuStorage, l: &Layout, b: usize, inner: usize, what: &str) -> Result<Self> {
         let (dims, st) = (l.dims(), l.stride());
         if dims.len() != 3 || dims[0] != b || dims[2] != inner || st[2] != 1 {
             bail!("attention: {what} has shape {dims:?} and strides {st:?}, expected ({b}, L, {inner}) with unit feature stride");
         }
-        Ok(Self { data: cpu_slice(s, l)?, len: dims[1], sb: st[0], sl: st[1] })
+        Ok(Self { data: input_f32(s, l)?, len: dims[1], sb: st[0], sl: st[1] })
     }
 
     /// Head `h` of image `b` from row `r`: a matrix with rows `sl` apart.
-    fn head(&self, b: usize, h: usize, d: usize, r: usize) -> *const T {
-        self.data[b * self.sb + r * self.sl + h * d..].as_ptr()
+    fn head(&self, b: usize, h: usize, d: usize, r: usize) -> Mat {
+        Mat::new(self.data[b * self.sb + r * self.sl + h * d..].as_ptr(), self.sl, 1)
     }
 }
 
 impl AttentionOp {
-    fn run<T: Elem>(
+    fn run(
         &self,
         q: (&CpuStorage, &Layout),
         k: (&CpuStorage, &Layout),
         v: (&CpuStorage, &Layout),
     ) -> Result<(CpuStorage, Shape)> {
+        let dtype = q.0.dtype();
         let &[b, _, inner] = q.1.dims() else { bail!("attention: q must be (B, L, H·d), got {:?}", q.1.dims()) };
         if self.heads == 0 || !inner.is_multiple_of(self.heads) {
             bail!("attention: {inner} features do not split into {} heads", self.heads);
         }
         let (q, k, v) = (
-            Seq::<T>::new(q.0, q.1, b, inner, "q")?,
-            Seq::<T>::new(k.0, k.1, b, inner, "k")?,
-            Seq::<T>::new(v.0, v.1, b, inner, "v")?,
+            Seq::new(q.0, q.1, b, inner, "q")?,
+            Seq::new(k.0, k.1, b, inner, "k")?,
+            Seq::new(v.0, v.1, b, inner, "v")?,
         );
         if k.len != v.len {
             bail!("attention: {} keys but {} values", k.len, v.len);
         }
         let (heads, d, lq, lk) = (self.heads, inner / self.heads, q.len, k.len);
         let scale = 1.0 / (d as f32).sqrt();
-        let mut out = uninit::<T>(b * lq * inner);
+        let mut out = uninit::<f32>(b * lq * inner);
         let blocks = lq.div_ceil(QUERY_BLOCK);
         let out_ptr = out.as_mut_ptr() as usize;
         (0..b * heads * blocks).into_par_iter().for_each_init(
-            || (vec![0f32; QUERY_BLOCK * lk], Vec::<T>::with_capacity(QUERY_BLOCK * lk)),
-            |(scores, probs), task| {
+            || vec![0f32; QUERY_BLOCK * lk],
+            |scores, task| {
                 let (bi, h, blk) = (task / (heads * blocks), task / blocks % heads, task % blocks);
                 let r0 = blk * QUERY_BLOCK;
                 let n = QUERY_BLOCK.min(lq - r0);
                 let scores = &mut scores[..n * lk];
-                // scores (n × lk) = scale · q_h (n × d) · k_hᵀ (d × lk), in f32.
-                let qf = to_f32_rows(&q, bi, h, d, r0, n);
-                let kf = to_f32_rows(&k, bi, h, d, 0, lk);
-                let (qm, km) = (qf.mat(), kf.mat());
+                // scores (n × lk) = scale · q_h (n × d) · k_hᵀ (d × lk).
+                let km = k.head(bi, h, d, 0);
+                let kt = Mat { ptr: km.ptr, rs: km.cs, cs: km.rs };
                 // SAFETY: the head views address rows r0..r0+n and 0..lk of valid operands.
                 unsafe {
-                    matmul(
-                        (n, lk, d),
-                        scores.as_mut_ptr(),
-                        lk,
-                        false,
-                        qm,
-                        Mat { ptr: km.ptr, rs: km.cs, cs: km.rs },
-                        scale,
-                        gemm::Parallelism::None,
-                    )
+                    let qm = q.head(bi, h, d, r0);
+                    matmul((n, lk, d), scores.as_mut_ptr(), lk, false, qm, kt, scale, gemm::Parallelism::None)
                 };
                 for (i, row) in scores.chunks_mut(lk).enumerate() {
                     // Causal: keys after the query are excluded exactly (zero weight).
@@ -161,52 +155,16 @@ impl AttentionOp {
                     softmax(&mut row[..seen]);
                     row[seen..].iter_mut().for_each(|p| *p = 0.0);
                 }
-                let pm = if is_f32::<T>() {
-                    Mat::new(scores.as_ptr() as *const T, lk, 1)
-                } else {
-                    probs.clear();
-                    probs.extend(scores.iter().map(|p| T::from_f32(*p)));
-                    Mat::new(probs.as_ptr(), lk, 1)
-                };
-                let dst = (out_ptr as *mut T).wrapping_add(bi * lq * inner + r0 * inner + h * d);
-                let vm = Mat::new(v.head(bi, h, d, 0), v.sl, 1);
+                let dst = (out_ptr as *mut f32).wrapping_add(bi * lq * inner + r0 * inner + h * d);
+                let pm = Mat::new(scores.as_ptr(), lk, 1);
                 // SAFETY: each task writes its own rows r0..r0+n of head h's columns.
-                unsafe { matmul((n, d, lk), dst, inner, false, pm, vm, 1.0, gemm::Parallelism::None) };
+                unsafe { matmul((n, d, lk), dst, inner, false, pm, v.head(bi, h, d, 0), 1.0, gemm::Parallelism::None) };
             },
         );
         // SAFETY: the tasks cover every (image, head, row) of the output.
         let out = unsafe { assume_init(out) };
-        Ok((T::storage(out), Shape::from((b, lq, inner))))
+        Ok((output(out, dtype)?, Shape::from((b, lq, inner))))
     }
-}
-
-/// Rows `r0..r0 + n` of one head as an f32 operand: borrowed as they are for
-/// f32, converted for f16 so that the scores are computed in f32.
-enum Rows<T> {
-    Borrowed(Mat<T>),
-    Owned(Vec<f32>, usize),
-}
-
-impl<T: Elem> Rows<T> {
-    fn mat(&self) -> Mat<f32> {
-        match self {
-            Rows::Borrowed(m) => Mat { ptr: m.ptr as *const f32, rs: m.rs, cs: m.cs },
-            Rows::Owned(v, d) => Mat::new(v.as_ptr(), *d, 1),
-        }
-    }
-}
-
-fn to_f32_rows<T: Elem>(s: &Seq<'_, T>, b: usize, h: usize, d: usize, r0: usize, n: usize) -> Rows<T> {
-    if is_f32::<T>() {
-        return Rows::Borrowed(Mat::new(s.head(b, h, d, r0), s.sl, 1));
-    }
-    let base = b * s.sb + h * d;
-    let v = (r0..r0 + n).flat_map(|r| s.data[base + r * s.sl..][..d].iter().map(|x| x.to_f32())).collect();
-    Rows::Owned(v, d)
-}
-
-fn is_f32<T: Elem>() -> bool {
-    std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
 }
 
 impl CustomOp3 for AttentionOp {
@@ -222,6 +180,6 @@ impl CustomOp3 for AttentionOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        with_elem!(s1, T => self.run::<T>((s1, l1), (s2, l2), (s3, l3)))
+        self.run((s1, l1), (s2, l2), (s3, l3))
     }
 }

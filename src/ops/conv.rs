@@ -7,11 +7,16 @@
 //! and a residual are written into the output first and the GEMM adds to
 //! them, so none of them costs a pass of its own.
 
+use std::mem::MaybeUninit;
+
+use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::kernels::{assume_init, cpu_slice, matmul, threads, uninit, with_elem, with_weight, Elem, Mat};
+use super::kernels::{
+    assume_init, input_f32, is_f32, matmul, output, threads, uninit, weight_blocks, with_weight, Mat,
+};
 
 /// Upper bound on one chunk's column matrix: the VAE's full-resolution
 /// convolutions would otherwise need gigabytes.
@@ -63,7 +68,8 @@ impl Conv2d {
         if !x.device().is_cpu() {
             return self.reference(x, offset, residual);
         }
-        let x = if x.is_contiguous() || self.reads_in_place(x) { x.clone() } else { x.contiguous()? };
+        let in_place = x.dtype() == candle_core::DType::F32 && self.reads_in_place(x);
+        let x = if in_place { x.clone() } else { x.contiguous()? };
         let op = ConvOp { conv: self, offset: offset.is_some(), residual: residual.is_some() };
         let residual = residual.map(Tensor::contiguous).transpose()?;
         let offset = offset.map(Tensor::contiguous).transpose()?;
@@ -118,119 +124,116 @@ struct ConvOp<'a> {
 }
 
 impl ConvOp<'_> {
-    fn run<T: Elem>(&self, x: (&CpuStorage, &Layout), extra: &[(&CpuStorage, &Layout)]) -> Result<(CpuStorage, Shape)> {
+    fn run(&self, (xs, xl): (&CpuStorage, &Layout), extra: &[(&CpuStorage, &Layout)]) -> Result<(CpuStorage, Shape)> {
         let c = self.conv;
-        let (wdims, (xs, xl)) = (c.weight.dims4()?, x);
-        let (cout, cin, k, _) = wdims;
+        let (cout, cin, k, _) = c.weight.dims4()?;
         let &[b, xc, h, w] = xl.dims() else { bail!("conv2d: expected a 4-D input, got {:?}", xl.dims()) };
         if xc != cin {
             bail!("conv2d: input has {xc} channels, the weights expect {cin}");
         }
         let (ho, wo) = c.out_size(h, w)?;
         let p = ho * wo;
-        let offset = if self.offset { Some(extra_input::<T>(extra[0], b * cout, "offset")?) } else { None };
+        let offset = if self.offset { Some(extra_input(extra[0], b * cout, "offset")?) } else { None };
         let residual = if self.residual {
-            Some(extra_input::<T>(extra[self.offset as usize], b * cout * p, "residual")?)
+            Some(extra_input(extra[self.offset as usize], b * cout * p, "residual")?)
         } else {
             None
         };
-        let xdata = cpu_slice::<T>(xs, xl)?;
+        let xdata = input_f32(xs, xl)?;
         let st = xl.stride();
-        let mut out = uninit::<T>(b * cout * p);
-        let bias = c.bias.as_ref();
-        with_weight::<T, _>(&c.weight, |weight| {
-            let bias_vals: Vec<f32> = match bias {
-                Some(t) => with_weight::<T, _>(t, |v| Ok(v.iter().map(|x| x.to_f32()).collect()))?,
-                None => vec![0.0; cout],
-            };
-            let accumulate = bias.is_some() || offset.is_some() || residual.is_some();
-            let lhs = Mat::new(weight.as_ptr(), cin * k * k, 1);
-            for (bi, dst) in out.chunks_mut(cout * p).enumerate() {
-                if accumulate {
-                    dst.par_chunks_mut(p).enumerate().for_each(|(co, row)| {
-                        let add = bias_vals[co] + offset.map_or(0.0, |o| o[bi * cout + co].to_f32());
-                        match residual {
-                            Some(r) => {
-                                let r = &r[(bi * cout + co) * p..][..p];
-                                row.iter_mut().zip(r).for_each(|(d, r)| {
-                                    d.write(T::from_f32(r.to_f32() + add));
-                                });
-                            }
-                            None => row.iter_mut().for_each(|d| {
-                                d.write(T::from_f32(add));
-                            }),
-                        }
-                    });
+        let mut out = uninit::<f32>(b * cout * p);
+        let bias = c.bias.as_ref().map(|t| with_weight(t, |v| Ok(v.to_vec()))).transpose()?;
+        let accumulate = bias.is_some() || offset.is_some() || residual.is_some();
+        if accumulate {
+            let (bias, offset, residual) = (bias.as_deref(), offset.as_deref(), residual.as_deref());
+            out.par_chunks_mut(p).enumerate().for_each(|(i, row)| {
+                let (bi, co) = (i / cout, i % cout);
+                let add = bias.map_or(0.0, |b| b[co]) + offset.map_or(0.0, |o| o[bi * cout + co]);
+                match residual {
+                    Some(r) => row.iter_mut().zip(&r[i * p..][..p]).for_each(|(d, r)| {
+                        d.write(r + add);
+                    }),
+                    None => row.iter_mut().for_each(|d| {
+                        d.write(add);
+                    }),
                 }
-                let dst = dst.as_mut_ptr() as *mut T;
-                let xb = &xdata[bi * st[0]..];
-                if k == 1 && c.stride == 1 && c.padding == [0; 4] && st[2] == w * st[3] {
-                    // The input's pixels are one stride apart: read it in place.
-                    let rhs = Mat::new(xb.as_ptr(), st[1], st[3]);
-                    // SAFETY: the shapes and strides address `xb` and `dst` within bounds.
-                    unsafe { matmul((cout, p, cin), dst, p, accumulate, lhs, rhs, 1.0, threads()) };
-                    continue;
+            });
+        }
+        let out_ptr = out.as_mut_ptr() as *mut f32;
+        let dst = |bi: usize, y0: usize| out_ptr.wrapping_add(bi * cout * p + y0 * wo);
+        if k == 1 && c.stride == 1 && c.padding == [0; 4] && st[2] == w * st[3] && is_f32(xs) {
+            // The input's pixels are one stride apart: read it in place.
+            weight_blocks(&c.weight, |wb| {
+                for bi in 0..b {
+                    let lhs = Mat::new(wb.data.as_ptr(), wb.rs, 1);
+                    let rhs = Mat::new(xdata[bi * st[0] + wb.k0 * st[1]..].as_ptr(), st[1], st[3]);
+                    // SAFETY: the strides address the input and output within bounds.
+                    unsafe {
+                        matmul((cout, p, wb.k), dst(bi, 0), p, accumulate || wb.k0 > 0, lhs, rhs, 1.0, threads())
+                    };
                 }
-                if !xl.is_contiguous() {
-                    bail!("conv2d: a {k}×{k} convolution needs a contiguous input");
-                }
-                let kk = cin * k * k;
-                let rows = (COLUMN_BUDGET_BYTES / (kk * wo * std::mem::size_of::<T>())).clamp(1, ho);
-                let mut col = uninit::<T>(kk * rows * wo);
-                let mut y0 = 0;
-                while y0 < ho {
-                    let n = rows.min(ho - y0) * wo;
-                    let col = &mut col[..kk * n];
-                    col.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
-                        let (ci, ky, kx) = (r / (k * k), r / k % k, r % k);
-                        let plane = &xb[ci * h * w..][..h * w];
-                        im2col_row(
-                            plane,
-                            (h, w),
-                            wo,
-                            (y0, n / wo),
-                            (ky, kx),
-                            c.stride,
-                            (c.padding[0], c.padding[2]),
-                            row,
-                        );
-                    });
-                    let rhs = Mat::new(col.as_ptr() as *const T, n, 1);
-                    // SAFETY: `col` holds `kk × n` written elements; `dst` rows `y0..` are in bounds.
-                    unsafe { matmul((cout, n, kk), dst.add(y0 * wo), p, accumulate, lhs, rhs, 1.0, threads()) };
-                    y0 += n / wo;
-                }
+                Ok(())
+            })?;
+        } else {
+            if !xl.is_contiguous() {
+                bail!("conv2d: a {k}×{k} convolution needs a contiguous input");
             }
-            Ok(())
-        })?;
+            // Column matrices of all images for a chunk of output rows, so
+            // that each weight block serves every image while in cache.
+            let kk = cin * k * k;
+            let rows = (COLUMN_BUDGET_BYTES / (b * kk * wo * 4)).clamp(1, ho);
+            let mut col = uninit::<f32>(b * kk * rows * wo);
+            let mut y0 = 0;
+            while y0 < ho {
+                let n = rows.min(ho - y0) * wo;
+                let col = &mut col[..b * kk * n];
+                col.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
+                    let (bi, ci, ky, kx) = (r / kk, r % kk / (k * k), r / k % k, r % k);
+                    let plane = &xdata[bi * st[0] + ci * h * w..][..h * w];
+                    im2col_row(plane, (h, w), wo, (y0, n / wo), (ky, kx), c.stride, (c.padding[0], c.padding[2]), row);
+                });
+                let col = col.as_ptr() as *const f32;
+                weight_blocks(&c.weight, |wb| {
+                    for bi in 0..b {
+                        let lhs = Mat::new(wb.data.as_ptr(), wb.rs, 1);
+                        let rhs = Mat::new(col.wrapping_add((bi * kk + wb.k0) * n), n, 1);
+                        let acc = accumulate || wb.k0 > 0;
+                        // SAFETY: `col` holds this chunk's written columns; `dst` rows `y0..` are in bounds.
+                        unsafe { matmul((cout, n, wb.k), dst(bi, y0), p, acc, lhs, rhs, 1.0, threads()) };
+                    }
+                    Ok(())
+                })?;
+                y0 += n / wo;
+            }
+        }
         // SAFETY: every output element was written, by the initial value or the GEMM (`accumulate == false`).
         let out = unsafe { assume_init(out) };
-        Ok((T::storage(out), Shape::from((b, cout, ho, wo))))
+        Ok((output(out, xs.dtype())?, Shape::from((b, cout, ho, wo))))
     }
 }
 
-/// A contiguous extra input of `len` elements.
-fn extra_input<'a, T: Elem>((s, l): (&'a CpuStorage, &Layout), len: usize, what: &str) -> Result<&'a [T]> {
+/// A contiguous extra input of `len` elements, as f32.
+fn extra_input<'a>((s, l): (&'a CpuStorage, &Layout), len: usize, what: &str) -> Result<std::borrow::Cow<'a, [f32]>> {
     if l.shape().elem_count() != len || !l.is_contiguous() {
         bail!("conv2d: {what} of shape {:?} does not match the output", l.dims());
     }
-    Ok(&cpu_slice(s, l)?[..len])
+    input_f32(s, l)
 }
 
 /// One row of the column matrix: input channel plane `plane` shifted by
 /// kernel tap `(ky, kx)`, for output rows `y0..y0 + rows`, zero outside the image.
 #[allow(clippy::too_many_arguments)]
-fn im2col_row<T: Elem>(
-    plane: &[T],
+fn im2col_row(
+    plane: &[f32],
     (h, w): (usize, usize),
     wo: usize,
     (y0, rows): (usize, usize),
     (ky, kx): (usize, usize),
     stride: usize,
     (pt, pl): (usize, usize),
-    row: &mut [std::mem::MaybeUninit<T>],
+    row: &mut [MaybeUninit<f32>],
 ) {
-    let zero = T::from_f32(0.0);
+    let zero = 0.0;
     for (oy, dst) in (y0..y0 + rows).zip(row.chunks_mut(wo)) {
         let iy = (oy * stride + ky).wrapping_sub(pt);
         if iy >= h {
@@ -267,7 +270,7 @@ impl CustomOp1 for ConvOp<'_> {
         "sdgen-conv2d"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        with_elem!(s, T => self.run::<T>((s, l), &[]))
+        self.run((s, l), &[])
     }
 }
 
@@ -276,7 +279,7 @@ impl CustomOp2 for ConvOp<'_> {
         "sdgen-conv2d"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        with_elem!(s, T => self.run::<T>((s, l), &[(s2, l2)]))
+        self.run((s, l), &[(s2, l2)])
     }
 }
 
@@ -294,6 +297,6 @@ impl CustomOp3 for ConvOp<'_> {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        with_elem!(s, T => self.run::<T>((s, l), &[(s2, l2), (s3, l3)]))
+        self.run((s, l), &[(s2, l2), (s3, l3)])
     }
 }

@@ -1,98 +1,185 @@
-//! What the fused ops share: the element types they run in, output buffers
-//! without a zeroing pass, the GEMM call with strides, and a vectorisable exp.
+//! What the fused ops share: f32 views of f32 or f16 inputs and weights,
+//! output buffers without a zeroing pass, the GEMM call with strides, and
+//! vectorisable element loops (exp, softmax, GroupNorm's affine + SiLU).
 
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor};
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor};
 use half::f16;
+use rayon::prelude::*;
 
-/// An element type of the CPU forwards: f32, or f16 computed through f32 in
-/// everything but the GEMM (which `gemm` runs in f16 storage).
-pub trait Elem: Copy + Send + Sync + 'static {
-    fn to_f32(self) -> f32;
-    fn from_f32(v: f32) -> Self;
-    fn slice(s: &CpuStorage) -> Result<&[Self]>;
-    fn storage(v: Vec<Self>) -> CpuStorage;
-}
-
-impl Elem for f32 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn from_f32(v: f32) -> Self {
-        v
-    }
-    fn slice(s: &CpuStorage) -> Result<&[Self]> {
-        match s {
-            CpuStorage::F32(v) => Ok(v),
-            other => bail!("expected f32 storage, got {:?}", BackendStorage::dtype(other)),
-        }
-    }
-    fn storage(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F32(v)
+/// A CPU op's input as f32 values from its layout's start offset: f32
+/// storage is borrowed whatever its strides; f16 storage (contiguous layouts
+/// only, see [`for_cpu`]) is converted, so that every kernel computes in f32.
+pub fn input_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [f32]>> {
+    match s {
+        CpuStorage::F32(v) => Ok(Cow::Borrowed(&v[l.start_offset()..])),
+        CpuStorage::F16(v) => match l.contiguous_offsets() {
+            Some((a, b)) => Ok(Cow::Owned(f16_to_f32(&v[a..b]))),
+            None => bail!("fused op: a strided f16 input"),
+        },
+        other => bail!("fused ops run in f32 or f16, not {:?}", other.dtype()),
     }
 }
 
-impl Elem for f16 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-    #[inline(always)]
-    fn from_f32(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-    fn slice(s: &CpuStorage) -> Result<&[Self]> {
-        match s {
-            CpuStorage::F16(v) => Ok(v),
-            other => bail!("expected f16 storage, got {:?}", BackendStorage::dtype(other)),
-        }
-    }
-    fn storage(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F16(v)
+pub fn is_f32(s: &CpuStorage) -> bool {
+    matches!(s, CpuStorage::F32(_))
+}
+
+/// A tensor as a CPU op takes it: f32 as it is (the ops read strides), f16
+/// contiguous (converted to f32 in one pass).
+pub fn for_cpu(t: &Tensor) -> Result<Tensor> {
+    if t.dtype() == DType::F32 || t.is_contiguous() {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
     }
 }
 
-/// Runs `$body` with `$t` bound to the element type of `$storage`.
-macro_rules! with_elem {
-    ($storage:expr, $t:ident => $body:expr) => {
-        match $storage {
-            candle_core::CpuStorage::F32(_) => {
-                type $t = f32;
-                $body
-            }
-            candle_core::CpuStorage::F16(_) => {
-                type $t = half::f16;
-                $body
-            }
-            other => candle_core::bail!(
-                "fused ops run in f32 or f16, not {:?}",
-                candle_core::backend::BackendStorage::dtype(other)
-            ),
-        }
-    };
-}
-pub(crate) use with_elem;
-
-/// The elements of a CPU tensor's storage from its layout's start offset.
-pub fn cpu_slice<'a, T: Elem>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
-    Ok(&T::slice(storage)?[layout.start_offset()..])
+/// An op's f32 result stored in `dtype` (its input's).
+pub fn output(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
+    match dtype {
+        DType::F32 => Ok(CpuStorage::F32(v)),
+        DType::F16 => Ok(CpuStorage::F16(f32_to_f16(&v))),
+        other => bail!("fused ops run in f32 or f16, not {other:?}"),
+    }
 }
 
-/// Runs `f` over a weight tensor's CPU elements (contiguous, as loaded).
-pub fn with_weight<T: Elem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+/// Runs `f` over a small parameter's values (a bias, a norm's scale) as f32:
+/// borrowed when stored in f32, converted when stored in f16.
+pub fn with_weight<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else { bail!("fused op weight is not on the CPU") };
     let Some((start, end)) = layout.contiguous_offsets() else { bail!("fused op weight is not contiguous") };
-    f(&T::slice(cpu)?[start..end])
+    match cpu {
+        CpuStorage::F32(v) => f(&v[start..end]),
+        CpuStorage::F16(v) => f(&f16_to_f32(&v[start..end])),
+        other => bail!("fused op weights in f32 or f16, not {:?}", other.dtype()),
+    }
+}
+
+/// Columns of an f16 weight widened per GEMM: a block of up to 1280 rows
+/// stays in L2 between its conversion and its use.
+const WEIGHT_BLOCK_COLS: usize = 256;
+
+/// Columns `k0 .. k0 + k` of a weight matrix `(rows, K)` as f32, rows `rs` apart.
+pub struct WeightBlock<'a> {
+    pub k0: usize,
+    pub k: usize,
+    pub data: &'a [f32],
+    pub rs: usize,
+}
+
+/// Runs `f` over a weight tensor, seen as the matrix `(dim 0, the rest)`, in
+/// f32 column blocks: the whole stored matrix when it is f32; blocks widened
+/// one at a time when it is f16, so that f16 weights cost their own memory
+/// traffic only and the GEMM still runs in f32.
+pub fn weight_blocks(t: &Tensor, mut f: impl FnMut(WeightBlock) -> Result<()>) -> Result<()> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else { bail!("fused op weight is not on the CPU") };
+    let Some((start, end)) = layout.contiguous_offsets() else { bail!("fused op weight is not contiguous") };
+    let rows = t.dim(0)?;
+    let cols = (end - start) / rows;
+    match cpu {
+        CpuStorage::F32(v) => f(WeightBlock { k0: 0, k: cols, data: &v[start..end], rs: cols }),
+        CpuStorage::F16(v) => {
+            let v = &v[start..end];
+            let mut buf = uninit::<f32>(rows * WEIGHT_BLOCK_COLS.min(cols));
+            for k0 in (0..cols).step_by(WEIGHT_BLOCK_COLS) {
+                let k = WEIGHT_BLOCK_COLS.min(cols - k0);
+                let block = &mut buf[..rows * k];
+                block.par_chunks_mut(k).enumerate().for_each(|(r, d)| widen(&v[r * cols + k0..][..k], d));
+                // SAFETY: `widen` wrote all `rows × k` elements.
+                let data = unsafe { std::slice::from_raw_parts(block.as_ptr() as *const f32, rows * k) };
+                f(WeightBlock { k0, k, data, rs: k })?;
+            }
+            Ok(())
+        }
+        other => bail!("fused op weights in f32 or f16, not {:?}", other.dtype()),
+    }
+}
+
+/// Conversion chunk: large enough to amortise a task, small enough to split.
+const CONVERT_CHUNK: usize = 1 << 16;
+
+fn f16_to_f32(src: &[f16]) -> Vec<f32> {
+    let mut out = uninit(src.len());
+    out.par_chunks_mut(CONVERT_CHUNK).zip(src.par_chunks(CONVERT_CHUNK)).for_each(|(d, s)| widen(s, d));
+    // SAFETY: `widen` wrote every element.
+    unsafe { assume_init(out) }
+}
+
+fn f32_to_f16(src: &[f32]) -> Vec<f16> {
+    let mut out = uninit(src.len());
+    out.par_chunks_mut(CONVERT_CHUNK).zip(src.par_chunks(CONVERT_CHUNK)).for_each(|(d, s)| narrow(s, d));
+    // SAFETY: `narrow` wrote every element.
+    unsafe { assume_init(out) }
+}
+
+/// f16 → f32 with the CPU's conversion instructions where it has them.
+fn widen(src: &[f16], dst: &mut [MaybeUninit<f32>]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the features were detected at run time.
+        return unsafe { widen_f16c(src, dst) };
+    }
+    dst.iter_mut().zip(src).for_each(|(d, s)| {
+        d.write(s.to_f32());
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn widen_f16c(src: &[f16], dst: &mut [MaybeUninit<f32>]) {
+    use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
+    let tail = src.len() - src.len() % 8;
+    let (src8, dst8) = (src.chunks_exact(8), dst.chunks_exact_mut(8));
+    for (s, d) in src8.zip(dst8) {
+        // SAFETY: 8 f16 values are read and 8 f32 values written, in bounds.
+        unsafe {
+            _mm256_storeu_ps(d.as_mut_ptr() as *mut f32, _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr() as *const __m128i)))
+        };
+    }
+    dst[tail..].iter_mut().zip(&src[tail..]).for_each(|(d, s)| {
+        d.write(s.to_f32());
+    });
+}
+
+/// f32 → f16 (round to nearest even), with the CPU's conversion instructions where it has them.
+fn narrow(src: &[f32], dst: &mut [MaybeUninit<f16>]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the features were detected at run time.
+        return unsafe { narrow_f16c(src, dst) };
+    }
+    dst.iter_mut().zip(src).for_each(|(d, s)| {
+        d.write(f16::from_f32(*s));
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn narrow_f16c(src: &[f32], dst: &mut [MaybeUninit<f16>]) {
+    use std::arch::x86_64::{__m128i, _mm256_cvtps_ph, _mm256_loadu_ps, _mm_storeu_si128, _MM_FROUND_TO_NEAREST_INT};
+    let tail = src.len() - src.len() % 8;
+    let (src8, dst8) = (src.chunks_exact(8), dst.chunks_exact_mut(8));
+    for (s, d) in src8.zip(dst8) {
+        // SAFETY: 8 f32 values are read and 8 f16 values written, in bounds.
+        unsafe {
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(s.as_ptr()));
+            _mm_storeu_si128(d.as_mut_ptr() as *mut __m128i, h)
+        };
+    }
+    dst[tail..].iter_mut().zip(&src[tail..]).for_each(|(d, s)| {
+        d.write(f16::from_f32(*s));
+    });
 }
 
 /// A buffer every element of which the caller writes before reading: no
 /// zeroing pass over memory that the next instruction overwrites.
-pub fn uninit<T: Elem>(len: usize) -> Vec<MaybeUninit<T>> {
+pub fn uninit<T: Copy>(len: usize) -> Vec<MaybeUninit<T>> {
     let mut v = Vec::with_capacity(len);
     // SAFETY: MaybeUninit needs no initialisation.
     unsafe { v.set_len(len) };
@@ -101,7 +188,7 @@ pub fn uninit<T: Elem>(len: usize) -> Vec<MaybeUninit<T>> {
 
 /// # Safety
 /// Every element of `v` has been written.
-pub unsafe fn assume_init<T: Elem>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
+pub unsafe fn assume_init<T: Copy>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
     let mut v = std::mem::ManuallyDrop::new(v);
     // SAFETY: MaybeUninit<T> has T's layout; the caller wrote every element.
     unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut T, v.len(), v.capacity()) }
@@ -109,14 +196,14 @@ pub unsafe fn assume_init<T: Elem>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
 
 /// A matrix operand: a pointer and its row and column strides, in elements.
 #[derive(Clone, Copy)]
-pub struct Mat<T> {
-    pub ptr: *const T,
+pub struct Mat {
+    pub ptr: *const f32,
     pub rs: isize,
     pub cs: isize,
 }
 
-impl<T> Mat<T> {
-    pub fn new(ptr: *const T, rs: usize, cs: usize) -> Self {
+impl Mat {
+    pub fn new(ptr: *const f32, rs: usize, cs: usize) -> Self {
         Self { ptr, rs: rs as isize, cs: cs as isize }
     }
 }
@@ -137,13 +224,13 @@ pub fn threads() -> gemm::Parallelism {
 /// The operands must address valid memory for their shapes and strides, and
 /// `dst` must not overlap them.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn matmul<T: Elem>(
+pub unsafe fn matmul(
     (m, n, k): (usize, usize, usize),
-    dst: *mut T,
+    dst: *mut f32,
     dst_rs: usize,
     accumulate: bool,
-    lhs: Mat<T>,
-    rhs: Mat<T>,
+    lhs: Mat,
+    rhs: Mat,
     scale: f32,
     parallelism: gemm::Parallelism,
 ) {
@@ -163,8 +250,8 @@ pub unsafe fn matmul<T: Elem>(
             rhs.ptr,
             rhs.cs,
             rhs.rs,
-            T::from_f32(1.0),
-            T::from_f32(scale),
+            1.0,
+            scale,
             false,
             false,
             false,
@@ -258,15 +345,15 @@ multiversion! {
 
 multiversion! {
     /// `dst = a·src + b`, then SiLU if `silu`: one channel of a GroupNorm.
-    pub fn scale_shift<T: Elem>(dst: &mut [MaybeUninit<T>], src: &[T], a: f32, b: f32, silu: bool) {
+    pub fn scale_shift(dst: &mut [MaybeUninit<f32>], src: &[f32], a: f32, b: f32, silu: bool) {
         if silu {
             for (d, s) in dst.iter_mut().zip(src) {
-                let y = s.to_f32().mul_add(a, b);
-                d.write(T::from_f32(y / (1.0 + exp(-y))));
+                let y = s.mul_add(a, b);
+                d.write(y / (1.0 + exp(-y)));
             }
         } else {
             for (d, s) in dst.iter_mut().zip(src) {
-                d.write(T::from_f32(s.to_f32().mul_add(a, b)));
+                d.write(s.mul_add(a, b));
             }
         }
     }

@@ -3,11 +3,14 @@
 //! sequence without a copy) and `W` transposed in place, with the bias and
 //! residual as the GEMM's initial value.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::kernels::{assume_init, cpu_slice, matmul, threads, uninit, with_elem, with_weight, Elem, Mat};
+use super::kernels::{
+    assume_init, for_cpu, input_f32, matmul, output, threads, uninit, weight_blocks, with_weight, Mat,
+};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -34,7 +37,7 @@ impl Linear {
         if !x.device().is_cpu() {
             return self.reference(x, None);
         }
-        x.apply_op1_no_bwd(&LinearOp { linear: self })
+        for_cpu(x)?.apply_op1_no_bwd(&LinearOp { linear: self })
     }
 
     /// `linear(x) + residual`.
@@ -42,7 +45,7 @@ impl Linear {
         if !x.device().is_cpu() {
             return self.reference(x, Some(residual));
         }
-        x.apply_op2_no_bwd(&residual.contiguous()?, &LinearOp { linear: self })
+        for_cpu(x)?.apply_op2_no_bwd(&residual.contiguous()?, &LinearOp { linear: self })
     }
 
     /// The unfused composition: other devices' path and the CPU op's reference in tests.
@@ -67,11 +70,7 @@ struct LinearOp<'a> {
 }
 
 impl LinearOp<'_> {
-    fn run<T: Elem>(
-        &self,
-        x: (&CpuStorage, &Layout),
-        residual: Option<(&CpuStorage, &Layout)>,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn run(&self, x: (&CpuStorage, &Layout), residual: Option<(&CpuStorage, &Layout)>) -> Result<(CpuStorage, Shape)> {
         let (xs, xl) = x;
         let (cout, cin) = self.linear.weight.dims2()?;
         let (dims, st) = (xl.dims(), xl.stride());
@@ -83,40 +82,42 @@ impl LinearOp<'_> {
         };
         // One GEMM over all rows when the batches are stacked rows.
         let (b, l, sb) = if b > 1 && sb == l * sl { (1, b * l, 0) } else { (b, l, sb) };
-        let x = cpu_slice::<T>(xs, xl)?;
+        let x = input_f32(xs, xl)?;
         let residual = match residual {
             Some((s, rl)) => {
                 if rl.shape().elem_count() != b * l * cout || !rl.is_contiguous() {
                     bail!("linear: residual {:?} does not match the output", rl.dims());
                 }
-                Some(&cpu_slice::<T>(s, rl)?[..b * l * cout])
+                Some(input_f32(s, rl)?)
             }
             None => None,
         };
-        let mut out = uninit::<T>(b * l * cout);
+        let mut out = uninit::<f32>(b * l * cout);
         let accumulate = self.linear.bias.is_some() || residual.is_some();
         if accumulate {
             let bias: Vec<f32> = match &self.linear.bias {
-                Some(t) => with_weight::<T, _>(t, |v| Ok(v.iter().map(|x| x.to_f32()).collect()))?,
+                Some(t) => with_weight(t, |v| Ok(v.to_vec()))?,
                 None => vec![0.0; cout],
             };
-            out.par_chunks_mut(cout).enumerate().for_each(|(r, row)| match residual {
+            out.par_chunks_mut(cout).enumerate().for_each(|(r, row)| match residual.as_deref() {
                 Some(res) => row.iter_mut().zip(&res[r * cout..]).zip(&bias).for_each(|((d, r), b)| {
-                    d.write(T::from_f32(r.to_f32() + b));
+                    d.write(r + b);
                 }),
                 None => row.iter_mut().zip(&bias).for_each(|(d, b)| {
-                    d.write(T::from_f32(*b));
+                    d.write(*b);
                 }),
             });
         }
-        with_weight::<T, _>(&self.linear.weight, |w| {
-            // Wᵀ as the right operand: element (i, o) is w[o·cin + i].
-            let rhs = Mat::new(w.as_ptr(), 1, cin);
+        let out_ptr = out.as_mut_ptr() as *mut f32;
+        weight_blocks(&self.linear.weight, |wb| {
+            // Wᵀ as the right operand: element (i, o) is w[o·K + i].
+            let rhs = Mat::new(wb.data.as_ptr(), 1, wb.rs);
             for bi in 0..b {
-                let lhs = Mat::new(x[bi * sb..].as_ptr(), sl, sc);
-                let dst = out[bi * l * cout..].as_mut_ptr() as *mut T;
+                let lhs = Mat::new(x[bi * sb + wb.k0 * sc..].as_ptr(), sl, sc);
+                let dst = out_ptr.wrapping_add(bi * l * cout);
+                let acc = accumulate || wb.k0 > 0;
                 // SAFETY: the strides come from the input's layout; `dst` holds `l × cout` elements.
-                unsafe { matmul((l, cout, cin), dst, cout, accumulate, lhs, rhs, 1.0, threads()) };
+                unsafe { matmul((l, cout, wb.k), dst, cout, acc, lhs, rhs, 1.0, threads()) };
             }
             Ok(())
         })?;
@@ -124,7 +125,7 @@ impl LinearOp<'_> {
         let out = unsafe { assume_init(out) };
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("rank ≥ 2") = cout;
-        Ok((T::storage(out), Shape::from(shape)))
+        Ok((output(out, xs.dtype())?, Shape::from(shape)))
     }
 }
 
@@ -133,7 +134,7 @@ impl CustomOp1 for LinearOp<'_> {
         "sdgen-linear"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        with_elem!(s, T => self.run::<T>((s, l), None))
+        self.run((s, l), None)
     }
 }
 
@@ -142,6 +143,6 @@ impl CustomOp2 for LinearOp<'_> {
         "sdgen-linear"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        with_elem!(s, T => self.run::<T>((s, l), Some((s2, l2))))
+        self.run((s, l), Some((s2, l2)))
     }
 }

@@ -2,11 +2,12 @@
 //! head's pre-activation), in one pass per group after its statistics, with
 //! the groups of all images in parallel.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::kernels::{assume_init, cpu_slice, scale_shift, uninit, with_elem, with_weight, Elem};
+use super::kernels::{assume_init, input_f32, output, scale_shift, uninit, with_weight};
 
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
@@ -66,7 +67,7 @@ struct NormOp<'a> {
 }
 
 impl NormOp<'_> {
-    fn run<T: Elem>(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn run(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let dims = l.dims();
         if dims.len() < 2 {
             bail!("GroupNorm: expected (B, C, …), got {dims:?}");
@@ -75,19 +76,20 @@ impl NormOp<'_> {
         if c != self.norm.weight.dim(0)? {
             bail!("GroupNorm: input has {c} channels, the weights {}", self.norm.weight.dim(0)?);
         }
-        let x = &cpu_slice::<T>(s, l)?[..l.shape().elem_count()];
+        let x = input_f32(s, l)?;
+        let x = &x[..l.shape().elem_count()];
         let spatial: usize = dims[2..].iter().product();
         let per_group = c / groups * spatial;
-        let weight: Vec<f32> = with_weight::<T, _>(&self.norm.weight, |v| Ok(v.iter().map(|x| x.to_f32()).collect()))?;
-        let bias: Vec<f32> = with_weight::<T, _>(&self.norm.bias, |v| Ok(v.iter().map(|x| x.to_f32()).collect()))?;
-        let mut out = uninit::<T>(x.len());
+        let weight = with_weight(&self.norm.weight, |v| Ok(v.to_vec()))?;
+        let bias = with_weight(&self.norm.bias, |v| Ok(v.to_vec()))?;
+        let mut out = uninit::<f32>(x.len());
         let (eps, silu) = (self.norm.eps, self.silu);
         out.par_chunks_mut(per_group.max(1)).zip(x.par_chunks(per_group.max(1))).enumerate().for_each(
             |(i, (dst, src))| {
                 // Two passes in f64 over the group: the mean, then the centred variance.
                 let n = src.len() as f64;
-                let mean = src.iter().map(|v| v.to_f32() as f64).sum::<f64>() / n;
-                let var = src.iter().map(|v| (v.to_f32() as f64 - mean).powi(2)).sum::<f64>() / n;
+                let mean = src.iter().map(|&v| v as f64).sum::<f64>() / n;
+                let var = src.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
                 let rstd = 1.0 / (var + eps).sqrt();
                 let first = i % groups * (c / groups);
                 for (j, (d, s)) in dst.chunks_mut(spatial).zip(src.chunks(spatial)).enumerate() {
@@ -99,7 +101,7 @@ impl NormOp<'_> {
         );
         // SAFETY: the groups cover the whole output and every element was written.
         let out = unsafe { assume_init(out) };
-        Ok((T::storage(out), l.shape().clone()))
+        Ok((output(out, s.dtype())?, l.shape().clone()))
     }
 }
 
@@ -108,6 +110,6 @@ impl CustomOp1 for NormOp<'_> {
         "sdgen-group-norm"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        with_elem!(s, T => self.run::<T>(s, l))
+        self.run(s, l)
     }
 }
