@@ -12,14 +12,18 @@ and sdgen for the same seed). sd.cpp keeps every convolution kernel in f16
 whatever wtype says (its Conv2d blocks are f16, and its CPU matmul then rounds
 the im2col'd activations to f16): wtype f32 applies to the linear layers,
 attention and norms; its parameter memory is 2.7 GB, not the 4.3 GB of an
-all-f32 SD 1.5.
+all-f32 SD 1.5. Its schedule equals diffusers' linspace one from 2 steps on;
+with 1 step diffusers (and sdgen) take their only step at t=0, sd.cpp at
+t=999, so the images differ.
 
 Where the figures come from:
   load_s         wall time of StableDiffusion(...) (reading + f16 → f32 conversion)
   text_encode_s  sd.cpp's "get_learned_condition completed, taking Xs" (prompt and negative)
-  unet_steps_s   per step, the seconds sd.cpp passes to its progress callback (one denoiser
-                 call: both CFG passes); if that callback never fires, "sampling completed,
-                 taking Xs" divided equally over the steps ("steps_from": "sampling_total")
+  unet_steps_s   per step (one denoiser call: both CFG passes), from sd.cpp's progress callback,
+                 which gets step k and the mean seconds per step of steps 1..k: step k took
+                 k·mean_k - (k-1)·mean_(k-1). If the callback does not report every step,
+                 "sampling completed, taking Xs" divided equally over the steps
+                 ("steps_from": "sampling_total")
   vae_decode_s   sd.cpp's "decode_first_stage completed, taking Xs"
   total_s        wall time from before the load to after the PNG is written
 sd.cpp prints its times with 2 decimals (10 ms resolution).
@@ -72,11 +76,11 @@ def on_log(level, text, data):
 # Replaces the binding's own callback (set when it is imported), which prints to stderr.
 sdcpp.sd_set_log_callback(on_log, ctypes.c_void_p(0))
 
-steps = []  # (step, seconds) from the progress callback
+means = {}  # step → mean seconds per step so far, from the progress callback
 
 
-def on_progress(step, total, seconds):
-    steps.append((step, seconds))
+def on_progress(step, total, mean):
+    means[abs(step)] = mean
 
 
 sd = StableDiffusion(model_path=str(model), n_threads=a.threads, wtype=a.wtype, rng_type=a.rng,
@@ -113,11 +117,11 @@ def taking(pattern, lines):
 
 run = log[loaded_at:]
 sampling = taking("sampling completed", run)
-# Step callbacks of the sampler: 1..steps with the step's seconds (sd.cpp may also
-# report step 0 with 0 s when sampling starts).
-per_step = [s for i, s in steps if 1 <= i <= a.steps]
+# The sampler reports step 0 when it starts, then each step k with the mean of 1..k.
 steps_from = "progress_callback"
-if len(per_step) != a.steps:
+if all(k in means for k in range(1, a.steps + 1)):
+    per_step = [k * means[k] - (k - 1) * means.get(k - 1, 0.0) for k in range(1, a.steps + 1)]
+else:
     # Only a total is known: share it equally.
     per_step, steps_from = [sampling / a.steps] * a.steps, "sampling_total"
 if a.log:

@@ -252,7 +252,13 @@ mod tests {
             let img = m.vae.decode(&x).unwrap();
             [eps, img].map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
         };
-        assert_eq!(out(&model), out(&single));
+        let [eps, img] = out(&model);
+        assert_eq!([eps.clone(), img.clone()], out(&single));
+        // Layers follow their init hints: nothing is left at zero.
+        for values in [eps, img] {
+            let mean = values.iter().sum::<f32>() / values.len() as f32;
+            assert!(values.iter().any(|v| (v - mean).abs() > 1e-3), "a constant output: weights left at zero");
+        }
         assert!(write_with(&a, 7, cfgs).is_err(), "an existing folder is not overwritten");
         assert!(write("sdxl", &dir.path().join("x"), 0).is_err());
     }

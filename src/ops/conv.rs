@@ -36,15 +36,15 @@ impl Conv2d {
     /// A `k×k` convolution with `padding` on every side, weights
     /// `(cout, cin, k, k)` and a bias, as diffusers' `nn.Conv2d`.
     pub fn new(cin: usize, cout: usize, k: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get((cout, cin, k, k), "weight")?;
-        let bias = Some(vb.get(cout, "bias")?);
+        let weight = super::weight(&vb, (cout, cin, k, k))?;
+        let bias = Some(super::bias(&vb, cin, cout)?);
         Ok(Self { weight, bias, kernel: k, stride, padding: [padding; 4] })
     }
 
     /// A 1×1 convolution stored as a linear layer's `(cout, cin)` weights.
     pub fn from_linear(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get((cout, cin), "weight")?.reshape((cout, cin, 1, 1))?;
-        let bias = Some(vb.get(cout, "bias")?);
+        let weight = super::weight(&vb, (cout, cin))?.reshape((cout, cin, 1, 1))?;
+        let bias = Some(super::bias(&vb, cin, cout)?);
         Ok(Self { weight, bias, kernel: 1, stride: 1, padding: [0; 4] })
     }
 

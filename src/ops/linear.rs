@@ -20,17 +20,17 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get((cout, cin), "weight")?, bias: Some(vb.get(cout, "bias")?) })
+        Ok(Self { weight: super::weight(&vb, (cout, cin))?, bias: Some(super::bias(&vb, cin, cout)?) })
     }
 
     pub fn no_bias(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get((cout, cin), "weight")?, bias: None })
+        Ok(Self { weight: super::weight(&vb, (cout, cin))?, bias: None })
     }
 
     /// A 1×1 convolution's `(cout, cin, 1, 1)` weights as a linear layer.
     pub fn from_conv1x1(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get((cout, cin, 1, 1), "weight")?.reshape((cout, cin))?;
-        Ok(Self { weight, bias: Some(vb.get(cout, "bias")?) })
+        let weight = super::weight(&vb, (cout, cin, 1, 1))?.reshape((cout, cin))?;
+        Ok(Self { weight, bias: Some(super::bias(&vb, cin, cout)?) })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -21,6 +21,19 @@ pub use conv::Conv2d;
 pub use linear::Linear;
 pub use norm::GroupNorm;
 
+/// A layer's weight, with the init hint candle-nn's layers give (random
+/// models follow it): a fan-in-scaled normal.
+fn weight(vb: &candle_nn::VarBuilder, shape: impl Into<candle_core::Shape>) -> candle_core::Result<candle_core::Tensor> {
+    vb.get_with_hints(shape, "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)
+}
+
+/// A layer's bias over `cout` outputs from `cin` inputs, with candle-nn's
+/// init hint: uniform within ±1/√cin.
+fn bias(vb: &candle_nn::VarBuilder, cin: usize, cout: usize) -> candle_core::Result<candle_core::Tensor> {
+    let bound = 1.0 / (cin as f64).sqrt();
+    vb.get_with_hints(cout, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })
+}
+
 /// Keeps large freed buffers in the process instead of returning them to the
 /// kernel, so that the next step's activations reuse mapped pages rather than
 /// fault in fresh zeroed ones (glibc maps every allocation above its

@@ -22,7 +22,10 @@ impl GroupNorm {
         if groups == 0 || !channels.is_multiple_of(groups) {
             bail!("GroupNorm: {channels} channels do not split into {groups} groups");
         }
-        Ok(Self { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, groups, eps })
+        // candle-nn's init hints (random models follow them): unit scale, zero shift.
+        let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?;
+        let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?;
+        Ok(Self { weight, bias, groups, eps })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
