@@ -159,8 +159,9 @@ impl ConvOp<'_> {
                 }
             });
         }
-        let out_ptr = out.as_mut_ptr() as *mut f32;
-        let dst = |bi: usize, y0: usize| out_ptr.wrapping_add(bi * cout * p + y0 * wo);
+        // An address, not a pointer, so that parallel tasks may share it.
+        let out_ptr = out.as_mut_ptr() as usize;
+        let dst = |bi: usize, y0: usize| (out_ptr as *mut f32).wrapping_add(bi * cout * p + y0 * wo);
         if k == 1 && c.stride == 1 && c.padding == [0; 4] && st[2] == w * st[3] && is_f32(xs) {
             // The input's pixels are one stride apart: read it in place.
             weight_blocks(&c.weight, |wb| {
@@ -178,31 +179,59 @@ impl ConvOp<'_> {
             if !xl.is_contiguous() {
                 bail!("conv2d: a {k}×{k} convolution needs a contiguous input");
             }
-            // Column matrices of all images for a chunk of output rows, so
-            // that each weight block serves every image while in cache.
+            // One column matrix `(cin·k², b·n)` holds every image's columns
+            // for a chunk of `n` output pixels side by side, so that one GEMM
+            // serves the whole batch and its weights are read once; with
+            // several images that GEMM writes `(cout, b·n)` to a scratch
+            // whose rows are then moved into each image's output.
             let kk = cin * k * k;
             let rows = (COLUMN_BUDGET_BYTES / (b * kk * wo * 4)).clamp(1, ho);
-            let mut col = uninit::<f32>(b * kk * rows * wo);
+            let mut col = uninit::<f32>(kk * b * rows * wo);
+            let mut scratch = uninit::<f32>(if b > 1 { cout * b * rows * wo } else { 0 });
+            let scratch_ptr = scratch.as_mut_ptr() as usize;
             let mut y0 = 0;
             while y0 < ho {
                 let n = rows.min(ho - y0) * wo;
-                let col = &mut col[..b * kk * n];
-                col.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
-                    let (bi, ci, ky, kx) = (r / kk, r % kk / (k * k), r / k % k, r % k);
+                let bn = b * n;
+                let col = &mut col[..kk * bn];
+                col.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+                    let (r, bi) = (i / b, i % b);
+                    let (ci, ky, kx) = (r / (k * k), r / k % k, r % k);
                     let plane = &xdata[bi * st[0] + ci * h * w..][..h * w];
                     im2col_row(plane, (h, w), wo, (y0, n / wo), (ky, kx), c.stride, (c.padding[0], c.padding[2]), row);
                 });
+                // Moves image rows between the output and the scratch (`gather`: into the scratch).
+                let shuffle = |gather: bool| {
+                    (0..cout).into_par_iter().for_each(|co| {
+                        for bi in 0..b {
+                            let o = dst(bi, y0).wrapping_add(co * p);
+                            let s = (scratch_ptr as *mut f32).wrapping_add(co * bn + bi * n);
+                            let (from, to) = if gather { (o, s) } else { (s, o) };
+                            // SAFETY: `n` elements in bounds of both buffers; tasks touch disjoint rows.
+                            unsafe { std::ptr::copy_nonoverlapping(from, to, n) };
+                        }
+                    })
+                };
+                let (target, target_rs) = if b == 1 {
+                    (dst(0, y0), p)
+                } else {
+                    if accumulate {
+                        shuffle(true);
+                    }
+                    (scratch_ptr as *mut f32, bn)
+                };
                 let col = col.as_ptr() as *const f32;
                 weight_blocks(&c.weight, |wb| {
-                    for bi in 0..b {
-                        let lhs = Mat::new(wb.data.as_ptr(), wb.rs, 1);
-                        let rhs = Mat::new(col.wrapping_add((bi * kk + wb.k0) * n), n, 1);
-                        let acc = accumulate || wb.k0 > 0;
-                        // SAFETY: `col` holds this chunk's written columns; `dst` rows `y0..` are in bounds.
-                        unsafe { matmul((cout, n, wb.k), dst(bi, y0), p, acc, lhs, rhs, 1.0, threads()) };
-                    }
+                    let lhs = Mat::new(wb.data.as_ptr(), wb.rs, 1);
+                    let rhs = Mat::new(col.wrapping_add(wb.k0 * bn), bn, 1);
+                    let acc = accumulate || wb.k0 > 0;
+                    // SAFETY: `col` holds this chunk's written columns; the target holds `cout × b·n`.
+                    unsafe { matmul((cout, bn, wb.k), target, target_rs, acc, lhs, rhs, 1.0, threads()) };
                     Ok(())
                 })?;
+                if b > 1 {
+                    shuffle(false);
+                }
                 y0 += n / wo;
             }
         }

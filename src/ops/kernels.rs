@@ -281,35 +281,39 @@ pub fn exp(x: f32) -> f32 {
     e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// Defines `fn $name` that runs its body compiled for AVX-512 or AVX2+FMA
-/// when the CPU has them (detected at run time), and for the baseline
-/// otherwise: the element loops of the ops vectorise only with those features.
+/// Defines `fn $name` that runs its body compiled for AVX-512 (with the
+/// `avx512` feature) or AVX2+FMA when the CPU has them (detected at run
+/// time), and for the baseline otherwise: the element loops of the ops
+/// vectorise only with those features.
 macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident$(<$g:ident: $b:path>)?($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$m])*
-        $vis fn $name$(<$g: $b>)?($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) {
             #[inline(always)]
-            fn body$(<$g: $b>)?($($arg: $ty),*) $body
+            fn body($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-                unsafe fn avx512$(<$g: $b>)?($($arg: $ty),*) {
-                    body$(::<$g>)?($($arg),*)
+                #[cfg(feature = "avx512")]
+                {
+                    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+                    unsafe fn avx512($($arg: $ty),*) {
+                        body($($arg),*)
+                    }
+                    if std::arch::is_x86_feature_detected!("avx512f") {
+                        // SAFETY: the features were detected at run time.
+                        return unsafe { avx512($($arg),*) };
+                    }
                 }
                 #[target_feature(enable = "avx2,fma,f16c")]
-                unsafe fn avx2$(<$g: $b>)?($($arg: $ty),*) {
-                    body$(::<$g>)?($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the features were detected at run time.
-                    return unsafe { avx512$(::<$g>)?($($arg),*) };
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                     // SAFETY: the features were detected at run time.
-                    return unsafe { avx2$(::<$g>)?($($arg),*) };
+                    return unsafe { avx2($($arg),*) };
                 }
             }
-            body$(::<$g>)?($($arg),*)
+            body($($arg),*)
         }
     };
 }
