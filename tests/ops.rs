@@ -12,7 +12,7 @@ use std::collections::{BTreeSet, HashMap};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use common::relative_error;
-use sdgen::ops::{attention, attention_reference, Conv2d, GroupNorm, Linear};
+use sdgen::ops::{attention, attention_reference, geglu, geglu_reference, Conv2d, GroupNorm, Linear};
 
 /// GEMMs over up to 11 520 products summed in another order than candle's.
 const F32_BOUND: f32 = 1e-5;
@@ -50,6 +50,8 @@ struct Shapes {
     linears: BTreeSet<(usize, usize, usize, usize, bool, bool)>,
     /// (batch, query rows, key rows, features, heads)
     attentions: BTreeSet<(usize, usize, usize, usize, usize)>,
+    /// (batch, rows, gated features)
+    gates: BTreeSet<(usize, usize, usize)>,
 }
 
 impl Shapes {
@@ -88,6 +90,7 @@ impl Shapes {
         self.linears.insert((b, CONTEXT.0, CONTEXT.1, c, false, false)); // to_k, to_v
         self.linears.insert((b, l, c, c, false, true)); // to_out + residual
         self.linears.insert((b, l, c, 8 * c, false, false)); // GEGLU projection
+        self.gates.insert((b, l, 4 * c));
         self.linears.insert((b, l, 4 * c, c, false, true)); // ff out + residual
         self.attentions.insert((b, l, l, c, 8));
         self.attentions.insert((b, l, CONTEXT.0, c, 8));
@@ -339,6 +342,15 @@ fn attention_matches_candle_on_every_sd15_layer_shape_and_clip() {
         let ours = attention(&q, &k, &v, heads, causal, false).unwrap();
         let reference = attention_reference(&q, &k, &v, heads, causal, false).unwrap();
         check(&format!("attention {b}×{lq}×{lk}×{c}/{heads} causal={causal}"), &ours, &reference, DType::F32);
+    }
+}
+
+#[test]
+fn geglu_matches_candle_on_every_sd15_layer_shape() {
+    for &(b, l, inner) in &all_shapes().gates {
+        // Wide inputs reach erf's tails and GELU's negative dip.
+        let x = randn(&[b, l, 2 * inner], 3.0);
+        check(&format!("geglu {b}×{l}×{inner}"), &geglu(&x).unwrap(), &geglu_reference(&x).unwrap(), DType::F32);
     }
 }
 

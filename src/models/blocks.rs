@@ -4,7 +4,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
-use crate::ops::{attention, Conv2d, GroupNorm, Linear};
+use crate::ops::{attention, geglu, Conv2d, GroupNorm, Linear};
 
 pub fn conv1x1(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
     Conv2d::new(cin, cout, 1, 1, 0, vb)
@@ -152,11 +152,7 @@ impl FeedForward {
 
     /// `residual + ff(x)`.
     fn forward(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let hg = self.proj.forward(x)?;
-        let inner = hg.dim(candle_core::D::Minus1)? / 2;
-        let h = hg.narrow(candle_core::D::Minus1, 0, inner)?;
-        let g = hg.narrow(candle_core::D::Minus1, inner, inner)?;
-        self.out.forward_add(&(h * g.gelu_erf()?)?, residual)
+        self.out.forward_add(&geglu(&self.proj.forward(x)?)?, residual)
     }
 }
 

@@ -3,6 +3,8 @@
 //! sequence without a copy) and `W` transposed in place, with the bias and
 //! residual as the GEMM's initial value.
 
+use std::mem::MaybeUninit;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -11,6 +13,9 @@ use rayon::prelude::*;
 use super::kernels::{
     assume_init, for_cpu, input_f32, matmul, output, threads, uninit, weight_blocks, with_weight, Mat,
 };
+
+/// Rows up to which the product is computed transposed (see `LinearOp::run`).
+const FEW_ROWS: usize = 256;
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -92,35 +97,80 @@ impl LinearOp<'_> {
             }
             None => None,
         };
-        let mut out = uninit::<f32>(b * l * cout);
         let accumulate = self.linear.bias.is_some() || residual.is_some();
-        if accumulate {
-            let bias: Vec<f32> = match &self.linear.bias {
-                Some(t) => with_weight(t, |v| Ok(v.to_vec()))?,
-                None => vec![0.0; cout],
-            };
-            out.par_chunks_mut(cout).enumerate().for_each(|(r, row)| match residual.as_deref() {
-                Some(res) => row.iter_mut().zip(&res[r * cout..]).zip(&bias).for_each(|((d, r), b)| {
-                    d.write(r + b);
-                }),
-                None => row.iter_mut().zip(&bias).for_each(|(d, b)| {
-                    d.write(*b);
-                }),
-            });
-        }
-        let out_ptr = out.as_mut_ptr() as *mut f32;
-        weight_blocks(&self.linear.weight, |wb| {
-            // Wᵀ as the right operand: element (i, o) is w[o·K + i].
-            let rhs = Mat::new(wb.data.as_ptr(), 1, wb.rs);
-            for bi in 0..b {
-                let lhs = Mat::new(x[bi * sb + wb.k0 * sc..].as_ptr(), sl, sc);
-                let dst = out_ptr.wrapping_add(bi * l * cout);
-                let acc = accumulate || wb.k0 > 0;
-                // SAFETY: the strides come from the input's layout; `dst` holds `l × cout` elements.
-                unsafe { matmul((l, cout, wb.k), dst, cout, acc, lhs, rhs, 1.0, threads()) };
+        let bias = match &self.linear.bias {
+            Some(t) => with_weight(t, |v| Ok(v.to_vec()))?,
+            None => vec![0.0; cout],
+        };
+        // The initial value of output row r.
+        let init = |r: usize, row: &mut [MaybeUninit<f32>]| match residual.as_deref() {
+            Some(res) => row.iter_mut().zip(&res[r * cout..]).zip(&bias).for_each(|((d, x), b)| {
+                d.write(x + b);
+            }),
+            None => row.iter_mut().zip(&bias).for_each(|(d, b)| {
+                d.write(*b);
+            }),
+        };
+        let rows = b * l;
+        let mut out = uninit::<f32>(rows * cout);
+        if rows <= FEW_ROWS {
+            // Few rows (the UNet's coarse levels): `gemm` runs at about half
+            // speed writing outputs along the features, at full speed along
+            // the rows; so `(cout, rows)` into a scratch, then transposed.
+            let mut t = uninit::<f32>(cout * rows);
+            if accumulate {
+                let mut rows_init = uninit::<f32>(rows * cout);
+                rows_init.par_chunks_mut(cout).enumerate().for_each(|(r, row)| init(r, row));
+                // SAFETY: every row was written.
+                let rows_init = unsafe { assume_init(rows_init) };
+                t.par_chunks_mut(rows).enumerate().for_each(|(o, col)| {
+                    col.iter_mut().enumerate().for_each(|(r, d)| {
+                        d.write(rows_init[r * cout + o]);
+                    })
+                });
             }
-            Ok(())
-        })?;
+            let t_ptr = t.as_mut_ptr() as *mut f32;
+            weight_blocks(&self.linear.weight, |wb| {
+                let lhs = Mat::new(wb.data.as_ptr(), wb.rs, 1);
+                for bi in 0..b {
+                    // xᵀ: element (i, r) of image bi is x[bi·sb + r·sl + i·sc].
+                    let rhs = Mat::new(x[bi * sb + wb.k0 * sc..].as_ptr(), sc, sl);
+                    let acc = accumulate || wb.k0 > 0;
+                    // SAFETY: the strides come from the input's layout; the scratch holds `cout × rows`.
+                    unsafe { matmul((cout, l, wb.k), t_ptr.wrapping_add(bi * l), rows, acc, lhs, rhs, 1.0, threads()) };
+                }
+                Ok(())
+            })?;
+            // SAFETY: every element was written by the initial value or the GEMM.
+            let t = unsafe { assume_init(t) };
+            // In blocks of 16 rows: each scratch cache line read serves 16 rows.
+            out.par_chunks_mut(16 * cout).enumerate().for_each(|(blk, dst)| {
+                let r0 = blk * 16;
+                let n = dst.len() / cout;
+                for o in 0..cout {
+                    for (j, &v) in t[o * rows + r0..][..n].iter().enumerate() {
+                        dst[j * cout + o].write(v);
+                    }
+                }
+            });
+        } else {
+            if accumulate {
+                out.par_chunks_mut(cout).enumerate().for_each(|(r, row)| init(r, row));
+            }
+            let out_ptr = out.as_mut_ptr() as *mut f32;
+            weight_blocks(&self.linear.weight, |wb| {
+                // Wᵀ as the right operand: element (i, o) is w[o·K + i].
+                let rhs = Mat::new(wb.data.as_ptr(), 1, wb.rs);
+                for bi in 0..b {
+                    let lhs = Mat::new(x[bi * sb + wb.k0 * sc..].as_ptr(), sl, sc);
+                    let dst = out_ptr.wrapping_add(bi * l * cout);
+                    let acc = accumulate || wb.k0 > 0;
+                    // SAFETY: the strides come from the input's layout; `dst` holds `l × cout` elements.
+                    unsafe { matmul((l, cout, wb.k), dst, cout, acc, lhs, rhs, 1.0, threads()) };
+                }
+                Ok(())
+            })?;
+        }
         // SAFETY: every element was written by the initial value or the GEMM.
         let out = unsafe { assume_init(out) };
         let mut shape = dims.to_vec();

@@ -2,20 +2,22 @@
 //! candle custom ops: convolution with its bias, per-image channel offsets and
 //! residual in the GEMM's initial value ([`Conv2d`]), linear layers that read
 //! strided inputs without copies ([`Linear`]), GroupNorm with the SiLU that
-//! follows it ([`GroupNorm`]) and attention blocked per head and query rows
-//! ([`attention`]).
+//! follows it ([`GroupNorm`]), attention blocked per head and query rows
+//! ([`attention`]) and the feed-forward gate ([`geglu`]).
 //!
 //! Each op has a CPU forward (`cpu_fwd`, f32 and f16); on other devices the
 //! same struct runs the unfused candle composition, which is also the
 //! reference the CPU forward is tested against (`tests/ops.rs`). A CUDA
 //! forward goes beside each `cpu_fwd`.
 
+mod activation;
 mod attention;
 mod conv;
 mod kernels;
 mod linear;
 mod norm;
 
+pub use activation::{geglu, geglu_reference};
 pub use attention::{attention, attention_reference};
 pub use conv::Conv2d;
 pub use linear::Linear;
@@ -23,7 +25,10 @@ pub use norm::GroupNorm;
 
 /// A layer's weight, with the init hint candle-nn's layers give (random
 /// models follow it): a fan-in-scaled normal.
-fn weight(vb: &candle_nn::VarBuilder, shape: impl Into<candle_core::Shape>) -> candle_core::Result<candle_core::Tensor> {
+fn weight(
+    vb: &candle_nn::VarBuilder,
+    shape: impl Into<candle_core::Shape>,
+) -> candle_core::Result<candle_core::Tensor> {
     vb.get_with_hints(shape, "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)
 }
 
