@@ -52,6 +52,8 @@ struct Shapes {
     attentions: BTreeSet<(usize, usize, usize, usize, usize)>,
     /// (batch, rows, gated features)
     gates: BTreeSet<(usize, usize, usize)>,
+    /// Upsamplers' convolutions of a nearest 2× resize: (batch, channels, output side)
+    upsamplers: BTreeSet<(usize, usize, usize)>,
 }
 
 impl Shapes {
@@ -164,7 +166,7 @@ fn unet_shapes(s: &mut Shapes) {
         }
         if i < 3 {
             side *= 2;
-            s.conv(b, c, c, 3, side); // upsampler, after the nearest-neighbour resize
+            s.upsamplers.insert((b, c, side));
         }
     }
     s.norms.insert((b, prev, side, true));
@@ -191,7 +193,7 @@ fn vae_shapes(s: &mut Shapes) {
         }
         if i < 3 {
             side *= 2;
-            s.conv(1, c, c, 3, side);
+            s.upsamplers.insert((1, c, side));
         }
     }
     s.norms.insert((1, prev, side, true));
@@ -342,6 +344,29 @@ fn attention_matches_candle_on_every_sd15_layer_shape_and_clip() {
         let ours = attention(&q, &k, &v, heads, causal, false).unwrap();
         let reference = attention_reference(&q, &k, &v, heads, causal, false).unwrap();
         check(&format!("attention {b}×{lq}×{lk}×{c}/{heads} causal={causal}"), &ours, &reference, DType::F32);
+    }
+}
+
+#[test]
+fn resized_convolutions_match_candle_on_every_sd15_upsampler() {
+    let shapes = all_shapes();
+    // (batch, channels, input side, output rows, output columns); the last
+    // is an odd UNet latent's upsampler (5 → 9 and 5 → 10).
+    let cases = shapes.upsamplers.iter().map(|&(b, c, side)| (b, c, side / 2, side, side)).chain([(2, 64, 5, 9, 10)]);
+    for (b, c, from, h, w) in cases {
+        let vb = weights(
+            vec![("weight", randn(&[c, c, 3, 3], (1.0 / (9 * c) as f64).sqrt())), ("bias", randn(&[c], 0.1))],
+            DType::F32,
+        );
+        let conv = Conv2d::new(c, c, 3, 1, 1, vb).unwrap();
+        let x = randn(&[b, c, from, from], 1.0);
+        let reference = conv.reference(&x.upsample_nearest2d(h, w).unwrap(), None, None).unwrap();
+        check(
+            &format!("upsampler {b}×{c}×{from}² → {h}×{w}"),
+            &conv.forward_resized(&x, (h, w)).unwrap(),
+            &reference,
+            DType::F32,
+        );
     }
 }
 

@@ -94,7 +94,7 @@ impl Upsample {
     }
 
     pub fn forward(&self, x: &Tensor, size: (usize, usize)) -> Result<Tensor> {
-        self.conv.forward(&x.upsample_nearest2d(size.0, size.1)?)
+        self.conv.forward_resized(x, size)
     }
 }
 

@@ -65,12 +65,33 @@ impl Conv2d {
     /// `conv(x) + offset[b, c] + residual`: `offset` is `(B, Cout)`, `residual`
     /// the output's shape.
     pub fn forward_with(&self, x: &Tensor, offset: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
+        self.run(x, None, offset, residual)
+    }
+
+    /// `conv(nearest_resize(x, size))`: the resize happens as the columns
+    /// are gathered, so the resized input never exists (the decoder's
+    /// upsamplers would otherwise write 4× their input first).
+    pub fn forward_resized(&self, x: &Tensor, size: (usize, usize)) -> Result<Tensor> {
+        self.run(x, Some(size), None, None)
+    }
+
+    fn run(
+        &self,
+        x: &Tensor,
+        resize: Option<(usize, usize)>,
+        offset: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         if !x.device().is_cpu() {
-            return self.reference(x, offset, residual);
+            let x = match resize {
+                Some((h, w)) => x.upsample_nearest2d(h, w)?,
+                None => x.clone(),
+            };
+            return self.reference(&x, offset, residual);
         }
-        let in_place = x.dtype() == candle_core::DType::F32 && self.reads_in_place(x);
+        let in_place = x.dtype() == candle_core::DType::F32 && resize.is_none() && self.reads_in_place(x);
         let x = if in_place { x.clone() } else { x.contiguous()? };
-        let op = ConvOp { conv: self, offset: offset.is_some(), residual: residual.is_some() };
+        let op = ConvOp { conv: self, resize, offset: offset.is_some(), residual: residual.is_some() };
         let residual = residual.map(Tensor::contiguous).transpose()?;
         let offset = offset.map(Tensor::contiguous).transpose()?;
         match (offset, residual) {
@@ -119,6 +140,8 @@ impl Conv2d {
 
 struct ConvOp<'a> {
     conv: &'a Conv2d,
+    /// The size the input is nearest-resized to before the convolution.
+    resize: Option<(usize, usize)>,
     offset: bool,
     residual: bool,
 }
@@ -127,10 +150,14 @@ impl ConvOp<'_> {
     fn run(&self, (xs, xl): (&CpuStorage, &Layout), extra: &[(&CpuStorage, &Layout)]) -> Result<(CpuStorage, Shape)> {
         let c = self.conv;
         let (cout, cin, k, _) = c.weight.dims4()?;
-        let &[b, xc, h, w] = xl.dims() else { bail!("conv2d: expected a 4-D input, got {:?}", xl.dims()) };
+        let &[b, xc, hi, wi] = xl.dims() else { bail!("conv2d: expected a 4-D input, got {:?}", xl.dims()) };
         if xc != cin {
             bail!("conv2d: input has {xc} channels, the weights expect {cin}");
         }
+        // The convolved input's size, and for a resized one the stored row
+        // and column each of its rows and columns reads.
+        let (h, w) = self.resize.unwrap_or((hi, wi));
+        let maps = self.resize.map(|(h, w)| (nearest(hi, h), nearest(wi, w)));
         let (ho, wo) = c.out_size(h, w)?;
         let p = ho * wo;
         let offset = if self.offset { Some(extra_input(extra[0], b * cout, "offset")?) } else { None };
@@ -197,8 +224,12 @@ impl ConvOp<'_> {
                 col.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
                     let (r, bi) = (i / b, i % b);
                     let (ci, ky, kx) = (r / (k * k), r / k % k, r % k);
-                    let plane = &xdata[bi * st[0] + ci * h * w..][..h * w];
-                    im2col_row(plane, (h, w), wo, (y0, n / wo), (ky, kx), c.stride, (c.padding[0], c.padding[2]), row);
+                    let plane = &xdata[bi * st[0] + ci * hi * wi..][..hi * wi];
+                    let tap = Tap { ky, kx, stride: c.stride, top: c.padding[0], left: c.padding[2] };
+                    match &maps {
+                        None => im2col_row(plane, (h, w), wo, (y0, n / wo), tap, row),
+                        Some((ys, xs)) => im2col_row_resized(plane, wi, (ys, xs), wo, (y0, n / wo), tap, row),
+                    }
                 });
                 // Moves image rows between the output and the scratch (`gather`: into the scratch).
                 let shuffle = |gather: bool| {
@@ -249,47 +280,90 @@ fn extra_input<'a>((s, l): (&'a CpuStorage, &Layout), len: usize, what: &str) ->
     input_f32(s, l)
 }
 
+/// A kernel tap and the geometry that places it on the input.
+#[derive(Clone, Copy)]
+struct Tap {
+    ky: usize,
+    kx: usize,
+    stride: usize,
+    top: usize,
+    left: usize,
+}
+
+impl Tap {
+    /// The input row (or column) output row `o` reads at offset `k`, if inside.
+    fn source(&self, o: usize, k: usize, pad: usize, len: usize) -> Option<usize> {
+        Some((o * self.stride + k).wrapping_sub(pad)).filter(|&i| i < len)
+    }
+}
+
+/// For each of `to` positions, the source position of a nearest resize from
+/// `from` (the index rule of `upsample_nearest2d`).
+fn nearest(from: usize, to: usize) -> Vec<usize> {
+    let scale = from as f64 / to as f64;
+    (0..to).map(|i| ((i as f64 * scale) as usize).min(from - 1)).collect()
+}
+
 /// One row of the column matrix: input channel plane `plane` shifted by
-/// kernel tap `(ky, kx)`, for output rows `y0..y0 + rows`, zero outside the image.
-#[allow(clippy::too_many_arguments)]
+/// kernel tap `t`, for output rows `y0..y0 + rows`, zero outside the image.
 fn im2col_row(
     plane: &[f32],
     (h, w): (usize, usize),
     wo: usize,
     (y0, rows): (usize, usize),
-    (ky, kx): (usize, usize),
-    stride: usize,
-    (pt, pl): (usize, usize),
+    t: Tap,
     row: &mut [MaybeUninit<f32>],
 ) {
-    let zero = 0.0;
     for (oy, dst) in (y0..y0 + rows).zip(row.chunks_mut(wo)) {
-        let iy = (oy * stride + ky).wrapping_sub(pt);
-        if iy >= h {
+        let Some(iy) = t.source(oy, t.ky, t.top, h) else {
             dst.iter_mut().for_each(|d| {
-                d.write(zero);
+                d.write(0.0);
             });
             continue;
-        }
+        };
         let src = &plane[iy * w..][..w];
-        if stride == 1 {
-            // Output column ox reads input column ox + kx − pl.
-            let lo = pl.saturating_sub(kx).min(wo);
-            let hi = (w + pl).saturating_sub(kx).clamp(lo, wo);
+        if t.stride == 1 {
+            // Output column ox reads input column ox + kx − left.
+            let lo = t.left.saturating_sub(t.kx).min(wo);
+            let hi = (w + t.left).saturating_sub(t.kx).clamp(lo, wo);
             dst[..lo].iter_mut().for_each(|d| {
-                d.write(zero);
+                d.write(0.0);
             });
-            for (d, s) in dst[lo..hi].iter_mut().zip(&src[lo + kx - pl..]) {
+            for (d, s) in dst[lo..hi].iter_mut().zip(&src[lo + t.kx - t.left..]) {
                 d.write(*s);
             }
             dst[hi..].iter_mut().for_each(|d| {
-                d.write(zero);
+                d.write(0.0);
             });
         } else {
             for (ox, d) in dst.iter_mut().enumerate() {
-                let ix = (ox * stride + kx).wrapping_sub(pl);
-                d.write(if ix < w { src[ix] } else { zero });
+                d.write(t.source(ox, t.kx, t.left, w).map_or(0.0, |ix| src[ix]));
             }
+        }
+    }
+}
+
+/// [`im2col_row`] of the nearest-resized input whose rows and columns read
+/// stored rows `ys` and columns `xs` of `plane` (stored width `wi`).
+fn im2col_row_resized(
+    plane: &[f32],
+    wi: usize,
+    (ys, xs): (&[usize], &[usize]),
+    wo: usize,
+    (y0, rows): (usize, usize),
+    t: Tap,
+    row: &mut [MaybeUninit<f32>],
+) {
+    for (oy, dst) in (y0..y0 + rows).zip(row.chunks_mut(wo)) {
+        let Some(iy) = t.source(oy, t.ky, t.top, ys.len()) else {
+            dst.iter_mut().for_each(|d| {
+                d.write(0.0);
+            });
+            continue;
+        };
+        let src = &plane[ys[iy] * wi..][..wi];
+        for (ox, d) in dst.iter_mut().enumerate() {
+            d.write(t.source(ox, t.kx, t.left, xs.len()).map_or(0.0, |ix| src[xs[ix]]));
         }
     }
 }

@@ -286,17 +286,17 @@ pub fn exp(x: f32) -> f32 {
 /// time), and for the baseline otherwise: the element loops of the ops
 /// vectorise only with those features.
 macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
-        $vis fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn body($($arg: $ty),*) $body
+            fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[cfg(feature = "avx512")]
                 {
                     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-                    unsafe fn avx512($($arg: $ty),*) {
+                    unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
                         body($($arg),*)
                     }
                     if std::arch::is_x86_feature_detected!("avx512f") {
@@ -305,7 +305,7 @@ macro_rules! multiversion {
                     }
                 }
                 #[target_feature(enable = "avx2,fma,f16c")]
-                unsafe fn avx2($($arg: $ty),*) {
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
@@ -385,4 +385,28 @@ multiversion! {
             d.write(h * (0.5 * g * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2))));
         }
     }
+}
+
+multiversion! {
+    /// The mean and (biased) variance of `xs`, accumulated in f64 over two
+    /// passes (the centred variance keeps precision for offset activations).
+    pub fn mean_var(xs: &[f32]) -> (f64, f64) {
+        let n = xs.len() as f64;
+        let mean = lanes_f64(xs, |x| x as f64) / n;
+        (mean, lanes_f64(xs, |x| (x as f64 - mean).powi(2)) / n)
+    }
+}
+
+/// `Σ f(x)` in 8 independent f64 lanes, so that the sum vectorises.
+#[inline(always)]
+fn lanes_f64(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest: f64 = chunks.remainder().iter().map(|&x| f(x)).sum();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += f(x);
+        }
+    }
+    acc.iter().sum::<f64>() + rest
 }

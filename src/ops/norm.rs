@@ -7,7 +7,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Ten
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::kernels::{assume_init, input_f32, output, scale_shift, uninit, with_weight};
+use super::kernels::{assume_init, input_f32, mean_var, output, scale_shift, uninit, with_weight};
 
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
@@ -89,10 +89,7 @@ impl NormOp<'_> {
         let (eps, silu) = (self.norm.eps, self.silu);
         out.par_chunks_mut(per_group.max(1)).zip(x.par_chunks(per_group.max(1))).enumerate().for_each(
             |(i, (dst, src))| {
-                // Two passes in f64 over the group: the mean, then the centred variance.
-                let n = src.len() as f64;
-                let mean = src.iter().map(|&v| v as f64).sum::<f64>() / n;
-                let var = src.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                let (mean, var) = mean_var(src);
                 let rstd = 1.0 / (var + eps).sqrt();
                 let first = i % groups * (c / groups);
                 for (j, (d, s)) in dst.chunks_mut(spatial).zip(src.chunks(spatial)).enumerate() {
