@@ -10,11 +10,11 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernels::{assume_init, for_cpu, input_f32, matmul, output, softmax, uninit, Mat};
+use super::kernels::{assume_init, exp_shifted, for_cpu, input_f32, matmul, output, uninit, Mat};
 
-/// Query rows per CPU task: a block's scores (rows × keys, f32) stay in cache
-/// for the value product.
-const QUERY_BLOCK: usize = 64;
+/// Query rows per CPU task: enough to amortise gemm's packing of the head's
+/// keys (repeated per task), few enough that a task's scores stay small.
+const QUERY_BLOCK: usize = 256;
 
 /// Upper bound on the bytes of one chunk's score matrix on other devices,
 /// whose composition materialises all heads' scores of a chunk at once.
@@ -149,16 +149,24 @@ impl AttentionOp {
                     let qm = q.head(bi, h, d, r0);
                     matmul((n, lk, d), scores.as_mut_ptr(), lk, false, qm, kt, scale, gemm::Parallelism::None)
                 };
-                for (i, row) in scores.chunks_mut(lk).enumerate() {
+                // Unnormalised softmax weights; each output row is divided by
+                // its row's sum after the value product (d values, not lk).
+                let mut sums = [0f32; QUERY_BLOCK];
+                for ((i, row), sum) in scores.chunks_mut(lk).enumerate().zip(&mut sums) {
                     // Causal: keys after the query are excluded exactly (zero weight).
                     let seen = if self.causal { (r0 + i + 1).min(lk) } else { lk };
-                    softmax(&mut row[..seen]);
+                    *sum = exp_shifted(&mut row[..seen]);
                     row[seen..].iter_mut().for_each(|p| *p = 0.0);
                 }
                 let dst = (out_ptr as *mut f32).wrapping_add(bi * lq * inner + r0 * inner + h * d);
                 let pm = Mat::new(scores.as_ptr(), lk, 1);
                 // SAFETY: each task writes its own rows r0..r0+n of head h's columns.
                 unsafe { matmul((n, d, lk), dst, inner, false, pm, v.head(bi, h, d, 0), 1.0, gemm::Parallelism::None) };
+                for (i, sum) in sums[..n].iter().enumerate() {
+                    // SAFETY: row i of this task's block, head h's d columns.
+                    let row = unsafe { std::slice::from_raw_parts_mut(dst.add(i * inner), d) };
+                    row.iter_mut().for_each(|x| *x /= sum);
+                }
             },
         );
         // SAFETY: the tasks cover every (image, head, row) of the output.

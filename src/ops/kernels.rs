@@ -1,6 +1,6 @@
 //! What the fused ops share: f32 views of f32 or f16 inputs and weights,
 //! output buffers without a zeroing pass, the GEMM call with strides, and
-//! vectorisable element loops (exp, softmax, GroupNorm's affine + SiLU).
+//! vectorisable element loops (exp, softmax weights, GroupNorm's affine + SiLU, GEGLU).
 
 use std::borrow::Cow;
 use std::mem::MaybeUninit;
@@ -265,11 +265,13 @@ pub unsafe fn matmul(
 /// polynomial (Cephes' coefficients), no branches.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    // Adding and subtracting 1.5·2²³ rounds to the nearest integer with plain
-    // vector arithmetic (`f32::round` is a library call).
+    // Adding 1.5·2²³ rounds x·log₂e to the nearest integer n in the low
+    // mantissa bits (plain vector arithmetic, where `round` and a saturating
+    // `as i32` would be scalar code); those bits then build 2ⁿ directly.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = 1.987_569_1e-4_f32;
     let p = p.mul_add(r, 1.398_199_9e-3);
@@ -278,7 +280,8 @@ pub fn exp(x: f32) -> f32 {
     let p = p.mul_add(r, 0.166_666_65);
     let p = p.mul_add(r, 0.5);
     let e = p.mul_add(r * r, r) + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // t's bits are those of ROUND plus n; shifted by 23, only n + 127 remains.
+    e * f32::from_bits(t.to_bits().wrapping_add(127) << 23)
 }
 
 /// Defines `fn $name` that runs its body compiled for AVX-512 (with the
@@ -334,16 +337,23 @@ fn lane_fold(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
 }
 
 multiversion! {
-    /// `row = softmax(row)` in place, over f32 values.
-    pub fn softmax(row: &mut [f32]) {
+    /// `row = exp(row − max(row))` in place; returns the sum: softmax's
+    /// weights before their normalisation.
+    pub fn exp_shifted(row: &mut [f32]) -> f32 {
         let max = lane_fold(row, f32::NEG_INFINITY, f32::max);
-        for v in row.iter_mut() {
+        let mut acc = [0f32; 16];
+        let mut chunks = row.chunks_exact_mut(16);
+        for c in &mut chunks {
+            for (a, v) in acc.iter_mut().zip(c) {
+                *v = exp(*v - max);
+                *a += *v;
+            }
+        }
+        let rest: f32 = chunks.into_remainder().iter_mut().map(|v| {
             *v = exp(*v - max);
-        }
-        let inv = 1.0 / lane_fold(row, 0.0, |a, b| a + b);
-        for v in row.iter_mut() {
-            *v *= inv;
-        }
+            *v
+        }).sum();
+        acc.iter().sum::<f32>() + rest
     }
 }
 
