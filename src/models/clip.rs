@@ -2,10 +2,10 @@
 //! embeddings, pre-norm transformer layers with causal attention, final norm.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
-use crate::ops::attention;
+use crate::ops::{attention, Linear};
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -62,26 +62,26 @@ impl EncoderLayer {
         let attn = vb.pp("self_attn");
         Ok(Self {
             layer_norm1: layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm1"))?,
-            q_proj: linear(d, d, attn.pp("q_proj"))?,
-            k_proj: linear(d, d, attn.pp("k_proj"))?,
-            v_proj: linear(d, d, attn.pp("v_proj"))?,
-            out_proj: linear(d, d, attn.pp("out_proj"))?,
+            q_proj: Linear::new(d, d, attn.pp("q_proj"))?,
+            k_proj: Linear::new(d, d, attn.pp("k_proj"))?,
+            v_proj: Linear::new(d, d, attn.pp("v_proj"))?,
+            out_proj: Linear::new(d, d, attn.pp("out_proj"))?,
             layer_norm2: layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: linear(d, c.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: linear(c.intermediate_size, d, vb.pp("mlp.fc2"))?,
+            fc1: Linear::new(d, c.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: Linear::new(c.intermediate_size, d, vb.pp("mlp.fc2"))?,
         })
     }
 
     fn forward(&self, x: &Tensor, heads: usize, act: Activation) -> Result<Tensor> {
         let h = self.layer_norm1.forward(x)?;
         let (q, k, v) = (self.q_proj.forward(&h)?, self.k_proj.forward(&h)?, self.v_proj.forward(&h)?);
-        let x = (self.out_proj.forward(&attention(&q, &k, &v, heads, true, false)?)? + x)?;
+        let x = self.out_proj.forward_add(&attention(&q, &k, &v, heads, true, false)?, x)?;
         let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
         let h = match act {
             Activation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
             Activation::Gelu => h.gelu_erf()?,
         };
-        self.fc2.forward(&h)? + x
+        self.fc2.forward_add(&h, &x)
     }
 }
 
@@ -162,7 +162,7 @@ impl ClipTextModel {
     /// `CLIPTextModelWithProjection` (SDXL's second encoder): the final-normed
     /// `last` hidden state at each row's end token — the first largest id, as
     /// transformers does for these configs — through `projection`.
-    pub fn pooled(&self, last: &Tensor, ids: &Tensor, projection: &Linear) -> Result<Tensor> {
+    pub fn pooled(&self, last: &Tensor, ids: &Tensor, projection: &candle_nn::Linear) -> Result<Tensor> {
         let rows: Vec<Vec<u32>> = ids.to_dtype(candle_core::DType::U32)?.to_vec2()?;
         let normed = self.final_layer_norm.forward(last)?;
         let picked = rows
