@@ -422,6 +422,21 @@ fn f16_ops_match_the_f32_composition() {
         conv_case(c, DType::F16);
     }
     let f16 = |t: Tensor| representable(t, DType::F16);
+    // Linear layers with weights wider than one f16 block, few rows and many.
+    for (b, l, cin, cout) in [(2, 64, 5120, 1280), (2, 1024, 1280, 320)] {
+        let (w, bias) = (f16(randn(&[cout, cin], (1.0 / cin as f64).sqrt())), f16(randn(&[cout], 0.1)));
+        let lin = |dtype| {
+            Linear::new(cin, cout, weights(vec![("weight", w.clone()), ("bias", bias.clone())], dtype)).unwrap()
+        };
+        let (x, r) = (f16(randn(&[b, l, cin], 1.0)), f16(randn(&[b, l, cout], 1.0)));
+        let ours = lin(DType::F16).forward_add(&to(&x, DType::F16), &to(&r, DType::F16)).unwrap();
+        check(
+            &format!("linear {b}×{l}×{cin}→{cout}"),
+            &ours,
+            &lin(DType::F32).reference(&x, Some(&r)).unwrap(),
+            DType::F16,
+        );
+    }
     let x = f16(randn(&[2, 640, 16, 16], 1.0));
     let (w, b) = (f16(randn(&[640], 1.0)), f16(randn(&[640], 1.0)));
     let norm = |dtype| {

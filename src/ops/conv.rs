@@ -1,11 +1,12 @@
-//! 2-D convolution as one GEMM per image: `out (Cout, P) = W (Cout, Cin·k²) ·
-//! col (Cin·k², P)`. The weight's stored layout is already the GEMM's
-//! row-major left operand, so nothing is repacked per call; a 1×1 convolution
-//! reads its input in place (any layout whose pixels form one stride), and a
-//! k×k one builds its column matrix in parallel, in pixel chunks that bound
-//! its memory. Bias, per-image channel offsets (a ResNet's time embedding)
-//! and a residual are written into the output first and the GEMM adds to
-//! them, so none of them costs a pass of its own.
+//! 2-D convolution as GEMMs: `out (Cout, P) = W (Cout, Cin·k²) · col
+//! (Cin·k², P)`. The weight's stored layout is already the GEMM's row-major
+//! left operand, so nothing is repacked per call; a 1×1 convolution reads its
+//! input in place (any layout whose pixels form one stride), and a k×k one
+//! builds the column matrix of all images in parallel, in pixel chunks that
+//! bound its memory, and runs one GEMM for the batch. The bias, per-image
+//! channel offsets (a ResNet's time embedding) and a residual are the GEMM's
+//! initial value, so none of them costs a pass of its own; a nearest-neighbour
+//! resize before the convolution (upsamplers) happens in the column gather.
 
 use std::mem::MaybeUninit;
 
@@ -25,7 +26,7 @@ const COLUMN_BUDGET_BYTES: usize = 32 << 20;
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
-    bias: Option<Tensor>,
+    bias: Tensor,
     kernel: usize,
     stride: usize,
     /// Zero padding: top, bottom, left, right.
@@ -37,14 +38,14 @@ impl Conv2d {
     /// `(cout, cin, k, k)` and a bias, as diffusers' `nn.Conv2d`.
     pub fn new(cin: usize, cout: usize, k: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
         let weight = super::weight(&vb, (cout, cin, k, k))?;
-        let bias = Some(super::bias(&vb, cin, cout)?);
+        let bias = super::bias(&vb, cin, cout)?;
         Ok(Self { weight, bias, kernel: k, stride, padding: [padding; 4] })
     }
 
     /// A 1×1 convolution stored as a linear layer's `(cout, cin)` weights.
     pub fn from_linear(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
         let weight = super::weight(&vb, (cout, cin))?.reshape((cout, cin, 1, 1))?;
-        let bias = Some(super::bias(&vb, cin, cout)?);
+        let bias = super::bias(&vb, cin, cout)?;
         Ok(Self { weight, bias, kernel: 1, stride: 1, padding: [0; 4] })
     }
 
@@ -108,10 +109,8 @@ impl Conv2d {
         let symmetric = t == b && l == r && t == l;
         let (x, p) =
             if symmetric { (x.contiguous()?, t) } else { (x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?, 0) };
-        let mut y = x.conv2d(&self.weight, p, self.stride, 1, 1)?;
-        if let Some(bias) = &self.bias {
-            y = y.broadcast_add(&bias.reshape((1, (), 1, 1))?)?;
-        }
+        let mut y =
+            x.conv2d(&self.weight, p, self.stride, 1, 1)?.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?;
         if let Some(o) = offset {
             y = y.broadcast_add(&o.unsqueeze(2)?.unsqueeze(3)?)?;
         }
@@ -169,23 +168,21 @@ impl ConvOp<'_> {
         let xdata = input_f32(xs, xl)?;
         let st = xl.stride();
         let mut out = uninit::<f32>(b * cout * p);
-        let bias = c.bias.as_ref().map(|t| with_weight(t, |v| Ok(v.to_vec()))).transpose()?;
-        let accumulate = bias.is_some() || offset.is_some() || residual.is_some();
-        if accumulate {
-            let (bias, offset, residual) = (bias.as_deref(), offset.as_deref(), residual.as_deref());
-            out.par_chunks_mut(p).enumerate().for_each(|(i, row)| {
-                let (bi, co) = (i / cout, i % cout);
-                let add = bias.map_or(0.0, |b| b[co]) + offset.map_or(0.0, |o| o[bi * cout + co]);
-                match residual {
-                    Some(r) => row.iter_mut().zip(&r[i * p..][..p]).for_each(|(d, r)| {
-                        d.write(r + add);
-                    }),
-                    None => row.iter_mut().for_each(|d| {
-                        d.write(add);
-                    }),
-                }
-            });
-        }
+        // The GEMM's initial value: bias + offset [+ residual].
+        let bias = with_weight(&c.bias, |v| Ok(v.to_vec()))?;
+        let (offset, residual) = (offset.as_deref(), residual.as_deref());
+        out.par_chunks_mut(p).enumerate().for_each(|(i, row)| {
+            let (bi, co) = (i / cout, i % cout);
+            let add = bias[co] + offset.map_or(0.0, |o| o[bi * cout + co]);
+            match residual {
+                Some(r) => row.iter_mut().zip(&r[i * p..][..p]).for_each(|(d, r)| {
+                    d.write(r + add);
+                }),
+                None => row.iter_mut().for_each(|d| {
+                    d.write(add);
+                }),
+            }
+        });
         // An address, not a pointer, so that parallel tasks may share it.
         let out_ptr = out.as_mut_ptr() as usize;
         let dst = |bi: usize, y0: usize| (out_ptr as *mut f32).wrapping_add(bi * cout * p + y0 * wo);
@@ -196,9 +193,7 @@ impl ConvOp<'_> {
                     let lhs = Mat::new(wb.data.as_ptr(), wb.rs, 1);
                     let rhs = Mat::new(xdata[bi * st[0] + wb.k0 * st[1]..].as_ptr(), st[1], st[3]);
                     // SAFETY: the strides address the input and output within bounds.
-                    unsafe {
-                        matmul((cout, p, wb.k), dst(bi, 0), p, accumulate || wb.k0 > 0, lhs, rhs, 1.0, threads())
-                    };
+                    unsafe { matmul((cout, p, wb.k), dst(bi, 0), p, true, lhs, rhs, 1.0, threads()) };
                 }
                 Ok(())
             })?;
@@ -246,18 +241,15 @@ impl ConvOp<'_> {
                 let (target, target_rs) = if b == 1 {
                     (dst(0, y0), p)
                 } else {
-                    if accumulate {
-                        shuffle(true);
-                    }
+                    shuffle(true);
                     (scratch_ptr as *mut f32, bn)
                 };
                 let col = col.as_ptr() as *const f32;
                 weight_blocks(&c.weight, |wb| {
                     let lhs = Mat::new(wb.data.as_ptr(), wb.rs, 1);
                     let rhs = Mat::new(col.wrapping_add(wb.k0 * bn), bn, 1);
-                    let acc = accumulate || wb.k0 > 0;
                     // SAFETY: `col` holds this chunk's written columns; the target holds `cout × b·n`.
-                    unsafe { matmul((cout, bn, wb.k), target, target_rs, acc, lhs, rhs, 1.0, threads()) };
+                    unsafe { matmul((cout, bn, wb.k), target, target_rs, true, lhs, rhs, 1.0, threads()) };
                     Ok(())
                 })?;
                 if b > 1 {
@@ -266,7 +258,7 @@ impl ConvOp<'_> {
                 y0 += n / wo;
             }
         }
-        // SAFETY: every output element was written, by the initial value or the GEMM (`accumulate == false`).
+        // SAFETY: every output element was written with the initial value.
         let out = unsafe { assume_init(out) };
         Ok((output(out, xs.dtype())?, Shape::from((b, cout, ho, wo))))
     }

@@ -421,3 +421,42 @@ fn lanes_f64(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     }
     acc.iter().sum::<f64>() + rest
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp_of_libm_over_the_clamped_range() {
+        let mut worst = 0f32;
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+            let (ours, libm) = (exp(x), x.exp());
+            worst = worst.max((ours - libm).abs() / libm);
+        }
+        assert!(worst < 2.5e-7, "relative error {worst:e}");
+    }
+
+    #[test]
+    fn softmax_weights_sum_and_shift_like_the_definition() {
+        let mut row: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin() * 30.0).collect();
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let expected: Vec<f64> = row.iter().map(|&x| ((x - max) as f64).exp()).collect();
+        let sum = exp_shifted(&mut row);
+        assert!((sum as f64 - expected.iter().sum::<f64>()).abs() < 1e-5 * sum as f64);
+        for (a, b) in row.iter().zip(&expected) {
+            assert!((*a as f64 - b).abs() <= 3e-7 * b.max(1e-30), "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn f16_widening_and_narrowing_match_the_half_crate() {
+        // Every f16 bit pattern but NaNs, and f32 values around f16's range.
+        let halves: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).filter(|h| !h.is_nan()).collect();
+        let wide = f16_to_f32(&halves);
+        assert!(halves.iter().zip(&wide).all(|(h, w)| h.to_f32() == *w));
+        let floats: Vec<f32> = (0..100_003).map(|i| (i as f32 - 50_000.0) * 1.37).collect();
+        let narrow = f32_to_f16(&floats);
+        assert!(floats.iter().zip(&narrow).all(|(f, h)| f16::from_f32(*f) == *h));
+    }
+}
