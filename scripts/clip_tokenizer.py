@@ -28,19 +28,26 @@ def bytes_to_unicode():
     return dict(zip(bs, map(chr, cs)))
 
 
+def vocab_and_merges(gz):
+    """CLIP's 49408 tokens in id order and its 48894 merges (pairs), from bpe_simple_vocab_16e6.txt.gz."""
+    lines = gzip.open(gz).read().decode("utf-8").split("\n")
+    # Line 0 is a header; CLIP uses the first 49152 - 256 - 2 merges.
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(tokens) == len(set(tokens)) == 49408 and len(merges) == 48894, (len(tokens), len(merges))
+    return tokens, merges
+
+
 def main():
     out = Path(sys.argv[1])
     gz = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).resolve().parent.parent / "assets/bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(gz).read().decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(vocab) == 49408 and len(set(vocab)) == len(vocab), len(vocab)
+    vocab, merges = vocab_and_merges(gz)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     special = {
         "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>",

@@ -96,9 +96,14 @@ impl Shapes {
         self.linears.insert((b, l, 4 * c, c, false, true)); // ff out + residual
         self.attentions.insert((b, l, l, c, 8));
         self.attentions.insert((b, l, CONTEXT.0, c, 8));
-        // proj_out: a 1×1 convolution reading the sequence as a feature map, + residual.
+        self.output_projection(b, c, side);
+    }
+
+    /// An attention's output projection: a 1×1 convolution reading the
+    /// sequence as a feature map, + residual.
+    fn output_projection(&mut self, batch: usize, c: usize, side: usize) {
         let case = ConvCase {
-            batch: b,
+            batch,
             cin: c,
             cout: c,
             k: 1,
@@ -116,18 +121,7 @@ impl Shapes {
         self.norms.insert((1, c, side, false));
         self.linears.insert((1, side * side, c, c, true, false));
         self.attentions.insert((1, side * side, side * side, c, 1));
-        let case = ConvCase {
-            batch: 1,
-            cin: c,
-            cout: c,
-            k: 1,
-            stride: 1,
-            side,
-            bottom_right: false,
-            offset: false,
-            residual: true,
-        };
-        self.convs.insert(case);
+        self.output_projection(1, c, side);
     }
 }
 

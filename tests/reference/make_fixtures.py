@@ -53,6 +53,9 @@ from torch import nn
 torch.set_num_threads(2)
 
 import open_clip  # noqa: E402  (bpe_simple_vocab_16e6.txt.gz; its TextTransformer checks SD2's tower)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import clip_tokenizer  # noqa: E402  (the vocabulary's derivation, shared with scripts/bench)
 import diffusers  # noqa: E402
 import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -241,23 +244,6 @@ def log(*a):
 # --------------------------------------------------------------------------------------
 
 
-def bytes_to_unicode():
-    """The reversible byte -> unicode-character table of GPT-2/CLIP byte-level BPE."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("\u00a1"), ord("\u00ac") + 1))
-        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
-    )
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, [chr(c) for c in chars]))
-
-
 N_MERGES = 486  # 256 bytes + 256 bytes</w> + 486 merges + 2 specials = TINY_VOCAB, every tiny text encoder's vocab_size
 TINY_VOCAB = 512 + N_MERGES + 2
 BOS_ID, EOS_ID = TINY_VOCAB - 2, TINY_VOCAB - 1  # <|startoftext|> 998, <|endoftext|> 999
@@ -269,18 +255,8 @@ CAT_IDS = [998, 320, 816, 531, 539, 320, 66, 536, 999]
 
 def clip_vocab_and_merges():
     """CLIP's 49408-token vocabulary built from open_clip's bpe_simple_vocab_16e6.txt.gz."""
-    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
-    # line 0 is a header; CLIP uses the first 49152 - 256 - 2 merges
-    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    byte_chars = list(bytes_to_unicode().values())
-    tokens = byte_chars + [c + "</w>" for c in byte_chars]
-    tokens += ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    assert len(vocab) == len(tokens) == 49408, len(vocab)
-    assert len(merges) == 48894
-    return vocab, merges
+    tokens, merges = clip_tokenizer.vocab_and_merges(Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz")
+    return {t: i for i, t in enumerate(tokens)}, merges
 
 
 def write_tokenizer_files(out_dir: Path, vocab, merges, pad_token, share_vocab_with=None):
@@ -335,7 +311,7 @@ def tiny_vocab_and_merges():
     lines = gzip.open(VOCAB_GZ).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 1 + N_MERGES]]  # line 0 is a header
     assert all(len(m) == 2 for m in merges)
-    byte_chars = list(bytes_to_unicode().values())
+    byte_chars = list(clip_tokenizer.bytes_to_unicode().values())
     tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(tokens)}

@@ -17,7 +17,6 @@ Usage: python tests/reference/tokenizer_cases.py   (needs transformers==5.23.0, 
 open_clip_torch is optional and only used for the cross-check).
 """
 
-import gzip
 import json
 import os
 import random
@@ -30,28 +29,13 @@ OUT = os.path.join(ROOT, "tests", "fixtures", "tokenizer", "cases.json")
 MAX_LEN = 77
 
 
-def bytes_to_unicode():
-    """byte -> printable char, in CLIP's order: the printable bytes first, then the others
-    (mapped to 256, 257, ...). This order is the order of the first 256 vocabulary ids."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    table = {b: chr(b) for b in printable}
-    others = [b for b in range(256) if b not in table]
-    table.update({b: chr(256 + i) for i, b in enumerate(others)})
-    return table
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from clip_tokenizer import bytes_to_unicode, vocab_and_merges  # noqa: E402,F401  (make_prompts imports both from here)
 
 
 def write_vocab(directory):
     """vocab.json + merges.txt as CLIP derives them from the gz (49408 entries)."""
-    lines = gzip.open(GZ).read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    chars = list(bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(tokens) == len(set(tokens)) == 49408
+    tokens, merges = vocab_and_merges(GZ)
     with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump({t: i for i, t in enumerate(tokens)}, f, ensure_ascii=False)
     with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
