@@ -1,6 +1,6 @@
 //! Model code: the CLIP text encoder, the UNet and the VAE, built on our
-//! fused [`crate::ops`] and candle-nn layers from a `VarBuilder` whose tensor names are diffusers' names; the
-//! [`Backbone`] seam the denoiser drives.
+//! fused [`crate::ops`] and candle-nn layers from a `VarBuilder` whose tensor
+//! names are diffusers' names; the [`Backbone`] seam the denoiser drives.
 
 pub mod blocks;
 pub mod clip;

@@ -6,12 +6,12 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::kernels::{assume_init, for_cpu, geglu_row, input_f32, output, uninit};
+use super::kernels::{assume_init, geglu_row, input_f32, output, uninit};
 
 /// `h ⊙ gelu_erf(g)` where `[h, g]` splits the last dimension of `x` in two.
 pub fn geglu(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() {
-        for_cpu(x)?.contiguous()?.apply_op1_no_bwd(&Geglu)
+        x.contiguous()?.apply_op1_no_bwd(&Geglu)
     } else {
         geglu_reference(x)
     }

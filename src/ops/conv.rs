@@ -15,9 +15,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Res
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::kernels::{
-    assume_init, input_f32, is_f32, matmul, output, threads, uninit, weight_blocks, with_weight, Mat,
-};
+use super::kernels::{assume_init, input_f32, matmul, output, threads, uninit, weight_blocks, with_weight, Mat};
 
 /// Upper bound on one chunk's column matrix: the VAE's full-resolution
 /// convolutions would otherwise need gigabytes.
@@ -90,9 +88,11 @@ impl Conv2d {
             };
             return self.reference(&x, offset, residual);
         }
+        // A 1×1 convolution reads an f32 input in place when its pixels are
+        // one stride apart; everything else gathers columns from a contiguous input.
         let in_place = x.dtype() == candle_core::DType::F32 && resize.is_none() && self.reads_in_place(x);
         let x = if in_place { x.clone() } else { x.contiguous()? };
-        let op = ConvOp { conv: self, resize, offset: offset.is_some(), residual: residual.is_some() };
+        let op = ConvOp { conv: self, in_place, resize, offset: offset.is_some(), residual: residual.is_some() };
         let residual = residual.map(Tensor::contiguous).transpose()?;
         let offset = offset.map(Tensor::contiguous).transpose()?;
         match (offset, residual) {
@@ -120,7 +120,7 @@ impl Conv2d {
         }
     }
 
-    /// A 1×1 convolution reads any input whose pixels are one stride apart.
+    /// Whether `x` is a 1×1 convolution's input whose pixels are one stride apart.
     fn reads_in_place(&self, x: &Tensor) -> bool {
         let pointwise = self.kernel == 1 && self.stride == 1 && self.padding == [0; 4];
         let st = x.stride();
@@ -139,6 +139,8 @@ impl Conv2d {
 
 struct ConvOp<'a> {
     conv: &'a Conv2d,
+    /// The input is read as the GEMM's right operand, with its own strides.
+    in_place: bool,
     /// The size the input is nearest-resized to before the convolution.
     resize: Option<(usize, usize)>,
     offset: bool,
@@ -152,6 +154,9 @@ impl ConvOp<'_> {
         let &[b, xc, hi, wi] = xl.dims() else { bail!("conv2d: expected a 4-D input, got {:?}", xl.dims()) };
         if xc != cin {
             bail!("conv2d: input has {xc} channels, the weights expect {cin}");
+        }
+        if hi == 0 || wi == 0 {
+            bail!("conv2d: an empty {hi}×{wi} input");
         }
         // The convolved input's size, and for a resized one the stored row
         // and column each of its rows and columns reads.
@@ -186,8 +191,7 @@ impl ConvOp<'_> {
         // An address, not a pointer, so that parallel tasks may share it.
         let out_ptr = out.as_mut_ptr() as usize;
         let dst = |bi: usize, y0: usize| (out_ptr as *mut f32).wrapping_add(bi * cout * p + y0 * wo);
-        if k == 1 && c.stride == 1 && c.padding == [0; 4] && st[2] == w * st[3] && is_f32(xs) {
-            // The input's pixels are one stride apart: read it in place.
+        if self.in_place {
             weight_blocks(&c.weight, |wb| {
                 for bi in 0..b {
                     let lhs = Mat::new(wb.data.as_ptr(), wb.rs, 1);

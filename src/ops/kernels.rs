@@ -24,10 +24,6 @@ pub fn input_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [f32]>> {
     }
 }
 
-pub fn is_f32(s: &CpuStorage) -> bool {
-    matches!(s, CpuStorage::F32(_))
-}
-
 /// A tensor as a CPU op takes it: f32 as it is (the ops read strides), f16
 /// contiguous (converted to f32 in one pass).
 pub fn for_cpu(t: &Tensor) -> Result<Tensor> {
