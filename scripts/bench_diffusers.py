@@ -37,20 +37,37 @@ def now():
         torch.cuda.synchronize()
     return time.perf_counter()
 
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 t0 = now()
 kw = dict(dtype=dtype, local_files_only=True)
-pipe = StableDiffusionPipeline.from_pretrained(
-    model_dir,
+parts = dict(
     unet=UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", variant="fp16", **kw),
     vae=AutoencoderKL.from_pretrained(model_dir, subfolder="vae", variant="fp16", **kw),
     text_encoder=CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", variant="fp16", **kw),
     tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
-    safety_checker=None,
-    **kw,
 )
+with open(f"{model_dir}/model_index.json") as f:
+    xl = json.load(f)["_class_name"].startswith("StableDiffusionXL")
+if xl:
+    # A random model's folder has no tokenizers: CLIP's serves both (the pad token does not change timings).
+    parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+        model_dir, subfolder="text_encoder_2", variant="fp16", **kw)
+    parts["tokenizer_2"] = parts["tokenizer"]
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, **parts, **kw)
+else:
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, **parts, safety_checker=None, **kw)
+# SDXL's VAE overflows in f16: diffusers decodes it in f32 (force_upcast), as sdgen does.
+upcast_vae = dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False)
+if upcast_vae:
+    pipe.vae.to(torch.float32)
 pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
 pipe.set_progress_bar_config(disable=True)
 pipe.to(device)
@@ -66,7 +83,8 @@ def on_step(p, i, t, kwargs):
 
 with torch.no_grad():
     t1 = now()
-    pipe.encode_prompt("a photo of a cat", device, a.batch, True, "")
+    pipe.encode_prompt(prompt="a photo of a cat", device=device, num_images_per_prompt=a.batch,
+                       do_classifier_free_guidance=True, negative_prompt="")
     encode = now() - t1
     g = torch.Generator("cpu").manual_seed(1)
     t2 = now()
@@ -85,7 +103,7 @@ with torch.no_grad():
     starts = [t2 + encode] + marks[:-1]
     unet_steps = [end - start for start, end in zip(starts, marks)]
     t3 = now()
-    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    decoded = pipe.vae.decode((latents.float() if upcast_vae else latents) / pipe.vae.config.scaling_factor).sample
     decode = now() - t3
 
 if a.out:

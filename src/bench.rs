@@ -87,3 +87,46 @@ pub fn matmul_peak(
         "dtype": format!("{dtype:?}").to_lowercase(), "median_s": median,
         "gflops": gflops, "threads": candle_core::utils::get_num_threads()}))
 }
+
+/// Each fused op on `device` against its CPU forward, on every layer shape
+/// of SD 1.5's UNet (guidance batch) and VAE at `size`², with random inputs:
+/// the relative error of each case (to stderr as it goes) and a JSON summary
+/// with the worst per kind. Fails when a case is beyond the bound (f32: GEMM
+/// summation order; f16: one storage rounding of ~2⁻¹¹ at different points).
+pub fn ops_check(size: usize, device: DeviceSpec, dtype: Option<Precision>) -> anyhow::Result<serde_json::Value> {
+    use crate::ops::cases::{relative_error, Case};
+    if size == 0 || !size.is_multiple_of(64) {
+        bail!("--size must be a positive multiple of 64, got {size}");
+    }
+    let (device, dtype) = device_and_dtype(device, dtype)?;
+    let bound = if dtype == DType::F32 { 1e-4 } else { 1e-2 };
+    let mut worst: std::collections::BTreeMap<String, (f32, String)> = Default::default();
+    let mut failures = Vec::new();
+    let cases = Case::sd15(size, 2);
+    for case in &cases {
+        let p = case.prepare(dtype)?;
+        let theirs = case.run(&p, &Device::Cpu, dtype)?;
+        let ours = case.run(&p, &device, dtype)?;
+        let err = relative_error(&ours, &theirs)?;
+        let what = format!("{case:?}");
+        eprintln!("{what}: relative error {err:.2e}");
+        // A NaN error fails too.
+        if err.is_nan() || err > bound {
+            failures.push(what.clone());
+        }
+        let kind = what.split([' ', '(']).next().unwrap_or_default().to_string();
+        let entry = worst.entry(kind).or_insert((f32::NEG_INFINITY, String::new()));
+        if err.is_nan() || err > entry.0 {
+            *entry = (err, what);
+        }
+    }
+    let summary = serde_json::json!({"device": format!("{:?}", device.location()),
+        "dtype": format!("{dtype:?}").to_lowercase(), "size": size, "cases": cases.len(), "bound": bound,
+        "worst": worst.iter().map(|(k, (e, c))| (k.clone(), serde_json::json!({"error": e, "case": c})))
+            .collect::<serde_json::Map<_, _>>(),
+        "failures": failures});
+    if !failures.is_empty() {
+        bail!("{} of {} cases beyond {bound:e}: {summary}", failures.len(), cases.len());
+    }
+    Ok(summary)
+}

@@ -261,6 +261,7 @@ fn run_dev(dev: &DevCommand) -> anyhow::Result<()> {
         DevCommand::UnetBench { model, size, batch, passes, no_decode, device, dtype } => {
             sdgen::bench::unet(model, *size, *batch, *passes, !*no_decode, *device, *dtype)?
         }
+        DevCommand::OpsCheck { size, device, dtype } => sdgen::bench::ops_check(*size, *device, *dtype)?,
         DevCommand::MatmulPeak { size, repeat, device, dtype } => {
             sdgen::bench::matmul_peak(*size, *repeat, *device, *dtype)?
         }

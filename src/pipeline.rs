@@ -137,14 +137,10 @@ impl Model {
         for e in std::iter::once(&cond).chain(&uncond) {
             check_finite(&e.context, &self.path, "text encoder")?;
         }
-        let time_ids = match cond.pooled {
-            Some(_) => {
-                let rows: Vec<f32> =
-                    reqs.iter().flat_map(|r| r.size_conditioning.time_ids(r.height, r.width)).collect();
-                Some(Tensor::from_vec(rows, (reqs.len(), 6), device)?)
-            }
-            None => None,
-        };
+        let time_ids = cond
+            .pooled
+            .as_ref()
+            .map(|_| reqs.iter().flat_map(|r| r.size_conditioning.time_ids(r.height, r.width)).collect());
         let conditioning = Conditioning { cond, uncond, cfg_scale: req.cfg_scale, time_ids };
 
         let mut schedule = req.sampler.schedule(&self.scheduler, req.steps, req.schedule)?;
@@ -220,11 +216,11 @@ impl Model {
         check_finite(&latents, &self.path, "UNet")?;
         events(Event::Decoding);
         let latents = (latents * (schedule.final_scale() as f64 / self.vae.config.scaling_factor))?;
+        let decoded = self.vae.decode_batch(&latents)?;
         let images = reqs
             .iter()
-            .enumerate()
-            .map(|(b, r)| {
-                let decoded = self.vae.decode(&latents.narrow(0, b, 1)?)?;
+            .zip(decoded)
+            .map(|(r, decoded)| {
                 check_finite(&decoded, &self.path, "VAE")?;
                 let generated = to_image(&decoded)?;
                 Ok(match &r.init {

@@ -54,6 +54,52 @@ const SD15_SCHEDULER: &str = r#"{
   "steps_offset": 1, "trained_betas": null
 }"#;
 
+/// SDXL base 1.0's `unet/config.json`.
+const SDXL_UNET: &str = r#"{
+  "_class_name": "UNet2DConditionModel", "act_fn": "silu", "addition_embed_type": "text_time",
+  "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+  "center_input_sample": false, "cross_attention_dim": 2048,
+  "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
+  "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
+  "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
+  "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
+  "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": false,
+  "use_linear_projection": true
+}"#;
+
+/// SDXL's `vae/config.json` (SD 1.5's architecture, its own scale; diffusers
+/// runs it in f32, as `force_upcast` says).
+const SDXL_VAE: &str = r#"{
+  "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+  "force_upcast": true, "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+  "out_channels": 3, "sample_size": 1024, "scaling_factor": 0.13025,
+  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]
+}"#;
+
+/// OpenCLIP ViT-bigG's text tower, as in SDXL's `text_encoder_2/config.json`.
+const SDXL_CLIP_2: &str = r#"{
+  "architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model", "hidden_act": "gelu",
+  "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32,
+  "max_position_embeddings": 77, "vocab_size": 49408, "layer_norm_eps": 1e-05, "projection_dim": 1280,
+  "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "torch_dtype": "float16"
+}"#;
+
+const SDXL_SCHEDULER: &str = r#"{
+  "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085, "clip_sample": false, "interpolation_type": "linear", "num_train_timesteps": 1000,
+  "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": false, "skip_prk_steps": true,
+  "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": null, "use_karras_sigmas": false
+}"#;
+
+const SDXL_INDEX: &str = r#"{
+  "_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": true,
+  "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+  "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+  "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+  "vae": ["diffusers", "AutoencoderKL"]
+}"#;
+
 const SD15_INDEX: &str = r#"{
   "_class_name": "StableDiffusionPipeline", "feature_extractor": [null, null], "safety_checker": [null, null],
   "requires_safety_checker": false, "scheduler": ["diffusers", "PNDMScheduler"],
@@ -165,33 +211,64 @@ impl SimpleBackend for SharedBackend {
     }
 }
 
-/// Writes a random `family` model (only `sd15` so far) as a diffusers folder.
-pub fn write(family: &str, out: &Path, seed: u64) -> anyhow::Result<()> {
-    if family != "sd15" {
-        bail!("unknown family {family:?}; available: sd15");
-    }
-    write_with(out, seed, [SD15_UNET, SD15_VAE, SD15_CLIP])
+/// A family's folder: its index, scheduler and components' `config.json` texts.
+struct Configs<'a> {
+    index: &'a str,
+    scheduler: &'a str,
+    unet: &'a str,
+    vae: &'a str,
+    clip: &'a str,
+    /// SDXL's second, projecting text encoder.
+    clip_2: Option<&'a str>,
 }
 
-/// Writes a random model with the given UNet, VAE and CLIP `config.json` texts.
-fn write_with(out: &Path, seed: u64, [unet_json, vae_json, clip_json]: [&str; 3]) -> anyhow::Result<()> {
+/// Writes a random `family` model (`sd15` or `sdxl`) as a diffusers folder.
+pub fn write(family: &str, out: &Path, seed: u64) -> anyhow::Result<()> {
+    let configs = match family {
+        "sd15" => Configs {
+            index: SD15_INDEX,
+            scheduler: SD15_SCHEDULER,
+            unet: SD15_UNET,
+            vae: SD15_VAE,
+            clip: SD15_CLIP,
+            clip_2: None,
+        },
+        // SDXL's first text encoder is SD 1.5's CLIP ViT-L.
+        "sdxl" => Configs {
+            index: SDXL_INDEX,
+            scheduler: SDXL_SCHEDULER,
+            unet: SDXL_UNET,
+            vae: SDXL_VAE,
+            clip: SD15_CLIP,
+            clip_2: Some(SDXL_CLIP_2),
+        },
+        _ => bail!("unknown family {family:?}; available: sd15, sdxl"),
+    };
+    write_with(out, seed, &configs)
+}
+
+/// Writes a random model from its configs; SD 1.x layouts also as one
+/// LDM-named `model.safetensors` (the name tables store no other family).
+fn write_with(out: &Path, seed: u64, configs: &Configs) -> anyhow::Result<()> {
     if out.exists() {
         bail!("{}: already exists", out.display());
     }
-    let unet: UNetConfig = serde_json::from_str(unet_json)?;
-    let vae: VaeConfig = serde_json::from_str(vae_json)?;
-    let clip: ClipConfig = serde_json::from_str(clip_json)?;
+    let unet: UNetConfig = serde_json::from_str(configs.unet)?;
+    let vae: VaeConfig = serde_json::from_str(configs.vae)?;
+    let clip: ClipConfig = serde_json::from_str(configs.clip)?;
     // Written to a temporary folder and renamed, so a half-written model is never picked up.
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = tempfile::Builder::new().prefix(".sdgen-random-").tempdir_in(parent)?;
     let root = tmp.path();
-    for (file, text) in [
-        ("model_index.json", SD15_INDEX),
-        ("scheduler/scheduler_config.json", SD15_SCHEDULER),
-        ("unet/config.json", unet_json),
-        ("vae/config.json", vae_json),
-        ("text_encoder/config.json", clip_json),
-    ] {
+    let mut files = vec![
+        ("model_index.json", configs.index),
+        ("scheduler/scheduler_config.json", configs.scheduler),
+        ("unet/config.json", configs.unet),
+        ("vae/config.json", configs.vae),
+        ("text_encoder/config.json", configs.clip),
+    ];
+    files.extend(configs.clip_2.map(|c| ("text_encoder_2/config.json", c)));
+    for (file, text) in files {
         let path = root.join(file);
         std::fs::create_dir_all(path.parent().expect("has a folder"))?;
         std::fs::write(&path, text)?;
@@ -207,8 +284,21 @@ fn write_with(out: &Path, seed: u64, [unet_json, vae_json, clip_json]: [&str; 3]
         write_component(&root.join("text_encoder"), "model.fp16.safetensors", seed.wrapping_add(2), |vb| {
             ClipTextModel::new(&clip, vb).map(|_| ())
         })?;
-    let single = ldm_checkpoint(&unet, &vae, [unet_weights, vae_weights, clip_weights])?;
-    candle_core::safetensors::save(&single, root.join("model.safetensors"))?;
+    match configs.clip_2 {
+        Some(json) => {
+            let cfg: ClipConfig = serde_json::from_str(json)?;
+            let projection = cfg.projection_dim.context("the second text encoder's config has no projection_dim")?;
+            write_component(&root.join("text_encoder_2"), "model.fp16.safetensors", seed.wrapping_add(3), |vb| {
+                ClipTextModel::new(&cfg, vb.clone())?;
+                candle_nn::linear_no_bias(cfg.hidden_size, projection, vb.pp("text_projection"))?;
+                Ok(())
+            })?;
+        }
+        None => {
+            let single = ldm_checkpoint(&unet, &vae, [unet_weights, vae_weights, clip_weights])?;
+            candle_core::safetensors::save(&single, root.join("model.safetensors"))?;
+        }
+    }
     let kept = tmp.keep();
     std::fs::rename(&kept, out).with_context(|| format!("{}: cannot create", out.display()))?;
     Ok(())
@@ -218,20 +308,26 @@ fn write_with(out: &Path, seed: u64, [unet_json, vae_json, clip_json]: [&str; 3]
 mod tests {
     use super::*;
 
-    /// Small configs of the same architecture exercise the same code.
-    fn tiny() -> [String; 3] {
-        let fixture = |p: &str| {
-            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd1").join(p))
-                .unwrap()
-        };
-        [fixture("unet/config.json"), fixture("vae/config.json"), fixture("text_encoder/config.json")]
+    /// A tiny fixture's config texts: small configs of the same architecture
+    /// exercise the same code.
+    fn tiny(fixture: &str, files: &[&str]) -> Vec<String> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(fixture);
+        files.iter().map(|f| std::fs::read_to_string(dir.join(f)).unwrap()).collect()
     }
 
     #[test]
     fn random_models_are_deterministic_and_load() {
         let dir = tempfile::tempdir().unwrap();
-        let cfgs = tiny();
-        let cfgs = [cfgs[0].as_str(), cfgs[1].as_str(), cfgs[2].as_str()];
+        let texts = tiny("tiny-sd1", &["unet/config.json", "vae/config.json", "text_encoder/config.json"]);
+        let cfgs = Configs {
+            index: SD15_INDEX,
+            scheduler: SD15_SCHEDULER,
+            unet: &texts[0],
+            vae: &texts[1],
+            clip: &texts[2],
+            clip_2: None,
+        };
+        let cfgs = &cfgs;
         let (a, b, c) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
         write_with(&a, 7, cfgs).unwrap();
         write_with(&b, 7, cfgs).unwrap();
@@ -260,6 +356,29 @@ mod tests {
             assert!(values.iter().any(|v| (v - mean).abs() > 1e-3), "a constant output: weights left at zero");
         }
         assert!(write_with(&a, 7, cfgs).is_err(), "an existing folder is not overwritten");
-        assert!(write("sdxl", &dir.path().join("x"), 0).is_err());
+        assert!(write("sd3", &dir.path().join("x"), 0).is_err());
+    }
+
+    #[test]
+    fn random_sdxl_models_load_as_sdxl() {
+        let dir = tempfile::tempdir().unwrap();
+        let texts = tiny(
+            "tiny-sdxl",
+            &["unet/config.json", "vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json"],
+        );
+        let cfgs = Configs {
+            index: SDXL_INDEX,
+            scheduler: SDXL_SCHEDULER,
+            unet: &texts[0],
+            vae: &texts[1],
+            clip: &texts[2],
+            clip_2: Some(&texts[3]),
+        };
+        let out = dir.path().join("xl");
+        write_with(&out, 1, &cfgs).unwrap();
+        let model = crate::loading::Model::load(&out, &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(model.family, crate::loading::Family::Sdxl);
+        assert!(model.unused.is_empty(), "{:?}", model.unused);
+        assert!(model.text.pooled.is_some());
     }
 }

@@ -193,7 +193,8 @@ fn sdxl_unet_add_embedding_matches_diffusers() {
     let r = candle_core::safetensors::load(fixture("reference/sdxl/unet.safetensors"), &Device::Cpu).unwrap();
     let t = r["timestep"].to_vec1::<f32>().unwrap()[0];
     let run = |text_embeds: &Tensor, time_ids: &Tensor| {
-        let tt = TextTime { text_embeds, time_ids };
+        let time_ids: Vec<f32> = time_ids.flatten_all().unwrap().to_vec1().unwrap();
+        let tt = TextTime { text_embeds, time_ids: &time_ids };
         unet.forward_with(&r["sample"], t, &r["context"], None, Some(&tt)).unwrap()
     };
     let out = run(&r["text_embeds"], &r["time_ids"]);

@@ -179,6 +179,19 @@ pub enum DevCommand {
         #[arg(long)]
         dtype: Option<Precision>,
     },
+    /// Check each fused op on a device against its CPU forward on every
+    /// layer shape of SD 1.5's UNet and VAE, with random inputs; prints the
+    /// errors and a JSON summary, and fails beyond the bound.
+    OpsCheck {
+        /// Image side in pixels the shapes are taken at.
+        #[arg(long, default_value_t = 512)]
+        size: usize,
+        #[arg(long, default_value = "auto")]
+        device: DeviceSpec,
+        /// f32, f16 or bf16 [default: f32 on CPU, f16 on GPU].
+        #[arg(long)]
+        dtype: Option<Precision>,
+    },
     /// Measure the matrix-multiply rate of this build's backend (the peak
     /// that benchmarks compare achieved GFLOP/s against); prints JSON.
     MatmulPeak {

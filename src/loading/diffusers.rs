@@ -98,7 +98,13 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, merging: Merging) -> anyh
         let vb = component_weights(&ckpt, NameMap::prefixed(""), Component::TextEncoder2, merging, dtype, device);
         let projection = candle_nn::linear_no_bias(cfg.hidden_size, projection_dim, vb.pp("text_projection"))
             .with_context(|| format!("{}: text projection", second.display()))?;
-        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?;
+        // Without a folder, CLIP's vocabulary as OpenCLIP pads it ("!", id 0), as single files load it.
+        let tok_dir = dir.join("tokenizer_2");
+        let tokenizer = if tok_dir.is_dir() {
+            ClipTokenizer::from_dir(&tok_dir)?
+        } else {
+            ClipTokenizer::embedded_for(cfg.vocab_size)?.with_pad_id(0)
+        };
         (Some(ckpt), Some(PooledTextEncoder { tokenizer, model, projection }))
     } else {
         (None, None)

@@ -172,11 +172,12 @@ struct UpBlock {
 }
 
 /// SDXL's extra conditioning of one batch: the pooled text embedding
-/// `(B, P)` and the six numbers `(B, 6)` (original size, crop top-left,
-/// target size).
+/// `(B, P)` and the six numbers of each image, row after row (original
+/// size, crop top-left, target size), kept on the host: their sinusoids are
+/// computed there, so no pass waits to read them back from the device.
 pub struct TextTime<'a> {
     pub text_embeds: &'a Tensor,
-    pub time_ids: &'a Tensor,
+    pub time_ids: &'a [f32],
 }
 
 /// diffusers' `add_time_proj` + `add_embedding`: sinusoids of each time id,
@@ -371,8 +372,7 @@ impl UNet {
         let mut temb = self.time_linear_2.forward(&candle_nn::ops::silu(&temb)?)?;
         match (&self.add_embedding, text_time) {
             (Some(add), Some(tt)) => {
-                let ids: Vec<f32> = tt.time_ids.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                let times = self.sinusoids(&ids, add.time_dim, sample.device())?.reshape((batch, ()))?;
+                let times = self.sinusoids(tt.time_ids, add.time_dim, sample.device())?.reshape((batch, ()))?;
                 let input = Tensor::cat(&[&tt.text_embeds.to_dtype(DType::F32)?, &times], 1)?.to_dtype(temb.dtype())?;
                 let aug = add.linear_2.forward(&candle_nn::ops::silu(&add.linear_1.forward(&input)?)?)?;
                 temb = (temb + aug)?;

@@ -269,6 +269,20 @@ impl Vae {
         }
     }
 
+    /// [`Vae::decode`] of a batch, one image per item: on a GPU all at once
+    /// when one image would not be tiled (its kernels fill the device
+    /// better; every layer treats images independently, so the images are
+    /// the same), else one at a time, so memory stays that of one image.
+    pub fn decode_batch(&self, latents: &Tensor) -> Result<Vec<Tensor>> {
+        let (b, _, h, w) = latents.dims4()?;
+        let s = self.config.downscale();
+        if b > 1 && !latents.device().is_cpu() && !self.tiles(h * s * w * s, h, w) {
+            let images = self.decode_whole(latents)?;
+            return (0..b).map(|i| images.narrow(0, i, 1)).collect();
+        }
+        (0..b).map(|i| self.decode(&latents.narrow(0, i, 1)?)).collect()
+    }
+
     fn decode_whole(&self, latents: &Tensor) -> Result<Tensor> {
         let latents = latents.to_dtype(self.dtype())?;
         self.decoder.forward(&self.post_quant_conv.forward(&latents)?)?.to_dtype(DType::F32)

@@ -7,18 +7,23 @@
 use std::borrow::Cow;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+#[cfg(feature = "cuda")]
+use super::cuda;
 use super::kernels::{assume_init, exp_shifted, for_cpu, input_f32, matmul, output, uninit, Mat};
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 
 /// Query rows per CPU task: enough to amortise gemm's packing of the head's
 /// keys (repeated per task), few enough that a task's scores stay small.
 const QUERY_BLOCK: usize = 256;
 
-/// Upper bound on the bytes of one chunk's score matrix on other devices,
-/// whose composition materialises all heads' scores of a chunk at once.
-const GPU_SCORE_BUDGET_BYTES: usize = 2 << 30;
+/// Upper bound on the bytes of one chunk's f32 score matrix in the
+/// composition, which materialises all heads' scores of a chunk at once:
+/// a 1024² VAE's 16384 tokens take four chunks, not one 16384² matrix.
+const GPU_SCORE_BUDGET_BYTES: usize = 256 << 20;
 
 /// `softmax(q kᵀ / √d) v` for `q: (B, Lq, H·d)`, `k, v: (B, Lk, H·d)`, split into
 /// `heads` heads; returns `(B, Lq, H·d)`. With `causal`, query `i` sees keys `≤ i`
@@ -26,6 +31,9 @@ const GPU_SCORE_BUDGET_BYTES: usize = 2 << 30;
 /// whatever the inputs' dtype (diffusers' `upcast_attention`, for SD 2.1).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool, upcast: bool) -> Result<Tensor> {
     if !q.device().is_cpu() {
+        if cfg!(feature = "cuda") && flash_runs(q, k, v, heads)? {
+            return q.apply_op3_no_bwd(k, v, &AttentionOp { heads, causal });
+        }
         return attention_reference(q, k, v, heads, causal, upcast);
     }
     // The CPU kernel computes in f32 whatever the storage: `upcast` always holds.
@@ -73,7 +81,8 @@ pub fn attention_reference(
             let mask = Tensor::from_vec(mask, (n, lk), q.device())?.to_dtype(q.dtype())?;
             scores = scores.broadcast_add(&mask)?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(out_dtype)?;
+        // The softmax's maximum and sum in f32, whatever the scores' dtype.
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(out_dtype)?;
         outs.push(probs.matmul(&v)?);
         start += n;
     }
@@ -86,6 +95,46 @@ struct AttentionOp {
     causal: bool,
 }
 
+/// The head widths the CUDA kernel is instantiated for (`flash_attention_d*`):
+/// a head is zero-padded to the next one.
+const FLASH_HEAD_DIMS: [usize; 7] = [32, 48, 64, 80, 96, 128, 160];
+
+/// Whether the CUDA kernel takes these operands: f16 on a CUDA device,
+/// heads of up to 160 features (the VAE's one 512-wide head takes the
+/// composition), unit feature strides, and pairs of halves word-aligned
+/// (even batch and row strides and offsets). Scores are f32 in the kernel,
+/// so `upcast` holds.
+fn flash_runs(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<bool> {
+    let fits = |t: &Tensor| {
+        let st = t.stride();
+        t.device().is_cuda()
+            && t.dtype() == DType::F16
+            && st.len() == 3
+            && st[2] == 1
+            && st[..2].iter().all(|s| s.is_multiple_of(2))
+            && t.layout().start_offset().is_multiple_of(2)
+    };
+    let inner = q.dim(D::Minus1)?;
+    Ok([q, k, v].into_iter().all(fits)
+        && heads > 0
+        && inner.is_multiple_of(heads)
+        && flash_head_dim(inner / heads).is_some())
+}
+
+/// The kernel instance for heads of `d` features (even: pairs load as words).
+fn flash_head_dim(d: usize) -> Option<usize> {
+    FLASH_HEAD_DIMS.into_iter().find(|&p| p >= d).filter(|_| d > 0 && d.is_multiple_of(2))
+}
+
+/// Checks a `(B, L, H·d)` operand's shape; returns its length L.
+fn seq_len(l: &Layout, b: usize, inner: usize, what: &str) -> Result<usize> {
+    let (dims, st) = (l.dims(), l.stride());
+    if dims.len() != 3 || dims[0] != b || dims[2] != inner || st[2] != 1 {
+        bail!("attention: {what} has shape {dims:?} and strides {st:?}, expected ({b}, L, {inner}) with unit feature stride");
+    }
+    Ok(dims[1])
+}
+
 /// A `(B, L, H·d)` operand as f32: its elements and its batch and row strides.
 struct Seq<'a> {
     data: Cow<'a, [f32]>,
@@ -96,11 +145,8 @@ struct Seq<'a> {
 
 impl<'a> Seq<'a> {
     fn new(s: &'a CpuStorage, l: &Layout, b: usize, inner: usize, what: &str) -> Result<Self> {
-        let (dims, st) = (l.dims(), l.stride());
-        if dims.len() != 3 || dims[0] != b || dims[2] != inner || st[2] != 1 {
-            bail!("attention: {what} has shape {dims:?} and strides {st:?}, expected ({b}, L, {inner}) with unit feature stride");
-        }
-        Ok(Self { data: input_f32(s, l)?, len: dims[1], sb: st[0], sl: st[1] })
+        let len = seq_len(l, b, inner, what)?;
+        Ok(Self { data: input_f32(s, l)?, len, sb: l.stride()[0], sl: l.stride()[1] })
     }
 
     /// Head `h` of image `b` from row `r`: a matrix with rows `sl` apart.
@@ -110,6 +156,15 @@ impl<'a> Seq<'a> {
 }
 
 impl AttentionOp {
+    /// The batch and feature width of `q`, checked against the heads.
+    fn batch_and_width(&self, q: &Layout) -> Result<(usize, usize)> {
+        let &[b, _, inner] = q.dims() else { bail!("attention: q must be (B, L, H·d), got {:?}", q.dims()) };
+        if self.heads == 0 || !inner.is_multiple_of(self.heads) {
+            bail!("attention: {inner} features do not split into {} heads", self.heads);
+        }
+        Ok((b, inner))
+    }
+
     fn run(
         &self,
         q: (&CpuStorage, &Layout),
@@ -117,10 +172,7 @@ impl AttentionOp {
         v: (&CpuStorage, &Layout),
     ) -> Result<(CpuStorage, Shape)> {
         let dtype = q.0.dtype();
-        let &[b, _, inner] = q.1.dims() else { bail!("attention: q must be (B, L, H·d), got {:?}", q.1.dims()) };
-        if self.heads == 0 || !inner.is_multiple_of(self.heads) {
-            bail!("attention: {inner} features do not split into {} heads", self.heads);
-        }
+        let (b, inner) = self.batch_and_width(q.1)?;
         let (q, k, v) = (
             Seq::new(q.0, q.1, b, inner, "q")?,
             Seq::new(k.0, k.1, b, inner, "k")?,
@@ -175,6 +227,53 @@ impl AttentionOp {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl AttentionOp {
+    /// The flash kernel (f16 only; `attention` routes everything else to the composition).
+    fn run_cuda(
+        &self,
+        (qs, ql): (&CudaStorage, &Layout),
+        (ks, kl): (&CudaStorage, &Layout),
+        (vs, vl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::cuda::cudarc::driver::PushKernelArg;
+        use candle_core::cuda::WrapErr;
+        use half::f16;
+        let (b, inner) = self.batch_and_width(ql)?;
+        let (lq, lk, lv) = (seq_len(ql, b, inner, "q")?, seq_len(kl, b, inner, "k")?, seq_len(vl, b, inner, "v")?);
+        if lk != lv {
+            bail!("attention: {lk} keys but {lv} values");
+        }
+        let d = inner / self.heads;
+        let Some(dp) = flash_head_dim(d) else { bail!("attention: no CUDA kernel for heads of {d} features") };
+        let dev = qs.device();
+        let (q, k, v) = (
+            cuda::strided_view::<f16>(qs, ql)?,
+            cuda::strided_view::<f16>(ks, kl)?,
+            cuda::strided_view::<f16>(vs, vl)?,
+        );
+        // SAFETY: the kernel writes every (row, feature) of the output.
+        let mut out = unsafe { dev.alloc::<f16>(b * lq * inner)? };
+        let func = cuda::function(dev, &cuda::ATTENTION, &format!("flash_attention_d{dp}"))?;
+        let ints = [lq, lk, self.heads, d].map(|v| v as i32);
+        let strides = [ql, kl, vl].map(|l| [l.stride()[0] as i64, l.stride()[1] as i64]);
+        let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
+        let causal = self.causal as i32;
+        let mut args = func.builder();
+        args.arg(&q).arg(&k).arg(&v).arg(&mut out);
+        for i in &ints {
+            args.arg(i);
+        }
+        for s in strides.iter().flatten() {
+            args.arg(s);
+        }
+        args.arg(&scale_log2).arg(&causal);
+        // SAFETY: the arguments match the kernel's signature; 64 query rows per block, 4 warps.
+        unsafe { args.launch(cuda::grid(lq.div_ceil(64), b * self.heads, 1, 128)?) }.w()?;
+        Ok((cuda::storage(out, dev), Shape::from((b, lq, inner))))
+    }
+}
+
 impl CustomOp3 for AttentionOp {
     fn name(&self) -> &'static str {
         "sdgen-attention"
@@ -189,5 +288,17 @@ impl CustomOp3 for AttentionOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.run((s1, l1), (s2, l2), (s3, l3))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.run_cuda((s1, l1), (s2, l2), (s3, l3))
     }
 }

@@ -11,15 +11,22 @@
 use std::mem::MaybeUninit;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+#[cfg(feature = "cuda")]
+use super::cuda;
 use super::kernels::{assume_init, input_f32, matmul, output, threads, uninit, weight_blocks, with_weight, Mat};
 
 /// Upper bound on one chunk's column matrix: the VAE's full-resolution
 /// convolutions would otherwise need gigabytes.
 const COLUMN_BUDGET_BYTES: usize = 32 << 20;
+/// The same bound on a GPU, where bigger GEMMs pay.
+#[cfg(feature = "cuda")]
+const GPU_COLUMN_BUDGET_BYTES: usize = 128 << 20;
 
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -81,16 +88,16 @@ impl Conv2d {
         offset: Option<&Tensor>,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if !x.device().is_cpu() {
+        if !super::fused(x) {
             let x = match resize {
                 Some((h, w)) => x.upsample_nearest2d(h, w)?,
                 None => x.clone(),
             };
             return self.reference(&x, offset, residual);
         }
-        // A 1×1 convolution reads an f32 input in place when its pixels are
-        // one stride apart; everything else gathers columns from a contiguous input.
-        let in_place = x.dtype() == candle_core::DType::F32 && resize.is_none() && self.reads_in_place(x);
+        // On the CPU a 1×1 convolution reads an f32 input in place when its
+        // pixels are one stride apart; everything else reads a contiguous input.
+        let in_place = x.device().is_cpu() && x.dtype() == DType::F32 && resize.is_none() && self.reads_in_place(x);
         let x = if in_place { x.clone() } else { x.contiguous()? };
         let op = ConvOp { conv: self, in_place, resize, offset: offset.is_some(), residual: residual.is_some() };
         let residual = residual.map(Tensor::contiguous).transpose()?;
@@ -147,8 +154,27 @@ struct ConvOp<'a> {
     residual: bool,
 }
 
+/// A convolution's sizes for one input.
+struct Geometry {
+    b: usize,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    /// The stored input's size.
+    hi: usize,
+    wi: usize,
+    /// The convolved input's size (after the resize, if any).
+    h: usize,
+    w: usize,
+    ho: usize,
+    wo: usize,
+    /// For a resized input, the stored row and column each convolved row and column reads.
+    maps: Option<(Vec<usize>, Vec<usize>)>,
+}
+
 impl ConvOp<'_> {
-    fn run(&self, (xs, xl): (&CpuStorage, &Layout), extra: &[(&CpuStorage, &Layout)]) -> Result<(CpuStorage, Shape)> {
+    /// Checks the input and extra inputs' shapes against the weights.
+    fn geometry(&self, xl: &Layout, extra: &[&Layout]) -> Result<Geometry> {
         let c = self.conv;
         let (cout, cin, k, _) = c.weight.dims4()?;
         let &[b, xc, hi, wi] = xl.dims() else { bail!("conv2d: expected a 4-D input, got {:?}", xl.dims()) };
@@ -158,15 +184,33 @@ impl ConvOp<'_> {
         if hi == 0 || wi == 0 {
             bail!("conv2d: an empty {hi}×{wi} input");
         }
-        // The convolved input's size, and for a resized one the stored row
-        // and column each of its rows and columns reads.
         let (h, w) = self.resize.unwrap_or((hi, wi));
         let maps = self.resize.map(|(h, w)| (nearest(hi, h), nearest(wi, w)));
         let (ho, wo) = c.out_size(h, w)?;
+        let mut lens = Vec::new();
+        if self.offset {
+            lens.push((b * cout, "offset"));
+        }
+        if self.residual {
+            lens.push((b * cout * ho * wo, "residual"));
+        }
+        for (l, (len, what)) in extra.iter().zip(lens) {
+            if l.shape().elem_count() != len || !l.is_contiguous() {
+                bail!("conv2d: {what} of shape {:?} does not match the output", l.dims());
+            }
+        }
+        Ok(Geometry { b, cin, cout, k, hi, wi, h, w, ho, wo, maps })
+    }
+
+    fn run(&self, (xs, xl): (&CpuStorage, &Layout), extra: &[(&CpuStorage, &Layout)]) -> Result<(CpuStorage, Shape)> {
+        let c = self.conv;
+        let layouts: Vec<&Layout> = extra.iter().map(|e| e.1).collect();
+        let Geometry { b, cin, cout, k, hi, wi, h, w, ho, wo, maps } = self.geometry(xl, &layouts)?;
         let p = ho * wo;
-        let offset = if self.offset { Some(extra_input(extra[0], b * cout, "offset")?) } else { None };
+        let offset = if self.offset { Some(input_f32(extra[0].0, extra[0].1)?) } else { None };
         let residual = if self.residual {
-            Some(extra_input(extra[self.offset as usize], b * cout * p, "residual")?)
+            let (s, l) = extra[self.offset as usize];
+            Some(input_f32(s, l)?)
         } else {
             None
         };
@@ -268,12 +312,100 @@ impl ConvOp<'_> {
     }
 }
 
-/// A contiguous extra input of `len` elements, as f32.
-fn extra_input<'a>((s, l): (&'a CpuStorage, &Layout), len: usize, what: &str) -> Result<std::borrow::Cow<'a, [f32]>> {
-    if l.shape().elem_count() != len || !l.is_contiguous() {
-        bail!("conv2d: {what} of shape {:?} does not match the output", l.dims());
+#[cfg(feature = "cuda")]
+impl ConvOp<'_> {
+    fn cuda(&self, x: (&CudaStorage, &Layout), extra: &[(&CudaStorage, &Layout)]) -> Result<(CudaStorage, Shape)> {
+        match x.0.dtype() {
+            DType::F32 => self.run_cuda::<f32>(x, extra),
+            DType::F16 => self.run_cuda::<half::f16>(x, extra),
+            dtype => bail!("conv2d: no CUDA kernel for {dtype:?}"),
+        }
     }
-    input_f32(s, l)
+
+    /// The initial value, then cuBLAS: a pointwise convolution is one GEMM
+    /// per image over its `(cin, pixels)` input as it lies; a k×k one
+    /// gathers columns (of whole images when they fit the budget, else of
+    /// output rows of one image) and multiplies each chunk.
+    fn run_cuda<T: cuda::Elem>(
+        &self,
+        (xs, xl): (&CudaStorage, &Layout),
+        extra: &[(&CudaStorage, &Layout)],
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::cuda::cudarc::driver::PushKernelArg;
+        use candle_core::cuda::WrapErr;
+        let c = self.conv;
+        let layouts: Vec<&Layout> = extra.iter().map(|e| e.1).collect();
+        let Geometry { b, cin, cout, k, hi, wi, h, w, ho, wo, maps } = self.geometry(xl, &layouts)?;
+        let (dev, p, kk) = (xs.device(), ho * wo, cin * k * k);
+        let x = cuda::view::<T>(xs, xl)?;
+        let offset = if self.offset { Some(cuda::view::<T>(extra[0].0, extra[0].1)?) } else { None };
+        let residual = if self.residual {
+            let (s, l) = extra[self.offset as usize];
+            Some(cuda::view::<T>(s, l)?)
+        } else {
+            None
+        };
+        // SAFETY: the initial value fills every element.
+        let mut out = unsafe { dev.alloc::<T>(b * cout * p)? };
+        cuda::with_weight::<T, _>(&c.bias, |bias| {
+            cuda::fill_initial(
+                dev,
+                &mut out,
+                Some(&bias),
+                offset.as_ref(),
+                residual.as_ref(),
+                (b * cout, p, cout, true),
+            )
+        })?;
+        cuda::with_weight::<T, _>(&c.weight, |weight| {
+            let lhs = || cuda::Operand { data: &weight, ld: kk, batch_stride: 0, transposed: false };
+            if k == 1 && c.stride == 1 && c.padding == [0; 4] && maps.is_none() {
+                let rhs = cuda::Operand { data: &x, ld: p, batch_stride: cin * p, transposed: false };
+                return cuda::gemm(dev, (cout, p, cin, b), lhs(), rhs, &mut out.slice_mut(..), (p, cout * p), 1.0);
+            }
+            let per_row = kk * wo * std::mem::size_of::<T>();
+            let rows = (GPU_COLUMN_BUDGET_BYTES / per_row).clamp(1, ho);
+            let images = if rows == ho { (GPU_COLUMN_BUDGET_BYTES / (per_row * ho)).clamp(1, b) } else { 1 };
+            // SAFETY: each chunk's gather writes the columns its GEMM reads.
+            let mut col = unsafe { dev.alloc::<T>(kk * images * rows * wo)? };
+            let stream = dev.cuda_stream();
+            let upload = |m: &[usize]| stream.clone_htod(&m.iter().map(|&i| i as i32).collect::<Vec<_>>()).w();
+            let maps =
+                maps.as_ref().map(|(ys, xs)| Ok::<_, candle_core::Error>((upload(ys)?, upload(xs)?))).transpose()?;
+            let (row_map, col_map) = match &maps {
+                Some((ys, xs)) => (Some(ys.slice(..)), Some(xs.slice(..))),
+                None => (None, None),
+            };
+            let (row_map, col_map) = (cuda::Ptr::of(row_map.as_ref()), cuda::Ptr::of(col_map.as_ref()));
+            let im2col = cuda::function(dev, &cuda::CONV, &format!("im2col_{}", T::SUFFIX))?;
+            let geometry = [cin, h, w, hi, wi, k, c.stride, c.padding[0], c.padding[2]].map(|v| v as i32);
+            let threads = wo.next_multiple_of(32).min(256);
+            for b0 in (0..b).step_by(images) {
+                let nb = images.min(b - b0);
+                for y0 in (0..ho).step_by(rows) {
+                    let (nr, first, width) = (rows.min(ho - y0), y0 as i32, wo as i32);
+                    let n = nr * wo;
+                    let xv = x.slice(b0 * cin * hi * wi..);
+                    let mut args = im2col.builder();
+                    args.arg(&xv).arg(&mut col);
+                    row_map.push(&mut args);
+                    col_map.push(&mut args);
+                    for g in &geometry {
+                        args.arg(g);
+                    }
+                    args.arg(&first).arg(&width);
+                    // SAFETY: the arguments match the kernel's signature; the grid covers the chunk.
+                    unsafe { args.launch(cuda::grid(nr, kk, nb, threads)?) }.w()?;
+                    let colv = col.slice(..);
+                    let rhs = cuda::Operand { data: &colv, ld: n, batch_stride: kk * n, transposed: false };
+                    let mut target = out.slice_mut(b0 * cout * p + y0 * wo..);
+                    cuda::gemm(dev, (cout, n, kk, nb), lhs(), rhs, &mut target, (p, cout * p), 1.0)?;
+                }
+            }
+            Ok(())
+        })?;
+        Ok((cuda::storage(out, dev), Shape::from((b, cout, ho, wo))))
+    }
 }
 
 /// A kernel tap and the geometry that places it on the input.
@@ -371,6 +503,10 @@ impl CustomOp1 for ConvOp<'_> {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         self.run((s, l), &[])
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.cuda((s, l), &[])
+    }
 }
 
 impl CustomOp2 for ConvOp<'_> {
@@ -379,6 +515,10 @@ impl CustomOp2 for ConvOp<'_> {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         self.run((s, l), &[(s2, l2)])
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.cuda((s, l), &[(s2, l2)])
     }
 }
 
@@ -397,5 +537,18 @@ impl CustomOp3 for ConvOp<'_> {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.run((s, l), &[(s2, l2), (s3, l3)])
+    }
+    #[cfg(feature = "cuda")]
+    #[allow(clippy::too_many_arguments)]
+    fn cuda_fwd(
+        &self,
+        s: &CudaStorage,
+        l: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.cuda((s, l), &[(s2, l2), (s3, l3)])
     }
 }

@@ -9,9 +9,13 @@ use std::mem::MaybeUninit;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+#[cfg(feature = "cuda")]
+use candle_core::{CudaStorage, DType};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+#[cfg(feature = "cuda")]
+use super::cuda;
 use super::kernels::{
     assume_init, for_cpu, input_f32, matmul, output, threads, uninit, weight_blocks, with_weight, Mat,
 };
@@ -41,18 +45,33 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !x.device().is_cpu() {
+        if !super::fused(x) {
             return self.reference(x, None);
         }
-        for_cpu(x)?.apply_op1_no_bwd(&LinearOp { linear: self })
+        Self::input(x)?.apply_op1_no_bwd(&LinearOp { linear: self })
     }
 
     /// `linear(x) + residual`.
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        if !x.device().is_cpu() {
+        if !super::fused(x) {
             return self.reference(x, Some(residual));
         }
-        for_cpu(x)?.apply_op2_no_bwd(&residual.contiguous()?, &LinearOp { linear: self })
+        Self::input(x)?.apply_op2_no_bwd(&residual.contiguous()?, &LinearOp { linear: self })
+    }
+
+    /// `x` as the fused forwards read it: the CPU's any f32 layout; CUDA's
+    /// (cuBLAS) rows or columns with a unit stride.
+    fn input(x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() {
+            return for_cpu(x);
+        }
+        let st = x.stride();
+        let unit = st.last() == Some(&1) || (st.len() == 3 && st[1] == 1);
+        if unit {
+            Ok(x.clone())
+        } else {
+            x.contiguous()
+        }
     }
 
     /// The unfused composition: other devices' path and the CPU op's reference in tests.
@@ -76,12 +95,21 @@ struct LinearOp<'a> {
     linear: &'a Linear,
 }
 
+/// A linear layer's input as GEMM rows: `b` batches of `l` rows, with
+/// strides between batches, rows and features; `cout` outputs per row.
+struct Rows {
+    cout: usize,
+    b: usize,
+    l: usize,
+    sb: usize,
+    sl: usize,
+    sc: usize,
+}
+
 impl LinearOp<'_> {
-    fn run(&self, x: (&CpuStorage, &Layout), residual: Option<(&CpuStorage, &Layout)>) -> Result<(CpuStorage, Shape)> {
-        let (xs, xl) = x;
+    fn rows(&self, xl: &Layout, residual: Option<&Layout>) -> Result<Rows> {
         let (cout, cin) = self.linear.weight.dims2()?;
         let (dims, st) = (xl.dims(), xl.stride());
-        // (batches, rows, cin) with strides (batch, row, col).
         let (b, l, sb, sl, sc) = match *dims {
             [l, c] if c == cin => (1, l, 0, st[0], st[1]),
             [b, l, c] if c == cin => (b, l, st[0], st[1], st[2]),
@@ -89,16 +117,26 @@ impl LinearOp<'_> {
         };
         // One GEMM over all rows when the batches are stacked rows.
         let (b, l, sb) = if b > 1 && sb == l * sl { (1, b * l, 0) } else { (b, l, sb) };
-        let x = input_f32(xs, xl)?;
-        let residual = match residual {
-            Some((s, rl)) => {
-                if rl.shape().elem_count() != b * l * cout || !rl.is_contiguous() {
-                    bail!("linear: residual {:?} does not match the output", rl.dims());
-                }
-                Some(input_f32(s, rl)?)
+        if let Some(rl) = residual {
+            if rl.shape().elem_count() != b * l * cout || !rl.is_contiguous() {
+                bail!("linear: residual {:?} does not match the output", rl.dims());
             }
-            None => None,
-        };
+        }
+        Ok(Rows { cout, b, l, sb, sl, sc })
+    }
+
+    /// The output's shape: the input's with `cout` features.
+    fn out_shape(xl: &Layout, cout: usize) -> Shape {
+        let mut shape = xl.dims().to_vec();
+        *shape.last_mut().expect("rank ≥ 2") = cout;
+        Shape::from(shape)
+    }
+
+    fn run(&self, x: (&CpuStorage, &Layout), residual: Option<(&CpuStorage, &Layout)>) -> Result<(CpuStorage, Shape)> {
+        let (xs, xl) = x;
+        let Rows { cout, b, l, sb, sl, sc, .. } = self.rows(xl, residual.map(|r| r.1))?;
+        let x = input_f32(xs, xl)?;
+        let residual = residual.map(|(s, rl)| input_f32(s, rl)).transpose()?;
         let accumulate = self.linear.bias.is_some() || residual.is_some();
         let bias = match &self.linear.bias {
             Some(t) => with_weight(t, |v| Ok(v.to_vec()))?,
@@ -175,9 +213,58 @@ impl LinearOp<'_> {
         }
         // SAFETY: every element was written by the initial value or the GEMM.
         let out = unsafe { assume_init(out) };
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("rank ≥ 2") = cout;
-        Ok((output(out, xs.dtype())?, Shape::from(shape)))
+        Ok((output(out, xs.dtype())?, Self::out_shape(xl, cout)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl LinearOp<'_> {
+    fn cuda(
+        &self,
+        x: (&CudaStorage, &Layout),
+        residual: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<(CudaStorage, Shape)> {
+        match x.0.dtype() {
+            DType::F32 => self.run_cuda::<f32>(x, residual),
+            DType::F16 => self.run_cuda::<half::f16>(x, residual),
+            dtype => bail!("linear: no CUDA kernel for {dtype:?}"),
+        }
+    }
+
+    /// The initial value (bias, residual), then one cuBLAS product per batch
+    /// of rows, reading rows or (a permuted feature map's) columns in place.
+    fn run_cuda<T: cuda::Elem>(
+        &self,
+        (xs, xl): (&CudaStorage, &Layout),
+        residual: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<(CudaStorage, Shape)> {
+        let Rows { cout, b, l, sb, sl, sc } = self.rows(xl, residual.map(|r| r.1))?;
+        let (dev, cin) = (xs.device(), self.linear.weight.dim(1)?);
+        let x = cuda::strided_view::<T>(xs, xl)?;
+        let a = match (sl, sc) {
+            (_, 1) => cuda::Operand { data: &x, ld: sl, batch_stride: sb, transposed: false },
+            (1, _) => cuda::Operand { data: &x, ld: sc, batch_stride: sb, transposed: true },
+            _ => bail!("linear: the CUDA forward reads rows or columns in place, not strides {:?}", xl.stride()),
+        };
+        let residual = residual.map(|(s, rl)| cuda::view::<T>(s, rl)).transpose()?;
+        // SAFETY: the initial value or the product (beta 0) writes every element.
+        let mut out = unsafe { dev.alloc::<T>(b * l * cout)? };
+        let bias = self.linear.bias.as_ref();
+        let accumulate = bias.is_some() || residual.is_some();
+        let rows = (b * l, cout, cout, false);
+        match bias {
+            Some(t) => cuda::with_weight::<T, _>(t, |v| {
+                cuda::fill_initial(dev, &mut out, Some(&v), None, residual.as_ref(), rows)
+            })?,
+            None if accumulate => cuda::fill_initial(dev, &mut out, None, None, residual.as_ref(), rows)?,
+            None => {}
+        }
+        cuda::with_weight::<T, _>(&self.linear.weight, |w| {
+            let wt = cuda::Operand { data: &w, ld: cin, batch_stride: 0, transposed: true };
+            let beta = if accumulate { 1.0 } else { 0.0 };
+            cuda::gemm(dev, (l, cout, cin, b), a, wt, &mut out.slice_mut(..), (cout, l * cout), beta)
+        })?;
+        Ok((cuda::storage(out, dev), Self::out_shape(xl, cout)))
     }
 }
 
@@ -188,6 +275,10 @@ impl CustomOp1 for LinearOp<'_> {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         self.run((s, l), None)
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.cuda((s, l), None)
+    }
 }
 
 impl CustomOp2 for LinearOp<'_> {
@@ -196,5 +287,9 @@ impl CustomOp2 for LinearOp<'_> {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         self.run((s, l), Some((s2, l2)))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.cuda((s, l), Some((s2, l2)))
     }
 }

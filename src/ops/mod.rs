@@ -5,14 +5,18 @@
 //! follows it ([`GroupNorm`]), attention blocked per head and query rows
 //! ([`attention`]) and the feed-forward gate ([`geglu`]).
 //!
-//! Each op has a CPU forward (`cpu_fwd`, f32 and f16); on other devices the
-//! same struct runs the unfused candle composition, which is also the
-//! reference the CPU forward is tested against (`tests/ops.rs`). A CUDA
-//! forward goes beside each `cpu_fwd`.
+//! Each op has a CPU forward (`cpu_fwd`, f32 and f16) and, with the `cuda`
+//! feature, a CUDA forward (`cuda_fwd`, f32 and f16) beside it, on kernels of
+//! our own ([`cuda`]) and cuBLAS; on other devices and dtypes the same struct
+//! runs the unfused candle composition, which is also the reference the CPU
+//! forward is tested against (`tests/ops.rs`), and the CPU forward the
+//! reference of the CUDA one (`sdgen dev ops-check`).
 
 mod activation;
 mod attention;
+pub mod cases;
 mod conv;
+pub mod cuda;
 mod kernels;
 mod linear;
 mod norm;
@@ -22,6 +26,18 @@ pub use attention::{attention, attention_reference};
 pub use conv::Conv2d;
 pub use linear::Linear;
 pub use norm::GroupNorm;
+
+/// Whether our fused forward runs for `x`: on the CPU always, on a CUDA
+/// device (built with the `cuda` feature) for f32 and f16 data.
+fn fused(x: &candle_core::Tensor) -> bool {
+    match x.device() {
+        candle_core::Device::Cpu => true,
+        candle_core::Device::Cuda(_) => {
+            cfg!(feature = "cuda") && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F16)
+        }
+        _ => false,
+    }
+}
 
 /// A layer's weight, with the init hint candle-nn's layers give (random
 /// models follow it): a fan-in-scaled normal.

@@ -65,7 +65,7 @@ pub struct Conditioning {
     pub cond: TextEmbedding,
     pub uncond: Option<TextEmbedding>,
     pub cfg_scale: f64,
-    pub time_ids: Option<Tensor>,
+    pub time_ids: Option<Vec<f32>>,
 }
 
 /// Layer 1: the backbone with its conditioning for one batch: the text
@@ -76,7 +76,7 @@ pub struct Conditioned<'a> {
     backbone: &'a dyn Backbone,
     context: Tensor,
     /// SDXL's pooled embeddings and size numbers, batched like `context`.
-    added: Option<(Tensor, Tensor)>,
+    added: Option<(Tensor, Vec<f32>)>,
     /// Channels appended to the scaled sample, per image (an inpainting
     /// UNet's latent mask and masked-image latents).
     extra: Option<Tensor>,
@@ -114,7 +114,8 @@ impl<'a> Conditioned<'a> {
                     Some(None) => candle_core::bail!("the negative prompt has no pooled embedding"),
                     None => pooled.clone(),
                 };
-                Some((pooled.to_dtype(dtype)?, both(ids, ids)?))
+                let ids = if uncond.is_some() { [ids.as_slice(), ids].concat() } else { ids.clone() };
+                Some((pooled.to_dtype(dtype)?, ids))
             }
             _ => None,
         };

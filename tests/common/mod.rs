@@ -273,10 +273,7 @@ impl Parity {
 
 /// Max |a − b| relative to the reference's largest magnitude.
 pub fn relative_error(actual: &candle_core::Tensor, expected: &candle_core::Tensor) -> f32 {
-    assert_eq!(actual.dims(), expected.dims());
-    let diff = (actual - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
-    diff / scale
+    sdgen::ops::cases::relative_error(actual, expected).unwrap()
 }
 
 /// Module parity tolerance: fp32 round-off only (both sides compute in f32
