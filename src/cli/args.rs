@@ -143,9 +143,10 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum DevCommand {
     /// Write a model with random weights and the real shapes of a family
-    /// (a diffusers folder, f16), for benchmarks.
+    /// (a diffusers folder, f16; SD 1.5 also as one LDM-named file), for
+    /// benchmarks.
     RandomModel {
-        /// Model family: sd15.
+        /// Model family: sd15 or sdxl.
         #[arg(long, default_value = "sd15")]
         family: String,
         /// Folder to create.
