@@ -54,9 +54,7 @@ impl Progress {
             }
             RunEvent::Pipeline(e) => {
                 if let Some(t) = &mut self.timings {
-                    // GPU work is queued: wait for it so each phase gets its own time.
-                    session.device.synchronize().ok();
-                    t.event(e);
+                    t.event(e, &session.device);
                 }
                 match e {
                     Event::Warning(w) if !self.quiet => self.bars.suspend(|| eprintln!("warning: {w}")),
