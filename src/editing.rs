@@ -163,9 +163,75 @@ pub fn resize(image: &Image, width: usize, height: usize) -> Image {
     Image { width, height, rgb: out.into_raw() }
 }
 
+/// A1111's "crop and resize": scaled to cover `width × height` keeping its
+/// aspect ratio, then centred and cropped.
+pub fn resize_crop(image: &Image, width: usize, height: usize) -> Image {
+    let cover = width * image.height > height * image.width;
+    let (w, h) = if cover {
+        (width, (image.height * width / image.width).max(1))
+    } else {
+        ((image.width * height / image.height).max(1), height)
+    };
+    place(&resize(image, w, h), width, height, false)
+}
+
+/// A1111's "resize and fill": scaled to fit inside `width × height`
+/// keeping its aspect ratio, centred, and the bands left over filled with
+/// its edge rows or columns stretched outwards.
+pub fn resize_fill(image: &Image, width: usize, height: usize) -> Image {
+    let fit_width = width * image.height < height * image.width;
+    let (w, h) = if fit_width {
+        (width, (image.height * width / image.width).max(1))
+    } else {
+        ((image.width * height / image.height).max(1), height)
+    };
+    place(&resize(image, w, h), width, height, true)
+}
+
+/// `image` centred on a `width × height` canvas (offsets rounded as A1111's
+/// `width // 2 - w // 2`), cropping what overflows; with `extend`, the
+/// canvas outside it takes its nearest edge pixel.
+fn place(image: &Image, width: usize, height: usize, extend: bool) -> Image {
+    let offset = |outer: usize, inner: usize| outer as i64 / 2 - inner as i64 / 2;
+    let (ox, oy) = (offset(width, image.width), offset(height, image.height));
+    let mut rgb = vec![0u8; width * height * 3];
+    for y in 0..height {
+        let sy = y as i64 - oy;
+        for x in 0..width {
+            let sx = x as i64 - ox;
+            let inside = (0..image.width as i64).contains(&sx) && (0..image.height as i64).contains(&sy);
+            if !inside && !extend {
+                continue;
+            }
+            let (sx, sy) =
+                (sx.clamp(0, image.width as i64 - 1) as usize, sy.clamp(0, image.height as i64 - 1) as usize);
+            let s = 3 * (sy * image.width + sx);
+            rgb[3 * (y * width + x)..][..3].copy_from_slice(&image.rgb[s..s + 3]);
+        }
+    }
+    Image { width, height, rgb }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resize_modes_crop_or_fill_to_the_asked_size() {
+        // A 16×8 image into 8×8: cropping keeps the middle, filling pads
+        // the top and bottom with the edge rows.
+        let img = image(16, 8);
+        let crop = resize_crop(&img, 8, 8);
+        assert_eq!((crop.width, crop.height), (8, 8));
+        let fill = resize_fill(&img, 8, 8);
+        assert_eq!((fill.width, fill.height), (8, 8));
+        // Fitted 8×4 at rows 2..6; rows 0..2 repeat row 2, rows 6..8 repeat row 5.
+        let row = |i: usize| fill.rgb[i * 24..(i + 1) * 24].to_vec();
+        assert_eq!(row(0), row(2));
+        assert_eq!(row(1), row(2));
+        assert_eq!(row(7), row(5));
+        assert_ne!(row(2), row(5));
+    }
 
     fn image(w: usize, h: usize) -> Image {
         Image { width: w, height: h, rgb: (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect() }

@@ -18,10 +18,20 @@ pub struct Image {
 pub const MAX_SIDE: u32 = 16384;
 
 fn decode(path: &Path) -> anyhow::Result<image::DynamicImage> {
-    let mut reader = image::ImageReader::open(path)
+    let reader = image::ImageReader::open(path)
         .with_context(|| format!("{}: cannot open", path.display()))?
         .with_guessed_format()
         .with_context(|| format!("{}: cannot read", path.display()))?;
+    decode_from(reader, &path.display().to_string())
+}
+
+/// Decodes within [`MAX_SIDE`] (checked from the header, before pixels are
+/// allocated); errors name `what`.
+fn decode_from<R: std::io::BufRead + std::io::Seek>(
+    mut reader: image::ImageReader<R>,
+    what: &str,
+) -> anyhow::Result<image::DynamicImage> {
+    let path = Path::new(what);
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
@@ -40,15 +50,39 @@ fn decode(path: &Path) -> anyhow::Result<image::DynamicImage> {
 
 /// Reads an image as 8-bit RGB (alpha dropped, as PIL's `convert("RGB")`).
 pub fn read_image(path: &Path) -> anyhow::Result<Image> {
-    let rgb = decode(path)?.to_rgb8();
-    Ok(Image { width: rgb.width() as usize, height: rgb.height() as usize, rgb: rgb.into_raw() })
+    Ok(rgb_of(decode(path)?))
+}
+
+/// [`read_image`] of a PNG or JPEG file's bytes; errors name `what`.
+pub fn image_from_bytes(bytes: &[u8], what: &str) -> anyhow::Result<Image> {
+    Ok(rgb_of(decode_bytes(bytes, what)?))
+}
+
+/// [`read_mask_levels`] of a file's bytes; errors name `what`.
+pub fn mask_levels_from_bytes(bytes: &[u8], what: &str) -> anyhow::Result<(usize, usize, Vec<u8>)> {
+    Ok(mask_levels_of(decode_bytes(bytes, what)?))
+}
+
+fn decode_bytes(bytes: &[u8], what: &str) -> anyhow::Result<image::DynamicImage> {
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .with_context(|| format!("{what}: cannot read"))?;
+    decode_from(reader, what)
+}
+
+fn rgb_of(img: image::DynamicImage) -> Image {
+    let rgb = img.to_rgb8();
+    Image { width: rgb.width() as usize, height: rgb.height() as usize, rgb: rgb.into_raw() }
 }
 
 /// Reads a mask as 8-bit gray levels: the luminance (PIL's `convert("L")`
 /// weights) of its colour, or its alpha channel when it has one and its
 /// colour is the same everywhere (a mask painted as transparency).
 pub fn read_mask_levels(path: &Path) -> anyhow::Result<(usize, usize, Vec<u8>)> {
-    let img = decode(path)?;
+    Ok(mask_levels_of(decode(path)?))
+}
+
+fn mask_levels_of(img: image::DynamicImage) -> (usize, usize, Vec<u8>) {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let rgba = img.to_rgba8();
     let px: Vec<[u8; 4]> = rgba.pixels().map(|p| p.0).collect();
@@ -58,7 +92,7 @@ pub fn read_mask_levels(path: &Path) -> anyhow::Result<(usize, usize, Vec<u8>)> 
     } else {
         px.iter().map(|p| luminance(p[0], p[1], p[2])).collect()
     };
-    Ok((w, h, levels))
+    (w, h, levels)
 }
 
 /// ITU-R 601 luma in PIL's fixed-point form.
@@ -66,8 +100,24 @@ fn luminance(r: u8, g: u8, b: u8) -> u8 {
     ((r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16) as u8
 }
 
-/// Writes `image` as an 8-bit RGB PNG with a `parameters` text chunk (tEXt
-/// when the text is Latin-1, else iTXt, as PIL does), through a temporary
+/// `image` as an 8-bit RGB PNG with a `parameters` text chunk (tEXt when the
+/// text is Latin-1, else iTXt, as PIL does).
+pub fn encode_png(out: &mut impl Write, image: &Image, parameters: &str) -> anyhow::Result<()> {
+    let mut encoder = png::Encoder::new(out, image.width as u32, image.height as u32);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    if parameters.chars().all(|c| (c as u32) < 256) {
+        encoder.add_text_chunk("parameters".into(), parameters.into())?;
+    } else {
+        encoder.add_itxt_chunk("parameters".into(), parameters.into())?;
+    }
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(&image.rgb)?;
+    writer.finish()?;
+    Ok(())
+}
+
+/// Writes `image` as [`encode_png`] does, through a temporary
 /// file in the same folder renamed into place: the path holds either the
 /// old file or the complete new one, never a partial PNG.
 pub fn write_png(path: &Path, image: &Image, parameters: &str) -> anyhow::Result<()> {
@@ -82,17 +132,7 @@ pub fn write_png(path: &Path, image: &Image, parameters: &str) -> anyhow::Result
         .with_context(|| format!("{}: cannot create a file in {}", path.display(), dir.display()))?;
     let encode = || -> anyhow::Result<()> {
         let mut out = BufWriter::new(tmp.as_file());
-        let mut encoder = png::Encoder::new(&mut out, image.width as u32, image.height as u32);
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        if parameters.chars().all(|c| (c as u32) < 256) {
-            encoder.add_text_chunk("parameters".into(), parameters.into())?;
-        } else {
-            encoder.add_itxt_chunk("parameters".into(), parameters.into())?;
-        }
-        let mut writer = encoder.write_header()?;
-        writer.write_image_data(&image.rgb)?;
-        writer.finish()?;
+        encode_png(&mut out, image, parameters)?;
         out.flush()?;
         Ok(())
     };
@@ -128,9 +168,16 @@ pub fn remove_stale_temp_files(path: &Path) -> std::io::Result<()> {
 /// The `parameters` text of a PNG, if it has one.
 pub fn read_parameters(path: &Path) -> anyhow::Result<Option<String>> {
     let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let reader = png::Decoder::new(std::io::BufReader::new(file))
-        .read_info()
-        .with_context(|| format!("{}: not a PNG", path.display()))?;
+    parameters_of(std::io::BufReader::new(file), &path.display().to_string())
+}
+
+/// [`read_parameters`] of a PNG file's bytes; errors name `what`.
+pub fn parameters_from_bytes(bytes: &[u8], what: &str) -> anyhow::Result<Option<String>> {
+    parameters_of(std::io::Cursor::new(bytes), what)
+}
+
+fn parameters_of<R: std::io::BufRead + std::io::Seek>(r: R, what: &str) -> anyhow::Result<Option<String>> {
+    let reader = png::Decoder::new(r).read_info().with_context(|| format!("{what}: not a PNG"))?;
     let info = reader.info();
     if let Some(t) = info.uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters") {
         return Ok(Some(t.text.clone()));

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod cli;
+mod server;
 
 use anyhow::Context;
 use clap::Parser;
@@ -18,7 +19,7 @@ use cli::listing::{list_models, list_samplers, tokenize};
 use cli::progress::{draw_target, Progress};
 use sdgen::batch::{self, Shard};
 use sdgen::editing::Pads;
-use sdgen::failure::{self, Failure};
+use sdgen::failure::{self, Failure, Tag};
 use sdgen::loading::lora::LoraArg;
 use sdgen::session::{self, InitSpec, OpenEvent, RunOptions, Session, SingleJob};
 use sdgen::settings::{SessionSettings, Settings};
@@ -76,6 +77,7 @@ fn main() -> ExitCode {
         Some(Command::Tokenize { prompt, model, models, prompt_syntax, json }) => {
             done(tokenize(prompt, model.as_deref(), &models.models_dir, prompt_syntax.unwrap_or_default(), *json))
         }
+        Some(Command::Serve(args)) => done(serve(args)),
         Some(Command::Dev(dev)) => done(run_dev(dev)),
     };
     result.unwrap_or_else(|e| {
@@ -253,6 +255,18 @@ fn run_replay(image: &Path, args: &Common) -> anyhow::Result<()> {
     let stem = image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("{stem}-replay.png")));
     run_single(args, args.settings().over(&recorded.settings), &session, out, InitSpec::Noise)
+}
+
+fn serve(args: &cli::args::ServeArgs) -> anyhow::Result<()> {
+    let auth = args.credentials().tag(Failure::Usage)?;
+    server::serve(server::ServeOptions {
+        host: args.host.clone(),
+        port: args.port,
+        auth,
+        max_queue: args.max_queue,
+        out_dir: args.out_dir.clone(),
+        session: args.session_settings(),
+    })
 }
 
 fn run_dev(dev: &DevCommand) -> anyhow::Result<()> {

@@ -40,6 +40,19 @@ pub enum Event {
     Decoded,
 }
 
+/// The error a run stopped between steps ends sampling with; the pipeline
+/// then decodes the last denoised estimate.
+#[derive(Debug)]
+pub struct Stopped;
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("stopped between steps")
+    }
+}
+
+impl std::error::Error for Stopped {}
+
 impl Model {
     /// The text conditioning of `text` ([`TextConditioner::encode`]), with
     /// this model's embeddings; parser warnings go to `events`.
@@ -87,6 +100,19 @@ impl Model {
         reqs: &[Request],
         device: &Device,
         events: &mut dyn FnMut(Event),
+    ) -> anyhow::Result<Vec<Image>> {
+        self.generate_batch_until(reqs, device, events, &|| false)
+    }
+
+    /// [`Model::generate_batch`], checking `stop` after each step: when it
+    /// says so, sampling ends there and the images are decoded from the last
+    /// denoised estimate (A1111's interrupt and skip).
+    pub fn generate_batch_until(
+        &self,
+        reqs: &[Request],
+        device: &Device,
+        events: &mut dyn FnMut(Event),
+        stop: &dyn Fn() -> bool,
     ) -> anyhow::Result<Vec<Image>> {
         let Some(req) = reqs.first() else { return Ok(Vec::new()) };
         for r in reqs {
@@ -203,6 +229,9 @@ impl Model {
         let sigmas = schedule.sigmas.clone();
         let mut hook = |i: usize, x: Tensor| -> anyhow::Result<Tensor> {
             events(Event::Step { done: i + 1 - first, total: total - first });
+            if stop() {
+                return Err(Stopped.into());
+            }
             let Some((m, x0)) = blend else { return Ok(x) };
             // The image at the σ the step landed on: noised with the initial
             // noise, or clean after the last step (σ-space: scaled so that
@@ -211,11 +240,19 @@ impl Model {
                 if i + 1 < total { (x0 + (&noise * sigmas[i + 1] as f64)?)? } else { (x0 * last_sigma_scale)? };
             Ok((m.broadcast_mul(&(x - &target)?)? + target)?)
         };
-        let latents = sample(req.sampler, &mut denoiser, x, &schedule, &mut rngs, &mut hook)?;
+        // The final sample's scale, or x̂₀'s (data space) when stopped.
+        let (latents, scale) = match sample(req.sampler, &mut denoiser, x, &schedule, &mut rngs, &mut hook) {
+            Ok(latents) => (latents, schedule.final_scale() as f64),
+            Err(e) if e.is::<Stopped>() => match denoiser.last_denoised() {
+                Some(x0) => (x0.clone(), 1.0),
+                None => return Err(e),
+            },
+            Err(e) => return Err(e),
+        };
 
         check_finite(&latents, &self.path, "UNet")?;
         events(Event::Decoding);
-        let latents = (latents * (schedule.final_scale() as f64 / self.vae.config.scaling_factor))?;
+        let latents = (latents * (scale / self.vae.config.scaling_factor))?;
         let decoded = self.vae.decode_batch(&latents)?;
         let images = reqs
             .iter()

@@ -135,6 +135,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve AUTOMATIC1111's HTTP API (/sdapi/v1) and OpenAI's images API
+    /// (/v1/images/generations), one generation at a time.
+    Serve(ServeArgs),
     /// Developer tools.
     #[command(subcommand)]
     Dev(DevCommand),
@@ -208,6 +211,69 @@ pub enum DevCommand {
         #[arg(long)]
         dtype: Option<Precision>,
     },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on; anything but loopback should come with --api-auth.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port (0: any free one, printed at start).
+    #[arg(long, default_value_t = 7860)]
+    pub port: u16,
+    /// Model loaded for requests that name none [default: the only one in the models dir].
+    #[arg(long, value_name = "NAME|PATH")]
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub models: ModelsDir,
+    /// HTTP Basic credentials, USER:PASS[,USER:PASS…], required on every route.
+    #[arg(long, value_name = "USER:PASS[,…]")]
+    pub api_auth: Option<String>,
+    /// Jobs that may wait behind the running one; more get 429.
+    #[arg(long, default_value_t = 16)]
+    pub max_queue: usize,
+    /// Where requests with save_images write their PNGs.
+    #[arg(long, value_name = "DIR", default_value = "outputs")]
+    pub out_dir: PathBuf,
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
+    /// f32, f16 or bf16 [default: f32 on CPU, f16 on GPU].
+    #[arg(long)]
+    pub dtype: Option<Precision>,
+    /// Never download a model.
+    #[arg(long)]
+    pub offline: bool,
+}
+
+impl ServeArgs {
+    /// The credentials of --api-auth; a pair without a colon is an error.
+    pub fn credentials(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let Some(list) = &self.api_auth else { return Ok(Vec::new()) };
+        list.split(',')
+            .map(|pair| match pair.split_once(':') {
+                Some((u, p)) if !u.is_empty() && !p.is_empty() => Ok((u.to_string(), p.to_string())),
+                _ => anyhow::bail!("--api-auth: {pair:?} is not USER:PASS"),
+            })
+            .collect()
+    }
+
+    pub fn session_settings(&self) -> SessionSettings {
+        SessionSettings {
+            model: self.model.clone(),
+            models_dir: self.models.models_dir.clone(),
+            device: self.device,
+            dtype: self.dtype,
+            preset: None,
+            prediction: None,
+            vae_tiling: Tiling::Auto,
+            loras: Vec::new(),
+            vae: None,
+            offline: self.offline,
+            quiet: true,
+            batch_size: 1,
+            swappable_loras: true,
+        }
+    }
 }
 
 /// The models dir option.

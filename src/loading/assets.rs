@@ -105,17 +105,24 @@ fn is_checkpoint_file(p: &Path) -> bool {
 
 /// Every model in the models dir and its known subfolders, sorted.
 pub fn list_models(models_dir: &Path) -> Vec<PathBuf> {
+    list(Asset::Model, models_dir)
+}
+
+/// Every asset of `kind` in the models dir's subfolders for it, sorted:
+/// models as [`list_models`], LoRAs and VAEs as `.safetensors` files.
+pub fn list(kind: Asset, models_dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
-    for sub in SUBFOLDERS {
+    for sub in kind.subfolders() {
         let Ok(entries) = std::fs::read_dir(models_dir.join(sub)) else { continue };
         for entry in entries.flatten() {
             let p = entry.path();
-            if is_checkpoint_file(&p) || is_diffusers_folder(&p) {
+            if is_checkpoint_file(&p) || (kind == Asset::Model && is_diffusers_folder(&p)) {
                 found.push(p);
             }
         }
     }
     found.sort();
+    found.dedup();
     found
 }
 

@@ -160,6 +160,8 @@ pub struct Denoiser<'a> {
     inner: Guided<'a>,
     schedule: &'a Schedule,
     prediction: Prediction,
+    /// The last x̂₀: what a run stopped between steps decodes (as A1111 does).
+    last: Option<Tensor>,
 }
 
 impl<'a> Denoiser<'a> {
@@ -175,7 +177,12 @@ impl<'a> Denoiser<'a> {
     ) -> Result<Self> {
         let guided = c.uncond.is_some() && c.cfg_scale > 1.0 && backbone.guidance_dim().is_none();
         let inner = Conditioned::new(backbone, c, extra, guided)?;
-        Ok(Self { inner: Guided { inner, scale: guided.then_some(c.cfg_scale) }, schedule, prediction })
+        Ok(Self { inner: Guided { inner, scale: guided.then_some(c.cfg_scale) }, schedule, prediction, last: None })
+    }
+
+    /// The last denoised estimate x̂₀, if a step ran.
+    pub fn last_denoised(&self) -> Option<&Tensor> {
+        self.last.as_ref()
     }
 }
 
@@ -187,9 +194,11 @@ impl Denoise for Denoiser<'_> {
         let scaled = (x / c_in)?.to_dtype(self.inner.inner.backbone.dtype())?;
         let out = self.inner.output(&scaled, t, x.dtype())?;
         let s = sigma as f64;
-        Ok(match self.prediction {
+        let denoised = match self.prediction {
             Prediction::Epsilon => (x - (out * s)?)?,
             Prediction::V => ((x / (s * s + 1.0))? + (out * (-s / (s * s + 1.0).sqrt()))?)?,
-        })
+        };
+        self.last = Some(denoised.clone());
+        Ok(denoised)
     }
 }

@@ -1,0 +1,254 @@
+//! AUTOMATIC1111's request fields: each field sdgen honours read and
+//! checked here, once; a field sdgen does not implement is accepted at
+//! A1111's default value and refused otherwise (it would change the image
+//! silently); unknown fields are ignored, as A1111's clients send extras.
+
+use base64::Engine;
+use sdgen::editing;
+use sdgen::image_io::{image_from_bytes, Image};
+use sdgen::request::Init;
+use sdgen::sampling::samplers::{Sampler, SamplerName};
+use sdgen::sampling::schedule::ScheduleKind;
+use sdgen::settings::Settings;
+use serde_json::{Map, Value};
+
+use super::ApiError;
+
+/// A JSON request body, read field by field.
+pub struct Payload(pub Map<String, Value>);
+
+/// Fields sdgen does not implement, with the values A1111's API takes as
+/// their defaults (clients send these on every call).
+const AT_DEFAULT_ONLY: &[(&str, &[&str])] = &[
+    ("restore_faces", &["false", "null"]),
+    ("tiling", &["false", "null"]),
+    ("subseed_strength", &["0", "0.0", "null"]),
+    ("seed_resize_from_h", &["-1", "0", "null"]),
+    ("seed_resize_from_w", &["-1", "0", "null"]),
+    ("styles", &["[]", "null"]),
+    ("script_name", &["null", "\"\""]),
+    ("script_args", &["[]", "null"]),
+    ("refiner_checkpoint", &["null", "\"\""]),
+    ("refiner_switch_at", &["null", "0", "0.0"]),
+    ("enable_hr", &["false", "null"]),
+    ("eta", &["null", "1", "1.0", "0", "0.0"]),
+    ("s_noise", &["null", "1", "1.0"]),
+    ("s_churn", &["null", "0", "0.0"]),
+    ("s_tmin", &["null", "0", "0.0"]),
+    ("s_tmax", &["null", "0", "0.0"]),
+    ("s_min_uncond", &["null", "0", "0.0"]),
+    ("image_cfg_scale", &["null"]),
+    ("initial_noise_multiplier", &["null", "1", "1.0"]),
+    ("alwayson_scripts", &["{}", "null"]),
+    ("firstpass_image", &["null"]),
+    ("mask", &["null", "\"\""]),
+];
+
+impl Payload {
+    pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(m)) => Ok(Self(m)),
+            Ok(_) => Err(ApiError::bad_request("body", "the body must be a JSON object")),
+            Err(e) => Err(ApiError::bad_request("body", format!("not valid JSON: {e}"))),
+        }
+    }
+
+    /// A present, non-null field.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key).filter(|v| !v.is_null())
+    }
+
+    pub fn string(&self, key: &str) -> Result<Option<String>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(ApiError::field(key, "must be a string")),
+        }
+    }
+
+    pub fn int(&self, key: &str) -> Result<Option<i64>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_i64()
+                .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9e15).map(|f| f as i64))
+                .map(Some)
+                .ok_or_else(|| ApiError::field(key, "must be an integer")),
+        }
+    }
+
+    /// A count or size: an integer from 1 to `max`.
+    pub fn count(&self, key: &str, max: i64) -> Result<Option<usize>, ApiError> {
+        match self.int(key)? {
+            None => Ok(None),
+            Some(n) if (1..=max).contains(&n) => Ok(Some(n as usize)),
+            Some(n) => Err(ApiError::field(key, format!("must be between 1 and {max}, got {n}"))),
+        }
+    }
+
+    pub fn number(&self, key: &str) -> Result<Option<f64>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => {
+                v.as_f64().filter(|f| f.is_finite()).map(Some).ok_or_else(|| ApiError::field(key, "must be a number"))
+            }
+        }
+    }
+
+    pub fn boolean(&self, key: &str) -> Result<Option<bool>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(ApiError::field(key, "must be true or false")),
+        }
+    }
+
+    /// Refuses every unimplemented field set away from its default, and
+    /// `extra` ones (`(field, allowed values)`) likewise.
+    pub fn check_defaults(&self, extra: &[(&str, &[&str])]) -> Result<(), ApiError> {
+        for (key, defaults) in AT_DEFAULT_ONLY.iter().chain(extra) {
+            let Some(v) = self.0.get(*key) else { continue };
+            let text = v.to_string();
+            let same = defaults.iter().any(|d| {
+                *d == text
+                    || serde_json::from_str::<Value>(d).ok().and_then(|d| d.as_f64()) == v.as_f64() && v.is_number()
+            });
+            if !same {
+                return Err(ApiError::field(key, format!("{text} is not supported by sdgen (only A1111's default)")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A1111's sampler table: the schedule its "Automatic" scheduler gives a
+/// sampler; the others step evenly in timestep (diffusers' linspace).
+fn automatic_schedule(sampler: Sampler) -> ScheduleKind {
+    match sampler {
+        Sampler::DpmPP2M | Sampler::DpmPP2SAncestral | Sampler::Dpm2 | Sampler::Dpm2Ancestral => ScheduleKind::Karras,
+        Sampler::DpmPP2MSde => ScheduleKind::Exponential,
+        // A1111's DDIM/PLMS/UniPC step their own timestep grids: the model's.
+        Sampler::Ddim | Sampler::Plms | Sampler::UniPc | Sampler::Deis | Sampler::Ddpm | Sampler::Lcm => {
+            ScheduleKind::Normal
+        }
+        Sampler::Euler | Sampler::EulerAncestral | Sampler::Heun | Sampler::Lms => ScheduleKind::Linspace,
+    }
+}
+
+/// The sampler and schedule of `sampler_name` (or `sampler_index`, which
+/// it wins over) and `scheduler`.
+pub fn sampling(p: &Payload) -> Result<(Sampler, ScheduleKind), ApiError> {
+    let (key, name) = match (p.string("sampler_name")?, p.string("sampler_index")?) {
+        (Some(n), _) if !n.is_empty() => ("sampler_name", n),
+        (_, Some(n)) if !n.is_empty() => ("sampler_index", n),
+        _ => ("sampler_name", "Euler".to_string()),
+    };
+    let named: SamplerName = name.parse().map_err(|e: anyhow::Error| ApiError::field(key, e.to_string()))?;
+    let scheduler = p.string("scheduler")?.unwrap_or_else(|| "automatic".into());
+    let schedule = match scheduler.to_ascii_lowercase().as_str() {
+        "automatic" => named.schedule.unwrap_or_else(|| automatic_schedule(named.sampler)),
+        // A1111's "Uniform" and "Normal" step evenly in timestep.
+        "uniform" | "normal" => ScheduleKind::Linspace,
+        "karras" => ScheduleKind::Karras,
+        "exponential" => ScheduleKind::Exponential,
+        "beta" => ScheduleKind::Beta,
+        other => {
+            return Err(ApiError::field(
+                "scheduler",
+                format!("{other:?} is not supported (automatic, uniform, normal, karras, exponential, beta)"),
+            ))
+        }
+    };
+    if let (Some(implied), true) = (named.schedule, scheduler.to_ascii_lowercase() != "automatic") {
+        if implied != schedule {
+            return Err(ApiError::field("scheduler", format!("{scheduler:?} contradicts the sampler name {name:?}")));
+        }
+    }
+    Ok((named.sampler, schedule))
+}
+
+/// A random 32-bit seed, as A1111 draws for -1.
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.finish() & 0xffff_ffff
+}
+
+/// The generation settings every A1111 request shares, with A1111's API
+/// defaults (50 steps, cfg 7, Euler, 512×512) for what is absent.
+pub fn settings(p: &Payload, clip_skip: usize) -> Result<Settings, ApiError> {
+    let (sampler, schedule) = sampling(p)?;
+    let seed = match p.int("seed")? {
+        None | Some(-1) => random_seed(),
+        Some(s) if s >= 0 => s as u64,
+        Some(s) => return Err(ApiError::field("seed", format!("must be -1 (random) or at least 0, got {s}"))),
+    };
+    let side = |key: &str| -> Result<usize, ApiError> {
+        match p.count(key, sdgen::image_io::MAX_SIDE as i64)? {
+            None => Ok(512),
+            Some(v) if v % 8 == 0 => Ok(v),
+            Some(v) => Err(ApiError::field(key, format!("must be a multiple of 8, got {v}"))),
+        }
+    };
+    Ok(Settings {
+        prompt: Some(p.string("prompt")?.unwrap_or_default()),
+        negative_prompt: Some(p.string("negative_prompt")?.unwrap_or_default()),
+        seed: Some(seed),
+        steps: Some(p.count("steps", 10_000)?.unwrap_or(50)),
+        cfg_scale: Some(p.number("cfg_scale")?.unwrap_or(7.0)),
+        width: Some(side("width")?),
+        height: Some(side("height")?),
+        sampler: Some(SamplerName { sampler, schedule: None }),
+        schedule: Some(schedule),
+        clip_skip: Some(clip_skip),
+        ..Settings::default()
+    })
+}
+
+/// An image sent as raw base64 or a `data:image/…;base64,` URL (never
+/// fetched from anywhere else).
+pub fn image_field(key: &str, value: &Value) -> Result<Image, ApiError> {
+    let Value::String(text) = value else { return Err(ApiError::field(key, "must be a base64 string")) };
+    let data = match text.strip_prefix("data:") {
+        Some(rest) => match rest.split_once(";base64,") {
+            Some((mime, data)) if mime.starts_with("image/") => data,
+            _ => return Err(ApiError::field(key, "a data URL must be data:image/…;base64,…")),
+        },
+        None if text.starts_with("http://") || text.starts_with("https://") => {
+            return Err(ApiError::field(key, "URLs are not fetched: send the image as base64"))
+        }
+        None => text.as_str(),
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| ApiError::field(key, format!("not valid base64: {e}")))?;
+    image_from_bytes(&bytes, key).map_err(|e| ApiError::field(key, format!("{e:#}")))
+}
+
+/// img2img's input image resized to `width × height` as A1111's
+/// `resize_mode` says: 0 stretch, 1 crop to fill, 2 fit and fill the rest
+/// with stretched edges.
+pub fn init_image(p: &Payload, width: usize, height: usize) -> Result<Init, ApiError> {
+    let images = match p.get("init_images") {
+        Some(Value::Array(a)) if !a.is_empty() => a,
+        _ => return Err(ApiError::field("init_images", "img2img needs one image (a list of base64 strings)")),
+    };
+    if images.len() > 1 {
+        return Err(ApiError::field("init_images", "sdgen takes one init image"));
+    }
+    let image = image_field("init_images", &images[0])?;
+    let mode = p.int("resize_mode")?.unwrap_or(0);
+    let resized = match mode {
+        0 => editing::resize(&image, width, height),
+        1 => editing::resize_crop(&image, width, height),
+        2 => editing::resize_fill(&image, width, height),
+        3 => return Err(ApiError::field("resize_mode", "3 (latent upscale) is not supported")),
+        m => return Err(ApiError::field("resize_mode", format!("must be 0, 1, 2 or 3, got {m}"))),
+    };
+    let strength = p.number("denoising_strength")?.unwrap_or(0.75);
+    if !(0.0..=1.0).contains(&strength) {
+        return Err(ApiError::field("denoising_strength", format!("must be between 0 and 1, got {strength}")));
+    }
+    Ok(Init::Image { image: resized, strength })
+}

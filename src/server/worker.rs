@@ -1,0 +1,254 @@
+//! The one thread that owns the session and runs generations, first come
+//! first served: the HTTP handlers queue jobs here and await their replies.
+//! It keeps the loaded model (with its merged LoRAs) between jobs, reopens
+//! or re-merges when a job asks for another, and reports progress.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use sdgen::image_io::Image;
+use sdgen::loading::lora::LoraArg;
+use sdgen::pipeline::Event;
+use sdgen::request::Init;
+use sdgen::request::Request;
+use sdgen::session::Session;
+use sdgen::settings::{SessionSettings, Settings};
+use tokio::sync::oneshot;
+
+use super::ApiError;
+
+/// The model a job runs on: a name or path, a VAE override, its LoRAs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelChoice {
+    pub model: Option<String>,
+    pub vae: Option<String>,
+    pub loras: Vec<LoraArg>,
+}
+
+/// What a job makes.
+pub enum Plan {
+    /// Batches of requests, each batch one UNet batch.
+    Requests(Vec<Vec<Request>>),
+    /// `count` images of `settings` with the model's family defaults for
+    /// what they leave unset (known once the model is loaded), seeds S, S+1, …
+    FamilyDefaults { settings: Settings, count: usize },
+}
+
+/// One request's images and where its answer goes.
+pub struct Job {
+    pub choice: ModelChoice,
+    pub plan: Plan,
+    pub reply: oneshot::Sender<Result<Done, ApiError>>,
+}
+
+/// A finished job: each image with its request and PNG parameters.
+pub struct Done {
+    pub images: Vec<(Request, Image, String)>,
+    pub model_name: String,
+    pub model_hash: String,
+}
+
+/// What `/sdapi/v1/progress` reports.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    /// Jobs running or waiting.
+    pub job_count: usize,
+    /// Jobs finished since the server started.
+    pub job_no: usize,
+    pub sampling_step: usize,
+    pub sampling_steps: usize,
+    /// The running job's UNet batches: done, and in all.
+    pub batch_no: usize,
+    pub batch_count: usize,
+    pub started: Option<Instant>,
+}
+
+/// What the handlers and the worker share.
+pub struct Shared {
+    queue: Mutex<VecDeque<Job>>,
+    wake: Condvar,
+    pub max_queue: usize,
+    pub progress: Mutex<Progress>,
+    pub interrupt: AtomicBool,
+    pub skip: AtomicBool,
+    pub shutdown: AtomicBool,
+    /// The loaded model's name, path and hash, for `/options` and `/sd-models`.
+    pub loaded: Mutex<Option<(String, PathBuf, String)>>,
+}
+
+impl Shared {
+    pub fn new(max_queue: usize) -> Arc<Self> {
+        Arc::new(Self {
+            queue: Mutex::new(VecDeque::new()),
+            wake: Condvar::new(),
+            max_queue,
+            progress: Mutex::new(Progress::default()),
+            interrupt: AtomicBool::new(false),
+            skip: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            loaded: Mutex::new(None),
+        })
+    }
+
+    /// Queues `job` behind the others; a full queue (the running job not
+    /// counted) or a stopping server refuses it.
+    pub fn submit(&self, job: Job) -> Result<(), ApiError> {
+        if self.shutdown.load(Ordering::SeqCst) {
+            return Err(ApiError::unavailable("the server is stopping"));
+        }
+        let mut queue = self.queue.lock().expect("queue lock");
+        if queue.len() >= self.max_queue {
+            return Err(ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "queue full",
+                format!("{} jobs are waiting (--max-queue {})", queue.len(), self.max_queue),
+            ));
+        }
+        queue.push_back(job);
+        self.progress.lock().expect("progress lock").job_count += 1;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Answers every waiting job with 503 and wakes the worker to exit.
+    pub fn stop(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        self.interrupt.store(true, Ordering::SeqCst);
+        let waiting: Vec<Job> = self.queue.lock().expect("queue lock").drain(..).collect();
+        for job in waiting {
+            let _ = job.reply.send(Err(ApiError::unavailable("the server is stopping")));
+        }
+        self.wake.notify_all();
+    }
+
+    fn next(&self) -> Option<Job> {
+        let mut queue = self.queue.lock().expect("queue lock");
+        loop {
+            if self.shutdown.load(Ordering::SeqCst) {
+                return None;
+            }
+            if let Some(job) = queue.pop_front() {
+                return Some(job);
+            }
+            queue = self.wake.wait(queue).expect("queue lock");
+        }
+    }
+}
+
+/// Runs jobs until the server stops. `settings` opens sessions; each job's
+/// [`ModelChoice`] overrides its model, VAE and LoRAs.
+pub fn run(shared: Arc<Shared>, settings: SessionSettings) {
+    let mut current: Option<(ModelChoice, Session)> = None;
+    while let Some(job) = shared.next() {
+        let result = if job.reply.is_closed() {
+            // The client left while its job waited.
+            Err(ApiError::unavailable("client disconnected"))
+        } else {
+            match run_job(&shared, &settings, &mut current, &job) {
+                // Stopping: the interrupted job's images are not answered.
+                Ok(_) if shared.shutdown.load(Ordering::SeqCst) => Err(ApiError::unavailable("the server is stopping")),
+                result => result,
+            }
+        };
+        {
+            let mut p = shared.progress.lock().expect("progress lock");
+            let left = p.job_count.saturating_sub(1);
+            *p = Progress { job_count: left, job_no: p.job_no + 1, ..Progress::default() };
+        }
+        shared.interrupt.store(shared.shutdown.load(Ordering::SeqCst), Ordering::SeqCst);
+        shared.skip.store(false, Ordering::SeqCst);
+        let _ = job.reply.send(result);
+    }
+}
+
+/// Opens (or keeps) the session `choice` names.
+fn session_for<'a>(
+    shared: &Shared,
+    settings: &SessionSettings,
+    current: &'a mut Option<(ModelChoice, Session)>,
+    choice: &ModelChoice,
+) -> Result<&'a Session, ApiError> {
+    let reopen = match current {
+        Some((c, _)) => c.model != choice.model || c.vae != choice.vae,
+        None => true,
+    };
+    if reopen {
+        *current = None; // free the old model first
+        let s = SessionSettings {
+            model: choice.model.clone().or(settings.model.clone()),
+            vae: choice.vae.clone(),
+            loras: Vec::new(),
+            swappable_loras: true,
+            ..settings.clone()
+        };
+        let (session, _) = Session::open(&s, &choice.loras, (None, None), &mut |_| {}).map_err(ApiError::model)?;
+        *shared.loaded.lock().expect("loaded lock") =
+            Some((session.model.name.clone(), session.model.path.clone(), session.hash.clone()));
+        *current = Some((choice.clone(), session));
+    } else if let Some((c, session)) = current.as_mut() {
+        if c.loras != choice.loras {
+            // From the base weights the session kept: no request changes them.
+            session.set_loras(&choice.loras, &settings.models_dir).map_err(ApiError::model)?;
+            c.loras = choice.loras.clone();
+        }
+    }
+    Ok(&current.as_ref().expect("opened above").1)
+}
+
+fn run_job(
+    shared: &Shared,
+    settings: &SessionSettings,
+    current: &mut Option<(ModelChoice, Session)>,
+    job: &Job,
+) -> Result<Done, ApiError> {
+    let session = session_for(shared, settings, current, &job.choice)?;
+    let batches = match &job.plan {
+        Plan::Requests(b) => b.clone(),
+        Plan::FamilyDefaults { settings, count } => {
+            let r = settings
+                .resolve(&session.model.defaults(), Init::Noise)
+                .map_err(|e| ApiError::field("body", format!("{e:#}")))?;
+            (0..*count as u64).map(|i| vec![Request { seed: r.seed.wrapping_add(i), ..r.clone() }]).collect()
+        }
+    };
+    {
+        let mut p = shared.progress.lock().expect("progress lock");
+        p.started = Some(Instant::now());
+        p.batch_count = batches.len();
+    }
+    let mut images = Vec::new();
+    for batch in &batches {
+        if shared.interrupt.load(Ordering::SeqCst) {
+            break;
+        }
+        let stop =
+            || shared.interrupt.load(Ordering::SeqCst) || shared.skip.load(Ordering::SeqCst) || job.reply.is_closed();
+        let mut events = |e: Event| {
+            if let Event::Step { done, total } = e {
+                let mut p = shared.progress.lock().expect("progress lock");
+                p.sampling_step = done;
+                p.sampling_steps = total;
+            }
+        };
+        let made = session
+            .model
+            .generate_batch_until(batch, &session.device, &mut events, &stop)
+            .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+        if job.reply.is_closed() {
+            return Err(ApiError::unavailable("client disconnected"));
+        }
+        for (request, image) in batch.iter().zip(made) {
+            let parameters = session.parameters(request);
+            images.push((request.clone(), image, parameters));
+        }
+        // A skip ends the current batch only.
+        shared.skip.store(false, Ordering::SeqCst);
+        let mut p = shared.progress.lock().expect("progress lock");
+        p.sampling_step = 0;
+        p.batch_no += 1;
+    }
+    Ok(Done { images, model_name: session.model.name.clone(), model_hash: session.hash.clone() })
+}
