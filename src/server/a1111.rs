@@ -159,7 +159,7 @@ pub fn sampling(p: &Payload) -> Result<(Sampler, ScheduleKind), ApiError> {
             ))
         }
     };
-    if let (Some(implied), true) = (named.schedule, scheduler.to_ascii_lowercase() != "automatic") {
+    if let (Some(implied), false) = (named.schedule, scheduler.eq_ignore_ascii_case("automatic")) {
         if implied != schedule {
             return Err(ApiError::field("scheduler", format!("{scheduler:?} contradicts the sampler name {name:?}")));
         }
@@ -195,7 +195,7 @@ pub fn settings(p: &Payload, clip_skip: usize) -> Result<Settings, ApiError> {
         prompt: Some(p.string("prompt")?.unwrap_or_default()),
         negative_prompt: Some(p.string("negative_prompt")?.unwrap_or_default()),
         seed: Some(seed),
-        steps: Some(p.count("steps", 10_000)?.unwrap_or(50)),
+        steps: Some(p.count("steps", 1000)?.unwrap_or(50)),
         cfg_scale: Some(p.number("cfg_scale")?.unwrap_or(7.0)),
         width: Some(side("width")?),
         height: Some(side("height")?),

@@ -214,10 +214,8 @@ async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
     let header = req.headers().get(header::AUTHORIZATION).and_then(|h| h.to_str().ok()).unwrap_or_default();
     let credentials = if let Some(b64) = header.strip_prefix("Basic ") {
         base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok().and_then(|b| String::from_utf8(b).ok())
-    } else if let Some(token) = header.strip_prefix("Bearer ").filter(|_| req.uri().path().starts_with("/v1/")) {
-        Some(token.trim().to_string())
     } else {
-        None
+        header.strip_prefix("Bearer ").filter(|_| req.uri().path().starts_with("/v1/")).map(|t| t.trim().to_string())
     };
     let allowed = credentials.and_then(|c| c.split_once(':').map(|(u, p)| (u.to_string(), p.to_string()))).is_some_and(
         |(user, pass)| {
@@ -678,7 +676,7 @@ async fn openai_generate(State(app): State<Arc<App>>, body: Bytes) -> ApiResult 
         clip_skip: Some(clip_skip),
         ..Settings::default()
     };
-    let plan = Plan::FamilyDefaults { settings, count: n };
+    let plan = Plan::FamilyDefaults { settings: Box::new(settings), count: n };
     let done = run(&app, |reply| Job { choice, plan, reply }).await?;
     let mut data = Vec::new();
     for (request, image, parameters) in &done.images {

@@ -34,7 +34,7 @@ pub enum Plan {
     Requests(Vec<Vec<Request>>),
     /// `count` images of `settings` with the model's family defaults for
     /// what they leave unset (known once the model is loaded), seeds S, S+1, …
-    FamilyDefaults { settings: Settings, count: usize },
+    FamilyDefaults { settings: Box<Settings>, count: usize },
 }
 
 /// One request's images and where its answer goes.
@@ -144,7 +144,7 @@ pub fn run(shared: Arc<Shared>, settings: SessionSettings) {
     let mut current: Option<(ModelChoice, Session)> = None;
     while let Some(job) = shared.next() {
         let result = if job.reply.is_closed() {
-            // The client left while its job waited.
+            eprintln!("job cancelled: the client disconnected");
             Err(ApiError::unavailable("client disconnected"))
         } else {
             match run_job(&shared, &settings, &mut current, &job) {
@@ -238,6 +238,7 @@ fn run_job(
             .generate_batch_until(batch, &session.device, &mut events, &stop)
             .map_err(|e| ApiError::internal(format!("{e:#}")))?;
         if job.reply.is_closed() {
+            eprintln!("job cancelled: the client disconnected");
             return Err(ApiError::unavailable("client disconnected"));
         }
         for (request, image) in batch.iter().zip(made) {

@@ -1,0 +1,416 @@
+//! `sdgen serve` as clients see it: the server runs as its own process on
+//! an ephemeral loopback port with the tiny SD 1.x model, and each test
+//! talks HTTP to it. Jobs that must still be running when a test acts on
+//! them use many tiny steps; nothing asserts on timing.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine;
+use common::{fixture, sdgen};
+use serde_json::{json, Value};
+
+struct Server {
+    child: Child,
+    base: String,
+    out_dir: tempfile::TempDir,
+    /// The server's log lines so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Self {
+        let out_dir = tempfile::tempdir().unwrap();
+        let model = fixture("tiny-sd1");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sdgen"))
+            .args(["serve", "--port", "0", "--device", "cpu", "--offline", "--model"])
+            .arg(&model)
+            .arg("--models-dir")
+            .arg(fixture("."))
+            .arg("--out-dir")
+            .arg(out_dir.path())
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("sdgen serve starts");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let base = loop {
+            let line = lines.next().expect("the server says where it listens").unwrap();
+            if let Some(addr) = line.strip_prefix("sdgen serve: listening on ") {
+                break addr.to_string();
+            }
+        };
+        // Keep reading the log so that the server never blocks on it.
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| sink.lock().unwrap().push(l)));
+        Server { child, base, out_dir, log }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// The status and JSON body of a request (`None`: GET).
+    fn call(&self, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.call_with(path, body, None)
+    }
+
+    fn call_with(&self, path: &str, body: Option<Value>, auth: Option<&str>) -> (u16, Value) {
+        let mut req = match body {
+            Some(_) => ureq::post(&self.url(path)),
+            None => ureq::get(&self.url(path)),
+        };
+        if let Some(a) = auth {
+            req = req.set("Authorization", a);
+        }
+        let result = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        let response = match result {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{path}: {e}"),
+        };
+        let status = response.status();
+        (status, response.into_json().unwrap_or(Value::Null))
+    }
+
+    fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn png_bytes(b64: &Value) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD.decode(b64.as_str().unwrap()).unwrap()
+}
+
+fn small(extra: Value) -> Value {
+    let mut body = json!({"prompt": "a red fox", "steps": 3, "width": 64, "height": 64, "seed": 5});
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    body
+}
+
+/// Waits until the server reports a job sampling.
+fn wait_sampling(s: &Server) {
+    for _ in 0..600 {
+        let (_, p) = s.call("/sdapi/v1/progress", None);
+        if p["state"]["sampling_step"].as_u64().unwrap_or(0) > 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no job started sampling: {:?}", s.call("/sdapi/v1/progress", None));
+}
+
+#[test]
+fn txt2img_answers_as_a1111_and_equals_the_cli_image() {
+    let s = Server::start(&[]);
+    let body = small(json!({"sampler_name": "Euler a", "batch_size": 2, "n_iter": 1, "cfg_scale": 7}));
+    let (status, r) = s.call("/sdapi/v1/txt2img", Some(body.clone()));
+    assert_eq!(status, 200, "{r}");
+    let images = r["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2);
+    let info: Value = serde_json::from_str(r["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["all_seeds"], json!([5, 6]));
+    assert_eq!(info["sampler_name"], "Euler a");
+    assert_eq!(info["sd_model_name"], "tiny-sd1");
+    assert_eq!(r["parameters"]["prompt"], "a red fox");
+    // The PNG carries the CLI's parameters text.
+    let png = png_bytes(&images[1]);
+    let params = sdgen::image_io::parameters_from_bytes(&png, "image").unwrap().unwrap();
+    assert_eq!(params, info["infotexts"][1].as_str().unwrap());
+    assert!(params.contains("Seed: 6"), "{params}");
+
+    // The same image from the CLI: A1111's defaults made explicit.
+    let dir = tempfile::tempdir().unwrap();
+    // Batched as the server batched them: two images in one UNet batch.
+    let out = dir.path().join("cli.png");
+    let model = fixture("tiny-sd1");
+    let o = sdgen(&[
+        "--model",
+        model.to_str().unwrap(),
+        "-p",
+        "a red fox",
+        "--steps",
+        "3",
+        "-W",
+        "64",
+        "-H",
+        "64",
+        "--seed",
+        "5",
+        "--sampler",
+        "euler_a",
+        "--schedule",
+        "linspace",
+        "--cfg-scale",
+        "7",
+        "--batch-count",
+        "2",
+        "--batch-size",
+        "2",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let cli = image::open(dir.path().join("cli-1.png")).unwrap().to_rgb8();
+    let served = image::load_from_memory(&png).unwrap().to_rgb8();
+    assert_eq!(cli.as_raw(), served.as_raw(), "server and CLI images differ");
+    assert_eq!(std::fs::read_dir(s.out_dir.path()).unwrap().count(), 0, "nothing saved without save_images");
+}
+
+#[test]
+fn field_rules_defaults_accepted_others_named() {
+    let s = Server::start(&[]);
+    // What webuiapi sends on every call, at A1111's defaults, plus an unknown key.
+    let defaults = small(json!({
+        "restore_faces": false, "tiling": false, "eta": 1.0, "s_noise": 1, "s_churn": 0, "s_tmin": 0,
+        "scheduler": "automatic", "styles": [], "subseed": -1, "subseed_strength": 0.0, "sampler_index": "Euler",
+        "script_args": [], "alwayson_scripts": {}, "send_images": true, "save_images": false,
+        "override_settings": {}, "some_client_extra": 1
+    }));
+    let (status, r) = s.call("/sdapi/v1/txt2img", Some(defaults));
+    assert_eq!(status, 200, "{r}");
+    for (field, value) in [
+        ("restore_faces", json!(true)),
+        ("subseed_strength", json!(0.5)),
+        ("enable_hr", json!(true)),
+        ("s_noise", json!(0.9)),
+        ("styles", json!(["cinematic"])),
+        ("alwayson_scripts", json!({"controlnet": {"args": []}})),
+    ] {
+        let (status, r) = s.call("/sdapi/v1/txt2img", Some(small(json!({ field: value }))));
+        assert_eq!(status, 422, "{field}: {r}");
+        assert!(r["detail"].as_str().unwrap().starts_with(field), "{field}: {r}");
+    }
+    for (field, value) in
+        [("sampler_name", json!("DPM adaptive")), ("scheduler", json!("sgm_uniform")), ("width", json!(65))]
+    {
+        let (status, r) = s.call("/sdapi/v1/txt2img", Some(small(json!({ field: value }))));
+        assert_eq!(status, 422, "{field}: {r}");
+        assert!(r["detail"].as_str().unwrap().contains(field), "{field}: {r}");
+    }
+    // sampler_name wins over sampler_index; legacy names carry their schedule.
+    let (status, r) =
+        s.call("/sdapi/v1/txt2img", Some(small(json!({"sampler_name": "DPM++ 2M Karras", "sampler_index": "Euler"}))));
+    assert_eq!(status, 200, "{r}");
+    let info: Value = serde_json::from_str(r["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["sampler_name"], "DPM++ 2M");
+    assert_eq!(info["scheduler"], "Karras");
+    // Bad bodies: not JSON, not an object.
+    let bad = ureq::post(&s.url("/sdapi/v1/txt2img")).set("Content-Type", "application/json").send_string("{bad");
+    assert!(matches!(bad, Err(ureq::Error::Status(400, _))));
+    let (status, _) = s.call("/sdapi/v1/txt2img", Some(json!([1, 2])));
+    assert_eq!(status, 400);
+    let huge = "x".repeat(51 << 20);
+    let big = ureq::post(&s.url("/sdapi/v1/txt2img")).send_string(&huge);
+    assert!(matches!(big, Err(ureq::Error::Status(413, _))), "{big:?}");
+}
+
+#[test]
+fn img2img_png_info_and_saving() {
+    let s = Server::start(&[]);
+    let (_, r) = s.call("/sdapi/v1/txt2img", Some(small(json!({"save_images": true}))));
+    let png = r["images"][0].clone();
+    assert_eq!(std::fs::read_dir(s.out_dir.path()).unwrap().count(), 1, "save_images writes the PNG");
+    let (status, info) = s
+        .call("/sdapi/v1/png-info", Some(json!({"image": format!("data:image/png;base64,{}", png.as_str().unwrap())})));
+    assert_eq!(status, 200);
+    assert!(info["info"].as_str().unwrap().starts_with("a red fox\nSteps: 3"), "{info}");
+    for mode in [0, 1, 2] {
+        let body = small(
+            json!({"init_images": [png], "denoising_strength": 0.5, "width": 64, "height": 48, "resize_mode": mode}),
+        );
+        let (status, r) = s.call("/sdapi/v1/img2img", Some(body));
+        assert_eq!(status, 200, "resize_mode {mode}: {r}");
+        let out = image::load_from_memory(&png_bytes(&r["images"][0])).unwrap();
+        assert_eq!((out.width(), out.height()), (64, 48));
+    }
+    for (body, field) in [
+        (json!({"init_images": ["http://example.com/a.png"]}), "init_images"),
+        (json!({"init_images": ["bm90IGFuIGltYWdl"]}), "init_images"),
+        (json!({"init_images": [png], "resize_mode": 3}), "resize_mode"),
+        (json!({"init_images": []}), "init_images"),
+    ] {
+        let (status, r) = s.call("/sdapi/v1/img2img", Some(small(body)));
+        assert_eq!(status, 422, "{r}");
+        assert!(r["detail"].as_str().unwrap().starts_with(field), "{r}");
+    }
+}
+
+#[test]
+fn lists_options_and_openai() {
+    let s = Server::start(&[]);
+    let (_, models) = s.call("/sdapi/v1/sd-models", None);
+    let tiny = models.as_array().unwrap().iter().find(|m| m["model_name"] == "tiny-sd1").expect("tiny-sd1 listed");
+    assert!(tiny["title"].as_str().unwrap().starts_with("tiny-sd1"));
+    for (path, kind) in [
+        ("/sdapi/v1/samplers", "array"),
+        ("/sdapi/v1/schedulers", "array"),
+        ("/sdapi/v1/loras", "array"),
+        ("/sdapi/v1/sd-vae", "array"),
+        ("/sdapi/v1/upscalers", "array"),
+        ("/sdapi/v1/latent-upscale-modes", "array"),
+        ("/sdapi/v1/scripts", "object"),
+        ("/sdapi/v1/embeddings", "object"),
+        ("/sdapi/v1/memory", "object"),
+        ("/sdapi/v1/progress", "object"),
+        ("/sdapi/v1/options", "object"),
+        ("/v1/models", "object"),
+    ] {
+        let (status, v) = s.call(path, None);
+        assert_eq!(status, 200, "{path}");
+        assert_eq!(if v.is_array() { "array" } else { "object" }, kind, "{path}: {v}");
+    }
+    let (_, samplers) = s.call("/sdapi/v1/samplers", None);
+    assert!(samplers.as_array().unwrap().iter().any(|x| x["name"] == "DPM++ 2M"));
+    let (status, _) = s.call("/sdapi/v1/refresh-checkpoints", Some(json!({})));
+    assert_eq!(status, 200);
+    // Options: the whole dict posted back is accepted; an unknown checkpoint is named.
+    let (_, options) = s.call("/sdapi/v1/options", None);
+    assert_eq!(options["sd_model_checkpoint"], tiny["title"]);
+    let (status, _) = s.call("/sdapi/v1/options", Some(options.clone()));
+    assert_eq!(status, 200);
+    let (status, r) =
+        s.call("/sdapi/v1/options", Some(json!({"sd_model_checkpoint": "nope.safetensors [0000000000]"})));
+    assert_eq!(status, 422);
+    assert!(r["detail"].as_str().unwrap().contains("nope"), "{r}");
+    let (status, r) = s.call("/sdapi/v1/options", Some(json!({"sd_model_checkpoint": "tiny-sd2"})));
+    assert_eq!(status, 200, "{r}");
+    let (status, r) = s.call("/sdapi/v1/txt2img", Some(small(json!({}))));
+    assert_eq!(status, 200, "{r}");
+    let info: Value = serde_json::from_str(r["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["sd_model_name"], "tiny-sd2", "the posted checkpoint is used");
+    // OpenAI's images API.
+    let (status, r) = s.call(
+        "/v1/images/generations",
+        Some(json!({"prompt": "a fox", "n": 2, "size": "64x64", "response_format": "b64_json"})),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["data"].as_array().unwrap().len(), 2);
+    let png = image::load_from_memory(&png_bytes(&r["data"][0]["b64_json"])).unwrap();
+    assert_eq!((png.width(), png.height()), (64, 64));
+    let (status, r) = s.call("/v1/images/generations", Some(json!({"prompt": "a fox", "response_format": "url"})));
+    assert_eq!(status, 422, "{r}");
+    let (status, _) = s.call("/v1/images/generations", Some(json!({"prompt": "a fox", "model": "dall-e-3"})));
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn queue_interrupt_skip_and_disconnect() {
+    let s = Server::start(&["--max-queue", "1"]);
+    let long = small(json!({"steps": 1000, "width": 16, "height": 16}));
+    let base = s.base.clone();
+    let post = move |body: Value| {
+        let url = format!("{base}/sdapi/v1/txt2img");
+        std::thread::spawn(move || match ureq::post(&url).send_json(body) {
+            Ok(r) => (r.status(), r.into_json::<Value>().unwrap()),
+            Err(ureq::Error::Status(c, r)) => (c, r.into_json::<Value>().unwrap_or(Value::Null)),
+            Err(e) => panic!("{e}"),
+        })
+    };
+    let running = post(long.clone());
+    wait_sampling(&s);
+    let waiting = post(small(json!({})));
+    // The queue holds one waiting job: a third is refused.
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, r) = s.call("/sdapi/v1/txt2img", Some(small(json!({}))));
+    assert_eq!(status, 429, "{r}");
+    let (_, p) = s.call("/sdapi/v1/progress", None);
+    assert!(p["progress"].as_f64().unwrap() > 0.0, "{p}");
+    assert_eq!(p["state"]["job_count"], 2, "{p}");
+    // Interrupt: the running request still answers 200, with its image.
+    let (status, r) = s.call("/sdapi/v1/interrupt", Some(json!({})));
+    assert_eq!((status, r), (200, json!({})));
+    let (status, r) = running.join().unwrap();
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["images"].as_array().unwrap().len(), 1);
+    let (status, _) = waiting.join().unwrap();
+    assert_eq!(status, 200, "the waiting job runs after the interrupted one");
+
+    // Skip ends the current image of a batch; the next one runs in full.
+    let two = post(small(json!({"steps": 300, "width": 16, "height": 16, "n_iter": 2})));
+    wait_sampling(&s);
+    let (status, _) = s.call("/sdapi/v1/skip", Some(json!({})));
+    assert_eq!(status, 200);
+    let (status, r) = two.join().unwrap();
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["images"].as_array().unwrap().len(), 2);
+
+    // A client that disconnects cancels its job, which the server logs;
+    // the next job then runs.
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_millis(800)).build();
+    let gone =
+        agent.post(&s.url("/sdapi/v1/txt2img")).send_json(small(json!({"steps": 1000, "width": 16, "height": 16})));
+    assert!(gone.is_err(), "the client timed out");
+    let patient = ureq::AgentBuilder::new().timeout(Duration::from_secs(120)).build();
+    let r = patient.post(&s.url("/sdapi/v1/txt2img")).send_json(small(json!({})));
+    assert_eq!(r.map(|r| r.status()).ok(), Some(200), "the next job ran");
+    let log = s.log.lock().unwrap().join("\n");
+    assert!(log.contains("job cancelled: the client disconnected"), "{log}");
+}
+
+#[test]
+fn auth_guards_every_route() {
+    let s = Server::start(&["--api-auth", "alice:secret,bob:pw"]);
+    let basic =
+        |u: &str, p: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}")));
+    for path in ["/sdapi/v1/options", "/sdapi/v1/loras", "/v1/models"] {
+        assert_eq!(s.call_with(path, None, None).0, 401, "{path}");
+        assert_eq!(s.call_with(path, None, Some("Basic ")).0, 401, "{path}");
+        assert_eq!(s.call_with(path, None, Some(&basic("alice", "wrong"))).0, 401, "{path}");
+        assert_eq!(s.call_with(path, None, Some(&basic("bob", "pw"))).0, 200, "{path}");
+    }
+    assert_eq!(s.call_with("/v1/models", None, Some("Bearer alice:secret")).0, 200);
+    assert_eq!(s.call_with("/sdapi/v1/options", None, Some("Bearer alice:secret")).0, 401);
+    let r = ureq::get(&s.url("/sdapi/v1/options")).call();
+    let Err(ureq::Error::Status(401, r)) = r else { panic!("401 expected") };
+    assert!(r.header("WWW-Authenticate").is_some_and(|h| h.starts_with("Basic")));
+    // Without --api-auth, any Authorization header is ignored.
+    let open = Server::start(&[]);
+    assert_eq!(open.call_with("/sdapi/v1/options", None, Some("Bearer x")).0, 200);
+    assert_eq!(open.call_with("/sdapi/v1/options", None, Some("Basic ")).0, 200);
+}
+
+#[test]
+fn sigterm_answers_waiting_clients_and_exits_cleanly() {
+    let s = Server::start(&[]);
+    let url = s.url("/sdapi/v1/txt2img");
+    let running = {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            match ureq::post(&url).send_json(small(json!({"steps": 1000, "width": 16, "height": 16}))) {
+                Ok(r) => r.status(),
+                Err(ureq::Error::Status(c, _)) => c,
+                Err(_) => 0,
+            }
+        })
+    };
+    wait_sampling(&s);
+    let waiting = std::thread::spawn(move || match ureq::post(&url).send_json(small(json!({}))) {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(c, _)) => c,
+        Err(_) => 0,
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let mut s = s;
+    let status = s.stop();
+    assert!(status.success(), "exit status {status:?}");
+    assert_eq!(waiting.join().unwrap(), 503);
+    assert_eq!(running.join().unwrap(), 503);
+    assert_eq!(std::fs::read_dir(s.out_dir.path()).unwrap().count(), 0, "no files left behind");
+}
