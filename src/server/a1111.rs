@@ -18,7 +18,9 @@ use super::ApiError;
 pub struct Payload(pub Map<String, Value>);
 
 /// Fields sdgen does not implement, with the values A1111's API takes as
-/// their defaults (clients send these on every call).
+/// their defaults (clients send these on every call). `image_cfg_scale` is
+/// not here: A1111 uses it for InstructPix2Pix models only, which sdgen
+/// does not load, and webuiapi sends 1.5.
 const AT_DEFAULT_ONLY: &[(&str, &[&str])] = &[
     ("restore_faces", &["false", "null"]),
     ("tiling", &["false", "null"]),
@@ -37,7 +39,6 @@ const AT_DEFAULT_ONLY: &[(&str, &[&str])] = &[
     ("s_tmin", &["null", "0", "0.0"]),
     ("s_tmax", &["null", "0", "0.0"]),
     ("s_min_uncond", &["null", "0", "0.0"]),
-    ("image_cfg_scale", &["null"]),
     ("initial_noise_multiplier", &["null", "1", "1.0"]),
     ("alwayson_scripts", &["{}", "null"]),
     ("firstpass_image", &["null"]),
