@@ -63,6 +63,17 @@ def main():
         r2 = api.img2img(images=[r.image], prompt="a red fox", seed=7, width=64, height=64, steps=4,
                          denoising_strength=0.5)
         check("img2img gives a 64x64 image", r2.image.size == (64, 64))
+        # Inpainting with webuiapi's defaults: only the masked region, at the
+        # request's size, pasted back into the 64x64 original.
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (16, 16, 40, 40))
+        r3 = api.img2img(images=[r.image], mask_image=mask, prompt="a red fox", seed=7, width=32, height=32, steps=4,
+                         denoising_strength=0.8)
+        original, inpainted = r.image.convert("RGB"), r3.image.convert("RGB")
+        check("masked img2img keeps the original's size", inpainted.size == (64, 64))
+        check("masked img2img keeps the unmasked pixels", original.getpixel((2, 2)) == inpainted.getpixel((2, 2))
+              and original.getpixel((60, 60)) == inpainted.getpixel((60, 60)))
+        check("masked img2img repaints the masked area", original.crop((20, 20, 36, 36)) != inpainted.crop((20, 20, 36, 36)))
         check("get_samplers names A1111's samplers", "DPM++ 2M" in [s["name"] for s in api.get_samplers()])
         check("get_loras answers a list", isinstance(api.get_loras(), list))
         progress = api.get_progress()

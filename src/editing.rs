@@ -155,12 +155,155 @@ fn feather(mask: &Mask, blur: f32) -> Vec<f32> {
     hard.iter().zip(blurred).map(|(m, b)| m * (2.0 * b - 1.0).clamp(0.0, 1.0)).collect()
 }
 
-/// High-quality resize (Lanczos3), as diffusers resizes inputs with PIL.
+/// High-quality resize (Lanczos3), as diffusers resizes inputs with PIL;
+/// to the same size, a copy (as PIL does).
 pub fn resize(image: &Image, width: usize, height: usize) -> Image {
+    if (width, height) == (image.width, image.height) {
+        return image.clone();
+    }
     let buf = image::RgbImage::from_raw(image.width as u32, image.height as u32, image.rgb.clone())
         .expect("buffer matches its size");
     let out = image::imageops::resize(&buf, width as u32, height as u32, image::imageops::FilterType::Lanczos3);
     Image { width, height, rgb: out.into_raw() }
+}
+
+/// A1111's "fill" masked content: the masked pixels take the colours of the
+/// unmasked ones around them, spread by premultiplied blurs of decreasing
+/// radius composited over each other (256 px down to the exact pixels).
+pub fn fill_masked(image: &Image, mask: &Mask) -> Image {
+    let (w, h) = (image.width, image.height);
+    let base: Vec<[f32; 4]> = image
+        .rgb
+        .chunks_exact(3)
+        .zip(&mask.bits)
+        .map(|(px, &masked)| {
+            let a = if masked { 0.0 } else { 1.0 };
+            [px[0] as f32 * a, px[1] as f32 * a, px[2] as f32 * a, a]
+        })
+        .collect();
+    let mut out = vec![[0f32; 4]; w * h];
+    for (radius, repeats) in [(256.0, 1), (64.0, 1), (16.0, 2), (4.0, 4), (2.0, 2), (0.0, 1)] {
+        let layer = if radius > 0.0 { box_blur3(&base, w, h, radius) } else { base.clone() };
+        for _ in 0..repeats {
+            // `layer` over `out`, premultiplied.
+            for (o, l) in out.iter_mut().zip(&layer) {
+                for c in 0..4 {
+                    o[c] = l[c] + o[c] * (1.0 - l[3]);
+                }
+            }
+        }
+    }
+    let rgb = out
+        .iter()
+        .flat_map(|p| {
+            let a = if p[3] > 0.0 { p[3] } else { 1.0 };
+            [0, 1, 2].map(|c| (p[c] / a).round().clamp(0.0, 255.0) as u8)
+        })
+        .collect();
+    Image { width: w, height: h, rgb }
+}
+
+/// A Gaussian blur of standard deviation `sigma` approximated by three box
+/// blurs (as PIL blurs), edges extended.
+fn box_blur3(src: &[[f32; 4]], w: usize, h: usize, sigma: f32) -> Vec<[f32; 4]> {
+    let r = (((12.0 * sigma * sigma / 3.0 + 1.0).sqrt() - 1.0) / 2.0).round().max(1.0) as isize;
+    let pass = |v: &[[f32; 4]], horizontal: bool| -> Vec<[f32; 4]> {
+        let (len, lines) = if horizontal { (w, h) } else { (h, w) };
+        let at = |line: usize, i: isize| -> usize {
+            let i = i.clamp(0, len as isize - 1) as usize;
+            if horizontal {
+                line * w + i
+            } else {
+                i * w + line
+            }
+        };
+        let mut out = vec![[0f32; 4]; v.len()];
+        let n = (2 * r + 1) as f32;
+        for line in 0..lines {
+            let mut sum = [0f32; 4];
+            for i in -r..=r {
+                let p = v[at(line, i)];
+                (0..4).for_each(|c| sum[c] += p[c]);
+            }
+            for i in 0..len as isize {
+                out[at(line, i)] = sum.map(|s| s / n);
+                let (add, sub) = (v[at(line, i + r + 1)], v[at(line, i - r)]);
+                (0..4).for_each(|c| sum[c] += add[c] - sub[c]);
+            }
+        }
+        out
+    };
+    let mut v = src.to_vec();
+    for _ in 0..3 {
+        v = pass(&pass(&v, true), false);
+    }
+    v
+}
+
+/// A pixel rectangle: left, top, right, bottom (exclusive).
+pub type Region = (usize, usize, usize, usize);
+
+/// A1111's "only masked" region: the box of the set mask pixels grown by
+/// `pad` within the image, then widened or heightened (shifted inside the
+/// image where it can) to the `width × height` aspect ratio.
+pub fn masked_region(mask: &Mask, pad: usize, width: usize, height: usize) -> Option<Region> {
+    let (mw, mh) = (mask.width, mask.height);
+    let set = |x: usize, y: usize| mask.bits[y * mw + x];
+    let xs: Vec<usize> = (0..mw).filter(|&x| (0..mh).any(|y| set(x, y))).collect();
+    let ys: Vec<usize> = (0..mh).filter(|&y| (0..mw).any(|x| set(x, y))).collect();
+    let (x1, x2) = (*xs.first()?, *xs.last()? + 1);
+    let (y1, y2) = (*ys.first()?, *ys.last()? + 1);
+    let (x1, y1, x2, y2) = (x1.saturating_sub(pad), y1.saturating_sub(pad), (x2 + pad).min(mw), (y2 + pad).min(mh));
+    let grow = |lo: usize, hi: usize, want: f64, limit: usize| -> (usize, usize) {
+        let diff = (want - (hi - lo) as f64) as i64;
+        let (mut lo, mut hi) = (lo as i64 - diff / 2, hi as i64 + diff - diff / 2);
+        if hi >= limit as i64 {
+            let over = hi - limit as i64;
+            hi -= over;
+            lo -= over;
+        }
+        if lo < 0 {
+            hi -= lo;
+            lo = 0;
+        }
+        (lo as usize, (hi as usize).min(limit))
+    };
+    let ratio = width as f64 / height as f64;
+    Some(if (x2 - x1) as f64 / (y2 - y1) as f64 > ratio {
+        let (y1, y2) = grow(y1, y2, (x2 - x1) as f64 / ratio, mh);
+        (x1, y1, x2, y2)
+    } else {
+        let (x1, x2) = grow(x1, x2, (y2 - y1) as f64 * ratio, mw);
+        (x1, y1, x2, y2)
+    })
+}
+
+/// The `region` of `image`.
+pub fn crop(image: &Image, (x1, y1, x2, y2): Region) -> Image {
+    let rgb =
+        (y1..y2).flat_map(|y| image.rgb[3 * (y * image.width + x1)..3 * (y * image.width + x2)].to_vec()).collect();
+    Image { width: x2 - x1, height: y2 - y1, rgb }
+}
+
+/// `base` with `patch` pasted at (`x`, `y`), clipped to `base`.
+pub fn paste(base: &Image, patch: &Image, x: usize, y: usize) -> Image {
+    let mut out = base.clone();
+    for py in 0..patch.height.min(base.height.saturating_sub(y)) {
+        let n = patch.width.min(base.width.saturating_sub(x));
+        let d = 3 * ((y + py) * base.width + x);
+        out.rgb[d..d + 3 * n].copy_from_slice(&patch.rgb[3 * py * patch.width..3 * (py * patch.width + n)]);
+    }
+    out
+}
+
+/// A mask's gray levels as a (gray) image, and back, for the resizes.
+pub fn levels_image(width: usize, height: usize, levels: &[u8]) -> Image {
+    Image { width, height, rgb: levels.iter().flat_map(|&l| [l, l, l]).collect() }
+}
+
+/// The first channel of `image`: the levels of [`levels_image`].
+pub fn image_levels(image: &Image) -> Vec<u8> {
+    image.rgb.chunks_exact(3).map(|p| p[0]).collect()
 }
 
 /// A1111's "crop and resize": scaled to cover `width × height` keeping its

@@ -18,7 +18,7 @@ use crate::editing::{self, Mask};
 use crate::failure::{Failure, Tag};
 use crate::image_io::Image;
 use crate::loading::Model;
-use crate::request::{Init, Request, TextOptions};
+use crate::request::{Init, LatentFill, Request, TextOptions};
 use crate::rng::TorchRng;
 use crate::sampling::denoiser::{Conditioning, Denoiser, TextEmbedding};
 use crate::sampling::samplers::sample;
@@ -191,10 +191,41 @@ impl Model {
                 sources.iter().map(|i| self.encode_image(i, None, device)).collect::<anyhow::Result<Vec<_>>>()?;
             Some(Tensor::cat(&each, 0)?)
         };
+        // The masked area's start for the latent fills; the blend hook keeps
+        // the original latents for the unmasked area.
+        let start_latents = match &image_latents {
+            Some(x0)
+                if reqs
+                    .iter()
+                    .any(|r| matches!(r.init, Init::Inpaint { fill, .. } if fill != LatentFill::Original)) =>
+            {
+                let each = reqs
+                    .iter()
+                    .zip(&mut rngs)
+                    .enumerate()
+                    .map(|(i, (r, rng))| {
+                        let x = x0.narrow(0, i, 1)?;
+                        let Init::Inpaint { mask, fill, .. } = &r.init else { return Ok(x) };
+                        let m = mask.latent(scale, device)?;
+                        let kept = x.broadcast_mul(&(1.0 - &m)?)?;
+                        Ok(match fill {
+                            LatentFill::Original => x,
+                            LatentFill::Nothing => kept,
+                            LatentFill::Noise => {
+                                let n = Tensor::from_vec(rng.randn(c * h * w), (1, c, h, w), device)?;
+                                (kept + n.broadcast_mul(&m)?)?
+                            }
+                        })
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                Some(Tensor::cat(&each, 0)?)
+            }
+            other => other.clone(),
+        };
         // diffusers' inpaint pipeline starts from pure noise at strength 1;
         // img2img always noises the image.
         let pure_noise = matches!(req.init, Init::Inpaint { strength, .. } if strength >= 1.0);
-        let x = match &image_latents {
+        let x = match &start_latents {
             Some(x0) if !pure_noise => (x0 + (&noise * schedule.sigmas[schedule.start] as f64)?)?,
             _ => (&noise * schedule.init_noise_scale as f64)?,
         };

@@ -67,8 +67,23 @@ pub enum Init {
     Noise,
     /// An image, noised to `strength` (img2img).
     Image { image: Image, strength: f64 },
-    /// An image repainted where `mask` is set (inpaint, outpaint).
-    Inpaint { image: Image, mask: Mask, strength: f64, mask_blur: f32 },
+    /// An image repainted where `mask` is set (inpaint, outpaint), starting
+    /// there from what `fill` says.
+    Inpaint { image: Image, mask: Mask, strength: f64, mask_blur: f32, fill: LatentFill },
+}
+
+/// What the masked area's latents start from before they are noised
+/// (A1111's "masked content" for the latent choices).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LatentFill {
+    /// The image's own latents (diffusers; A1111's "original" and "fill").
+    #[default]
+    Original,
+    /// Gaussian noise, drawn from the image's generator after its initial
+    /// noise (A1111's "latent noise").
+    Noise,
+    /// Zeros (A1111's "latent nothing").
+    Nothing,
 }
 
 impl Init {

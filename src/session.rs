@@ -267,6 +267,7 @@ impl InitSpec {
             mask,
             strength: *strength,
             mask_blur: *mask_blur,
+            fill: crate::request::LatentFill::Original,
         };
         let init = match self {
             InitSpec::Noise => Init::Noise,

@@ -23,13 +23,18 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Self {
+        Self::start_in(&fixture("."), extra)
+    }
+
+    /// A server whose models dir is `models_dir`.
+    fn start_in(models_dir: &std::path::Path, extra: &[&str]) -> Self {
         let out_dir = tempfile::tempdir().unwrap();
         let model = fixture("tiny-sd1");
         let mut child = Command::new(env!("CARGO_BIN_EXE_sdgen"))
             .args(["serve", "--port", "0", "--device", "cpu", "--offline", "--model"])
             .arg(&model)
             .arg("--models-dir")
-            .arg(fixture("."))
+            .arg(models_dir)
             .arg("--out-dir")
             .arg(out_dir.path())
             .args(extra)
@@ -413,4 +418,130 @@ fn sigterm_answers_waiting_clients_and_exits_cleanly() {
     assert_eq!(waiting.join().unwrap(), 503);
     assert_eq!(running.join().unwrap(), 503);
     assert_eq!(std::fs::read_dir(s.out_dir.path()).unwrap().count(), 0, "no files left behind");
+}
+
+/// A 64×64 gray mask with a white square from (16, 16) to (40, 40), as base64 PNG.
+fn square_mask(size: u32) -> String {
+    let mut mask = image::GrayImage::new(size, size);
+    for y in 16 * size / 64..40 * size / 64 {
+        for x in 16 * size / 64..40 * size / 64 {
+            mask.put_pixel(x, y, image::Luma([255]));
+        }
+    }
+    let mut png = Vec::new();
+    image::DynamicImage::ImageLuma8(mask)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    base64::engine::general_purpose::STANDARD.encode(png)
+}
+
+fn decoded(b64: &Value) -> image::RgbImage {
+    image::load_from_memory(&png_bytes(b64)).unwrap().to_rgb8()
+}
+
+#[test]
+fn masked_img2img_inpaints_as_a1111_prepares_it_and_as_the_cli_does() {
+    let s = Server::start(&[]);
+    let (_, r) = s.call("/sdapi/v1/txt2img", Some(small(json!({}))));
+    let init = r["images"][0].clone();
+    let original = decoded(&init);
+    let inpaint = |extra: Value| {
+        let body = small(json!({"init_images": [init], "mask": square_mask(64), "denoising_strength": 0.75,
+                                "sampler_name": "Euler a", "mask_blur": 4}));
+        let mut body = body;
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let (status, r) = s.call("/sdapi/v1/img2img", Some(body));
+        assert_eq!(status, 200, "{r}");
+        decoded(&r["images"][0])
+    };
+
+    // The whole image, the original masked content: the CLI's inpaint.
+    let whole = inpaint(json!({"inpaint_full_res": false, "inpainting_fill": 1}));
+    let dir = tempfile::tempdir().unwrap();
+    let (init_png, mask_png, out) = (dir.path().join("i.png"), dir.path().join("m.png"), dir.path().join("o.png"));
+    std::fs::write(&init_png, png_bytes(&init)).unwrap();
+    std::fs::write(&mask_png, png_bytes(&json!(square_mask(64)))).unwrap();
+    let model = fixture("tiny-sd1");
+    let o = sdgen(&[
+        "inpaint",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        init_png.to_str().unwrap(),
+        "--mask",
+        mask_png.to_str().unwrap(),
+        "--strength",
+        "0.75",
+        "--mask-blur",
+        "4",
+        "-p",
+        "a red fox",
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--sampler",
+        "euler_a",
+        "--schedule",
+        "linspace",
+        "--cfg-scale",
+        "7",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert_eq!(image::open(&out).unwrap().to_rgb8().as_raw(), whole.as_raw(), "server and CLI inpaint differ");
+
+    // Only masked (A1111's default): processed at 32×32, pasted back at 64×64;
+    // far from the mask nothing changes.
+    let only = inpaint(json!({"width": 32, "height": 32}));
+    assert_eq!(only.dimensions(), (64, 64));
+    for (x, y) in [(2, 2), (60, 60), (2, 60)] {
+        assert_eq!(only.get_pixel(x, y), original.get_pixel(x, y), "({x}, {y})");
+    }
+    assert_ne!(only.get_pixel(28, 28), original.get_pixel(28, 28));
+    // Each masked-content choice runs, and they differ.
+    let fills: Vec<image::RgbImage> =
+        (0..4).map(|f| inpaint(json!({"inpainting_fill": f, "inpaint_full_res": false}))).collect();
+    assert_ne!(fills[1].as_raw(), fills[0].as_raw());
+    assert_ne!(fills[1].as_raw(), fills[2].as_raw());
+    assert_ne!(fills[2].as_raw(), fills[3].as_raw());
+    // Inverted, the square is kept and the rest repainted.
+    let inverted = inpaint(json!({"inpainting_mask_invert": 1, "inpaint_full_res": false}));
+    assert_eq!(inverted.get_pixel(28, 28), original.get_pixel(28, 28));
+    // A mask of another size is resized to the image.
+    let (status, r) = s.call("/sdapi/v1/img2img", Some(small(json!({"init_images": [init], "mask": square_mask(32)}))));
+    assert_eq!(status, 200, "{r}");
+    // An empty mask, a bad fill: named.
+    let empty = {
+        let mut png = Vec::new();
+        image::DynamicImage::ImageLuma8(image::GrayImage::new(64, 64))
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        base64::engine::general_purpose::STANDARD.encode(png)
+    };
+    for (extra, field) in
+        [(json!({"mask": empty}), "mask"), (json!({"mask": square_mask(64), "inpainting_fill": 5}), "inpainting_fill")]
+    {
+        let mut body = small(json!({"init_images": [init]}));
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let (status, r) = s.call("/sdapi/v1/img2img", Some(body));
+        assert_eq!(status, 422, "{r}");
+        assert!(r["detail"].as_str().unwrap().starts_with(field), "{r}");
+    }
+}
+
+#[test]
+fn prompt_loras_merge_per_request_and_never_change_the_base_weights() {
+    let s = Server::start_in(&fixture("adapters"), &[]);
+    let plain = || decoded(&s.call("/sdapi/v1/txt2img", Some(small(json!({})))).1["images"][0]);
+    let before = plain();
+    let (status, r) = s.call("/sdapi/v1/txt2img", Some(small(json!({"prompt": "a red fox <lora:tiny_kohya:0.8>"}))));
+    assert_eq!(status, 200, "{r}");
+    assert_ne!(decoded(&r["images"][0]).as_raw(), before.as_raw(), "the LoRA changes the image");
+    assert_eq!(plain().as_raw(), before.as_raw(), "without the tag, the plain model's image again");
+    let (status, r) = s.call("/sdapi/v1/txt2img", Some(small(json!({"prompt": "<lora:no_such_lora:1>"}))));
+    assert_eq!(status, 422, "{r}");
+    let (_, loras) = s.call("/sdapi/v1/loras", None);
+    assert!(loras.as_array().unwrap().iter().any(|l| l["name"] == "tiny_kohya"), "{loras}");
 }

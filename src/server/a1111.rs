@@ -4,9 +4,9 @@
 //! silently); unknown fields are ignored, as A1111's clients send extras.
 
 use base64::Engine;
-use sdgen::editing;
-use sdgen::image_io::{image_from_bytes, Image};
-use sdgen::request::Init;
+use sdgen::editing::{self, Mask};
+use sdgen::image_io::{image_from_bytes, mask_levels_from_bytes, Image};
+use sdgen::request::{Init, LatentFill};
 use sdgen::sampling::samplers::{Sampler, SamplerName};
 use sdgen::sampling::schedule::ScheduleKind;
 use sdgen::settings::Settings;
@@ -42,7 +42,6 @@ const AT_DEFAULT_ONLY: &[(&str, &[&str])] = &[
     ("initial_noise_multiplier", &["null", "1", "1.0"]),
     ("alwayson_scripts", &["{}", "null"]),
     ("firstpass_image", &["null"]),
-    ("mask", &["null", "\"\""]),
 ];
 
 impl Payload {
@@ -210,6 +209,12 @@ pub fn settings(p: &Payload, clip_skip: usize) -> Result<Settings, ApiError> {
 /// An image sent as raw base64 or a `data:image/…;base64,` URL (never
 /// fetched from anywhere else).
 pub fn image_field(key: &str, value: &Value) -> Result<Image, ApiError> {
+    let bytes = base64_field(key, value)?;
+    image_from_bytes(&bytes, key).map_err(|e| ApiError::field(key, format!("{e:#}")))
+}
+
+/// The bytes of a file sent as raw base64 or a `data:image/…;base64,` URL.
+pub fn base64_field(key: &str, value: &Value) -> Result<Vec<u8>, ApiError> {
     let Value::String(text) = value else { return Err(ApiError::field(key, "must be a base64 string")) };
     let data = match text.strip_prefix("data:") {
         Some(rest) => match rest.split_once(";base64,") {
@@ -221,16 +226,49 @@ pub fn image_field(key: &str, value: &Value) -> Result<Image, ApiError> {
         }
         None => text.as_str(),
     };
-    let bytes = base64::engine::general_purpose::STANDARD
+    base64::engine::general_purpose::STANDARD
         .decode(data.trim())
-        .map_err(|e| ApiError::field(key, format!("not valid base64: {e}")))?;
-    image_from_bytes(&bytes, key).map_err(|e| ApiError::field(key, format!("{e:#}")))
+        .map_err(|e| ApiError::field(key, format!("not valid base64: {e}")))
 }
 
-/// img2img's input image resized to `width × height` as A1111's
-/// `resize_mode` says: 0 stretch, 1 crop to fill, 2 fit and fill the rest
-/// with stretched edges.
-pub fn init_image(p: &Payload, width: usize, height: usize) -> Result<Init, ApiError> {
+/// "Only masked" inpainting's way back: each generated image is scaled to
+/// the region it came from, pasted into the original, and the original's
+/// unmasked pixels laid over it.
+pub struct PasteBack {
+    original: Image,
+    region: editing::Region,
+    mask: Mask,
+    blur: f32,
+}
+
+impl PasteBack {
+    pub fn apply(&self, generated: &Image) -> Image {
+        let (x1, y1, x2, y2) = self.region;
+        let scaled = editing::resize_crop(generated, x2 - x1, y2 - y1);
+        editing::overlay(&editing::paste(&self.original, &scaled, x1, y1), &self.original, &self.mask, self.blur)
+    }
+}
+
+/// An image resized to `width × height` as A1111's `resize_mode` says: 0
+/// stretch, 1 crop to fill, 2 fit and fill the rest with stretched edges.
+fn resized(p: &Payload, image: &Image, width: usize, height: usize) -> Result<Image, ApiError> {
+    match p.int("resize_mode")?.unwrap_or(0) {
+        0 => Ok(editing::resize(image, width, height)),
+        1 => Ok(editing::resize_crop(image, width, height)),
+        2 => Ok(editing::resize_fill(image, width, height)),
+        3 => Err(ApiError::field("resize_mode", "3 (latent upscale) is not supported")),
+        m => Err(ApiError::field("resize_mode", format!("must be 0, 1, 2 or 3, got {m}"))),
+    }
+}
+
+/// img2img's start: the init image resized to `width × height`, or with a
+/// `mask`, inpainting as A1111's img2img prepares it: the mask resized to
+/// the image and optionally inverted; with `inpaint_full_res` ("only
+/// masked", A1111's default) the mask's region plus padding, at the
+/// request's size, pasted back afterwards; `inpainting_fill` 0 fills the
+/// masked pixels from their surroundings, 1 keeps them, 2 and 3 start
+/// their latents from noise or zeros; `mask_blur` fades the result in.
+pub fn init_image(p: &Payload, width: usize, height: usize) -> Result<(Init, Option<PasteBack>), ApiError> {
     let images = match p.get("init_images") {
         Some(Value::Array(a)) if !a.is_empty() => a,
         _ => return Err(ApiError::field("init_images", "img2img needs one image (a list of base64 strings)")),
@@ -239,17 +277,60 @@ pub fn init_image(p: &Payload, width: usize, height: usize) -> Result<Init, ApiE
         return Err(ApiError::field("init_images", "sdgen takes one init image"));
     }
     let image = image_field("init_images", &images[0])?;
-    let mode = p.int("resize_mode")?.unwrap_or(0);
-    let resized = match mode {
-        0 => editing::resize(&image, width, height),
-        1 => editing::resize_crop(&image, width, height),
-        2 => editing::resize_fill(&image, width, height),
-        3 => return Err(ApiError::field("resize_mode", "3 (latent upscale) is not supported")),
-        m => return Err(ApiError::field("resize_mode", format!("must be 0, 1, 2 or 3, got {m}"))),
-    };
     let strength = p.number("denoising_strength")?.unwrap_or(0.75);
     if !(0.0..=1.0).contains(&strength) {
         return Err(ApiError::field("denoising_strength", format!("must be between 0 and 1, got {strength}")));
     }
-    Ok(Init::Image { image: resized, strength })
+    let mask = match p.get("mask") {
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(v) => Some(base64_field("mask", v)?),
+        None => None,
+    };
+    let Some(mask) = mask else {
+        return Ok((Init::Image { image: resized(p, &image, width, height)?, strength }, None));
+    };
+    let (mw, mh, mut levels) =
+        mask_levels_from_bytes(&mask, "mask").map_err(|e| ApiError::field("mask", format!("{e:#}")))?;
+    let (w0, h0) = (image.width, image.height);
+    if (mw, mh) != (w0, h0) {
+        levels = editing::image_levels(&editing::resize(&editing::levels_image(mw, mh, &levels), w0, h0));
+    }
+    match p.int("inpainting_mask_invert")?.unwrap_or(0) {
+        0 => {}
+        1 => levels.iter_mut().for_each(|l| *l = 255 - *l),
+        v => return Err(ApiError::field("inpainting_mask_invert", format!("must be 0 or 1, got {v}"))),
+    }
+    let blur = p.number("mask_blur")?.unwrap_or(4.0);
+    if !(0.0..=256.0).contains(&blur) {
+        return Err(ApiError::field("mask_blur", format!("must be between 0 and 256, got {blur}")));
+    }
+    let fill = match p.int("inpainting_fill")?.unwrap_or(0) {
+        v @ 0..=3 => v,
+        v => return Err(ApiError::field("inpainting_fill", format!("must be 0, 1, 2 or 3, got {v}"))),
+    };
+    let full = Mask::from_levels(w0, h0, &levels);
+    if full.is_empty() {
+        return Err(ApiError::field("mask", "no pixel is masked (white marks what to repaint)"));
+    }
+    let gray = editing::levels_image(w0, h0, &levels);
+    let (image_in, mask_in, paste) = if p.boolean("inpaint_full_res")?.unwrap_or(true) {
+        let pad = match p.int("inpaint_full_res_padding")?.unwrap_or(0) {
+            v if v >= 0 => v as usize,
+            v => return Err(ApiError::field("inpaint_full_res_padding", format!("must be at least 0, got {v}"))),
+        };
+        let region = editing::masked_region(&full, pad, width, height).expect("the mask is not empty");
+        let image_in = editing::resize_fill(&editing::crop(&image, region), width, height);
+        let mask_in = editing::resize_fill(&editing::crop(&gray, region), width, height);
+        (image_in, mask_in, Some(PasteBack { original: image, region, mask: full, blur: blur as f32 }))
+    } else {
+        (resized(p, &image, width, height)?, resized(p, &gray, width, height)?, None)
+    };
+    let mask = Mask::from_levels(width, height, &editing::image_levels(&mask_in));
+    let image = if fill == 0 { editing::fill_masked(&image_in, &mask) } else { image_in };
+    let fill = match fill {
+        2 => LatentFill::Noise,
+        3 => LatentFill::Nothing,
+        _ => LatentFill::Original,
+    };
+    Ok((Init::Inpaint { image, mask, strength, mask_blur: blur as f32, fill }, paste))
 }

@@ -343,7 +343,6 @@ async fn txt2img(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
 
 async fn img2img(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
     let p = Payload::parse(&body)?;
-    // Masked img2img (inpaint_full_res, inpainting_fill) is not implemented yet.
     p.check_defaults(&[])?;
     generate(&app, p, true).await
 }
@@ -353,12 +352,15 @@ async fn generate(app: &App, p: Payload, img2img: bool) -> ApiResult {
     let (choice, clip_skip) = choice(app, &p, &prompt)?;
     let settings = a1111::settings(&p, clip_skip)?;
     let (width, height) = (settings.width.unwrap_or(512), settings.height.unwrap_or(512));
-    let init = if img2img { a1111::init_image(&p, width, height)? } else { Init::Noise };
+    let (init, paste) = if img2img { a1111::init_image(&p, width, height)? } else { (Init::Noise, None) };
     let batches = batches(&settings, init, &p)?;
     let save = p.boolean("save_images")?.unwrap_or(false);
     let restore = p.get("override_settings_restore_afterwards").and_then(Value::as_bool).unwrap_or(true);
     let plan = Plan::Requests(batches);
-    let done = run(app, |reply| Job { choice: choice.clone(), plan, reply }).await?;
+    let mut done = run(app, |reply| Job { choice: choice.clone(), plan, reply }).await?;
+    if let Some(paste) = &paste {
+        done.images.iter_mut().for_each(|(_, image, _)| *image = paste.apply(image));
+    }
     if !restore {
         let mut o = app.options.lock().expect("options lock");
         (o.model, o.vae, o.clip_skip) = (choice.model.clone(), choice.vae.clone(), clip_skip);
@@ -607,11 +609,7 @@ async fn skip(State(app): State<Arc<App>>) -> Json<Value> {
 async fn png_info(body: Bytes) -> ApiResult {
     let p = Payload::parse(&body)?;
     let Some(value) = p.get("image") else { return Err(ApiError::field("image", "missing")) };
-    let Value::String(text) = value else { return Err(ApiError::field("image", "must be a base64 string")) };
-    let data = text.split_once(";base64,").map_or(text.as_str(), |(_, d)| d);
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(data.trim())
-        .map_err(|e| ApiError::field("image", format!("not valid base64: {e}")))?;
+    let bytes = a1111::base64_field("image", value)?;
     let parameters = sdgen::image_io::parameters_from_bytes(&bytes, "image")
         .map_err(|e| ApiError::field("image", format!("{e:#}")))?;
     let text = parameters.unwrap_or_default();
