@@ -231,7 +231,12 @@ fn img2img_png_info_and_saving() {
     let s = Server::start(&[]);
     let (_, r) = s.call("/sdapi/v1/txt2img", Some(small(json!({"save_images": true}))));
     let png = r["images"][0].clone();
-    assert_eq!(std::fs::read_dir(s.out_dir.path()).unwrap().count(), 1, "save_images writes the PNG");
+    // save_images: the PNG as `sdgen batch` names it, recorded in the manifest.
+    let saved = s.out_dir.path().join("00000-5.png");
+    assert_eq!(std::fs::read(&saved).unwrap(), png_bytes(&png), "the saved PNG is the answered one");
+    let manifest = std::fs::read_to_string(s.out_dir.path().join("manifest.jsonl")).unwrap();
+    let entry: Value = serde_json::from_str(manifest.lines().next().unwrap()).unwrap();
+    assert_eq!((entry["file"].as_str(), entry["seed"].as_u64()), (Some("00000-5.png"), Some(5)));
     let (status, info) = s
         .call("/sdapi/v1/png-info", Some(json!({"image": format!("data:image/png;base64,{}", png.as_str().unwrap())})));
     assert_eq!(status, 200);

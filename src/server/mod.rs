@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use a1111::Payload;
-use worker::{Done, Job, ModelChoice, Plan, Shared};
+use worker::{Done, Job, Made, ModelChoice, Plan, Shared};
 
 /// Request bodies above this are refused with 413.
 const BODY_LIMIT: usize = 50 << 20;
@@ -105,8 +105,9 @@ struct App {
     settings: SessionSettings,
     auth: Vec<(String, String)>,
     out_dir: PathBuf,
-    /// Images saved so far (save_images), for their file names.
-    saved: Mutex<usize>,
+    /// Requests saved so far (save_images), for their file names, and the
+    /// out dir's manifest once opened.
+    saved: Mutex<(usize, Option<sdgen::batch::Manifest>)>,
 }
 
 /// Runs the server until Ctrl-C or SIGTERM.
@@ -123,7 +124,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         settings: settings.clone(),
         auth: opts.auth.clone(),
         out_dir: opts.out_dir.clone(),
-        saved: Mutex::new(0),
+        saved: Mutex::new((0, None)),
     });
     let worker = {
         let shared = shared.clone();
@@ -359,17 +360,15 @@ async fn generate(app: &App, p: Payload, img2img: bool) -> ApiResult {
     let plan = Plan::Requests(batches);
     let mut done = run(app, |reply| Job { choice: choice.clone(), plan, reply }).await?;
     if let Some(paste) = &paste {
-        done.images.iter_mut().for_each(|(_, image, _)| *image = paste.apply(image));
+        done.images.iter_mut().for_each(|m| m.image = paste.apply(&m.image));
     }
     if !restore {
         let mut o = app.options.lock().expect("options lock");
         (o.model, o.vae, o.clip_skip) = (choice.model.clone(), choice.vae.clone(), clip_skip);
     }
     let mut images = Vec::new();
-    for (_, image, parameters) in &done.images {
-        let mut png = Vec::new();
-        sdgen::image_io::encode_png(&mut png, image, parameters).map_err(|e| ApiError::internal(format!("{e:#}")))?;
-        images.push(base64::engine::general_purpose::STANDARD.encode(&png));
+    for m in &done.images {
+        images.push(base64::engine::general_purpose::STANDARD.encode(png(m)?));
     }
     if save {
         save_images(app, &done)?;
@@ -378,24 +377,58 @@ async fn generate(app: &App, p: Payload, img2img: bool) -> ApiResult {
     Ok(Json(json!({"images": images, "parameters": Value::Object(p.0), "info": info.to_string()})).into_response())
 }
 
-/// Writes a job's images into `--out-dir` as A1111 names them (NNNNN-SEED.png).
+/// An image as PNG bytes with its parameters.
+fn png(m: &Made) -> Result<Vec<u8>, ApiError> {
+    let mut png = Vec::new();
+    sdgen::image_io::encode_png(&mut png, &m.image, &m.parameters).map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    Ok(png)
+}
+
+/// Writes a job's images into `--out-dir` as `sdgen batch` names them
+/// (`JOB-SEED.png`, `JOB-SEED-K.png` for several; the job counts the saving
+/// requests), each recorded in the folder's manifest once in place.
 fn save_images(app: &App, done: &Done) -> Result<(), ApiError> {
-    std::fs::create_dir_all(&app.out_dir)
-        .map_err(|e| ApiError::internal(format!("{}: cannot create: {e}", app.out_dir.display())))?;
-    let mut n = app.saved.lock().expect("saved lock");
-    for (request, image, parameters) in &done.images {
-        let path = app.out_dir.join(format!("{:05}-{}.png", *n, request.seed));
-        sdgen::image_io::write_png(&path, image, parameters).map_err(|e| ApiError::internal(format!("{e:#}")))?;
-        *n += 1;
+    let fail = |e: anyhow::Error| ApiError::internal(format!("{e:#}"));
+    let mut saved = app.saved.lock().expect("saved lock");
+    let (job, manifest) = &mut *saved;
+    if manifest.is_none() {
+        *manifest = Some(sdgen::batch::open_out_dir(&app.out_dir, None, false).map_err(fail)?);
     }
+    let manifest = manifest.as_mut().expect("opened above");
+    let several = done.images.len() > 1;
+    for (k, m) in done.images.iter().enumerate() {
+        let r = &m.request;
+        let file = if several { format!("{job:05}-{}-{k}.png", r.seed) } else { format!("{job:05}-{}.png", r.seed) };
+        let bytes = png(m)?;
+        sdgen::image_io::write_png(&app.out_dir.join(&file), &m.image, &m.parameters).map_err(fail)?;
+        manifest
+            .append(&sdgen::batch::ManifestEntry {
+                job: *job,
+                line: 0,
+                prompt: r.prompt.clone(),
+                negative_prompt: r.negative_prompt.clone(),
+                seed: r.seed,
+                steps: r.steps,
+                cfg_scale: r.cfg_scale,
+                width: m.image.width,
+                height: m.image.height,
+                sampler: r.sampler.name().to_string(),
+                schedule: r.schedule.name().to_string(),
+                file,
+                sha256: sdgen::loading::hashing::sha256_hex(&bytes),
+                seconds: m.seconds,
+            })
+            .map_err(fail)?;
+    }
+    *job += 1;
     Ok(())
 }
 
 /// A1111's `info`: the generation's keys, one entry per image in the `all_` lists.
 fn info_json(done: &Done, p: &Payload, clip_skip: usize, vae: Option<&str>) -> Value {
-    let Some((first, _, _)) = done.images.first() else { return json!({}) };
+    let Some(first) = done.images.first().map(|m| &m.request) else { return json!({}) };
     let all = |f: &dyn Fn(&sdgen::request::Request) -> Value| -> Vec<Value> {
-        done.images.iter().map(|(r, _, _)| f(r)).collect()
+        done.images.iter().map(|m| f(&m.request)).collect()
     };
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
     json!({
@@ -426,7 +459,7 @@ fn info_json(done: &Done, p: &Payload, clip_skip: usize, vae: Option<&str>) -> V
         "denoising_strength": match &first.init { Init::Image { strength, .. } => json!(strength), _ => json!(0) },
         "extra_generation_params": {},
         "index_of_first_image": 0,
-        "infotexts": done.images.iter().map(|(_, _, t)| json!(t)).collect::<Vec<_>>(),
+        "infotexts": done.images.iter().map(|m| json!(m.parameters)).collect::<Vec<_>>(),
         "styles": [],
         "job_timestamp": stamp.to_string(),
         "clip_skip": clip_skip,
@@ -677,11 +710,9 @@ async fn openai_generate(State(app): State<Arc<App>>, body: Bytes) -> ApiResult 
     let plan = Plan::FamilyDefaults { settings: Box::new(settings), count: n };
     let done = run(&app, |reply| Job { choice, plan, reply }).await?;
     let mut data = Vec::new();
-    for (request, image, parameters) in &done.images {
-        let mut png = Vec::new();
-        sdgen::image_io::encode_png(&mut png, image, parameters).map_err(|e| ApiError::internal(format!("{e:#}")))?;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
-        data.push(json!({"b64_json": b64, "revised_prompt": request.prompt}));
+    for m in &done.images {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(png(m)?);
+        data.push(json!({"b64_json": b64, "revised_prompt": m.request.prompt}));
     }
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
     Ok(Json(json!({"created": created, "data": data})).into_response())

@@ -44,11 +44,32 @@ pub struct Job {
     pub reply: oneshot::Sender<Result<Done, ApiError>>,
 }
 
-/// A finished job: each image with its request and PNG parameters.
+/// One image of a job: its request, pixels, PNG parameters and seconds of
+/// generation (its batch's share).
+pub struct Made {
+    pub request: Request,
+    pub image: Image,
+    pub parameters: String,
+    pub seconds: f64,
+}
+
+/// A finished job.
 pub struct Done {
-    pub images: Vec<(Request, Image, String)>,
+    pub images: Vec<Made>,
     pub model_name: String,
     pub model_hash: String,
+}
+
+/// Refuses a batch the CPU's memory cannot hold (GPUs report their own
+/// errors), naming the fields that set its size.
+fn fits_in_memory(session: &Session, batch: &[Request]) -> Result<(), ApiError> {
+    let (Some(r), true) = (batch.first(), session.device.is_cpu()) else { return Ok(()) };
+    let Some(available) = sdgen::memory::available() else { return Ok(()) };
+    let dtype = session.model.unet.dtype();
+    let need = sdgen::memory::estimate(&session.model.path, dtype, r.width, r.height, 2 * batch.len())
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    sdgen::memory::check(&need, available, dtype, r.width, r.height)
+        .map_err(|e| ApiError::field("width, height, batch_size", format!("{e:#}")))
 }
 
 /// What `/sdapi/v1/progress` reports.
@@ -224,6 +245,8 @@ fn run_job(
         if shared.interrupt.load(Ordering::SeqCst) {
             break;
         }
+        fits_in_memory(session, batch)?;
+        let started = Instant::now();
         let stop =
             || shared.interrupt.load(Ordering::SeqCst) || shared.skip.load(Ordering::SeqCst) || job.reply.is_closed();
         let mut events = |e: Event| {
@@ -241,9 +264,10 @@ fn run_job(
             eprintln!("job cancelled: the client disconnected");
             return Err(ApiError::unavailable("client disconnected"));
         }
+        let seconds = started.elapsed().as_secs_f64() / batch.len().max(1) as f64;
         for (request, image) in batch.iter().zip(made) {
             let parameters = session.parameters(request);
-            images.push((request.clone(), image, parameters));
+            images.push(Made { request: request.clone(), image, parameters, seconds });
         }
         // A skip ends the current batch only.
         shared.skip.store(false, Ordering::SeqCst);
