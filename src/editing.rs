@@ -6,6 +6,7 @@ use anyhow::bail;
 use candle_core::{Device, Tensor};
 
 use crate::image_io::Image;
+use crate::request::Overlay;
 
 /// A binary mask, row-major; `true` marks pixels to repaint.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,11 +97,19 @@ pub fn outpaint_canvas(image: &Image, pads: Pads) -> anyhow::Result<(Image, Mask
 }
 
 /// Puts the original pixels back outside the mask (A1111's overlay), so
-/// nothing there changes by even one level. With `blur > 0` the generated
-/// pixels fade in from the mask's edge over about `blur` pixels, inward
-/// only: outside the mask the original stays exact.
-pub fn overlay(generated: &Image, original: &Image, mask: &Mask, blur: f32) -> Image {
-    let alpha = feather(mask, blur);
+/// nothing there changes by even one level. With a feather of `blur > 0`
+/// the generated pixels fade in from the mask's edge over about `blur`
+/// pixels, inward only: outside the mask the original stays exact; an
+/// alpha blends as it says.
+pub fn overlay(generated: &Image, original: &Image, mask: &Mask, how: &Overlay) -> Image {
+    match how {
+        Overlay::Feather(blur) => blend(generated, original, &feather(mask, *blur)),
+        Overlay::Alpha(alpha) => blend(generated, original, alpha),
+    }
+}
+
+/// `generated` over `original` with each pixel's weight `alpha` (0 to 1).
+pub fn blend(generated: &Image, original: &Image, alpha: &[f32]) -> Image {
     let rgb = generated
         .rgb
         .iter()
@@ -240,15 +249,55 @@ fn box_blur3(src: &[[f32; 4]], w: usize, h: usize, sigma: f32) -> Vec<[f32; 4]> 
     v
 }
 
+/// OpenCV's `GaussianBlur` of 8-bit levels with standard deviation `sigma`
+/// along x then y, kernel size `2·⌊2.5σ + 0.5⌋ + 1`, borders reflected
+/// around the edge pixel: A1111's mask blur.
+pub fn blur_levels(levels: &[u8], width: usize, height: usize, sigma: f64) -> Vec<u8> {
+    if sigma <= 0.0 {
+        return levels.to_vec();
+    }
+    let half = (2.5 * sigma + 0.5) as isize;
+    let weights: Vec<f64> = (-half..=half).map(|i| (-((i * i) as f64) / (2.0 * sigma * sigma)).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    let reflect = |i: isize, n: usize| -> usize {
+        let n = n as isize;
+        let period = 2 * (n - 1).max(1);
+        let i = i.rem_euclid(period);
+        (if i < n { i } else { period - i }) as usize
+    };
+    let pass = |src: &[f64], horizontal: bool| -> Vec<f64> {
+        let mut out = vec![0f64; src.len()];
+        for y in 0..height {
+            for x in 0..width {
+                let mut acc = 0.0;
+                for (k, w) in (-half..=half).zip(&weights) {
+                    let (sx, sy) = if horizontal {
+                        (reflect(x as isize + k, width), y)
+                    } else {
+                        (x, reflect(y as isize + k, height))
+                    };
+                    acc += w * src[sy * width + sx];
+                }
+                out[y * width + x] = acc / total;
+            }
+        }
+        out
+    };
+    // Two 8-bit blurs, as A1111 runs them (x, then y), rounding in between.
+    let round = |v: Vec<f64>| -> Vec<f64> { v.into_iter().map(|v| v.round().clamp(0.0, 255.0)).collect() };
+    let values: Vec<f64> = levels.iter().map(|&l| l as f64).collect();
+    round(pass(&round(pass(&values, true)), false)).into_iter().map(|v| v as u8).collect()
+}
+
 /// A pixel rectangle: left, top, right, bottom (exclusive).
 pub type Region = (usize, usize, usize, usize);
 
-/// A1111's "only masked" region: the box of the set mask pixels grown by
-/// `pad` within the image, then widened or heightened (shifted inside the
-/// image where it can) to the `width × height` aspect ratio.
-pub fn masked_region(mask: &Mask, pad: usize, width: usize, height: usize) -> Option<Region> {
-    let (mw, mh) = (mask.width, mask.height);
-    let set = |x: usize, y: usize| mask.bits[y * mw + x];
+/// A1111's "only masked" region: the box of the non-zero mask levels
+/// (`mw × mh`) grown by `pad` within the image, then widened or heightened
+/// (shifted inside the image where it can) to the `width × height` aspect
+/// ratio.
+pub fn masked_region(levels: &[u8], mw: usize, mh: usize, pad: usize, width: usize, height: usize) -> Option<Region> {
+    let set = |x: usize, y: usize| levels[y * mw + x] > 0;
     let xs: Vec<usize> = (0..mw).filter(|&x| (0..mh).any(|y| set(x, y))).collect();
     let ys: Vec<usize> = (0..mh).filter(|&y| (0..mw).any(|x| set(x, y))).collect();
     let (x1, x2) = (*xs.first()?, *xs.last()? + 1);
@@ -360,6 +409,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn fill_takes_the_colours_around_the_mask_and_keeps_the_rest() {
+        // Left half red, right half blue; a masked square inside the red half.
+        let (w, h) = (32, 16);
+        let rgb = (0..w * h).flat_map(|p| if p % w < 16 { [200, 10, 10] } else { [10, 10, 200] }).collect();
+        let image = Image { width: w, height: h, rgb };
+        let bits = (0..w * h).map(|p| (4..8).contains(&(p % w)) && (4..8).contains(&(p / w))).collect();
+        let filled = fill_masked(&image, &Mask { width: w, height: h, bits });
+        let px = |x: usize, y: usize| &filled.rgb[3 * (y * w + x)..3 * (y * w + x) + 3];
+        assert_eq!(px(0, 0), &[200, 10, 10]);
+        assert_eq!(px(20, 10), &[10, 10, 200]);
+        let inside = px(5, 5);
+        assert!(inside[0] > 150 && inside[2] < 60, "{inside:?}");
+    }
+
+    #[test]
+    fn mask_blur_matches_opencv() {
+        // cv2.GaussianBlur(m, (9, 1), 1.5) then (1, 9): A1111's mask blur
+        // (opencv-python-headless 4.x), with a box and a lone corner level.
+        let mut m = vec![0u8; 7 * 9];
+        for y in 2..5 {
+            for x in 3..7 {
+                m[y * 9 + x] = 255;
+            }
+        }
+        m[0] = 100;
+        let expected = [
+            14, 18, 32, 50, 63, 62, 49, 32, 24, 15, 21, 40, 65, 83, 82, 65, 42, 31, 16, 27, 57, 95, 123, 123, 96, 63,
+            47, 16, 29, 66, 111, 143, 143, 112, 73, 54, 13, 25, 56, 95, 123, 123, 96, 63, 47, 9, 16, 38, 64, 82, 82,
+            65, 42, 31, 7, 12, 29, 48, 62, 62, 49, 32, 24,
+        ];
+        let ours = blur_levels(&m, 9, 7, 1.5);
+        let worst = ours.iter().zip(expected).map(|(&a, b)| a.abs_diff(b)).max().unwrap();
+        // OpenCV's 8-bit path sums in fixed point: a level of rounding apart at most.
+        assert!(worst <= 1, "{ours:?}");
+    }
+
+    #[test]
     fn resize_modes_crop_or_fill_to_the_asked_size() {
         // A 16×8 image into 8×8: cropping keeps the middle, filling pads
         // the top and bottom with the edge rows.
@@ -414,15 +500,15 @@ mod tests {
         let bits: Vec<bool> = (0..256).map(|p| (4..12).contains(&(p % 16)) && (4..12).contains(&(p / 16))).collect();
         let mask = Mask { width: 16, height: 16, bits };
         for blur in [0.0, 2.0] {
-            let out = overlay(&generated, &orig, &mask, blur);
+            let out = overlay(&generated, &orig, &mask, &Overlay::Feather(blur));
             for p in 0..256 {
                 if !mask.bits[p] {
                     assert_eq!(out.rgb[3 * p..3 * p + 3], orig.rgb[3 * p..3 * p + 3]);
                 }
             }
         }
-        let hard = overlay(&generated, &orig, &mask, 0.0);
-        let soft = overlay(&generated, &orig, &mask, 2.0);
+        let hard = overlay(&generated, &orig, &mask, &Overlay::Feather(0.0));
+        let soft = overlay(&generated, &orig, &mask, &Overlay::Feather(2.0));
         let edge = 3 * (4 * 16 + 4);
         assert_eq!(hard.rgb[edge], 200);
         assert_ne!(soft.rgb[edge], 200, "the blur fades in at the mask's edge");

@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 
 use crate::loading::Applied;
 use crate::prompt::Syntax;
-use crate::request::{Init, Request, Size};
+use crate::request::{Init, Overlay, Request, Size};
 use crate::sampling::schedule::ScheduleKind;
 use crate::settings::Settings;
 
@@ -45,8 +45,8 @@ impl Parameters<'_> {
         if let Some(strength) = r.strength() {
             fields.push(("Denoising strength", strength.to_string()));
         }
-        if let Init::Inpaint { mask_blur, .. } = &r.init {
-            fields.push(("Mask blur", mask_blur.to_string()));
+        if let Init::Inpaint { overlay: Overlay::Feather(blur), .. } = &r.init {
+            fields.push(("Mask blur", blur.to_string()));
         }
         let named = |list: &[(String, String)]| {
             list.iter().map(|(name, hash)| format!("{name}: {hash}")).collect::<Vec<_>>().join(", ")

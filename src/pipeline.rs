@@ -292,9 +292,7 @@ impl Model {
                 check_finite(&decoded, &self.path, "VAE")?;
                 let generated = to_image(&decoded)?;
                 Ok(match &r.init {
-                    Init::Inpaint { image, mask, mask_blur, .. } => {
-                        editing::overlay(&generated, image, mask, *mask_blur)
-                    }
+                    Init::Inpaint { image, mask, overlay, .. } => editing::overlay(&generated, image, mask, overlay),
                     _ => generated,
                 })
             })

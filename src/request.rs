@@ -68,8 +68,20 @@ pub enum Init {
     /// An image, noised to `strength` (img2img).
     Image { image: Image, strength: f64 },
     /// An image repainted where `mask` is set (inpaint, outpaint), starting
-    /// there from what `fill` says.
-    Inpaint { image: Image, mask: Mask, strength: f64, mask_blur: f32, fill: LatentFill },
+    /// there from what `fill` says, the original laid back over the result as
+    /// `overlay` says.
+    Inpaint { image: Image, mask: Mask, strength: f64, overlay: Overlay, fill: LatentFill },
+}
+
+/// How the original pixels come back over an inpainted image.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Overlay {
+    /// Exactly outside the mask, the generated pixels fading in over this
+    /// many pixels inside it (the CLI's `--mask-blur`).
+    Feather(f32),
+    /// Each pixel's weight of the generated image, 0 to 1, row-major (A1111's
+    /// blurred "mask for overlay").
+    Alpha(Vec<f32>),
 }
 
 /// What the masked area's latents start from before they are noised

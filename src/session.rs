@@ -266,7 +266,7 @@ impl InitSpec {
             image,
             mask,
             strength: *strength,
-            mask_blur: *mask_blur,
+            overlay: crate::request::Overlay::Feather(*mask_blur),
             fill: crate::request::LatentFill::Original,
         };
         let init = match self {

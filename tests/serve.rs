@@ -460,8 +460,8 @@ fn masked_img2img_inpaints_as_a1111_prepares_it_and_as_the_cli_does() {
         decoded(&r["images"][0])
     };
 
-    // The whole image, the original masked content: the CLI's inpaint.
-    let whole = inpaint(json!({"inpaint_full_res": false, "inpainting_fill": 1}));
+    // The whole image, the original masked content, no blur: the CLI's inpaint.
+    let whole = inpaint(json!({"inpaint_full_res": false, "inpainting_fill": 1, "mask_blur": 0}));
     let dir = tempfile::tempdir().unwrap();
     let (init_png, mask_png, out) = (dir.path().join("i.png"), dir.path().join("m.png"), dir.path().join("o.png"));
     std::fs::write(&init_png, png_bytes(&init)).unwrap();
@@ -478,7 +478,7 @@ fn masked_img2img_inpaints_as_a1111_prepares_it_and_as_the_cli_does() {
         "--strength",
         "0.75",
         "--mask-blur",
-        "4",
+        "0",
         "-p",
         "a red fox",
         "--steps",
@@ -505,6 +505,11 @@ fn masked_img2img_inpaints_as_a1111_prepares_it_and_as_the_cli_does() {
         assert_eq!(only.get_pixel(x, y), original.get_pixel(x, y), "({x}, {y})");
     }
     assert_ne!(only.get_pixel(28, 28), original.get_pixel(28, 28));
+    // A1111's mask blur: the result fades out past the mask's edge too.
+    let blurred = inpaint(json!({"inpaint_full_res": false, "inpainting_fill": 1, "mask_blur": 4}));
+    assert_ne!(blurred.get_pixel(14, 28), original.get_pixel(14, 28), "2 px outside the square");
+    assert_eq!(blurred.get_pixel(2, 2), original.get_pixel(2, 2));
+    assert_eq!(whole.get_pixel(14, 28), original.get_pixel(14, 28), "without blur, outside stays exact");
     // Each masked-content choice runs, and they differ.
     let fills: Vec<image::RgbImage> =
         (0..4).map(|f| inpaint(json!({"inpainting_fill": f, "inpaint_full_res": false}))).collect();

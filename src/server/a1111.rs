@@ -6,7 +6,7 @@
 use base64::Engine;
 use sdgen::editing::{self, Mask};
 use sdgen::image_io::{image_from_bytes, mask_levels_from_bytes, Image};
-use sdgen::request::{Init, LatentFill};
+use sdgen::request::{Init, LatentFill, Overlay};
 use sdgen::sampling::samplers::{Sampler, SamplerName};
 use sdgen::sampling::schedule::ScheduleKind;
 use sdgen::settings::Settings;
@@ -232,20 +232,19 @@ pub fn base64_field(key: &str, value: &Value) -> Result<Vec<u8>, ApiError> {
 }
 
 /// "Only masked" inpainting's way back: each generated image is scaled to
-/// the region it came from, pasted into the original, and the original's
-/// unmasked pixels laid over it.
+/// the region it came from and pasted into the original, with the original
+/// laid over it by the blurred mask (A1111's "mask for overlay").
 pub struct PasteBack {
     original: Image,
     region: editing::Region,
-    mask: Mask,
-    blur: f32,
+    alpha: Vec<f32>,
 }
 
 impl PasteBack {
     pub fn apply(&self, generated: &Image) -> Image {
         let (x1, y1, x2, y2) = self.region;
         let scaled = editing::resize_crop(generated, x2 - x1, y2 - y1);
-        editing::overlay(&editing::paste(&self.original, &scaled, x1, y1), &self.original, &self.mask, self.blur)
+        editing::blend(&editing::paste(&self.original, &scaled, x1, y1), &self.original, &self.alpha)
     }
 }
 
@@ -308,22 +307,30 @@ pub fn init_image(p: &Payload, width: usize, height: usize) -> Result<(Init, Opt
         v @ 0..=3 => v,
         v => return Err(ApiError::field("inpainting_fill", format!("must be 0, 1, 2 or 3, got {v}"))),
     };
-    let full = Mask::from_levels(w0, h0, &levels);
-    if full.is_empty() {
+    // A1111 blurs the mask first: it is what everything after sees.
+    let levels = editing::blur_levels(&levels, w0, h0, blur);
+    if !levels.iter().any(|&l| l > 0) {
         return Err(ApiError::field("mask", "no pixel is masked (white marks what to repaint)"));
     }
     let gray = editing::levels_image(w0, h0, &levels);
-    let (image_in, mask_in, paste) = if p.boolean("inpaint_full_res")?.unwrap_or(true) {
+    let unit =
+        |levels: &[u8], gain: f32| -> Vec<f32> { levels.iter().map(|&l| (l as f32 * gain / 255.0).min(1.0)).collect() };
+    let (image_in, mask_in, overlay, paste) = if p.boolean("inpaint_full_res")?.unwrap_or(true) {
         let pad = match p.int("inpaint_full_res_padding")?.unwrap_or(0) {
             v if v >= 0 => v as usize,
             v => return Err(ApiError::field("inpaint_full_res_padding", format!("must be at least 0, got {v}"))),
         };
-        let region = editing::masked_region(&full, pad, width, height).expect("the mask is not empty");
+        let region = editing::masked_region(&levels, w0, h0, pad, width, height).expect("some level is set");
         let image_in = editing::resize_fill(&editing::crop(&image, region), width, height);
         let mask_in = editing::resize_fill(&editing::crop(&gray, region), width, height);
-        (image_in, mask_in, Some(PasteBack { original: image, region, mask: full, blur: blur as f32 }))
+        // The blend happens after the paste, at the original's size.
+        let keep_all = Overlay::Alpha(vec![1.0; width * height]);
+        (image_in, mask_in, keep_all, Some(PasteBack { original: image, region, alpha: unit(&levels, 1.0) }))
     } else {
-        (resized(p, &image, width, height)?, resized(p, &gray, width, height)?, None)
+        let mask_in = resized(p, &gray, width, height)?;
+        // A1111 doubles the resized mask for the overlay: it fades out past the mask's edge.
+        let alpha = Overlay::Alpha(unit(&editing::image_levels(&mask_in), 2.0));
+        (resized(p, &image, width, height)?, mask_in, alpha, None)
     };
     let mask = Mask::from_levels(width, height, &editing::image_levels(&mask_in));
     let image = if fill == 0 { editing::fill_masked(&image_in, &mask) } else { image_in };
@@ -332,5 +339,5 @@ pub fn init_image(p: &Payload, width: usize, height: usize) -> Result<(Init, Opt
         3 => LatentFill::Nothing,
         _ => LatentFill::Original,
     };
-    Ok((Init::Inpaint { image, mask, strength, mask_blur: blur as f32, fill }, paste))
+    Ok((Init::Inpaint { image, mask, strength, overlay, fill }, paste))
 }
