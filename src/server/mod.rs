@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use a1111::Payload;
-use worker::{Done, Job, Made, ModelChoice, Plan, Shared};
+use worker::{lock, Done, Job, Made, ModelChoice, Plan, Shared};
 
 /// Request bodies above this are refused with 413.
 const BODY_LIMIT: usize = 50 << 20;
@@ -264,7 +264,7 @@ async fn run(app: &App, job_of: impl FnOnce(oneshot::Sender<Result<Done, ApiErro
 /// What an A1111 request asks of the model: `override_settings` over the
 /// options, and the prompt's `<lora:…>` tags.
 fn choice(app: &App, p: &Payload, prompt: &str) -> Result<(ModelChoice, usize), ApiError> {
-    let options = app.options.lock().expect("options lock").clone();
+    let options = lock(&app.options).clone();
     let overrides = p.get("override_settings").cloned().unwrap_or(json!({}));
     let overrides = Payload(
         overrides.as_object().cloned().ok_or_else(|| ApiError::field("override_settings", "must be an object"))?,
@@ -363,7 +363,7 @@ async fn generate(app: &App, p: Payload, img2img: bool) -> ApiResult {
         done.images.iter_mut().for_each(|m| m.image = paste.apply(&m.image));
     }
     if !restore {
-        let mut o = app.options.lock().expect("options lock");
+        let mut o = lock(&app.options);
         (o.model, o.vae, o.clip_skip) = (choice.model.clone(), choice.vae.clone(), clip_skip);
     }
     let mut images = Vec::new();
@@ -389,7 +389,7 @@ fn png(m: &Made) -> Result<Vec<u8>, ApiError> {
 /// requests), each recorded in the folder's manifest once in place.
 fn save_images(app: &App, done: &Done) -> Result<(), ApiError> {
     let fail = |e: anyhow::Error| ApiError::internal(format!("{e:#}"));
-    let mut saved = app.saved.lock().expect("saved lock");
+    let mut saved = lock(&app.saved);
     let (job, manifest) = &mut *saved;
     if manifest.is_none() {
         *manifest = Some(sdgen::batch::open_out_dir(&app.out_dir, None, false).map_err(fail)?);
@@ -489,8 +489,8 @@ async fn sd_models(State(app): State<Arc<App>>) -> Json<Value> {
 }
 
 async fn get_options(State(app): State<Arc<App>>) -> Json<Value> {
-    let o = app.options.lock().expect("options lock").clone();
-    let loaded = app.shared.loaded.lock().expect("loaded lock").clone();
+    let o = lock(&app.options).clone();
+    let loaded = lock(&app.shared.loaded).clone();
     let checkpoint = match (&o.model, &loaded) {
         (Some(m), _) => {
             let path = std::path::PathBuf::from(m);
@@ -519,7 +519,7 @@ async fn get_options(State(app): State<Arc<App>>) -> Json<Value> {
 /// Takes the whole dict a client got back; sdgen's options change, others are kept as they were.
 async fn set_options(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
     let p = Payload::parse(&body)?;
-    let mut next = app.options.lock().expect("options lock").clone();
+    let mut next = lock(&app.options).clone();
     if let Some(m) = p.string("sd_model_checkpoint")? {
         next.model = Some(checkpoint_name(&app, &m).map_err(|e| ApiError::field("sd_model_checkpoint", e))?);
     }
@@ -529,7 +529,7 @@ async fn set_options(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
     if let Some(v) = p.string("sd_vae")? {
         next.vae = vae_name(&app, &v).map_err(|e| ApiError::field("sd_vae", e))?;
     }
-    *app.options.lock().expect("options lock") = next;
+    *lock(&app.options) = next;
     Ok(Json(json!(null)).into_response())
 }
 
@@ -595,7 +595,7 @@ async fn embeddings(State(app): State<Arc<App>>) -> Json<Value> {
 }
 
 async fn progress(State(app): State<Arc<App>>) -> Json<Value> {
-    let p = app.shared.progress.lock().expect("progress lock").clone();
+    let p = lock(&app.shared.progress).clone();
     let running = p.started.is_some();
     let fraction = if running && p.batch_count > 0 {
         let step = if p.sampling_steps > 0 { p.sampling_step as f64 / p.sampling_steps as f64 } else { 0.0 };
@@ -626,14 +626,14 @@ async fn progress(State(app): State<Arc<App>>) -> Json<Value> {
 }
 
 async fn interrupt(State(app): State<Arc<App>>) -> Json<Value> {
-    if app.shared.progress.lock().expect("progress lock").started.is_some() {
+    if lock(&app.shared.progress).started.is_some() {
         app.shared.interrupt.store(true, Ordering::SeqCst);
     }
     Json(json!({}))
 }
 
 async fn skip(State(app): State<Arc<App>>) -> Json<Value> {
-    if app.shared.progress.lock().expect("progress lock").started.is_some() {
+    if lock(&app.shared.progress).started.is_some() {
         app.shared.skip.store(true, Ordering::SeqCst);
     }
     Json(json!({}))

@@ -87,6 +87,12 @@ pub struct Progress {
     pub started: Option<Instant>,
 }
 
+/// `m`'s value; a lock a panicking thread left poisoned still serves (the
+/// data behind these locks stays consistent between statements).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// What the handlers and the worker share.
 pub struct Shared {
     queue: Mutex<VecDeque<Job>>,
@@ -120,7 +126,7 @@ impl Shared {
         if self.shutdown.load(Ordering::SeqCst) {
             return Err(ApiError::unavailable("the server is stopping"));
         }
-        let mut queue = self.queue.lock().expect("queue lock");
+        let mut queue = lock(&self.queue);
         if queue.len() >= self.max_queue {
             return Err(ApiError::new(
                 axum::http::StatusCode::TOO_MANY_REQUESTS,
@@ -129,7 +135,7 @@ impl Shared {
             ));
         }
         queue.push_back(job);
-        self.progress.lock().expect("progress lock").job_count += 1;
+        lock(&self.progress).job_count += 1;
         self.wake.notify_one();
         Ok(())
     }
@@ -138,7 +144,7 @@ impl Shared {
     pub fn stop(&self) {
         self.shutdown.store(true, Ordering::SeqCst);
         self.interrupt.store(true, Ordering::SeqCst);
-        let waiting: Vec<Job> = self.queue.lock().expect("queue lock").drain(..).collect();
+        let waiting: Vec<Job> = lock(&self.queue).drain(..).collect();
         for job in waiting {
             let _ = job.reply.send(Err(ApiError::unavailable("the server is stopping")));
         }
@@ -146,7 +152,7 @@ impl Shared {
     }
 
     fn next(&self) -> Option<Job> {
-        let mut queue = self.queue.lock().expect("queue lock");
+        let mut queue = lock(&self.queue);
         loop {
             if self.shutdown.load(Ordering::SeqCst) {
                 return None;
@@ -154,7 +160,7 @@ impl Shared {
             if let Some(job) = queue.pop_front() {
                 return Some(job);
             }
-            queue = self.wake.wait(queue).expect("queue lock");
+            queue = self.wake.wait(queue).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
     }
 }
@@ -168,14 +174,27 @@ pub fn run(shared: Arc<Shared>, settings: SessionSettings) {
             eprintln!("job cancelled: the client disconnected");
             Err(ApiError::unavailable("client disconnected"))
         } else {
-            match run_job(&shared, &settings, &mut current, &job) {
+            // A panic in the model code fails this job, not the server; the
+            // session it may have left half-changed is dropped.
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_job(&shared, &settings, &mut current, &job)
+            }));
+            match run {
                 // Stopping: the interrupted job's images are not answered.
-                Ok(_) if shared.shutdown.load(Ordering::SeqCst) => Err(ApiError::unavailable("the server is stopping")),
-                result => result,
+                Ok(Ok(_)) if shared.shutdown.load(Ordering::SeqCst) => {
+                    Err(ApiError::unavailable("the server is stopping"))
+                }
+                Ok(result) => result,
+                Err(_) => {
+                    current = None;
+                    Err(ApiError::internal(
+                        "generation failed unexpectedly (a bug in sdgen); the model will be reloaded",
+                    ))
+                }
             }
         };
         {
-            let mut p = shared.progress.lock().expect("progress lock");
+            let mut p = lock(&shared.progress);
             let left = p.job_count.saturating_sub(1);
             *p = Progress { job_count: left, job_no: p.job_no + 1, ..Progress::default() };
         }
@@ -206,8 +225,7 @@ fn session_for<'a>(
             ..settings.clone()
         };
         let (session, _) = Session::open(&s, &choice.loras, (None, None), &mut |_| {}).map_err(ApiError::model)?;
-        *shared.loaded.lock().expect("loaded lock") =
-            Some((session.model.name.clone(), session.model.path.clone(), session.hash.clone()));
+        *lock(&shared.loaded) = Some((session.model.name.clone(), session.model.path.clone(), session.hash.clone()));
         *current = Some((choice.clone(), session));
     } else if let Some((c, session)) = current.as_mut() {
         if c.loras != choice.loras {
@@ -236,7 +254,7 @@ fn run_job(
         }
     };
     {
-        let mut p = shared.progress.lock().expect("progress lock");
+        let mut p = lock(&shared.progress);
         p.started = Some(Instant::now());
         p.batch_count = batches.len();
     }
@@ -251,7 +269,7 @@ fn run_job(
             || shared.interrupt.load(Ordering::SeqCst) || shared.skip.load(Ordering::SeqCst) || job.reply.is_closed();
         let mut events = |e: Event| {
             if let Event::Step { done, total } = e {
-                let mut p = shared.progress.lock().expect("progress lock");
+                let mut p = lock(&shared.progress);
                 p.sampling_step = done;
                 p.sampling_steps = total;
             }
@@ -271,7 +289,7 @@ fn run_job(
         }
         // A skip ends the current batch only.
         shared.skip.store(false, Ordering::SeqCst);
-        let mut p = shared.progress.lock().expect("progress lock");
+        let mut p = lock(&shared.progress);
         p.sampling_step = 0;
         p.batch_no += 1;
     }
