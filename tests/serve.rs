@@ -555,3 +555,18 @@ fn prompt_loras_merge_per_request_and_never_change_the_base_weights() {
     let (_, loras) = s.call("/sdapi/v1/loras", None);
     assert!(loras.as_array().unwrap().iter().any(|l| l["name"] == "tiny_kohya"), "{loras}");
 }
+
+#[test]
+fn an_inpainting_model_needs_a_mask() {
+    let s = Server::start(&[]);
+    let (_, r) = s.call("/sdapi/v1/txt2img", Some(small(json!({}))));
+    let init = r["images"][0].clone();
+    let checkpoint = json!({"override_settings": {"sd_model_checkpoint": "tiny-sd1-inpaint"}});
+    let (status, r) = s.call("/sdapi/v1/txt2img", Some(small(checkpoint.clone())));
+    assert_eq!(status, 422, "{r}");
+    assert!(r["detail"].as_str().unwrap().starts_with("mask"), "{r}");
+    let mut body = small(json!({"init_images": [init], "mask": square_mask(64)}));
+    body.as_object_mut().unwrap().extend(checkpoint.as_object().unwrap().clone());
+    let (status, r) = s.call("/sdapi/v1/img2img", Some(body));
+    assert_eq!(status, 200, "{r}");
+}

@@ -264,6 +264,9 @@ fn run_job(
             break;
         }
         fits_in_memory(session, batch)?;
+        if session.model.is_inpainting() && batch.iter().any(|r| !matches!(r.init, Init::Inpaint { .. })) {
+            return Err(ApiError::field("mask", "this model is an inpainting model: send img2img with a mask"));
+        }
         let started = Instant::now();
         let stop =
             || shared.interrupt.load(Ordering::SeqCst) || shared.skip.load(Ordering::SeqCst) || job.reply.is_closed();
