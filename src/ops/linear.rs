@@ -241,9 +241,21 @@ impl LinearOp<'_> {
         let Rows { cout, b, l, sb, sl, sc } = self.rows(xl, residual.map(|r| r.1))?;
         let (dev, cin) = (xs.device(), self.linear.weight.dim(1)?);
         let x = cuda::strided_view::<T>(xs, xl)?;
+        // cuBLAS wants a leading dimension of at least the stored rows' length
+        // even where a single row makes it unused.
         let a = match (sl, sc) {
-            (_, 1) => cuda::Operand { data: &x, ld: sl, batch_stride: sb, transposed: false },
-            (1, _) => cuda::Operand { data: &x, ld: sc, batch_stride: sb, transposed: true },
+            (_, 1) => cuda::Operand {
+                data: &x,
+                ld: if l == 1 { sl.max(cin) } else { sl },
+                batch_stride: sb,
+                transposed: false,
+            },
+            (1, _) => cuda::Operand {
+                data: &x,
+                ld: if cin == 1 { sc.max(l) } else { sc },
+                batch_stride: sb,
+                transposed: true,
+            },
             _ => bail!("linear: the CUDA forward reads rows or columns in place, not strides {:?}", xl.stride()),
         };
         let residual = residual.map(|(s, rl)| cuda::view::<T>(s, rl)).transpose()?;
