@@ -301,6 +301,8 @@ fn lists_options_and_openai() {
     assert!(r["detail"].as_str().unwrap().contains("nope"), "{r}");
     let (status, r) = s.call("/sdapi/v1/options", Some(json!({"sd_model_checkpoint": "tiny-sd2"})));
     assert_eq!(status, 200, "{r}");
+    let (_, options) = s.call("/sdapi/v1/options", None);
+    assert!(options["sd_model_checkpoint"].as_str().unwrap().starts_with("tiny-sd2 ["), "{options}");
     let (status, r) = s.call("/sdapi/v1/txt2img", Some(small(json!({}))));
     assert_eq!(status, 200, "{r}");
     let info: Value = serde_json::from_str(r["info"].as_str().unwrap()).unwrap();

@@ -290,11 +290,15 @@ fn choice(app: &App, p: &Payload, prompt: &str) -> Result<(ModelChoice, usize), 
 /// title from `/sd-models`), as a name or path sdgen finds.
 fn checkpoint_name(app: &App, title: &str) -> Result<String, String> {
     let bare = title.split(" [").next().unwrap_or(title).trim();
-    let bare = bare.strip_suffix(".safetensors").unwrap_or(bare);
-    for path in assets::list_models(&app.settings.models_dir) {
-        if assets::display_name(&path) == bare {
-            return Ok(path.display().to_string());
-        }
+    let models = assets::list_models(&app.settings.models_dir);
+    // The file name first ("x.safetensors" and the folder "x" may both be there), then the bare name.
+    let file = |p: &std::path::PathBuf| p.file_name().map(|n| n.to_string_lossy().into_owned());
+    let found = models.iter().find(|p| file(p).as_deref() == Some(bare)).or_else(|| {
+        let stem = bare.strip_suffix(".safetensors").unwrap_or(bare);
+        models.iter().find(|p| assets::display_name(p) == stem)
+    });
+    if let Some(path) = found {
+        return Ok(path.display().to_string());
     }
     if std::path::Path::new(title).exists() {
         return Ok(title.to_string());
@@ -516,7 +520,8 @@ async fn get_options(State(app): State<Arc<App>>) -> Json<Value> {
     }))
 }
 
-/// Takes the whole dict a client got back; sdgen's options change, others are kept as they were.
+/// Takes the whole dict a client got back; sdgen's options change (a new
+/// checkpoint or VAE is loaded before the answer), others are ignored.
 async fn set_options(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
     let p = Payload::parse(&body)?;
     let mut next = lock(&app.options).clone();
@@ -528,6 +533,13 @@ async fn set_options(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
     }
     if let Some(v) = p.string("sd_vae")? {
         next.vae = vae_name(&app, &v).map_err(|e| ApiError::field("sd_vae", e))?;
+    }
+    let current = lock(&app.options).clone();
+    let choice = |o: &Options| ModelChoice { model: o.model.clone(), vae: o.vae.clone(), loras: Vec::new() };
+    if choice(&next).loads_other_than(&choice(&current)) {
+        // Load now, as A1111 does: the answer says whether the model loads.
+        let next_choice = choice(&next);
+        run(&app, |reply| Job { choice: next_choice, plan: Plan::Requests(Vec::new()), reply }).await?;
     }
     *lock(&app.options) = next;
     Ok(Json(json!(null)).into_response())

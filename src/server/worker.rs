@@ -28,6 +28,15 @@ pub struct ModelChoice {
     pub loras: Vec<LoraArg>,
 }
 
+impl ModelChoice {
+    /// Whether `other` needs another session: another model or VAE, however
+    /// their paths are spelled.
+    pub fn loads_other_than(&self, other: &ModelChoice) -> bool {
+        let canonical = |p: &Option<String>| p.as_ref().map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.into()));
+        canonical(&self.model) != canonical(&other.model) || canonical(&self.vae) != canonical(&other.vae)
+    }
+}
+
 /// What a job makes.
 pub enum Plan {
     /// Batches of requests, each batch one UNet batch.
@@ -211,10 +220,7 @@ fn session_for<'a>(
     current: &'a mut Option<(ModelChoice, Session)>,
     choice: &ModelChoice,
 ) -> Result<&'a Session, ApiError> {
-    let reopen = match current {
-        Some((c, _)) => c.model != choice.model || c.vae != choice.vae,
-        None => true,
-    };
+    let reopen = current.as_ref().is_none_or(|(c, _)| c.loads_other_than(choice));
     if reopen {
         *current = None; // free the old model first
         let s = SessionSettings {
