@@ -572,3 +572,11 @@ fn an_inpainting_model_needs_a_mask() {
     let (status, r) = s.call("/sdapi/v1/img2img", Some(body));
     assert_eq!(status, 200, "{r}");
 }
+
+#[test]
+fn a_missing_model_ends_the_command_before_it_listens() {
+    let o = sdgen(&["serve", "--port", "0", "--model", "no-such-model"]);
+    assert!(!o.status.success());
+    let err = common::stderr(&o);
+    assert!(err.contains("no-such-model") && !err.contains("listening"), "{err}");
+}

@@ -126,10 +126,21 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         out_dir: opts.out_dir.clone(),
         saved: Mutex::new((0, None)),
     });
+    let first = ModelChoice { model: settings.model.clone(), vae: settings.vae.clone(), loras: Vec::new() };
     let worker = {
         let shared = shared.clone();
         std::thread::Builder::new().name("sdgen-worker".into()).spawn(move || worker::run(shared, settings))?
     };
+    // The model loads before the server listens: a missing or broken one
+    // ends the command with its error instead of failing the first request.
+    let (reply, loaded) = oneshot::channel();
+    shared
+        .submit(Job { choice: first, plan: Plan::Requests(Vec::new()), reply })
+        .map_err(|e| anyhow::anyhow!(e.detail))?;
+    if let Err(e) = runtime.block_on(loaded)? {
+        shared.stop();
+        anyhow::bail!("{}", e.detail);
+    }
     let open = opts.host != "127.0.0.1" && opts.host != "localhost" && opts.host != "::1";
     if open && opts.auth.is_empty() {
         eprintln!("warning: listening on {} without --api-auth: anyone who can reach it can use it", opts.host);
