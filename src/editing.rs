@@ -164,16 +164,69 @@ fn feather(mask: &Mask, blur: f32) -> Vec<f32> {
     hard.iter().zip(blurred).map(|(m, b)| m * (2.0 * b - 1.0).clamp(0.0, 1.0)).collect()
 }
 
-/// High-quality resize (Lanczos3), as diffusers resizes inputs with PIL;
-/// to the same size, a copy (as PIL does).
+/// Pillow's `resize(…, LANCZOS)` of an 8-bit image, exactly (diffusers
+/// resizes inputs with it): a horizontal then a vertical pass, each with
+/// Pillow's fixed-point weights and rounding back to 8 bits, a pass skipped
+/// where its side does not change; to the same size, a copy.
 pub fn resize(image: &Image, width: usize, height: usize) -> Image {
-    if (width, height) == (image.width, image.height) {
-        return image.clone();
+    let mut out = image.clone();
+    if width != image.width {
+        out = resample(&out, width, true);
     }
-    let buf = image::RgbImage::from_raw(image.width as u32, image.height as u32, image.rgb.clone())
-        .expect("buffer matches its size");
-    let out = image::imageops::resize(&buf, width as u32, height as u32, image::imageops::FilterType::Lanczos3);
-    Image { width, height, rgb: out.into_raw() }
+    if height != image.height {
+        out = resample(&out, height, false);
+    }
+    out
+}
+
+/// Bits of Pillow's fixed-point weights for 8-bit images.
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Pillow's `ImagingResample{Horizontal,Vertical}_8bpc` with the Lanczos
+/// filter (support 3, widened by the scale when shrinking).
+fn resample(image: &Image, size: usize, horizontal: bool) -> Image {
+    let input = if horizontal { image.width } else { image.height };
+    let scale = input as f64 / size as f64;
+    let filter_scale = scale.max(1.0);
+    let support = 3.0 * filter_scale;
+    let sinc = |x: f64| if x == 0.0 { 1.0 } else { (x * std::f64::consts::PI).sin() / (x * std::f64::consts::PI) };
+    let lanczos = |x: f64| if (-3.0..3.0).contains(&x) { sinc(x) * sinc(x / 3.0) } else { 0.0 };
+    // Per output position: the first input index and the integer weights.
+    let taps: Vec<(usize, Vec<i64>)> = (0..size)
+        .map(|o| {
+            let center = (o as f64 + 0.5) * scale;
+            let lo = ((center - support + 0.5) as i64).max(0) as usize;
+            let hi = ((center + support + 0.5) as i64).min(input as i64) as usize;
+            let w: Vec<f64> = (lo..hi).map(|i| lanczos((i as f64 - center + 0.5) / filter_scale)).collect();
+            let total: f64 = w.iter().sum();
+            let fixed = w
+                .iter()
+                .map(|&k| {
+                    let k = if total != 0.0 { k / total } else { k };
+                    let v = k * (1u64 << PRECISION_BITS) as f64;
+                    (if v < 0.0 { v - 0.5 } else { v + 0.5 }) as i64
+                })
+                .collect();
+            (lo, fixed)
+        })
+        .collect();
+    let (w, h) = if horizontal { (size, image.height) } else { (image.width, size) };
+    let mut rgb = vec![0u8; w * h * 3];
+    for y in 0..h {
+        for x in 0..w {
+            let (o, fixed_index) = if horizontal { (x, y) } else { (y, x) };
+            let (lo, weights) = &taps[o];
+            for c in 0..3 {
+                let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+                for (j, k) in weights.iter().enumerate() {
+                    let (sx, sy) = if horizontal { (lo + j, fixed_index) } else { (fixed_index, lo + j) };
+                    acc += image.rgb[3 * (sy * image.width + sx) + c] as i64 * k;
+                }
+                rgb[3 * (y * w + x) + c] = (acc >> PRECISION_BITS).clamp(0, 255) as u8;
+            }
+        }
+    }
+    Image { width: w, height: h, rgb }
 }
 
 /// A1111's "fill" masked content: the masked pixels take the colours of the
@@ -407,6 +460,35 @@ fn place(image: &Image, width: usize, height: usize, extend: bool) -> Image {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resize_equals_pillows_lanczos() {
+        // Pillow 13's Image.resize(…, LANCZOS) of the same pattern: SHA-256
+        // prefixes of the RGB bytes, and their first six values.
+        use sha2::Digest;
+        let src = |w: usize, h: usize| Image {
+            width: w,
+            height: h,
+            rgb: (0..h)
+                .flat_map(|y| {
+                    (0..w).flat_map(move |x| {
+                        (0..3).map(move |c| (((x * 37 + y * 91 + c * 53) % 256) ^ ((x * y * 7) & 0xff)) as u8)
+                    })
+                })
+                .collect(),
+        };
+        for ((w, h, ow, oh), hash, first) in [
+            ((13, 9, 7, 5), "9e135e89e155f5a9", [72, 114, 155, 132, 165, 120]),
+            ((13, 9, 20, 17), "3f9fd7e4a646da30", [0, 44, 88, 5, 55, 97]),
+            ((13, 9, 13, 4), "061742bc5db83aca", [72, 125, 125, 113, 108, 164]),
+            ((64, 48, 33, 47), "8f20702b5718da02", [18, 72, 122, 88, 145, 210]),
+        ] {
+            let out = resize(&src(w, h), ow, oh);
+            let digest = sha2::Sha256::digest(&out.rgb);
+            let ours: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+            assert_eq!((ours.as_str(), &out.rgb[..6]), (hash, &first[..]), "{w}x{h} → {ow}x{oh}");
+        }
+    }
 
     #[test]
     fn fill_takes_the_colours_around_the_mask_and_keeps_the_rest() {
