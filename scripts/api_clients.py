@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import webuiapi
@@ -83,8 +84,11 @@ def main():
         worker = threading.Thread(target=lambda: results.update(
             long=api.txt2img(prompt="a red fox", seed=1, width=16, height=16, steps=1000)))
         worker.start()
-        while api.get_progress()["state"]["sampling_step"] == 0:
-            pass
+        for _ in range(600):
+            if api.get_progress()["state"]["sampling_step"] > 0 or not worker.is_alive():
+                break
+            time.sleep(0.05)
+        check("the long job is sampling", worker.is_alive())
         api.interrupt()
         worker.join()
         check("interrupt returns the image made so far", results["long"].image.size == (16, 16))

@@ -109,6 +109,17 @@ fn small(extra: Value) -> Value {
     body
 }
 
+/// Waits until the server counts `n` jobs running or waiting.
+fn wait_jobs(s: &Server, n: u64) {
+    for _ in 0..600 {
+        if s.call("/sdapi/v1/progress", None).1["state"]["job_count"].as_u64() == Some(n) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the server never counted {n} jobs");
+}
+
 /// Waits until the server reports a job sampling.
 fn wait_sampling(s: &Server) {
     for _ in 0..600 {
@@ -339,7 +350,7 @@ fn queue_interrupt_skip_and_disconnect() {
     wait_sampling(&s);
     let waiting = post(small(json!({})));
     // The queue holds one waiting job: a third is refused.
-    std::thread::sleep(Duration::from_millis(300));
+    wait_jobs(&s, 2);
     let (status, r) = s.call("/sdapi/v1/txt2img", Some(small(json!({}))));
     assert_eq!(status, 429, "{r}");
     let (_, p) = s.call("/sdapi/v1/progress", None);
@@ -418,7 +429,7 @@ fn sigterm_answers_waiting_clients_and_exits_cleanly() {
         Err(ureq::Error::Status(c, _)) => c,
         Err(_) => 0,
     });
-    std::thread::sleep(Duration::from_millis(300));
+    wait_jobs(&s, 2);
     let mut s = s;
     let status = s.stop();
     assert!(status.success(), "exit status {status:?}");
