@@ -302,44 +302,60 @@ fn box_blur3(src: &[[f32; 4]], w: usize, h: usize, sigma: f32) -> Vec<[f32; 4]> 
     v
 }
 
-/// OpenCV's `GaussianBlur` of 8-bit levels with standard deviation `sigma`
-/// along x then y, kernel size `2·⌊2.5σ + 0.5⌋ + 1`, borders reflected
-/// around the edge pixel: A1111's mask blur.
+/// OpenCV's `GaussianBlur` of 8-bit levels with standard deviation `sigma`,
+/// run as A1111 runs it: along x, then (a second call) along y, each with a
+/// `2·⌊2.5σ + 0.5⌋ + 1` kernel and borders reflected around the edge pixel.
+/// OpenCV's 8-bit path is fixed point: the kernel in 1/256 steps, rounded
+/// with the error carried from the tails inward and the centre taking what
+/// makes the sum exactly 1, and each pass rounded back to 8 bits.
 pub fn blur_levels(levels: &[u8], width: usize, height: usize, sigma: f64) -> Vec<u8> {
     if sigma <= 0.0 {
         return levels.to_vec();
     }
-    let half = (2.5 * sigma + 0.5) as isize;
-    let weights: Vec<f64> = (-half..=half).map(|i| (-((i * i) as f64) / (2.0 * sigma * sigma)).exp()).collect();
-    let total: f64 = weights.iter().sum();
+    let half = (2.5 * sigma + 0.5) as usize;
+    let gauss: Vec<f64> =
+        (0..=2 * half).map(|i| (-((i as f64 - half as f64).powi(2)) / (2.0 * sigma * sigma)).exp()).collect();
+    let total: f64 = gauss.iter().sum();
+    let mut fixed = vec![0i64; gauss.len()];
+    let (mut err, mut sum) = (0.0, 0);
+    for i in 0..half {
+        let v = gauss[i] / total * 256.0 + err;
+        let q = v.round_ties_even();
+        err = v - q;
+        (fixed[i], fixed[2 * half - i]) = (q as i64, q as i64);
+        sum += 2 * q as i64;
+    }
+    fixed[half] = 256 - sum;
     let reflect = |i: isize, n: usize| -> usize {
+        // One pixel wide: every tap is that pixel.
+        if n == 1 {
+            return 0;
+        }
         let n = n as isize;
-        let period = 2 * (n - 1).max(1);
+        let period = 2 * (n - 1);
         let i = i.rem_euclid(period);
         (if i < n { i } else { period - i }) as usize
     };
-    let pass = |src: &[f64], horizontal: bool| -> Vec<f64> {
-        let mut out = vec![0f64; src.len()];
+    let pass = |src: &[u8], horizontal: bool| -> Vec<u8> {
+        let mut out = vec![0u8; src.len()];
         for y in 0..height {
             for x in 0..width {
-                let mut acc = 0.0;
-                for (k, w) in (-half..=half).zip(&weights) {
+                let mut acc = 0i64;
+                for (k, w) in fixed.iter().enumerate() {
+                    let k = k as isize - half as isize;
                     let (sx, sy) = if horizontal {
                         (reflect(x as isize + k, width), y)
                     } else {
                         (x, reflect(y as isize + k, height))
                     };
-                    acc += w * src[sy * width + sx];
+                    acc += w * src[sy * width + sx] as i64;
                 }
-                out[y * width + x] = acc / total;
+                out[y * width + x] = ((acc + 128) >> 8).clamp(0, 255) as u8;
             }
         }
         out
     };
-    // Two 8-bit blurs, as A1111 runs them (x, then y), rounding in between.
-    let round = |v: Vec<f64>| -> Vec<f64> { v.into_iter().map(|v| v.round().clamp(0.0, 255.0)).collect() };
-    let values: Vec<f64> = levels.iter().map(|&l| l as f64).collect();
-    round(pass(&round(pass(&values, true)), false)).into_iter().map(|v| v as u8).collect()
+    pass(&pass(levels, true), false)
 }
 
 /// A pixel rectangle: left, top, right, bottom (exclusive).
@@ -508,7 +524,8 @@ mod tests {
     #[test]
     fn mask_blur_matches_opencv() {
         // cv2.GaussianBlur(m, (9, 1), 1.5) then (1, 9): A1111's mask blur
-        // (opencv-python-headless 4.x), with a box and a lone corner level.
+        // (opencv-python-headless 4.x), with a box and a lone corner level;
+        // equal level for level.
         let mut m = vec![0u8; 7 * 9];
         for y in 2..5 {
             for x in 3..7 {
@@ -521,10 +538,35 @@ mod tests {
             47, 16, 29, 66, 111, 143, 143, 112, 73, 54, 13, 25, 56, 95, 123, 123, 96, 63, 47, 9, 16, 38, 64, 82, 82,
             65, 42, 31, 7, 12, 29, 48, 62, 62, 49, 32, 24,
         ];
-        let ours = blur_levels(&m, 9, 7, 1.5);
-        let worst = ours.iter().zip(expected).map(|(&a, b)| a.abs_diff(b)).max().unwrap();
-        // OpenCV's 8-bit path sums in fixed point: a level of rounding apart at most.
-        assert!(worst <= 1, "{ours:?}");
+        assert_eq!(blur_levels(&m, 9, 7, 1.5), expected);
+        // A one-pixel-wide mask (a one-pixel-wide input image): σ 2, kernel 11.
+        assert_eq!(blur_levels(&[200, 200, 0, 200, 200], 1, 5, 2.0), [152, 150, 148, 150, 152]);
+        // A1111's default σ 4 (kernel 21, wider than the 12 rows) on a 20×12
+        // pattern: the sum, first values and SHA-256 prefix of OpenCV's result.
+        use sha2::Digest;
+        let (w, h) = (20, 12);
+        let m: Vec<u8> = (0..h)
+            .flat_map(|y| {
+                (0..w).map(move |x| {
+                    if (x + y) % 5 != 0 {
+                        if (x * 53 + y * 29) % 7 == 0 {
+                            255
+                        } else {
+                            0
+                        }
+                    } else {
+                        (x * y * 13 % 256) as u8
+                    }
+                })
+            })
+            .collect();
+        let ours = blur_levels(&m, w, h, 4.0);
+        let digest: String = sha2::Sha256::digest(&ours).iter().take(8).map(|b| format!("{b:02x}")).collect();
+        let sum: u64 = ours.iter().map(|&v| v as u64).sum();
+        assert_eq!(
+            (digest.as_str(), &ours[..8], sum),
+            ("0109fb23120bd653", &[36, 36, 37, 38, 40, 42, 44, 46][..], 12584)
+        );
     }
 
     #[test]
