@@ -253,6 +253,36 @@ pub struct ManifestEntry {
     pub seconds: f64,
 }
 
+impl ManifestEntry {
+    /// The entry of `file`, a `width × height` PNG (`png` its bytes) made
+    /// for `r` in `seconds`, from `job` (at `line` of its file).
+    pub fn new(
+        (job, line): (usize, usize),
+        r: &Request,
+        file: String,
+        (width, height): (usize, usize),
+        png: &[u8],
+        seconds: f64,
+    ) -> Self {
+        Self {
+            job,
+            line,
+            prompt: r.prompt.clone(),
+            negative_prompt: r.negative_prompt.clone(),
+            seed: r.seed,
+            steps: r.steps,
+            cfg_scale: r.cfg_scale,
+            width,
+            height,
+            sampler: r.sampler.name().to_string(),
+            schedule: r.schedule.name().to_string(),
+            file,
+            sha256: crate::loading::hashing::sha256_hex(png),
+            seconds,
+        }
+    }
+}
+
 /// The manifest of an output folder: append-only JSON Lines, one line per
 /// finished image, each flushed to disk after its PNG is in place.
 pub struct Manifest {
@@ -371,22 +401,8 @@ pub fn run(
             let (p, r) = (todo[i], &job.request);
             let bytes =
                 std::fs::read(&job.path).with_context(|| format!("{}: cannot read back", job.path.display()))?;
-            manifest.append(&ManifestEntry {
-                job: p.job,
-                line: p.line,
-                prompt: r.prompt.clone(),
-                negative_prompt: r.negative_prompt.clone(),
-                seed: r.seed,
-                steps: r.steps,
-                cfg_scale: r.cfg_scale,
-                width: r.width,
-                height: r.height,
-                sampler: r.sampler.name().to_string(),
-                schedule: r.schedule.name().to_string(),
-                file: p.file.clone(),
-                sha256: crate::loading::hashing::sha256_hex(&bytes),
-                seconds: *seconds,
-            })?;
+            let size = (r.width, r.height);
+            manifest.append(&ManifestEntry::new((p.job, p.line), r, p.file.clone(), size, &bytes, *seconds))?;
         }
         events(&e);
         Ok(())

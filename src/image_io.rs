@@ -102,7 +102,7 @@ fn luminance(r: u8, g: u8, b: u8) -> u8 {
 
 /// `image` as an 8-bit RGB PNG with a `parameters` text chunk (tEXt when the
 /// text is Latin-1, else iTXt, as PIL does).
-pub fn encode_png(out: &mut impl Write, image: &Image, parameters: &str) -> anyhow::Result<()> {
+pub fn encode_png(out: &mut (impl Write + ?Sized), image: &Image, parameters: &str) -> anyhow::Result<()> {
     let mut encoder = png::Encoder::new(out, image.width as u32, image.height as u32);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
@@ -121,6 +121,16 @@ pub fn encode_png(out: &mut impl Write, image: &Image, parameters: &str) -> anyh
 /// file in the same folder renamed into place: the path holds either the
 /// old file or the complete new one, never a partial PNG.
 pub fn write_png(path: &Path, image: &Image, parameters: &str) -> anyhow::Result<()> {
+    write_atomically(path, |out| encode_png(out, image, parameters))
+}
+
+/// Writes `bytes` (an encoded file) to `path` as [`write_png`] writes.
+pub fn write_bytes(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    write_atomically(path, |out| Ok(out.write_all(bytes)?))
+}
+
+/// Runs `write` into a temporary file beside `path` and renames it into place.
+fn write_atomically(path: &Path, write: impl FnOnce(&mut dyn Write) -> anyhow::Result<()>) -> anyhow::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -132,7 +142,7 @@ pub fn write_png(path: &Path, image: &Image, parameters: &str) -> anyhow::Result
         .with_context(|| format!("{}: cannot create a file in {}", path.display(), dir.display()))?;
     let encode = || -> anyhow::Result<()> {
         let mut out = BufWriter::new(tmp.as_file());
-        encode_png(&mut out, image, parameters)?;
+        write(&mut out)?;
         out.flush()?;
         Ok(())
     };

@@ -415,25 +415,11 @@ fn save_images(app: &App, done: &Done) -> Result<(), ApiError> {
         let r = &m.request;
         let file = if several { format!("{job:05}-{}-{k}.png", r.seed) } else { format!("{job:05}-{}.png", r.seed) };
         let bytes = png(m)?;
-        sdgen::image_io::write_png(&app.out_dir.join(&file), &m.image, &m.parameters).map_err(fail)?;
-        manifest
-            .append(&sdgen::batch::ManifestEntry {
-                job: *job,
-                line: 0,
-                prompt: r.prompt.clone(),
-                negative_prompt: r.negative_prompt.clone(),
-                seed: r.seed,
-                steps: r.steps,
-                cfg_scale: r.cfg_scale,
-                width: m.image.width,
-                height: m.image.height,
-                sampler: r.sampler.name().to_string(),
-                schedule: r.schedule.name().to_string(),
-                file,
-                sha256: sdgen::loading::hashing::sha256_hex(&bytes),
-                seconds: m.seconds,
-            })
-            .map_err(fail)?;
+        sdgen::image_io::write_bytes(&app.out_dir.join(&file), &bytes).map_err(fail)?;
+        // The image's own size: only-masked inpainting answers at the original's.
+        let size = (m.image.width, m.image.height);
+        let entry = sdgen::batch::ManifestEntry::new((*job, 0), r, file, size, &bytes, m.seconds);
+        manifest.append(&entry).map_err(fail)?;
     }
     *job += 1;
     Ok(())
