@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::failure::{Failure, Tag};
 use crate::loading::lora::LoraArg;
 use crate::loading::Defaults;
-use crate::request::{Init, Request};
+use crate::request::{Control, Init, Request};
 use crate::session::{prompt_loras, Job, RunEvent, RunOptions, Session, Summary};
 use crate::settings::Settings;
 
@@ -77,6 +77,8 @@ fn settings_from_words(words: &[String]) -> anyhow::Result<Settings> {
         };
         let (key, value) = match flag.split_once('=') {
             Some((k, v)) => (k.to_string(), v.to_string()),
+            // A switch, as on the command line.
+            None if flag == "control-guess-mode" => (flag.to_string(), "true".to_string()),
             None => {
                 i += 1;
                 let v = words.get(i).with_context(|| format!("--{flag} needs a value"))?;
@@ -94,6 +96,8 @@ fn settings_from_words(words: &[String]) -> anyhow::Result<Settings> {
 pub struct JobLine {
     pub line: usize,
     pub settings: Settings,
+    /// Its ControlNets with their control images, read.
+    pub controls: Vec<Control>,
 }
 
 /// Parses and checks a whole job file. `source` names it in errors;
@@ -115,7 +119,16 @@ pub fn parse_jobs(text: &str, source: &str, jsonl: bool, defaults: &Settings) ->
                 let value = match v {
                     serde_json::Value::String(s) => s.clone(),
                     serde_json::Value::Number(n) => n.to_string(),
-                    other => bail!("{}: {k}: expected a string or number, got {other}", at()),
+                    serde_json::Value::Bool(b) => b.to_string(),
+                    // Several ControlNets: a list of `PATH:IMAGE…` strings.
+                    serde_json::Value::Array(items) if k.replace('_', "-") == "control" => {
+                        for item in items {
+                            let text = item.as_str().with_context(|| format!("{}: {k}: expected strings", at()))?;
+                            opts.set(k, text).with_context(at)?;
+                        }
+                        continue;
+                    }
+                    other => bail!("{}: {k}: expected a string, number or boolean, got {other}", at()),
                 };
                 opts.set(k, &value).with_context(at)?;
             }
@@ -125,8 +138,10 @@ pub fn parse_jobs(text: &str, source: &str, jsonl: bool, defaults: &Settings) ->
         } else {
             Settings { prompt: Some(trimmed.to_string()), ..Default::default() }
         };
-        settings.over(defaults).validate(&Init::Noise).with_context(at)?;
-        jobs.push(JobLine { line, settings });
+        let all = settings.over(defaults);
+        all.validate(&Init::Noise).with_context(at)?;
+        let controls = crate::session::read_controls(&all).with_context(at)?;
+        jobs.push(JobLine { line, settings, controls });
     }
     Ok(jobs)
 }
@@ -200,6 +215,7 @@ pub struct Planned {
     pub seed: u64,
     pub file: String,
     pub settings: Settings,
+    pub controls: Vec<Control>,
 }
 
 /// Every image of the file, in order. A job without a seed starts at
@@ -220,7 +236,15 @@ pub fn plan(jobs: &[JobLine], defaults: &Settings, base_seed: u64, shard: Option
         for k in 0..count {
             let seed = start.wrapping_add(k as u64);
             let file = if count > 1 { format!("{job:05}-{seed}-{k}.png") } else { format!("{job:05}-{seed}.png") };
-            out.push(Planned { job, line: j.line, k, seed, file, settings: opts.clone() });
+            out.push(Planned {
+                job,
+                line: j.line,
+                k,
+                seed,
+                file,
+                settings: opts.clone(),
+                controls: j.controls.clone(),
+            });
         }
     }
     out
@@ -230,7 +254,9 @@ impl Planned {
     /// The generation request, with the model's defaults for what the job
     /// and the command line leave out.
     pub fn request(&self, defaults: &Defaults) -> anyhow::Result<Request> {
-        Settings { seed: Some(self.seed), ..self.settings.clone() }.resolve(defaults, Init::Noise)
+        let mut request = Settings { seed: Some(self.seed), ..self.settings.clone() }.resolve(defaults, Init::Noise)?;
+        request.controls = self.controls.clone();
+        Ok(request)
     }
 }
 

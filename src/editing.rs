@@ -42,6 +42,16 @@ impl Mask {
 /// Pixels in `[0, 255]` → `(1, 3, H, W)` in `[-1, 1]`, as diffusers'
 /// image processor computes it in f32. Pixels under `mask` become 0.
 pub fn to_tensor(image: &Image, mask: Option<&Mask>, device: &Device) -> candle_core::Result<Tensor> {
+    planes(image, mask, |v| (v as f32 / 255.0) * 2.0 - 1.0, device)
+}
+
+/// `(1, 3, H, W)` of `value` of each level; pixels under `mask` are 0.
+pub fn planes(
+    image: &Image,
+    mask: Option<&Mask>,
+    value: fn(u8) -> f32,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let (h, w) = (image.height, image.width);
     let mut chw = vec![0f32; 3 * h * w];
     for (p, px) in image.rgb.chunks_exact(3).enumerate() {
@@ -49,7 +59,7 @@ pub fn to_tensor(image: &Image, mask: Option<&Mask>, device: &Device) -> candle_
             continue;
         }
         for c in 0..3 {
-            chw[c * h * w + p] = (px[c] as f32 / 255.0) * 2.0 - 1.0;
+            chw[c * h * w + p] = value(px[c]);
         }
     }
     Tensor::from_vec(chw, (1, 3, h, w), device)
@@ -165,16 +175,22 @@ fn feather(mask: &Mask, blur: f32) -> Vec<f32> {
 }
 
 /// Pillow's `resize(…, LANCZOS)` of an 8-bit image, exactly (diffusers
-/// resizes inputs with it): a horizontal then a vertical pass, each with
-/// Pillow's fixed-point weights and rounding back to 8 bits, a pass skipped
-/// where its side does not change; to the same size, a copy.
+/// resizes inputs with it): two passes, each with Pillow's fixed-point
+/// weights and rounding back to 8 bits, a pass skipped where its side does
+/// not change; to the same size, a copy. Pillow 13 runs the vertical pass
+/// first when the height shrinks by more than twice the pixels the width
+/// does (found by comparing with both orders on random sizes), else the
+/// horizontal one.
 pub fn resize(image: &Image, width: usize, height: usize) -> Image {
+    let (w0, h0) = (image.width as i64, image.height as i64);
+    let vertical_first = (height as i64) < h0 && h0 - height as i64 > 2 * (w0 - width as i64);
     let mut out = image.clone();
-    if width != image.width {
-        out = resample(&out, width, true);
-    }
-    if height != image.height {
-        out = resample(&out, height, false);
+    for horizontal in if vertical_first { [false, true] } else { [true, false] } {
+        out = match horizontal {
+            true if width != out.width => resample(&out, width, true),
+            false if height != out.height => resample(&out, height, false),
+            _ => out,
+        };
     }
     out
 }
@@ -498,6 +514,9 @@ mod tests {
             ((13, 9, 20, 17), "3f9fd7e4a646da30", [0, 44, 88, 5, 55, 97]),
             ((13, 9, 13, 4), "061742bc5db83aca", [72, 125, 125, 113, 108, 164]),
             ((64, 48, 33, 47), "8f20702b5718da02", [18, 72, 122, 88, 145, 210]),
+            // The vertical pass first: wider and shorter, or much shorter.
+            ((13, 9, 15, 4), "2973b4a7220e64d4", [70, 126, 123, 107, 110, 163]),
+            ((40, 30, 36, 10), "f94ae50433b14f01", [82, 127, 127, 111, 114, 155]),
         ] {
             let out = resize(&src(w, h), ow, oh);
             let digest = sha2::Sha256::digest(&out.rgb);

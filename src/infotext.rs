@@ -5,10 +5,11 @@
 use anyhow::{bail, Context};
 
 use crate::loading::Applied;
+use crate::preprocess::Preprocess;
 use crate::prompt::Syntax;
 use crate::request::{Init, Overlay, Request, Size};
 use crate::sampling::schedule::ScheduleKind;
-use crate::settings::Settings;
+use crate::settings::{ControlArg, Settings};
 
 /// Everything the `parameters` chunk records about an image.
 pub struct Parameters<'a> {
@@ -19,6 +20,8 @@ pub struct Parameters<'a> {
     pub family: &'a str,
     /// LoRAs, embeddings and VAE the model was loaded with.
     pub applied: &'a Applied,
+    /// (name, legacy hash) of each of the request's ControlNets.
+    pub controlnets: &'a [(String, String)],
 }
 
 impl Parameters<'_> {
@@ -84,11 +87,58 @@ impl Parameters<'_> {
                 fields.push((key.0, v));
             }
         }
+        let units = self.control_units();
+        fields.extend(units.iter().map(|(k, v)| (k.as_str(), v.clone())));
         fields.push(("Version", format!("sdgen {}", env!("CARGO_PKG_VERSION"))));
         let pairs: Vec<String> = fields.iter().map(|(k, v)| format!("{k}: {}", quote(v))).collect();
         text.push('\n');
         text.push_str(&pairs.join(", "));
         text
+    }
+}
+
+impl Parameters<'_> {
+    /// Each ControlNet as A1111's ControlNet extension records a unit:
+    /// `ControlNet 0: "Module: canny, Model: NAME [HASH], Weight: 1.0, …"`.
+    fn control_units(&self) -> Vec<(String, String)> {
+        let r = self.request;
+        let options = &r.control_options;
+        r.controls
+            .iter()
+            .zip(self.controlnets)
+            .enumerate()
+            .map(|(i, (c, (name, hash)))| {
+                let mut unit = vec![
+                    ("Module", options.preprocess.module().to_string()),
+                    ("Model", format!("{name} [{hash}]")),
+                    ("Weight", python_float(c.weight)),
+                    ("Resize Mode", "Just Resize".to_string()),
+                ];
+                if let Preprocess::Canny { low, high } = options.preprocess {
+                    unit.extend([("Threshold A", python_float(low)), ("Threshold B", python_float(high))]);
+                }
+                unit.extend([
+                    ("Guidance Start", python_float(c.start)),
+                    ("Guidance End", python_float(c.end)),
+                    ("Control Mode", if options.guess_mode { GUESS_MODE } else { BALANCED }.to_string()),
+                ]);
+                let text: Vec<String> = unit.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                (format!("ControlNet {i}"), text.join(", "))
+            })
+            .collect()
+    }
+}
+
+/// A1111's ControlNet control modes: diffusers' default, and guess mode.
+const BALANCED: &str = "Balanced";
+const GUESS_MODE: &str = "ControlNet is more important";
+
+/// A number as Python prints a float (`1.0`, `0.35`), as A1111 writes them.
+fn python_float(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e16 {
+        format!("{v:.1}")
+    } else {
+        v.to_string()
     }
 }
 
@@ -226,7 +276,12 @@ impl Infotext {
     /// The txt2img settings this text describes; unknown keys and editing
     /// images (which need their input files) are errors.
     pub fn to_settings(&self) -> anyhow::Result<Recorded> {
-        let unknown: Vec<&str> = self.fields.iter().map(|(k, _)| k.as_str()).filter(|k| !KNOWN.contains(k)).collect();
+        let unknown: Vec<&str> = self
+            .fields
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .filter(|k| !KNOWN.contains(k) && control_index(k).is_none())
+            .collect();
         if !unknown.is_empty() {
             bail!("unsupported parameters: {}", unknown.join(", "));
         }
@@ -257,12 +312,66 @@ impl Infotext {
                 settings.set(setting, value).with_context(|| key.to_string())?;
             }
         }
+        self.read_controls(&mut settings)?;
         Ok(Recorded {
             settings,
             model_name: self.get("Model").map(str::to_string),
             model_hash: self.get("Model hash").map(str::to_string),
             vae: self.get("VAE").map(str::to_string),
         })
+    }
+}
+
+/// `N` of a `ControlNet N` key.
+fn control_index(key: &str) -> Option<usize> {
+    key.strip_prefix("ControlNet ")?.parse().ok()
+}
+
+impl Infotext {
+    /// The recorded ControlNet units into `settings`: their models, weights
+    /// and ranges (the control images are not recorded), the preprocessor
+    /// and the control mode.
+    fn read_controls(&self, settings: &mut Settings) -> anyhow::Result<()> {
+        let mut units: Vec<(usize, &str)> =
+            self.fields.iter().filter_map(|(k, v)| Some((control_index(k)?, v.as_str()))).collect();
+        units.sort_by_key(|(i, _)| *i);
+        for (n, (i, text)) in units.into_iter().enumerate() {
+            let key = format!("ControlNet {i}");
+            if i != n {
+                bail!("{key}: the ControlNet units are not numbered 0, 1, …");
+            }
+            let fields = parse_fields(text).with_context(|| format!("{key}: not a list of settings"))?;
+            let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.as_str());
+            let number = |k: &str, default: f64| -> anyhow::Result<f64> {
+                get(k).map_or(Ok(default), |v| v.parse().with_context(|| format!("{key}: {k} {v:?} is not a number")))
+            };
+            let model = get("Model").with_context(|| format!("{key}: no Model"))?;
+            // "NAME [HASH]"
+            let model = model.rsplit_once(" [").map_or(model, |(name, _)| name).to_string();
+            let preprocess = match get("Module").unwrap_or("none") {
+                "none" => Preprocess::None,
+                "canny" => {
+                    Preprocess::Canny { low: number("Threshold A", 100.0)?, high: number("Threshold B", 200.0)? }
+                }
+                other => bail!("{key}: preprocessor {other:?} is not supported (sdgen has none and canny)"),
+            };
+            let guess = match get("Control Mode").unwrap_or(BALANCED) {
+                BALANCED => false,
+                GUESS_MODE => true,
+                other => bail!("{key}: control mode {other:?} is not supported"),
+            };
+            if n > 0 && (settings.control_preprocess != Some(preprocess) || settings.control_guess_mode != Some(guess))
+            {
+                bail!("{key}: ControlNet units with different preprocessors or control modes are not supported");
+            }
+            (settings.control_preprocess, settings.control_guess_mode) = (Some(preprocess), Some(guess));
+            let (weight, range) =
+                (number("Weight", 1.0)?, (number("Guidance Start", 0.0)?, number("Guidance End", 1.0)?));
+            crate::request::check_control(&model, Some(weight), Some(range)).with_context(|| key.clone())?;
+            let arg = ControlArg { model, image: None, weight: Some(weight), range: Some(range) };
+            settings.controls.get_or_insert_with(Vec::new).push(arg);
+        }
+        Ok(())
     }
 }
 
@@ -291,6 +400,8 @@ mod tests {
                 target: None,
             },
             text: TextOptions { syntax: Syntax::Plain, clip_skip: 2 },
+            controls: Vec::new(),
+            control_options: Default::default(),
         }
     }
 
@@ -304,6 +415,7 @@ mod tests {
             model_hash: "0123456789",
             family: "SD 1.x",
             applied: &applied,
+            controlnets: &[],
         }
         .infotext();
         assert!(text.contains("Lora hashes: \"fluffy: 0123456789ab\""), "{text}");
@@ -319,6 +431,50 @@ mod tests {
         assert_eq!(rec.settings.resolve(&STANDARD_512, Init::Noise).unwrap(), r);
         assert_eq!(rec.model_name.as_deref(), Some("my, model"));
         assert_eq!(rec.model_hash.as_deref(), Some("0123456789"));
+    }
+
+    #[test]
+    fn records_controlnets_as_a1111s_extension_and_reads_them_back_without_images() {
+        use crate::request::{Control, ControlOptions};
+        let image = crate::image_io::Image { width: 1, height: 1, rgb: vec![0; 3] };
+        let control =
+            |model: &str, weight, start, end| Control { model: model.into(), image: image.clone(), weight, start, end };
+        let r = Request {
+            controls: vec![control("cn/canny", 1.0, 0.0, 1.0), control("depth", 0.35, 0.1, 0.8)],
+            control_options: ControlOptions {
+                preprocess: Preprocess::Canny { low: 50.0, high: 150.5 },
+                guess_mode: true,
+            },
+            ..request()
+        };
+        let names = [("canny".to_string(), "d14c016b".to_string()), ("depth".to_string(), "e3b0c442".to_string())];
+        let applied = Applied::default();
+        let params = Parameters {
+            request: &r,
+            model_name: "m",
+            model_hash: "0",
+            family: "SD 1.x",
+            applied: &applied,
+            controlnets: &names,
+        };
+        let text = params.infotext();
+        assert!(
+            text.contains(r#"ControlNet 0: "Module: canny, Model: canny [d14c016b], Weight: 1.0, Resize Mode: Just Resize, Threshold A: 50.0, Threshold B: 150.5, Guidance Start: 0.0, Guidance End: 1.0, Control Mode: ControlNet is more important", ControlNet 1: "Module: canny, Model: depth [e3b0c442], Weight: 0.35"#),
+            "{text}"
+        );
+        let rec = parse(&text).to_settings().unwrap();
+        let arg = |model: &str, w, s, e| ControlArg {
+            model: model.into(),
+            image: None,
+            weight: Some(w),
+            range: Some((s, e)),
+        };
+        assert_eq!(rec.settings.controls, Some(vec![arg("canny", 1.0, 0.0, 1.0), arg("depth", 0.35, 0.1, 0.8)]));
+        assert_eq!(rec.settings.control_preprocess, Some(Preprocess::Canny { low: 50.0, high: 150.5 }));
+        assert_eq!(rec.settings.control_guess_mode, Some(true));
+        let depth = text.replace("Module: canny, Model: depth", "Module: depth_midas, Model: depth");
+        let err = parse(&depth).to_settings().unwrap_err().to_string();
+        assert!(err.contains("ControlNet 1: preprocessor \"depth_midas\" is not supported"), "{err}");
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!   requests into PNGs for every front end ([`batch`] adds job files).
 //! - [`pipeline`] turns a request into images: text conditioning ([`text`],
 //!   [`prompt`], [`tokenizer`]), the seed's noise ([`rng`]), [`sampling`], decoding,
-//!   with [`editing`] doing the pixel-side work of img2img and inpainting.
+//!   with [`editing`] doing the pixel-side work of img2img and inpainting
+//!   and [`preprocess`] that of control images.
 //! - [`loading`] finds and reads weights into [`models`], whose hot
 //!   operations are our own fused [`ops`]; [`image_io`] and
 //!   [`infotext`] read and write images and their parameters.
@@ -24,6 +25,7 @@ pub mod memory;
 pub mod models;
 pub mod ops;
 pub mod pipeline;
+pub mod preprocess;
 pub mod prompt;
 pub mod random_model;
 pub mod request;

@@ -9,18 +9,24 @@
 //!   see the latent mask and the masked image's latents beside the sample;
 //!   4-channel UNets get the unmasked area re-noised from the image after
 //!   every step (the sampler hook). Strength 1 starts from pure noise.
+//! - ControlNets (any mode): diffusers' ControlNet pipelines: each control
+//!   image stretched to the output size and preprocessed, embedded once,
+//!   and the ControlNets' residuals added to the UNet's at the steps their
+//!   range covers (the denoiser's [`Control`] layer).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::editing::{self, Mask};
 use crate::failure::{Failure, Tag};
 use crate::image_io::Image;
+use crate::loading::controlnet::LoadedControlNet;
 use crate::loading::Model;
 use crate::request::{Init, LatentFill, Request, TextOptions};
 use crate::rng::TorchRng;
-use crate::sampling::denoiser::{Conditioning, Denoiser, TextEmbedding};
+use crate::sampling::denoiser::{Conditioning, Control, ControlUnit, Denoiser, TextEmbedding};
 use crate::sampling::samplers::sample;
 use crate::text::{self, TextConditioner};
 
@@ -253,7 +259,13 @@ impl Model {
             _ => None,
         };
 
-        let mut denoiser = Denoiser::new(&self.unet, &schedule, self.prediction, &conditioning, extra)?;
+        let nets = req.controls.iter().map(|c| self.controlnet(&c.model)).collect::<anyhow::Result<Vec<_>>>()?;
+        let control = self.control(reqs, &nets, device)?.map(|units| Control {
+            units,
+            guess: req.control_options.guess_mode,
+            calls: req.sampler.model_calls(&schedule),
+        });
+        let mut denoiser = Denoiser::new(&self.unet, &schedule, self.prediction, &conditioning, extra, control)?;
         events(Event::Sampling);
         let (first, total) = (schedule.start, schedule.timesteps.len());
         let last_sigma_scale = 1.0 / schedule.final_scale() as f64;
@@ -299,6 +311,36 @@ impl Model {
             .collect::<anyhow::Result<Vec<_>>>()?;
         events(Event::Decoded);
         Ok(images)
+    }
+
+    /// The ControlNets of a batch (`nets`, which every job names: they share
+    /// a batch key), each with its jobs' control images embedded.
+    fn control<'a>(
+        &self,
+        reqs: &[Request],
+        nets: &'a [Arc<LoadedControlNet>],
+        device: &Device,
+    ) -> anyhow::Result<Option<Vec<ControlUnit<'a>>>> {
+        if nets.is_empty() {
+            return Ok(None);
+        }
+        let units = nets
+            .iter()
+            .enumerate()
+            .map(|(k, loaded)| {
+                let images = reqs
+                    .iter()
+                    .map(|r| {
+                        let image = r.control_options.preprocess.control_image(&r.controls[k].image, r.width, r.height);
+                        crate::preprocess::to_tensor(&image, device)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let c = &reqs[0].controls[k];
+                let hint = loaded.net.embed_hint(&Tensor::cat(&images, 0)?)?;
+                Ok(ControlUnit { net: &loaded.net, hint, weight: c.weight, start: c.start, end: c.end })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Some(units))
     }
 }
 

@@ -9,6 +9,7 @@ use anyhow::bail;
 
 use crate::editing::Mask;
 use crate::image_io::Image;
+use crate::preprocess::Preprocess;
 use crate::prompt::Syntax;
 use crate::sampling::samplers::Sampler;
 use crate::sampling::schedule::ScheduleKind;
@@ -154,6 +155,49 @@ impl Default for TextOptions {
     }
 }
 
+/// One ControlNet of a job, with its control image (any size: it is
+/// stretched to the output's).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Control {
+    /// The ControlNet's path or its name in the models dir.
+    pub model: String,
+    pub image: Image,
+    /// diffusers' `controlnet_conditioning_scale`.
+    pub weight: f64,
+    /// The part of the sampling it acts in (diffusers' `control_guidance_start/end`).
+    pub start: f64,
+    pub end: f64,
+}
+
+impl Control {
+    /// Checks the weight and the range (as diffusers does).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        check_control(&self.model, Some(self.weight), Some((self.start, self.end)))
+    }
+}
+
+/// The checks of a ControlNet's numbers, wherever they are given.
+pub fn check_control(model: &str, weight: Option<f64>, range: Option<(f64, f64)>) -> anyhow::Result<()> {
+    if let Some(w) = weight.filter(|w| !w.is_finite()) {
+        bail!("--control {model}: the weight must be a number, got {w}");
+    }
+    if let Some((start, end)) = range {
+        if !(0.0..=1.0).contains(&start) || !(0.0..=1.0).contains(&end) || start >= end {
+            bail!("--control {model}: START:END must satisfy 0 ≤ START < END ≤ 1, got {start}:{end}");
+        }
+    }
+    Ok(())
+}
+
+/// How a job's ControlNets work.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ControlOptions {
+    /// Applied to every control image.
+    pub preprocess: Preprocess,
+    /// diffusers' `guess_mode` (A1111: "ControlNet is more important").
+    pub guess_mode: bool,
+}
+
 /// One generation job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
@@ -169,6 +213,24 @@ pub struct Request {
     pub init: Init,
     pub size_conditioning: SizeConditioning,
     pub text: TextOptions,
+    pub controls: Vec<Control>,
+    pub control_options: ControlOptions,
+}
+
+/// What jobs must share to run as one UNet batch: everything but prompts,
+/// seeds and input images.
+#[derive(Debug, PartialEq)]
+pub struct BatchKey {
+    size: (usize, usize),
+    steps: usize,
+    sampler: Sampler,
+    schedule: ScheduleKind,
+    cfg_scale: f64,
+    kind: u8,
+    strength: Option<f64>,
+    /// Each ControlNet's model, weight and range.
+    controls: Vec<(String, f64, f64, f64)>,
+    control_options: ControlOptions,
 }
 
 impl Request {
@@ -192,6 +254,7 @@ impl Request {
         if !self.cfg_scale.is_finite() || self.cfg_scale < 0.0 {
             bail!("--cfg-scale must be a number ≥ 0, got {}", self.cfg_scale);
         }
+        self.controls.iter().try_for_each(Control::validate)?;
         if let Some(s) = self.strength() {
             if !(s > 0.0 && s <= 1.0) {
                 bail!("--strength must be in (0, 1], got {s}");
@@ -204,14 +267,23 @@ impl Request {
     }
 
     /// Jobs with equal keys can share UNet calls.
-    pub fn batch_key(&self) -> (usize, usize, usize, Sampler, ScheduleKind, u64, u8, Option<u64>) {
+    pub fn batch_key(&self) -> BatchKey {
         let kind = match self.init {
             Init::Noise => 0,
             Init::Image { .. } => 1,
             Init::Inpaint { .. } => 2,
         };
-        let strength = self.strength().map(f64::to_bits);
-        (self.width, self.height, self.steps, self.sampler, self.schedule, self.cfg_scale.to_bits(), kind, strength)
+        BatchKey {
+            size: (self.width, self.height),
+            steps: self.steps,
+            sampler: self.sampler,
+            schedule: self.schedule,
+            cfg_scale: self.cfg_scale,
+            kind,
+            strength: self.strength(),
+            controls: self.controls.iter().map(|c| (c.model.clone(), c.weight, c.start, c.end)).collect(),
+            control_options: self.control_options,
+        }
     }
 
     /// The denoising strength of image-based jobs.

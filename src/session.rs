@@ -21,7 +21,7 @@ use crate::loading::lora::{LoraArg, LoraSpec};
 use crate::loading::{model_hash, Adapters, Model};
 use crate::pipeline::Event;
 use crate::prompt::Syntax;
-use crate::request::{Init, Request, Size};
+use crate::request::{Control, Init, Request, Size};
 use crate::settings::{SessionSettings, Settings};
 
 /// A loaded model, ready for requests.
@@ -92,7 +92,8 @@ impl Session {
             .transpose()
             .tag(Failure::Model)?;
         let embeddings = Some(assets::embeddings_dir(&settings.models_dir));
-        let adapters = Adapters { loras, embeddings, vae, retain_base: settings.swappable_loras };
+        let models_dir = Some(settings.models_dir.clone());
+        let adapters = Adapters { loras, embeddings, vae, retain_base: settings.swappable_loras, models_dir };
         let mut model = Model::load_with(&path, &device, dtype, &adapters).tag(Failure::Model)?;
         model.vae.tiling = settings.vae_tiling;
         if let Some(p) = settings.prediction {
@@ -116,12 +117,22 @@ impl Session {
 
     /// The PNG `parameters` text of an image made for `request`.
     pub fn parameters(&self, request: &Request) -> String {
+        // Generating the image loaded its ControlNets.
+        let controlnets: Vec<(String, String)> = request
+            .controls
+            .iter()
+            .map(|c| match self.model.loaded_controlnet(&c.model) {
+                Some(net) => (net.name.clone(), net.hash.clone()),
+                None => (c.model.clone(), String::new()),
+            })
+            .collect();
         Parameters {
             request,
             model_name: &self.model.name,
             model_hash: &self.hash,
             family: self.model.family.name(),
             applied: &self.model.applied,
+            controlnets: &controlnets,
         }
         .infotext()
     }
@@ -309,6 +320,28 @@ impl InitSpec {
     }
 }
 
+/// The control images of `settings`' ControlNets, read and checked.
+pub fn read_controls(settings: &Settings) -> anyhow::Result<Vec<Control>> {
+    let args = settings.controls.as_deref().unwrap_or_default();
+    args.iter()
+        .enumerate()
+        .map(|(i, arg)| {
+            let Some(path) = &arg.image else {
+                return Err(anyhow::anyhow!(
+                    "ControlNet {i} ({}): the control image is missing; give it with --control {}:IMAGE",
+                    arg.model,
+                    arg.model
+                ))
+                .tag(Failure::Usage);
+            };
+            let image =
+                read_image(path).with_context(|| format!("control image of {}", arg.model)).tag(Failure::Input)?;
+            let (start, end) = arg.range.unwrap_or((0.0, 1.0));
+            Ok(Control { model: arg.model.clone(), image, weight: arg.weight.unwrap_or(1.0), start, end })
+        })
+        .collect()
+}
+
 /// Sizes must be multiples of 8; the error names the input file.
 fn check_size(path: &Path, image: &Image) -> anyhow::Result<()> {
     if !image.width.is_multiple_of(8) || !image.height.is_multiple_of(8) {
@@ -328,6 +361,7 @@ fn check_size(path: &Path, image: &Image) -> anyhow::Result<()> {
 pub struct SingleJob {
     pub settings: Settings,
     pub init: Init,
+    pub controls: Vec<Control>,
     pub out: PathBuf,
 }
 
@@ -339,8 +373,9 @@ impl SingleJob {
         settings.validate(&Init::Noise).tag(Failure::Usage)?;
         let init = spec.read(&settings)?;
         settings.validate(&init).tag(Failure::Usage)?;
+        let controls = read_controls(&settings)?;
         check_output(&out)?;
-        Ok(Self { settings, init, out })
+        Ok(Self { settings, init, controls, out })
     }
 
     /// The LoRAs its prompt's tags name, and warnings about other tags.
@@ -358,7 +393,8 @@ impl SingleJob {
     /// seeds S, S+1, … and numbered files when there are several.
     pub fn jobs(self, session: &Session) -> anyhow::Result<Vec<Job>> {
         let count = self.settings.image_count().tag(Failure::Usage)?;
-        let request = self.settings.resolve(&session.model.defaults(), self.init).tag(Failure::Usage)?;
+        let mut request = self.settings.resolve(&session.model.defaults(), self.init).tag(Failure::Usage)?;
+        request.controls = self.controls;
         Ok(numbered_jobs(&request, &self.out, count))
     }
 }

@@ -14,8 +14,9 @@ use crate::device::{DeviceSpec, Precision};
 use crate::loading::lora::LoraArg;
 use crate::loading::{Defaults, Preset, STANDARD_512};
 use crate::models::vae::Tiling;
+use crate::preprocess::Preprocess;
 use crate::prompt::Syntax;
-use crate::request::{Init, Request, Size, SizeConditioning, TextOptions, TopLeft};
+use crate::request::{check_control, ControlOptions, Init, Request, Size, SizeConditioning, TextOptions, TopLeft};
 use crate::sampling::denoiser::Prediction;
 use crate::sampling::samplers::{resolve, SamplerName};
 use crate::sampling::schedule::ScheduleKind;
@@ -43,6 +44,68 @@ pub struct Settings {
     pub original_size: Option<Size>,
     pub crop_top_left: Option<TopLeft>,
     pub target_size: Option<Size>,
+    /// The ControlNets, in order (`--control`, repeatable).
+    pub controls: Option<Vec<ControlArg>>,
+    pub control_preprocess: Option<Preprocess>,
+    pub control_guess_mode: Option<bool>,
+}
+
+/// One `--control PATH:IMAGE[:WEIGHT[:START:END]]`. What a replayed PNG
+/// records has no image: the command line's entry with the same index
+/// must give it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlArg {
+    pub model: String,
+    pub image: Option<PathBuf>,
+    pub weight: Option<f64>,
+    pub range: Option<(f64, f64)>,
+}
+
+impl std::str::FromStr for ControlArg {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let usage = || {
+            anyhow::anyhow!(
+                "--control {s:?}: expected PATH:IMAGE[:WEIGHT[:START:END]] (a ':' inside PATH or IMAGE is not supported)"
+            )
+        };
+        if !matches!(parts.len(), 2 | 3 | 5) || parts[0].is_empty() || parts[1].is_empty() {
+            return Err(usage());
+        }
+        let number = |i: usize, what: &str| -> anyhow::Result<f64> {
+            parts[i]
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--control {s:?}: {what} {:?} is not a number", parts[i]))
+        };
+        let weight = if parts.len() > 2 { Some(number(2, "WEIGHT")?) } else { None };
+        let range = if parts.len() == 5 { Some((number(3, "START")?, number(4, "END")?)) } else { None };
+        check_control(parts[0], weight, range)?;
+        Ok(ControlArg { model: parts[0].to_string(), image: Some(PathBuf::from(parts[1])), weight, range })
+    }
+}
+
+impl ControlArg {
+    /// This entry over `base`'s: each part given here wins.
+    fn over(&self, base: &ControlArg) -> ControlArg {
+        ControlArg {
+            model: self.model.clone(),
+            image: self.image.clone().or_else(|| base.image.clone()),
+            weight: self.weight.or(base.weight),
+            range: self.range.or(base.range),
+        }
+    }
+}
+
+/// `true`/`false` (also `yes`/`no`, `1`/`0`), the error naming the option.
+fn flag(key: &str, value: &str) -> anyhow::Result<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "yes" | "1" => Ok(true),
+        "false" | "no" | "0" => Ok(false),
+        _ => bail!("--{key}: {value:?} is not true or false"),
+    }
 }
 
 /// The names [`Settings::set`] takes (kebab-case; snake_case works too).
@@ -62,6 +125,9 @@ pub const KEYS: &[&str] = &[
     "original-size",
     "crop-top-left",
     "target-size",
+    "control",
+    "control-preprocess",
+    "control-guess-mode",
 ];
 
 /// `value` as a number, the error naming the option.
@@ -90,6 +156,10 @@ impl Settings {
             "original-size" => self.original_size = Some(value.parse().with_context(|| format!("--{key}"))?),
             "crop-top-left" => self.crop_top_left = Some(value.parse().with_context(|| format!("--{key}"))?),
             "target-size" => self.target_size = Some(value.parse().with_context(|| format!("--{key}"))?),
+            // Repeated, it adds ControlNets.
+            "control" => self.controls.get_or_insert_with(Vec::new).push(value.parse()?),
+            "control-preprocess" => self.control_preprocess = Some(value.parse().with_context(|| format!("--{key}"))?),
+            "control-guess-mode" => self.control_guess_mode = Some(flag(key, value)?),
             other => bail!("unknown option --{other} (job options: {})", KEYS.join(", ")),
         }
         Ok(())
@@ -116,6 +186,20 @@ impl Settings {
             original_size: or(&self.original_size, &base.original_size),
             crop_top_left: or(&self.crop_top_left, &base.crop_top_left),
             target_size: or(&self.target_size, &base.target_size),
+            // Entry by entry: a replay's `--control` adds the image to what the PNG recorded.
+            controls: match (&self.controls, &base.controls) {
+                (Some(mine), Some(theirs)) => Some(
+                    (0..mine.len().max(theirs.len()))
+                        .map(|i| match (mine.get(i), theirs.get(i)) {
+                            (Some(m), Some(t)) => m.over(t),
+                            (m, t) => m.or(t).expect("one of them is there").clone(),
+                        })
+                        .collect(),
+                ),
+                (mine, theirs) => or(mine, theirs),
+            },
+            control_preprocess: or(&self.control_preprocess, &base.control_preprocess),
+            control_guess_mode: or(&self.control_guess_mode, &base.control_guess_mode),
         }
     }
 
@@ -165,6 +249,12 @@ impl Settings {
             text: TextOptions {
                 syntax: self.prompt_syntax.unwrap_or_default(),
                 clip_skip: self.clip_skip.unwrap_or(1),
+            },
+            // The front end reads the control images into these.
+            controls: Vec::new(),
+            control_options: ControlOptions {
+                preprocess: self.control_preprocess.unwrap_or_default(),
+                guess_mode: self.control_guess_mode.unwrap_or(false),
             },
         };
         request.validate()?;

@@ -57,6 +57,8 @@ fn render(model_path: &Path) -> Vec<u8> {
         init: Init::Noise,
         size_conditioning: Default::default(),
         text: Default::default(),
+        controls: Vec::new(),
+        control_options: Default::default(),
     };
     model.generate(&req, &Device::Cpu, &mut |_| {}).unwrap().rgb
 }

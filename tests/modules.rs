@@ -195,7 +195,7 @@ fn sdxl_unet_add_embedding_matches_diffusers() {
     let run = |text_embeds: &Tensor, time_ids: &Tensor| {
         let time_ids: Vec<f32> = time_ids.flatten_all().unwrap().to_vec1().unwrap();
         let tt = TextTime { text_embeds, time_ids: &time_ids };
-        unet.forward_with(&r["sample"], t, &r["context"], None, Some(&tt)).unwrap()
+        unet.forward_with(&r["sample"], t, &r["context"], None, Some(&tt), None).unwrap()
     };
     let out = run(&r["text_embeds"], &r["time_ids"]);
     let err = relative_error(&out, &r["out"]);

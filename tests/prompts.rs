@@ -75,6 +75,8 @@ fn request(prompt: &str, negative: &str, clip_skip: usize) -> Request {
         init: Init::Noise,
         size_conditioning: Default::default(),
         text: TextOptions { syntax: Syntax::A1111, clip_skip },
+        controls: Vec::new(),
+        control_options: Default::default(),
     }
 }
 

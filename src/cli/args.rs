@@ -8,12 +8,13 @@ use sdgen::device::{DeviceSpec, Precision};
 use sdgen::loading::lora::LoraArg;
 use sdgen::loading::Preset;
 use sdgen::models::vae::Tiling;
+use sdgen::preprocess::Preprocess;
 use sdgen::prompt::Syntax;
 use sdgen::request::{Size, TopLeft};
 use sdgen::sampling::denoiser::Prediction;
 use sdgen::sampling::samplers::SamplerName;
 use sdgen::sampling::schedule::ScheduleKind;
-use sdgen::settings::{SessionSettings, Settings};
+use sdgen::settings::{ControlArg, SessionSettings, Settings};
 
 /// Stable Diffusion on the command line: txt2img (no subcommand), img2img,
 /// inpaint, outpaint, batch, replay.
@@ -370,6 +371,26 @@ pub struct Common {
     /// SDXL size conditioning: the target size, WIDTHxHEIGHT [default: the output size].
     #[arg(long, value_name = "WxH")]
     pub target_size: Option<Size>,
+    /// A ControlNet and its control image, repeatable (their effects add
+    /// up): a ControlNet folder or .safetensors file, or a name in
+    /// <models>/ControlNet/; the image is stretched to the output size (no
+    /// crop: A1111's "Just Resize", not its default "Crop and Resize");
+    /// WEIGHT scales its effect [default: 1]; it acts from START to END, as
+    /// fractions of the steps [default: 0:1]. A ':' inside PATH or IMAGE is
+    /// not supported.
+    #[arg(long, value_name = "PATH:IMAGE[:WEIGHT[:START:END]]")]
+    pub control: Vec<ControlArg>,
+    /// What is done to every control image first: none (it already is a
+    /// control map: edges, depth, pose …) or canny[:LOW:HIGH] (OpenCV's Canny
+    /// edges, thresholds 100:200 by default). Depth and pose detectors need
+    /// their own models and are not built in [default: none].
+    #[arg(long, value_name = "none|canny[:LOW:HIGH]")]
+    pub control_preprocess: Option<Preprocess>,
+    /// ControlNets see only the prompt's half of guidance, their residuals
+    /// scaled from 0.1 to 1 (diffusers' guess_mode; A1111's "ControlNet is
+    /// more important").
+    #[arg(long)]
+    pub control_guess_mode: bool,
     /// Number of images; image i uses seed + i [default: 1].
     #[arg(long)]
     pub batch_count: Option<usize>,
@@ -435,6 +456,9 @@ impl Common {
             original_size: self.original_size,
             crop_top_left: self.crop_top_left,
             target_size: self.target_size,
+            controls: (!self.control.is_empty()).then(|| self.control.clone()),
+            control_preprocess: self.control_preprocess,
+            control_guess_mode: self.control_guess_mode.then_some(true),
         }
     }
 

@@ -14,6 +14,7 @@ pub enum Asset {
     Model,
     Lora,
     Vae,
+    ControlNet,
 }
 
 impl Asset {
@@ -23,6 +24,7 @@ impl Asset {
             Asset::Model => SUBFOLDERS,
             Asset::Lora => &["Lora", "loras", "LoRA", "lora"],
             Asset::Vae => &["VAE", "vae"],
+            Asset::ControlNet => &["ControlNet", "controlnet"],
         }
     }
 
@@ -31,6 +33,7 @@ impl Asset {
         match self {
             Asset::Model => is_checkpoint_file(p) || is_diffusers_folder(p),
             Asset::Lora | Asset::Vae => p.is_file(),
+            Asset::ControlNet => p.is_file() || is_controlnet_folder(p),
         }
     }
 }
@@ -45,6 +48,12 @@ fn find_untagged(kind: Asset, name: &str, models_dir: &Path) -> anyhow::Result<P
     let direct = PathBuf::from(name);
     if direct.is_file() || (kind == Asset::Model && is_diffusers_folder(&direct)) {
         return Ok(direct);
+    }
+    if kind == Asset::ControlNet && direct.is_dir() {
+        if is_controlnet_folder(&direct) {
+            return Ok(direct);
+        }
+        bail!("{}: folder has no config.json, so it is not a diffusers ControlNet folder", direct.display());
     }
     if kind == Asset::Model && direct.is_dir() {
         bail!("{}: folder has no model_index.json, so it is not a diffusers model folder", direct.display());
@@ -70,7 +79,13 @@ fn find_untagged(kind: Asset, name: &str, models_dir: &Path) -> anyhow::Result<P
         }
         Asset::Lora => bail!("LoRA {name:?}: no such file, and not in {dir}/Lora or {dir}/loras"),
         Asset::Vae => bail!("--vae {name:?}: no such file, and not in {dir}/VAE"),
+        Asset::ControlNet => bail!("ControlNet {name:?}: no such file or folder, and not in {dir}/ControlNet"),
     }
+}
+
+/// A diffusers `ControlNetModel` folder: a `config.json` beside its weights.
+fn is_controlnet_folder(p: &Path) -> bool {
+    p.join("config.json").is_file()
 }
 
 /// The textual-inversion embeddings folder.

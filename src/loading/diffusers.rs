@@ -148,6 +148,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, merging: Merging) -> anyh
         unused,
         applied: Default::default(),
         base: merging.keep_base.cloned(),
+        controlnets: Default::default(),
     })
 }
 

@@ -95,3 +95,23 @@ pub fn short_sha256(path: &Path, digits: usize) -> anyhow::Result<String> {
 pub const MODEL_HASH_DIGITS: usize = 10;
 /// Digits of A1111's LoRA and embedding hashes.
 pub const ADAPTER_HASH_DIGITS: usize = 12;
+
+/// A1111's legacy model hash, which its ControlNet extension still writes:
+/// the first 8 hex digits of the SHA-256 of the 64 KiB at offset 1 MiB
+/// (of nothing, for a file shorter than 1 MiB).
+pub fn legacy_hash(path: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut buf = vec![0u8; 0x10000];
+    let mut n = 0;
+    while n < buf.len() {
+        match f
+            .read_at(&mut buf[n..], 0x100000 + n as u64)
+            .with_context(|| format!("{}: read failed", path.display()))?
+        {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(sha256_hex(&buf[..n])[..8].to_string())
+}

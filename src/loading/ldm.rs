@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 
 use super::weights::{NameMap, Rule, Transform};
 use crate::models::clip::{Activation, ClipConfig};
+use crate::models::controlnet::ControlNetConfig;
 use crate::models::unet::UNetConfig;
 use crate::models::vae::VaeConfig;
 use crate::models::PerBlock;
@@ -87,7 +88,11 @@ fn rule(model: String, ckpt: String, inner: &'static [(&'static str, &'static st
 /// path consecutively: `input_blocks.0` is conv_in, then per level
 /// `layers_per_block` (ResNet[, attention]) blocks and one downsampler.
 pub fn unet_names(cfg: &UNetConfig) -> NameMap {
-    let p = UNET_PREFIX;
+    NameMap::new(unet_rules(cfg, UNET_PREFIX))
+}
+
+/// The rules of [`unet_names`] for UNet names under `p`.
+fn unet_rules(cfg: &UNetConfig, p: &str) -> Vec<Rule> {
     let n = cfg.block_out_channels.len();
     let l = cfg.layers_per_block;
     let mut rules = vec![rule(String::new(), p.to_string(), UNET_TOP)];
@@ -112,7 +117,43 @@ pub fn unet_names(cfg: &UNetConfig) -> NameMap {
     rules.push(rule("mid_block.resnets.0.".into(), format!("{p}middle_block.0."), UNET_RESNET));
     rules.push(rule("mid_block.attentions.0.".into(), format!("{p}middle_block.1."), &[]));
     rules.push(rule("mid_block.resnets.1.".into(), format!("{p}middle_block.2."), UNET_RESNET));
+    rules
+}
+
+/// The original ControlNet format's table, names under `p` (`control_model.`
+/// or nothing): the UNet's first half as in a checkpoint, the control
+/// image's embedding as `input_hint_block` (a `Sequential` whose SiLUs take
+/// the odd indices), the residuals' 1×1 convolutions as `zero_convs` and
+/// `middle_block_out`.
+pub fn controlnet_names(cfg: &ControlNetConfig, p: &str) -> NameMap {
+    let mut rules = unet_rules(&cfg.unet.mirrored(), p);
+    let convs = 2 * cfg.conditioning_embedding_out_channels.len();
+    rules.push(rule("controlnet_cond_embedding.conv_in.".into(), format!("{p}input_hint_block.0."), &[]));
+    for j in 0..convs - 2 {
+        rules.push(rule(
+            format!("controlnet_cond_embedding.blocks.{j}."),
+            format!("{p}input_hint_block.{}.", 2 * (j + 1)),
+            &[],
+        ));
+    }
+    rules.push(rule(
+        "controlnet_cond_embedding.conv_out.".into(),
+        format!("{p}input_hint_block.{}.", 2 * (convs - 1)),
+        &[],
+    ));
+    let skips = skip_count(&cfg.unet);
+    for i in 0..skips {
+        rules.push(rule(format!("controlnet_down_blocks.{i}."), format!("{p}zero_convs.{i}.0."), &[]));
+    }
+    rules.push(rule("controlnet_mid_block.".into(), format!("{p}middle_block_out.0."), &[]));
     NameMap::new(rules)
+}
+
+/// How many skip connections a UNet of this layout has (`conv_in`, each
+/// down layer, each downsampler).
+fn skip_count(cfg: &UNetConfig) -> usize {
+    let n = cfg.block_out_channels.len();
+    1 + n * cfg.layers_per_block + n - 1
 }
 
 /// The VAE's table for names under `p` (`first_stage_model.` in full
@@ -213,7 +254,36 @@ impl Tensors {
 /// SDXL's pooled text embedding, which the added embedding's input holds
 /// beside six size sinusoids.
 pub fn infer_unet(t: &Tensors, pooled_dim: Option<usize>) -> anyhow::Result<UNetConfig> {
-    let p = UNET_PREFIX;
+    infer_unet_under(t, UNET_PREFIX, pooled_dim)
+}
+
+/// An original-format ControlNet's config (names under `p`). Whether its
+/// residuals are pooled is not in the tensors: `pooled` says.
+pub fn infer_controlnet(
+    t: &Tensors,
+    p: &str,
+    pooled_dim: Option<usize>,
+    pooled: bool,
+) -> anyhow::Result<ControlNetConfig> {
+    let unet = infer_unet_under(t, p, pooled_dim)?;
+    let convs = t.count(&format!("{p}input_hint_block."));
+    if convs < 2 || !convs.is_multiple_of(2) {
+        bail!("unexpected ControlNet layout: {convs} convolutions in `{p}input_hint_block`");
+    }
+    // conv_in, then per width step a same-width and a stride-2 convolution.
+    let widths = (0..convs / 2)
+        .map(|j| t.dim(&format!("{p}input_hint_block.{}.weight", 4 * j), 0))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(ControlNetConfig {
+        controlnet_conditioning_channel_order: "rgb".into(),
+        conditioning_embedding_out_channels: widths,
+        conditioning_channels: t.dim(&format!("{p}input_hint_block.0.weight"), 1)?,
+        global_pool_conditions: pooled,
+        unet,
+    })
+}
+
+fn infer_unet_under(t: &Tensors, p: &str, pooled_dim: Option<usize>) -> anyhow::Result<UNetConfig> {
     let conv_in = t.shape(&format!("{p}input_blocks.0.0.weight"))?;
     if conv_in.len() != 4 {
         bail!("`{p}input_blocks.0.0.weight` has shape {conv_in:?}, expected a 4-d convolution kernel");
@@ -277,7 +347,8 @@ pub fn infer_unet(t: &Tensors, pooled_dim: Option<usize>) -> anyhow::Result<UNet
     let norm_num_groups = norm_groups(&channels);
     Ok(UNetConfig {
         in_channels: conv_in[1],
-        out_channels: t.dim(&format!("{p}out.2.weight"), 0)?,
+        // A ControlNet has no output layer.
+        out_channels: t.dim(&format!("{p}out.2.weight"), 0).unwrap_or(conv_in[1]),
         block_out_channels: channels,
         down_block_types,
         up_block_types,

@@ -5,10 +5,11 @@
 //! single files, diffusers' own names for folders) with shape checks;
 //! [`lora`] wraps a weight source to merge LoRAs; [`family`] recognises what
 //! a file or folder is and its defaults; [`hashing`] keeps A1111's hashes;
-//! [`assets`] finds what the user names.
+//! [`assets`] finds what the user names; [`controlnet`] loads ControlNets.
 
 pub mod assets;
 pub mod catalog;
+pub mod controlnet;
 pub mod diffusers;
 pub mod embeddings;
 pub mod family;
@@ -57,6 +58,7 @@ impl Model {
             let hash = hashing::short_sha256(path, hashing::MODEL_HASH_DIGITS)?;
             model.applied.vae = Some((assets::display_name(path), hash));
         }
+        model.controlnets = model::ControlNets::new(adapters.models_dir.clone());
         if let Some(dir) = &adapters.embeddings {
             let widths = model.text.widths();
             (model.applied.embeddings, model.applied.embeddings_skipped) = embeddings::read_dir(dir, &widths);

@@ -3,14 +3,18 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use candle_core::{DType, Device};
 
+use super::assets::{self, Asset};
+use super::controlnet::{self, LoadedControlNet};
 use super::family::{Defaults, Family, Preset};
 use super::hashing;
 use super::weights::{self, Component};
 use super::{embeddings, ldm, lora};
+use crate::failure::{Failure, Tag};
 use crate::models::unet::UNet;
 use crate::models::vae::Vae;
 use crate::sampling::denoiser::Prediction;
@@ -41,6 +45,22 @@ pub struct Model {
     /// The LoRA targets' weights before any LoRA, when loaded with
     /// [`Adapters::retain_base`].
     pub base: Option<std::sync::Arc<lora::BaseWeights>>,
+    /// The ControlNets jobs have named so far.
+    pub controlnets: ControlNets,
+}
+
+/// ControlNets loaded on first use, by the name jobs give them.
+#[derive(Default)]
+pub struct ControlNets {
+    /// Where names are looked up (`<models>/ControlNet/`).
+    models_dir: Option<PathBuf>,
+    loaded: Mutex<Vec<(String, Arc<LoadedControlNet>)>>,
+}
+
+impl ControlNets {
+    pub fn new(models_dir: Option<PathBuf>) -> Self {
+        Self { models_dir, loaded: Mutex::default() }
+    }
 }
 
 /// What to load with a model.
@@ -54,6 +74,8 @@ pub struct Adapters {
     /// Keep the base weights so that [`Model::merge_loras`] can swap LoRAs
     /// later without reading the model files again (a server's sessions).
     pub retain_base: bool,
+    /// The models dir, where ControlNets named by jobs are looked up.
+    pub models_dir: Option<PathBuf>,
 }
 
 /// The adapters a model was loaded with, for reports and PNG metadata.
@@ -86,6 +108,28 @@ impl Model {
     /// Whether the UNet takes the mask and masked image beside the sample.
     pub fn is_inpainting(&self) -> bool {
         self.unet.config.in_channels == self.vae.config.latent_channels * 2 + 1
+    }
+
+    /// The ControlNet `name` (a path, or a name in the models dir), loaded
+    /// the first time it is asked for and checked against this model.
+    pub fn controlnet(&self, name: &str) -> anyhow::Result<Arc<LoadedControlNet>> {
+        let mut loaded = self.controlnets.loaded.lock().expect("lock");
+        if let Some((_, net)) = loaded.iter().find(|(n, _)| n == name) {
+            return Ok(net.clone());
+        }
+        let dir = self.controlnets.models_dir.as_deref().unwrap_or(Path::new(""));
+        let path = assets::find(Asset::ControlNet, name, dir)?;
+        let net =
+            controlnet::load(&path, &self.unet.config, self.unet.dtype(), &self.unet.device()).tag(Failure::Model)?;
+        let net = Arc::new(net);
+        loaded.push((name.to_string(), net.clone()));
+        Ok(net)
+    }
+
+    /// The ControlNet `name` if a job has loaded it.
+    pub fn loaded_controlnet(&self, name: &str) -> Option<Arc<LoadedControlNet>> {
+        let loaded = self.controlnets.loaded.lock().expect("lock");
+        loaded.iter().find(|(n, _)| n == name).map(|(_, net)| net.clone())
     }
 }
 

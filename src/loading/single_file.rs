@@ -115,6 +115,7 @@ pub fn load(path: &Path, device: &Device, dtype: DType, merging: Merging) -> any
         unused: ckpt.unused(),
         applied: Default::default(),
         base: merging.keep_base.cloned(),
+        controlnets: Default::default(),
     })
 }
 

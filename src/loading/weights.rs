@@ -23,6 +23,7 @@ pub enum Component {
     TextEncoder2,
     Unet,
     Vae,
+    ControlNet,
 }
 
 impl Component {
@@ -33,6 +34,7 @@ impl Component {
             Component::TextEncoder2 => "second text encoder",
             Component::Unet => "UNet",
             Component::Vae => "VAE",
+            Component::ControlNet => "ControlNet",
         }
     }
 }

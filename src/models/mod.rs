@@ -1,9 +1,10 @@
-//! Model code: the CLIP text encoder, the UNet and the VAE, built on our
+//! Model code: the CLIP text encoder, the UNet, its ControlNets and the VAE, built on our
 //! fused [`crate::ops`] and candle-nn layers from a `VarBuilder` whose tensor
 //! names are diffusers' names; the [`Backbone`] seam the denoiser drives.
 
 pub mod blocks;
 pub mod clip;
+pub mod controlnet;
 pub mod unet;
 pub mod vae;
 
@@ -20,6 +21,8 @@ pub struct BackboneConditioning<'a> {
     pub guidance: Option<&'a Tensor>,
     /// SDXL's pooled text and size numbers.
     pub text_time: Option<unet::TextTime<'a>>,
+    /// ControlNets' residuals, summed.
+    pub control: Option<&'a unet::Residuals>,
 }
 
 /// A denoising network (the UNet today; MMDiT next): the model output (ε,
@@ -42,7 +45,7 @@ impl Backbone for unet::UNet {
     }
 
     fn forward(&self, sample: &Tensor, t: f32, cond: &BackboneConditioning) -> Result<Tensor> {
-        self.forward_with(sample, t, cond.context, cond.guidance, cond.text_time.as_ref())
+        self.forward_with(sample, t, cond.context, cond.guidance, cond.text_time.as_ref(), cond.control)
     }
 }
 

@@ -23,6 +23,8 @@ pub struct UNetConfig {
     pub out_channels: usize,
     pub block_out_channels: Vec<usize>,
     pub down_block_types: Vec<String>,
+    /// A ControlNet's config has none (it is the UNet's first half only).
+    #[serde(default)]
     pub up_block_types: Vec<String>,
     #[serde(default = "super::value::<2>")]
     pub layers_per_block: usize,
@@ -104,6 +106,13 @@ struct Level {
 }
 
 impl UNetConfig {
+    /// The same UNet's config with up blocks mirroring the down blocks (a
+    /// ControlNet's, which has no up blocks of its own).
+    pub fn mirrored(&self) -> UNetConfig {
+        let up = self.down_block_types.iter().rev().map(|t| t.replace("Down", "Up")).collect();
+        UNetConfig { up_block_types: up, ..self.clone() }
+    }
+
     /// Checks the config and resolves per-level settings (down-block order).
     fn levels(&self) -> anyhow::Result<Vec<Level>> {
         let n = self.block_out_channels.len();
@@ -189,8 +198,10 @@ struct AddEmbedding {
     linear_2: Linear,
 }
 
+/// The UNet's first half, which a ControlNet copies: the timestep (and
+/// SDXL's added) embedding, `conv_in`, the down blocks and the mid block.
 #[derive(Debug)]
-pub struct UNet {
+pub struct Encoder {
     /// SDXL: added to the timestep embedding.
     add_embedding: Option<AddEmbedding>,
     time_proj_dim: usize,
@@ -203,44 +214,54 @@ pub struct UNet {
     conv_in: Conv2d,
     down: Vec<DownBlock>,
     mid: (ResnetBlock, SpatialTransformer, ResnetBlock),
-    up: Vec<UpBlock>,
-    conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
-    pub config: UNetConfig,
 }
 
-impl UNet {
-    pub fn new(config: &UNetConfig, vb: VarBuilder) -> anyhow::Result<Self> {
+/// What a UNet's layers are built with.
+struct Builder<'a> {
+    config: &'a UNetConfig,
+    temb: usize,
+}
+
+impl Builder<'_> {
+    fn transformer(&self, level: &Level, channels: usize, vb: VarBuilder) -> Result<SpatialTransformer> {
+        let c = self.config;
+        SpatialTransformer::new(
+            &SpatialTransformerConfig {
+                channels,
+                heads: level.heads,
+                depth: level.depth,
+                context_dim: c.cross_attention_dim,
+                groups: c.norm_num_groups,
+                linear_projection: c.use_linear_projection,
+                upcast_attention: c.upcast_attention,
+            },
+            vb,
+        )
+    }
+
+    fn resnet(&self, cin: usize, cout: usize, vb: VarBuilder) -> Result<ResnetBlock> {
+        ResnetBlock::new(cin, cout, Some(self.temb), self.config.norm_num_groups, self.config.norm_eps, vb)
+    }
+
+    fn layer(&self, level: &Level, cin: usize, cout: usize, vb: &VarBuilder, j: usize) -> Result<Layer> {
+        Ok(Layer {
+            resnet: self.resnet(cin, cout, vb.pp(format!("resnets.{j}")))?,
+            attention: if level.attention {
+                Some(self.transformer(level, cout, vb.pp(format!("attentions.{j}")))?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+impl Encoder {
+    pub fn new(config: &UNetConfig, vb: &VarBuilder) -> anyhow::Result<Self> {
         let levels = config.levels()?;
         let n = levels.len();
         let c0 = levels[0].channels;
         let temb = 4 * c0;
-        let groups = config.norm_num_groups;
-        let eps = config.norm_eps;
-        let transformer = |level: &Level, channels: usize, vb: VarBuilder| {
-            SpatialTransformer::new(
-                &SpatialTransformerConfig {
-                    channels,
-                    heads: level.heads,
-                    depth: level.depth,
-                    context_dim: config.cross_attention_dim,
-                    groups,
-                    linear_projection: config.use_linear_projection,
-                    upcast_attention: config.upcast_attention,
-                },
-                vb,
-            )
-        };
-        let layer = |level: &Level, cin: usize, cout: usize, vb: &VarBuilder, j: usize| -> Result<Layer> {
-            Ok(Layer {
-                resnet: ResnetBlock::new(cin, cout, Some(temb), groups, eps, vb.pp(format!("resnets.{j}")))?,
-                attention: if level.attention {
-                    Some(transformer(level, cout, vb.pp(format!("attentions.{j}")))?)
-                } else {
-                    None
-                },
-            })
-        };
+        let b = Builder { config, temb };
         let mut down = Vec::with_capacity(n);
         let mut cin = c0;
         for (i, level) in levels.iter().enumerate() {
@@ -248,7 +269,7 @@ impl UNet {
             let layers = (0..config.layers_per_block)
                 .map(|j| {
                     let from = if j == 0 { cin } else { level.channels };
-                    layer(level, from, level.channels, &vb, j)
+                    b.layer(level, from, level.channels, &vb, j)
                 })
                 .collect::<Result<Vec<_>>>()?;
             let downsample =
@@ -259,28 +280,10 @@ impl UNet {
         let last = &levels[n - 1];
         let mid_vb = vb.pp("mid_block");
         let mid = (
-            ResnetBlock::new(last.channels, last.channels, Some(temb), groups, eps, mid_vb.pp("resnets.0"))?,
-            transformer(last, last.channels, mid_vb.pp("attentions.0"))?,
-            ResnetBlock::new(last.channels, last.channels, Some(temb), groups, eps, mid_vb.pp("resnets.1"))?,
+            b.resnet(last.channels, last.channels, mid_vb.pp("resnets.0"))?,
+            b.transformer(last, last.channels, mid_vb.pp("attentions.0"))?,
+            b.resnet(last.channels, last.channels, mid_vb.pp("resnets.1"))?,
         );
-        let mut up = Vec::with_capacity(n);
-        let mut prev = last.channels;
-        for i in 0..n {
-            let level = &levels[n - 1 - i];
-            let skip_in = levels[(n - 1 - i).saturating_sub(1)].channels;
-            let vb = vb.pp(format!("up_blocks.{i}"));
-            let count = config.layers_per_block + 1;
-            let layers = (0..count)
-                .map(|j| {
-                    let from = if j == 0 { prev } else { level.channels };
-                    let skip = if j + 1 == count { skip_in } else { level.channels };
-                    layer(level, from + skip, level.channels, &vb, j)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let upsample = if i + 1 < n { Some(Upsample::new(level.channels, vb.pp("upsamplers.0"))?) } else { None };
-            up.push(UpBlock { layers, upsample });
-            prev = level.channels;
-        }
         let text_time = config.other.get("addition_embed_type").and_then(|v| v.as_str()) == Some("text_time");
         let add_embedding =
             match (text_time, config.addition_time_embed_dim, config.projection_class_embeddings_input_dim) {
@@ -308,20 +311,12 @@ impl UNet {
             conv_in: conv3x3_same(config.in_channels, c0, vb.pp("conv_in"))?,
             down,
             mid,
-            up,
-            conv_norm_out: GroupNorm::new(groups, c0, eps, vb.pp("conv_norm_out"))?,
-            conv_out: conv3x3_same(c0, config.out_channels, vb.pp("conv_out"))?,
-            config: config.clone(),
         })
     }
 
     /// The dtype the weights were loaded in.
-    pub fn dtype(&self) -> candle_core::DType {
+    pub fn dtype(&self) -> DType {
         self.conv_in.weight().dtype()
-    }
-
-    pub fn device(&self) -> candle_core::Device {
-        self.conv_in.weight().device().clone()
     }
 
     /// Sinusoidal features of `values`, `(N, dim)`, computed in f32 as
@@ -345,20 +340,12 @@ impl UNet {
         Tensor::from_vec(rows, (values.len(), 2 * half), device)
     }
 
-    /// Predicts the model output for `sample: (B, C, H, W)` at timestep `t`
-    /// under `context: (B, L, D)`; LCM UNets also take `guidance: (B, d)`,
-    /// the embedded guidance scale.
-    pub fn forward(&self, sample: &Tensor, t: f32, context: &Tensor, guidance: Option<&Tensor>) -> Result<Tensor> {
-        self.forward_with(sample, t, context, guidance, None)
-    }
-
-    /// [`UNet::forward`] with SDXL's pooled text and size conditioning, which
-    /// SDXL UNets require.
-    pub fn forward_with(
+    /// The timestep embedding of a batch of `sample`'s size and dtype at
+    /// timestep `t` (with LCM's guidance and SDXL's added embeddings).
+    pub fn embed(
         &self,
         sample: &Tensor,
         t: f32,
-        context: &Tensor,
         guidance: Option<&Tensor>,
         text_time: Option<&TextTime>,
     ) -> Result<Tensor> {
@@ -369,26 +356,34 @@ impl UNet {
             feats = (feats + proj.forward(g)?)?;
         }
         let temb = self.time_linear_1.forward(&feats)?;
-        let mut temb = self.time_linear_2.forward(&candle_nn::ops::silu(&temb)?)?;
+        let temb = self.time_linear_2.forward(&candle_nn::ops::silu(&temb)?)?;
         match (&self.add_embedding, text_time) {
             (Some(add), Some(tt)) => {
                 let times = self.sinusoids(tt.time_ids, add.time_dim, sample.device())?.reshape((batch, ()))?;
                 let input = Tensor::cat(&[&tt.text_embeds.to_dtype(DType::F32)?, &times], 1)?.to_dtype(temb.dtype())?;
                 let aug = add.linear_2.forward(&candle_nn::ops::silu(&add.linear_1.forward(&input)?)?)?;
-                temb = (temb + aug)?;
+                temb + aug
             }
-            (Some(_), None) => {
-                return Err(candle_core::Error::Msg(
-                    "this UNet (SDXL) needs pooled text embeddings and size conditioning".into(),
-                ))
-            }
-            (None, _) => {}
+            (Some(_), None) => Err(candle_core::Error::Msg(
+                "this UNet (SDXL) needs pooled text embeddings and size conditioning".into(),
+            )),
+            (None, _) => Ok(temb),
         }
-        let mut h = self.conv_in.forward(sample)?;
+    }
+
+    /// `conv_in` of the sample.
+    pub fn conv_in(&self, sample: &Tensor) -> Result<Tensor> {
+        self.conv_in.forward(sample)
+    }
+
+    /// The down and mid blocks from `conv_in`'s output `h`: the mid block's
+    /// output and every skip connection (`conv_in`'s output first).
+    pub fn down_mid(&self, h: Tensor, temb: &Tensor, context: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut h = h;
         let mut skips = vec![h.clone()];
         for block in &self.down {
             for layer in &block.layers {
-                h = layer.forward(&h, &temb, context)?;
+                h = layer.forward(&h, temb, context)?;
                 skips.push(h.clone());
             }
             if let Some(d) = &block.downsample {
@@ -396,9 +391,111 @@ impl UNet {
                 skips.push(h.clone());
             }
         }
-        h = self.mid.0.forward(&h, Some(&temb))?;
+        h = self.mid.0.forward(&h, Some(temb))?;
         h = self.mid.1.forward(&h, context)?;
-        h = self.mid.2.forward(&h, Some(&temb))?;
+        h = self.mid.2.forward(&h, Some(temb))?;
+        Ok((h, skips))
+    }
+}
+
+/// What a ControlNet adds to a UNet: one tensor per skip connection and
+/// one for the mid block's output (broadcast over space when pooled).
+#[derive(Debug)]
+pub struct Residuals {
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
+
+impl Residuals {
+    /// The sum of two ControlNets' residuals.
+    pub fn add(&self, other: &Residuals) -> Result<Residuals> {
+        let down = self.down.iter().zip(&other.down).map(|(a, b)| a.broadcast_add(b)).collect::<Result<_>>()?;
+        Ok(Residuals { down, mid: self.mid.broadcast_add(&other.mid)? })
+    }
+}
+
+#[derive(Debug)]
+pub struct UNet {
+    encoder: Encoder,
+    up: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    pub config: UNetConfig,
+}
+
+impl UNet {
+    pub fn new(config: &UNetConfig, vb: VarBuilder) -> anyhow::Result<Self> {
+        let levels = config.levels()?;
+        let n = levels.len();
+        let c0 = levels[0].channels;
+        let b = Builder { config, temb: 4 * c0 };
+        let encoder = Encoder::new(config, &vb)?;
+        let mut up = Vec::with_capacity(n);
+        let mut prev = levels[n - 1].channels;
+        for i in 0..n {
+            let level = &levels[n - 1 - i];
+            let skip_in = levels[(n - 1 - i).saturating_sub(1)].channels;
+            let vb = vb.pp(format!("up_blocks.{i}"));
+            let count = config.layers_per_block + 1;
+            let layers = (0..count)
+                .map(|j| {
+                    let from = if j == 0 { prev } else { level.channels };
+                    let skip = if j + 1 == count { skip_in } else { level.channels };
+                    b.layer(level, from + skip, level.channels, &vb, j)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let upsample = if i + 1 < n { Some(Upsample::new(level.channels, vb.pp("upsamplers.0"))?) } else { None };
+            up.push(UpBlock { layers, upsample });
+            prev = level.channels;
+        }
+        Ok(Self {
+            encoder,
+            up,
+            conv_norm_out: GroupNorm::new(config.norm_num_groups, c0, config.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv3x3_same(c0, config.out_channels, vb.pp("conv_out"))?,
+            config: config.clone(),
+        })
+    }
+
+    /// The dtype the weights were loaded in.
+    pub fn dtype(&self) -> candle_core::DType {
+        self.encoder.dtype()
+    }
+
+    pub fn device(&self) -> candle_core::Device {
+        self.encoder.conv_in.weight().device().clone()
+    }
+
+    /// Predicts the model output for `sample: (B, C, H, W)` at timestep `t`
+    /// under `context: (B, L, D)`; LCM UNets also take `guidance: (B, d)`,
+    /// the embedded guidance scale.
+    pub fn forward(&self, sample: &Tensor, t: f32, context: &Tensor, guidance: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_with(sample, t, context, guidance, None, None)
+    }
+
+    /// [`UNet::forward`] with SDXL's pooled text and size conditioning, which
+    /// SDXL UNets require, and ControlNets' residuals added to the skip
+    /// connections and the mid block's output.
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        t: f32,
+        context: &Tensor,
+        guidance: Option<&Tensor>,
+        text_time: Option<&TextTime>,
+        control: Option<&Residuals>,
+    ) -> Result<Tensor> {
+        let temb = self.encoder.embed(sample, t, guidance, text_time)?;
+        let (mut h, mut skips) = self.encoder.down_mid(self.encoder.conv_in(sample)?, &temb, context)?;
+        if let Some(r) = control {
+            if r.down.len() != skips.len() {
+                candle_core::bail!("{} ControlNet residuals for {} skip connections", r.down.len(), skips.len());
+            }
+            for (skip, add) in skips.iter_mut().zip(&r.down) {
+                *skip = skip.broadcast_add(add)?;
+            }
+            h = h.broadcast_add(&r.mid)?;
+        }
         for block in &self.up {
             for layer in &block.layers {
                 let skip = skips.pop().expect("one skip per up layer");

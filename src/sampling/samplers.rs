@@ -125,6 +125,21 @@ impl Sampler {
         Ok(schedule)
     }
 
+    /// How many times the sampler calls the model over `schedule`'s steps
+    /// (diffusers' `len(timesteps)`): once per step, twice for a
+    /// second-order step that does not land on σ = 0, and PLMS's extra call
+    /// in its first step.
+    pub fn model_calls(self, schedule: &Schedule) -> usize {
+        let steps = schedule.steps();
+        match self {
+            Sampler::Heun | Sampler::Dpm2 | Sampler::Dpm2Ancestral | Sampler::DpmPP2SAncestral => {
+                steps.map(|i| if schedule.landing[i] == 0.0 { 1 } else { 2 }).sum()
+            }
+            Sampler::Plms => steps.len() + 1,
+            _ => steps.len(),
+        }
+    }
+
     fn step_fn(self) -> StepFn {
         match self {
             Sampler::Euler | Sampler::Ddim => euler,
@@ -654,6 +669,28 @@ mod tests {
         for row in SAMPLERS {
             assert_eq!(row.1.parse::<Sampler>().unwrap(), row.0);
             assert_eq!(row.2.parse::<Sampler>().unwrap(), row.0);
+        }
+    }
+
+    #[test]
+    fn model_calls_counts_what_each_sampler_calls() {
+        struct Counting(usize);
+        impl Denoise for Counting {
+            fn denoise(&mut self, x: &Tensor, _: f32) -> anyhow::Result<Tensor> {
+                self.0 += 1;
+                Ok((x * 0.5)?)
+            }
+        }
+        let cfg: SchedulerConfig = serde_json::from_str("{}").unwrap();
+        for &(sampler, ..) in SAMPLERS {
+            for start in [0, 3] {
+                let schedule = sampler.schedule(&cfg, 7, ScheduleKind::Normal).unwrap().from_step(start);
+                let x = Tensor::ones((1, 4, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+                let mut model = Counting(0);
+                let mut rngs = [TorchRng::new(1)];
+                sample(sampler, &mut model, x, &schedule, &mut rngs, &mut |_, x| Ok(x)).unwrap();
+                assert_eq!(model.0, sampler.model_calls(&schedule), "{}", sampler.name());
+            }
         }
     }
 
