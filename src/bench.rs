@@ -53,10 +53,11 @@ pub fn unet(
     }
     let (device, dtype) = device_and_dtype(device, dtype)?;
     let m = Model::load(model, &device, dtype)?;
+    let Some(unet) = m.backbone.unet() else { bail!("unet-bench times UNets; this is {}", m.family.name()) };
     let side = size / m.vae.config.downscale();
-    let latents = Tensor::randn(0f32, 1.0, (batch, m.unet.config.in_channels, side, side), &device)?.to_dtype(dtype)?;
-    let context = Tensor::zeros((batch, 77, m.unet.config.cross_attention_dim), dtype, &device)?;
-    let unet_s = time_median(&device, passes, || Ok(m.unet.forward(&latents, 500.0, &context, None).map(|_| ())?))?;
+    let latents = Tensor::randn(0f32, 1.0, (batch, unet.config.in_channels, side, side), &device)?.to_dtype(dtype)?;
+    let context = Tensor::zeros((batch, 77, unet.config.cross_attention_dim), dtype, &device)?;
+    let unet_s = time_median(&device, passes, || Ok(unet.forward(&latents, 500.0, &context, None).map(|_| ())?))?;
     let decode_s = if decode {
         let one = latents.narrow(0, 0, 1)?.narrow(1, 0, m.vae.config.latent_channels)?.to_dtype(DType::F32)?;
         Some(time_median(&device, 1, || Ok(m.vae.decode(&one).map(|_| ())?))?)

@@ -24,6 +24,7 @@ use crate::failure::{Failure, Tag};
 use crate::image_io::Image;
 use crate::loading::controlnet::LoadedControlNet;
 use crate::loading::Model;
+use crate::models::Backbone;
 use crate::request::{Init, LatentFill, Request, TextOptions};
 use crate::rng::TorchRng;
 use crate::sampling::denoiser::{Conditioning, Control, ControlUnit, Denoiser, TextEmbedding};
@@ -90,7 +91,7 @@ impl Model {
     /// the pixels under `mask` blanked first.
     fn encode_image(&self, image: &Image, mask: Option<&Mask>, device: &Device) -> anyhow::Result<Tensor> {
         let pixels = editing::to_tensor(image, mask, device)?;
-        Ok((self.vae.encode_mean(&pixels)? * self.vae.config.scaling_factor)?)
+        Ok(self.vae.config.to_latents(&self.vae.encode_mean(&pixels)?)?)
     }
 
     /// Runs one job on `device`.
@@ -164,26 +165,24 @@ impl Model {
 
         events(Event::EncodingText);
         // LCM UNets embed the guidance scale instead of a negative pass.
-        let guided = req.cfg_scale > 1.0 && self.unet.config.time_cond_proj_dim.is_none();
+        let guided = req.cfg_scale > 1.0 && self.backbone.guidance_dim().is_none();
         let (cond, uncond) = self.encode_prompts(reqs, guided, device, events)?;
         for e in std::iter::once(&cond).chain(&uncond) {
             check_finite(&e.context, &self.path, "text encoder")?;
         }
-        let time_ids = cond
-            .pooled
-            .as_ref()
-            .map(|_| reqs.iter().flat_map(|r| r.size_conditioning.time_ids(r.height, r.width)).collect());
+        let time_ids = self
+            .backbone
+            .takes_size_conditioning()
+            .then(|| reqs.iter().flat_map(|r| r.size_conditioning.time_ids(r.height, r.width)).collect());
         let conditioning = Conditioning { cond, uncond, cfg_scale: req.cfg_scale, time_ids };
 
         let mut schedule = req.sampler.schedule(&self.scheduler, req.steps, req.schedule)?;
         if let Some(s) = req.strength() {
-            // diffusers: run the last min(⌊K·s⌋, K) steps.
-            let run = ((req.steps as f64 * s) as usize).min(req.steps);
-            schedule = schedule.from_step(req.steps - run);
+            schedule = schedule.from_strength(req.steps, s);
         }
         // Latents stay f32 between steps whatever the model's dtype (the
         // denoiser casts at the UNet's boundary), as diffusers' schedulers do.
-        let dtype = self.unet.dtype();
+        let dtype = self.backbone.dtype();
         let (c, h, w) = (self.vae.config.latent_channels, req.height / scale, req.width / scale);
         // Noise comes from each seed's CPU generator on every device, so a seed
         // gives the same image everywhere (and the same as diffusers/ComfyUI).
@@ -232,7 +231,7 @@ impl Model {
         // img2img always noises the image.
         let pure_noise = matches!(req.init, Init::Inpaint { strength, .. } if strength >= 1.0);
         let x = match &start_latents {
-            Some(x0) if !pure_noise => (x0 + (&noise * schedule.sigmas[schedule.start] as f64)?)?,
+            Some(x0) if !pure_noise => schedule.noised(x0, &noise, schedule.sigmas[schedule.start])?,
             _ => (&noise * schedule.init_noise_scale as f64)?,
         };
 
@@ -265,7 +264,7 @@ impl Model {
             guess: req.control_options.guess_mode,
             calls: req.sampler.model_calls(&schedule),
         });
-        let mut denoiser = Denoiser::new(&self.unet, &schedule, self.prediction, &conditioning, extra, control)?;
+        let mut denoiser = Denoiser::new(&self.backbone, &schedule, self.prediction, &conditioning, extra, control)?;
         events(Event::Sampling);
         let (first, total) = (schedule.start, schedule.timesteps.len());
         let last_sigma_scale = 1.0 / schedule.final_scale() as f64;
@@ -280,7 +279,7 @@ impl Model {
             // noise, or clean after the last step (σ-space: scaled so that
             // the final DDPM-space latents are exactly the image's).
             let target =
-                if i + 1 < total { (x0 + (&noise * sigmas[i + 1] as f64)?)? } else { (x0 * last_sigma_scale)? };
+                if i + 1 < total { schedule.noised(x0, &noise, sigmas[i + 1])? } else { (x0 * last_sigma_scale)? };
             Ok((m.broadcast_mul(&(x - &target)?)? + target)?)
         };
         // The final sample's scale, or x̂₀'s (data space) when stopped.
@@ -295,7 +294,7 @@ impl Model {
 
         check_finite(&latents, &self.path, "UNet")?;
         events(Event::Decoding);
-        let latents = (latents * (scale / self.vae.config.scaling_factor))?;
+        let latents = self.vae.config.from_latents(&latents, scale)?;
         let decoded = self.vae.decode_batch(&latents)?;
         let images = reqs
             .iter()

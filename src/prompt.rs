@@ -183,6 +183,18 @@ pub struct Chunked {
 }
 
 /// Splits `text` into chunks for `tokenizer` (A1111's `tokenize_line`).
+/// The words of a prompt without weights and `BREAK`s (what T5 reads in
+/// A1111 syntax), or the text as given in plain syntax.
+pub fn plain_text(text: &str, syntax: Syntax) -> String {
+    match syntax {
+        Syntax::Plain => text.to_string(),
+        Syntax::A1111 => {
+            let (pieces, _) = parse_attention(text);
+            pieces.into_iter().filter(|(_, w)| *w != BREAK_WEIGHT).map(|(t, _)| t).collect::<Vec<_>>().join("")
+        }
+    }
+}
+
 pub fn chunk(tokenizer: &ClipTokenizer, text: &str, syntax: Syntax) -> Chunked {
     chunk_with(tokenizer, text, syntax, &[])
 }

@@ -341,10 +341,13 @@ mod tests {
         // The single file holds the same weights under LDM names.
         let single = crate::loading::Model::load(&a.join("model.safetensors"), &Device::Cpu, DType::F32).unwrap();
         assert!(single.unused.is_empty());
-        let x = Tensor::randn(0f32, 1.0, (1, model.unet.config.in_channels, 8, 8), &Device::Cpu).unwrap();
-        let ctx = Tensor::ones((1, 77, model.unet.config.cross_attention_dim), DType::F32, &Device::Cpu).unwrap();
+        fn unet_of(m: &crate::loading::Model) -> &crate::models::unet::UNet {
+            m.backbone.unet().expect("a UNet model")
+        }
+        let x = Tensor::randn(0f32, 1.0, (1, unet_of(&model).config.in_channels, 8, 8), &Device::Cpu).unwrap();
+        let ctx = Tensor::ones((1, 77, unet_of(&model).config.cross_attention_dim), DType::F32, &Device::Cpu).unwrap();
         let out = |m: &crate::loading::Model| {
-            let eps = m.unet.forward(&x, 500.0, &ctx, None).unwrap();
+            let eps = unet_of(m).forward(&x, 500.0, &ctx, None).unwrap();
             let img = m.vae.decode(&x).unwrap();
             [eps, img].map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
         };
@@ -379,6 +382,6 @@ mod tests {
         let model = crate::loading::Model::load(&out, &Device::Cpu, DType::F32).unwrap();
         assert_eq!(model.family, crate::loading::Family::Sdxl);
         assert!(model.unused.is_empty(), "{:?}", model.unused);
-        assert!(model.text.pooled.is_some());
+        assert!(model.text.clip().pooled.is_some());
     }
 }

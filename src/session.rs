@@ -93,7 +93,14 @@ impl Session {
             .tag(Failure::Model)?;
         let embeddings = Some(assets::embeddings_dir(&settings.models_dir));
         let models_dir = Some(settings.models_dir.clone());
-        let adapters = Adapters { loras, embeddings, vae, retain_base: settings.swappable_loras, models_dir };
+        let adapters = Adapters {
+            loras,
+            embeddings,
+            vae,
+            retain_base: settings.swappable_loras,
+            models_dir,
+            no_t5: settings.no_t5,
+        };
         let mut model = Model::load_with(&path, &device, dtype, &adapters).tag(Failure::Model)?;
         model.vae.tiling = settings.vae_tiling;
         if let Some(p) = settings.prediction {

@@ -1,12 +1,13 @@
 //! Text conditioning: prompts → what a backbone attends to. The
 //! [`TextConditioner`] seam hides the text encoders of a family (one or two
-//! CLIP encoders today; CLIP-G and T5 next); the A1111 padding of prompts
-//! and negative prompts to a common length works over any of them.
+//! CLIP encoders; SD 3's CLIP pair and T5); the A1111 padding of prompts and
+//! negative prompts to a common length works over any of them.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::loading::embeddings::Embedding;
 use crate::models::clip::ClipTextModel;
+use crate::models::t5::T5Encoder;
 use crate::prompt::{self, Chunk};
 use crate::request::{Request, TextOptions};
 use crate::sampling::denoiser::TextEmbedding;
@@ -28,6 +29,12 @@ pub trait TextConditioner {
     /// Whether an empty negative prompt conditions on zeros instead of the
     /// encoded "" (diffusers' `force_zeros_for_empty_prompt`).
     fn zero_empty_negative(&self) -> bool;
+
+    /// Tokens at the end of every context that do not come in chunks (SD 3's
+    /// T5 states): padding to a common length goes before them.
+    fn trailing_tokens(&self) -> usize {
+        0
+    }
 }
 
 /// A text encoder whose pooled, projected output also conditions the UNet
@@ -45,6 +52,9 @@ pub struct ClipText {
     pub pooled: Option<PooledTextEncoder>,
     /// True for SDXL (A1111 does the same).
     pub zero_empty_negative: bool,
+    /// SD 3: the first encoder's pooled output (unprojected) comes before
+    /// the second's.
+    pub pool_both: bool,
 }
 
 impl ClipText {
@@ -106,11 +116,16 @@ impl TextConditioner for ClipText {
                         anyhow::bail!("the two tokenizers split the prompt differently");
                     };
                     let keep1 = keep(&self.encoder, 1)?;
-                    let (a, _) = self.encoder.hidden_states_with(&ids, keep1, &fixes(chunk, 0))?;
+                    let (a, last1) = self.encoder.hidden_states_with(&ids, keep1, &fixes(chunk, 0))?;
                     let ids2 = ids_of(chunk2)?;
                     let (b, last) = enc.model.hidden_states_with(&ids2, keep(&enc.model, 1)?, &fixes(chunk2, 1))?;
                     if i == 0 {
-                        pooled = Some(enc.model.pooled(&last, &ids2, &enc.projection)?);
+                        let second = enc.model.pooled(&last, &ids2, Some(&enc.projection))?;
+                        pooled = Some(if self.pool_both {
+                            Tensor::cat(&[&self.encoder.pooled(&last1, &ids, None)?, &second], 1)?
+                        } else {
+                            second
+                        });
                     }
                     Tensor::cat(&[emphasize(&a, &chunk.weights)?, emphasize(&b, &chunk2.weights)?], 2)?
                 }
@@ -155,11 +170,14 @@ pub fn encode_prompts(
     let mut conds = Vec::new();
     let mut unconds = Vec::new();
     for (r, (cond, uncond)) in reqs.iter().zip(encoded) {
+        let tail = text.trailing_tokens();
         let mut pad = |e: TextEmbedding| -> anyhow::Result<TextEmbedding> {
             let mut context = e.context;
             while context.dim(1)? < longest {
                 let empty = encode("", &r.text)?.context;
-                context = Tensor::cat(&[&context, &empty], 1)?;
+                let (len, empty_len) = (context.dim(1)? - tail, empty.dim(1)? - tail);
+                let parts = [context.narrow(1, 0, len)?, empty.narrow(1, 0, empty_len)?, context.narrow(1, len, tail)?];
+                context = Tensor::cat(&parts, 1)?;
             }
             Ok(TextEmbedding { context, pooled: e.pooled })
         };
@@ -193,4 +211,122 @@ fn emphasize(z: &Tensor, weights: &[f32]) -> anyhow::Result<Tensor> {
     let before = z.mean_all()?.to_scalar::<f32>()?;
     let after = weighted.mean_all()?.to_scalar::<f32>()?;
     Ok((weighted * (before / after) as f64)?.to_dtype(dtype)?)
+}
+
+/// SD 3's T5 with its tokenizer (`tokenizer.json`).
+pub struct T5Text {
+    pub tokenizer: tokenizers::Tokenizer,
+    pub model: T5Encoder,
+}
+
+impl T5Text {
+    /// The encoder's states of `text`, `(1, max_length, D)`: its ids with
+    /// `</s>`, truncated and padded with 0 to `max_length`, no attention
+    /// mask (diffusers' SD 3 pipelines).
+    fn encode(&self, text: &str, max_length: usize, device: &Device) -> anyhow::Result<Tensor> {
+        let encoding = self.tokenizer.encode(text, true).map_err(|e| anyhow::anyhow!("T5 tokenizer: {e}"))?;
+        let mut ids = encoding.get_ids().to_vec();
+        if ids.len() > max_length {
+            // Keep the end-of-text token, as truncation with special tokens does.
+            let eos = *ids.last().expect("not empty");
+            ids.truncate(max_length - 1);
+            ids.push(eos);
+        }
+        ids.resize(max_length, 0);
+        Ok(self.model.forward(&Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?)?)
+    }
+}
+
+/// SD 3's text encoders: CLIP-L and OpenCLIP-G as SDXL's pair (penultimate
+/// states side by side, zero-padded to T5's width), then T5's states (256
+/// zero tokens without T5); pooled: CLIP-L's (unprojected) then CLIP-G's.
+/// An empty negative prompt is encoded, not zeroed.
+pub struct Sd3Text {
+    pub clip: ClipText,
+    pub t5: Option<T5Text>,
+    /// T5's width (the MMDiT's `joint_attention_dim`).
+    pub width: usize,
+    /// T5's tokens (diffusers' `max_sequence_length`).
+    pub max_length: usize,
+}
+
+impl TextConditioner for Sd3Text {
+    fn encode(
+        &self,
+        text: &str,
+        opts: &TextOptions,
+        embeddings: &[Embedding],
+        device: &Device,
+    ) -> anyhow::Result<(TextEmbedding, Vec<String>)> {
+        let (clip, warnings) = self.clip.encode(text, opts, embeddings, device)?;
+        let (b, l, w) = clip.context.dims3()?;
+        if w > self.width {
+            anyhow::bail!("the CLIP states ({w} wide) are wider than T5's {}", self.width);
+        }
+        let dtype = clip.context.dtype();
+        let padded = Tensor::cat(&[clip.context.clone(), Tensor::zeros((b, l, self.width - w), dtype, device)?], 2)?;
+        let t5 = match &self.t5 {
+            Some(t5) => t5.encode(&prompt::plain_text(text, opts.syntax), self.max_length, device)?.to_dtype(dtype)?,
+            None => Tensor::zeros((1, self.max_length, self.width), dtype, device)?,
+        };
+        Ok((TextEmbedding { context: Tensor::cat(&[padded, t5], 1)?, pooled: clip.pooled }, warnings))
+    }
+
+    fn zero_empty_negative(&self) -> bool {
+        false
+    }
+
+    fn trailing_tokens(&self) -> usize {
+        self.max_length
+    }
+}
+
+/// A model's text encoders.
+pub enum Text {
+    Clip(Box<ClipText>),
+    Sd3(Box<Sd3Text>),
+}
+
+impl Text {
+    /// The CLIP encoders (every family has them).
+    pub fn clip(&self) -> &ClipText {
+        match self {
+            Text::Clip(c) => c,
+            Text::Sd3(s) => &s.clip,
+        }
+    }
+
+    pub fn clip_mut(&mut self) -> &mut ClipText {
+        match self {
+            Text::Clip(c) => c,
+            Text::Sd3(s) => &mut s.clip,
+        }
+    }
+
+    fn conditioner(&self) -> &dyn TextConditioner {
+        match self {
+            Text::Clip(c) => c.as_ref(),
+            Text::Sd3(s) => s.as_ref(),
+        }
+    }
+}
+
+impl TextConditioner for Text {
+    fn encode(
+        &self,
+        text: &str,
+        opts: &TextOptions,
+        embeddings: &[Embedding],
+        device: &Device,
+    ) -> anyhow::Result<(TextEmbedding, Vec<String>)> {
+        self.conditioner().encode(text, opts, embeddings, device)
+    }
+
+    fn zero_empty_negative(&self) -> bool {
+        self.conditioner().zero_empty_negative()
+    }
+
+    fn trailing_tokens(&self) -> usize {
+        self.conditioner().trailing_tokens()
+    }
 }

@@ -24,11 +24,11 @@ fn model() -> Model {
 fn text_encoder_matches_transformers() {
     let r = references();
     let m = model();
-    let ids = m.text.tokenizer.encode_padded("a red fox in the snow").ids;
+    let ids = m.text.clip().tokenizer.encode_padded("a red fox in the snow").ids;
     let expected: Vec<i64> = r["clip.input_ids"].flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), expected, "token ids");
     let ids = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let out = m.text.encoder.forward(&ids).unwrap();
+    let out = m.text.clip().encoder.forward(&ids).unwrap();
     let err = relative_error(&out, &r["clip.last_hidden_state"]);
     eprintln!("text encoder: relative error {err:e}");
     assert!(err < TOLERANCE, "text encoder relative error {err}");
@@ -40,7 +40,12 @@ fn unet_matches_diffusers_including_odd_latent_sizes() {
     let m = model();
     for prefix in ["unet", "unet_odd"] {
         let t = r[&format!("{prefix}.timestep")].to_vec1::<f32>().unwrap()[0];
-        let out = m.unet.forward(&r[&format!("{prefix}.sample")], t, &r[&format!("{prefix}.context")], None).unwrap();
+        let out = m
+            .backbone
+            .unet()
+            .unwrap()
+            .forward(&r[&format!("{prefix}.sample")], t, &r[&format!("{prefix}.context")], None)
+            .unwrap();
         let err = relative_error(&out, &r[&format!("{prefix}.out")]);
         eprintln!("{prefix}: relative error {err:e}");
         assert!(err < TOLERANCE, "{prefix}: relative error {err}");
@@ -119,7 +124,7 @@ fn inpainting_unet_matches_diffusers() {
     let m = Model::load(&fixture("tiny-sd1-inpaint"), &Device::Cpu, DType::F32).unwrap();
     assert!(m.is_inpainting());
     let t = r["unet9.timestep"].to_vec1::<f32>().unwrap()[0];
-    let out = m.unet.forward(&r["unet9.sample"], t, &r["unet9.context"], None).unwrap();
+    let out = m.backbone.unet().unwrap().forward(&r["unet9.sample"], t, &r["unet9.context"], None).unwrap();
     let err = relative_error(&out, &r["unet9.out"]);
     eprintln!("unet9: relative error {err:e}");
     assert!(err < TOLERANCE, "inpainting UNet relative error {err}");
@@ -134,7 +139,12 @@ fn lcm_guidance_embedding_and_unet_match_diffusers() {
     assert!(err < TOLERANCE, "guidance embedding relative error {err}");
     let m = Model::load(&fixture("tiny-lcm"), &Device::Cpu, DType::F32).unwrap();
     let t = r["lcm.timestep"].to_vec1::<f32>().unwrap()[0];
-    let out = m.unet.forward(&r["lcm.sample"], t, &r["lcm.context"], Some(&r["lcm.w_embedding"])).unwrap();
+    let out = m
+        .backbone
+        .unet()
+        .unwrap()
+        .forward(&r["lcm.sample"], t, &r["lcm.context"], Some(&r["lcm.w_embedding"]))
+        .unwrap();
     let err = relative_error(&out, &r["lcm.out"]);
     eprintln!("lcm unet: relative error {err:e}");
     assert!(err < TOLERANCE, "LCM UNet relative error {err}");
@@ -238,7 +248,7 @@ fn sdxl_text_encoders_match_transformers() {
             .pp("text_projection"),
     )
     .unwrap();
-    let pooled = enc2.pooled(&last2, &ids, &projection).unwrap();
+    let pooled = enc2.pooled(&last2, &ids, Some(&projection)).unwrap();
     let context = Tensor::cat(&[&pen1, &pen2], 2).unwrap();
     for (what, ours, theirs) in [
         ("encoder 1 penultimate", &pen1, "enc1.penultimate"),

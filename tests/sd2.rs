@@ -129,7 +129,7 @@ fn prediction_is_detected_from_single_files() {
         let m = Model::load(&model_path(file, dir.path()), &Device::Cpu, DType::F32).unwrap();
         assert_eq!(m.family, Family::Sd2, "{file}");
         assert_eq!(m.prediction, expected, "{file}");
-        let ours = sdgen::loading::model::v_probe(&m.unet).unwrap();
+        let ours = sdgen::loading::model::v_probe(m.backbone.unet().unwrap()).unwrap();
         let theirs = probes[file];
         eprintln!("{file}: probe {ours} (diffusers {theirs})");
         assert!((ours - theirs).abs() <= 1e-4 * theirs.abs().max(1.0), "{file}: probe {ours} vs diffusers {theirs}");
@@ -144,13 +144,13 @@ fn single_file_uses_penultimate_layer_and_bang_padding() {
     let folder = Model::load(&fixture("tiny-sd2"), &Device::Cpu, DType::F32).unwrap();
     let single = Model::load(&fixture("tiny-sd2.safetensors"), &Device::Cpu, DType::F32).unwrap();
     for m in [&folder, &single] {
-        let ids = m.text.tokenizer.encode_padded("a photo of a cat").ids;
+        let ids = m.text.clip().tokenizer.encode_padded("a photo of a cat").ids;
         assert_eq!(*ids.last().unwrap(), 0, "padding id");
     }
     assert_eq!(folder.family, Family::Sd2);
     assert_eq!(folder.prediction, Prediction::V);
-    let layers = folder.text.encoder.config.num_hidden_layers;
-    assert_eq!(single.text.encoder.config.num_hidden_layers, layers);
+    let layers = folder.text.clip().encoder.config.num_hidden_layers;
+    assert_eq!(single.text.clip().encoder.config.num_hidden_layers, layers);
     let last = format!("cond_stage_model.model.transformer.resblocks.{layers}.attn.in_proj_weight");
     assert!(single.unused.contains(&last), "{last} should be unused: {:?}", single.unused);
     assert!(!single.unused.iter().any(|n| n.contains("resblocks.0.")), "{:?}", single.unused);
@@ -166,15 +166,15 @@ fn modules_match_diffusers() {
     for name in ["tiny-sd2", "tiny-sd2.safetensors"] {
         let m = Model::load(&model_path(name, dir.path()), &Device::Cpu, DType::F32).unwrap();
         let ids: Vec<u32> =
-            ["", "a red fox in the snow"].iter().flat_map(|p| m.text.tokenizer.encode_padded(p).ids).collect();
+            ["", "a red fox in the snow"].iter().flat_map(|p| m.text.clip().tokenizer.encode_padded(p).ids).collect();
         let expected: Vec<i64> = r["clip.input_ids"].flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), expected, "{name}: token ids");
         let ids = candle_core::Tensor::from_vec(ids, (2, 77), &Device::Cpu).unwrap();
-        let states = m.text.encoder.forward(&ids).unwrap();
+        let states = m.text.clip().encoder.forward(&ids).unwrap();
         let err = relative_error(&states, &r["clip.last_hidden_state"]);
         assert!(err < TOLERANCE, "{name}: text encoder relative error {err}");
         let t = r["unet.timestep"].to_vec1::<f32>().unwrap()[0];
-        let out = m.unet.forward(&r["unet.sample"], t, &r["unet.context"], None).unwrap();
+        let out = m.backbone.unet().unwrap().forward(&r["unet.sample"], t, &r["unet.context"], None).unwrap();
         let err = relative_error(&out, &r["unet.out"]);
         assert!(err < TOLERANCE, "{name}: UNet relative error {err}");
         eprintln!("{name}: text encoder and UNet within {err:e} of diffusers");
@@ -182,7 +182,7 @@ fn modules_match_diffusers() {
     let v = Model::load(&fixture("tiny-sd2.safetensors"), &Device::Cpu, DType::F32).unwrap();
     let x = (candle_core::Tensor::ones((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap() * 0.5).unwrap();
     let context = (candle_core::Tensor::ones((1, 2, 64), DType::F32, &Device::Cpu).unwrap() * 0.5).unwrap();
-    let out = v.unet.forward(&x, 999.0, &context, None).unwrap();
+    let out = v.backbone.unet().unwrap().forward(&x, 999.0, &context, None).unwrap();
     let err = relative_error(&out, &r["probe.v.out"]);
     assert!(err < TOLERANCE, "probe UNet output relative error {err}");
 }

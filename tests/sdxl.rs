@@ -105,22 +105,22 @@ fn single_file_and_folder_load_the_same_sdxl_model() {
     let single = Model::load(&fixture("tiny-sdxl.safetensors"), &Device::Cpu, DType::F32).unwrap();
     for m in [&folder, &single] {
         assert_eq!(m.family, Family::Sdxl);
-        let second = m.text.pooled.as_ref().expect("second text encoder");
+        let second = m.text.clip().pooled.as_ref().expect("second text encoder");
         assert_eq!(*second.tokenizer.encode_padded("a cat").ids.last().unwrap(), 0, "`!` padding");
-        assert_eq!(*m.text.tokenizer.encode_padded("a cat").ids.last().unwrap(), 999, "end-token padding");
+        assert_eq!(*m.text.clip().tokenizer.encode_padded("a cat").ids.last().unwrap(), 999, "end-token padding");
         assert_eq!(second.model.config.num_hidden_layers, 3);
         assert_eq!(m.vae.config.scaling_factor, 0.13025);
         assert_eq!(m.scheduler.timestep_spacing.as_deref(), Some("leading"));
-        assert_eq!(m.unet.config.addition_time_embed_dim, Some(8));
-        assert!(m.text.zero_empty_negative);
+        assert_eq!(m.backbone.unet().unwrap().config.addition_time_embed_dim, Some(8));
+        assert!(m.text.clip().zero_empty_negative);
         // Real SDXL files also store the first encoder's position ids buffer.
         assert!(m.unused.iter().all(|n| n.ends_with("position_ids")), "unused: {:?}", m.unused);
         let d = m.defaults();
         assert_eq!((d.size, d.steps, d.cfg_scale), (1024, 20, 5.0));
     }
     assert_eq!(
-        folder.unet.config.projection_class_embeddings_input_dim,
-        single.unet.config.projection_class_embeddings_input_dim
+        folder.backbone.unet().unwrap().config.projection_class_embeddings_input_dim,
+        single.backbone.unet().unwrap().config.projection_class_embeddings_input_dim
     );
 }
 
@@ -143,7 +143,7 @@ fn sdxl_turbo_by_name() {
 #[test]
 fn sdxl_vae_runs_in_f32_under_f16() {
     let xl = Model::load(&fixture("tiny-sdxl"), &Device::Cpu, DType::F16).unwrap();
-    assert_eq!((xl.unet.dtype(), xl.vae.dtype()), (DType::F16, DType::F32));
+    assert_eq!((xl.backbone.unet().unwrap().dtype(), xl.vae.dtype()), (DType::F16, DType::F32));
     let single = Model::load(&fixture("tiny-sdxl.safetensors"), &Device::Cpu, DType::F16).unwrap();
     assert_eq!(single.vae.dtype(), DType::F32);
     let sd1 = Model::load(&fixture("tiny-sd1"), &Device::Cpu, DType::F16).unwrap();

@@ -21,6 +21,8 @@ pub enum Family {
     /// Two text encoders (CLIP ViT-L and OpenCLIP ViT-bigG), pooled text
     /// and size conditioning.
     Sdxl,
+    /// SD 3.5: CLIP-L, OpenCLIP-G and T5, an MMDiT, flow matching.
+    Sd3,
 }
 
 /// A single file's text encoder: where its tensors are and how it is built.
@@ -106,6 +108,17 @@ pub const FAMILIES: &[FamilySpec] = &[
         scheduler: SchedulerConfig::sdxl,
         probe_prediction: false,
     },
+    FamilySpec {
+        family: Family::Sd3,
+        name: "SD 3.5",
+        // The encoders as bundled single files name them (not loaded from single files yet).
+        text_encoder: TextTower::Clip { prefixes: &["text_encoders.clip_l.transformer.text_model."] },
+        pooled_text_encoder: Some(TextTower::Clip { prefixes: &["text_encoders.clip_g.transformer.text_model."] }),
+        vae_scaling: 1.5305,
+        vae_upcast: true,
+        scheduler: SchedulerConfig::sd3,
+        probe_prediction: false,
+    },
 ];
 
 impl Family {
@@ -121,6 +134,9 @@ impl Family {
     /// otherwise the text encoder's activation tells SD 2.x's OpenCLIP
     /// (exact GELU) from SD 1.x's CLIP (quick GELU).
     pub fn of_folder(dir: &Path) -> anyhow::Result<Family> {
+        if dir.join("transformer").is_dir() && dir.join("text_encoder_2").is_dir() {
+            return Ok(Family::Sd3);
+        }
         if dir.join("text_encoder_2").is_dir() {
             return Ok(Family::Sdxl);
         }
@@ -220,6 +236,13 @@ pub const STANDARD_512: Defaults =
 
 /// The defaults of every family and preset, in one place.
 const DEFAULTS: &[(Option<Family>, Option<Prediction>, Preset, Defaults)] = &[
+    // SD 3.5 Large Turbo: 4 steps without guidance.
+    (
+        Some(Family::Sd3),
+        None,
+        Preset::Turbo,
+        Defaults { size: 1024, steps: 4, cfg_scale: 0.0, sampler: Sampler::Euler, schedule: ScheduleKind::Normal },
+    ),
     // SD-Turbo and SDXL-Turbo: one step of Euler ancestral on trailing
     // timesteps without guidance, at 512².
     (
@@ -236,6 +259,13 @@ const DEFAULTS: &[(Option<Family>, Option<Prediction>, Preset, Defaults)] = &[
     ),
     // SD 2.x v-prediction models were trained at 768², the ε (base) ones at 512².
     (Some(Family::Sd2), Some(Prediction::V), Preset::Standard, Defaults { size: 768, ..STANDARD_512 }),
+    // SD 3.5 Medium's model card: 40 steps at cfg 4.5, 1024².
+    (
+        Some(Family::Sd3),
+        None,
+        Preset::Standard,
+        Defaults { size: 1024, steps: 40, cfg_scale: 4.5, sampler: Sampler::Euler, schedule: ScheduleKind::Normal },
+    ),
     // SDXL: 1024², and diffusers' guidance scale for it.
     (Some(Family::Sdxl), None, Preset::Standard, Defaults { size: 1024, cfg_scale: 5.0, ..STANDARD_512 }),
     (None, None, Preset::Standard, STANDARD_512),

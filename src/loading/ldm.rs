@@ -396,6 +396,9 @@ pub fn infer_vae(t: &Tensors, scaling_factor: f64) -> anyhow::Result<VaeConfig> 
         block_out_channels,
         layers_per_block: t.count(&format!("{p}decoder.up.0.block.")) - 1,
         scaling_factor,
+        shift_factor: None,
+        use_quant_conv: true,
+        use_post_quant_conv: true,
         other: Default::default(),
     })
 }

@@ -47,7 +47,7 @@ impl Model {
         let base = adapters.retain_base.then(|| Arc::new(lora::BaseWeights::default()));
         let merging = lora::Merging { patches: patches.as_ref(), keep_base: base.as_ref() };
         let mut model = if path.is_dir() {
-            diffusers::load(path, device, dtype, merging)?
+            diffusers::load(path, device, dtype, merging, adapters.no_t5)?
         } else {
             single_file::load(path, device, dtype, merging)?
         };
@@ -60,7 +60,7 @@ impl Model {
         }
         model.controlnets = model::ControlNets::new(adapters.models_dir.clone());
         if let Some(dir) = &adapters.embeddings {
-            let widths = model.text.widths();
+            let widths = model.text.clip().widths();
             (model.applied.embeddings, model.applied.embeddings_skipped) = embeddings::read_dir(dir, &widths);
         }
         Ok(model)
@@ -79,15 +79,19 @@ impl Model {
         let Some(base) = self.base.clone() else {
             anyhow::bail!("this model was loaded without its base weights kept; reload it to change LoRAs");
         };
+        let Some(current) = self.backbone.unet() else {
+            anyhow::bail!("LoRAs on {} models are not supported yet", self.family.name());
+        };
         let patches = patches_of(loras)?;
         if let Some(p) = &patches {
-            p.set_unet_names(&self.unet.config);
+            p.set_unet_names(&current.config);
         }
-        let (dtype, device) = (self.unet.dtype(), self.unet.device());
+        let (dtype, device) = (current.dtype(), current.device());
         let vb = |c| lora::retained_weights(&base, c, patches.as_ref(), dtype, &device);
-        let unet = UNet::new(&self.unet.config, vb(Component::Unet))?;
-        let encoder = ClipTextModel::new(&self.text.encoder.config, vb(Component::TextEncoder))?;
-        let pooled = match &self.text.pooled {
+        let unet = UNet::new(&current.config, vb(Component::Unet))?;
+        let text = self.text.clip();
+        let encoder = ClipTextModel::new(&text.encoder.config, vb(Component::TextEncoder))?;
+        let pooled = match &text.pooled {
             Some(p) => {
                 let (projection_dim, hidden) = p.projection.weight().dims2()?;
                 let model = ClipTextModel::new(&p.model.config, vb(Component::TextEncoder2))?;
@@ -97,8 +101,10 @@ impl Model {
             None => None,
         };
         self.record_loras(loras, patches.as_deref())?;
-        (self.unet, self.text.encoder) = (unet, encoder);
-        if let (Some(p), Some((model, projection))) = (&mut self.text.pooled, pooled) {
+        self.backbone = crate::models::Network::Unet(Box::new(unet));
+        let text = self.text.clip_mut();
+        text.encoder = encoder;
+        if let (Some(p), Some((model, projection))) = (&mut text.pooled, pooled) {
             (p.model, p.projection) = (model, projection);
         }
         Ok(())

@@ -17,9 +17,10 @@ use super::{embeddings, ldm, lora};
 use crate::failure::{Failure, Tag};
 use crate::models::unet::UNet;
 use crate::models::vae::Vae;
+use crate::models::Network;
 use crate::sampling::denoiser::Prediction;
 use crate::sampling::schedule::SchedulerConfig;
-use crate::text::ClipText;
+use crate::text::Text;
 
 /// A loaded pipeline's components and what identifies them.
 pub struct Model {
@@ -32,8 +33,9 @@ pub struct Model {
     /// the checkpoint; for a diffusers folder, its UNet weights).
     pub hash_file: PathBuf,
     /// The text encoders.
-    pub text: ClipText,
-    pub unet: UNet,
+    pub text: Text,
+    /// The denoising network: a UNet, or SD 3's MMDiT.
+    pub backbone: Network,
     pub vae: Vae,
     pub scheduler: SchedulerConfig,
     pub prediction: Prediction,
@@ -76,6 +78,8 @@ pub struct Adapters {
     pub retain_base: bool,
     /// The models dir, where ControlNets named by jobs are looked up.
     pub models_dir: Option<PathBuf>,
+    /// SD 3.5: leave out T5.
+    pub no_t5: bool,
 }
 
 /// The adapters a model was loaded with, for reports and PNG metadata.
@@ -107,7 +111,7 @@ impl Model {
 
     /// Whether the UNet takes the mask and masked image beside the sample.
     pub fn is_inpainting(&self) -> bool {
-        self.unet.config.in_channels == self.vae.config.latent_channels * 2 + 1
+        self.backbone.in_channels() == self.vae.config.latent_channels * 2 + 1
     }
 
     /// The ControlNet `name` (a path, or a name in the models dir), loaded
@@ -118,9 +122,12 @@ impl Model {
             return Ok(net.clone());
         }
         let dir = self.controlnets.models_dir.as_deref().unwrap_or(Path::new(""));
+        let Some(unet) = self.backbone.unet() else {
+            return Err(anyhow::anyhow!("ControlNets guide UNet models (SD 1.x, 2.x, XL), not {}", self.family.name()))
+                .tag(Failure::Usage);
+        };
         let path = assets::find(Asset::ControlNet, name, dir)?;
-        let net =
-            controlnet::load(&path, &self.unet.config, self.unet.dtype(), &self.unet.device()).tag(Failure::Model)?;
+        let net = controlnet::load(&path, &unet.config, unet.dtype(), &unet.device()).tag(Failure::Model)?;
         let net = Arc::new(net);
         loaded.push((name.to_string(), net.clone()));
         Ok(net)

@@ -16,8 +16,9 @@ use super::weights::{self, Component, NameMap};
 use crate::models::clip::{Activation, ClipConfig, ClipTextModel};
 use crate::models::unet::UNet;
 use crate::models::vae::Vae;
+use crate::models::Network;
 use crate::sampling::denoiser::Prediction;
-use crate::text::{ClipText, PooledTextEncoder};
+use crate::text::{ClipText, PooledTextEncoder, Text};
 use crate::tokenizer::ClipTokenizer;
 
 /// A text tower's tokenizer: CLIP's, sized to its token table (the
@@ -101,13 +102,14 @@ pub fn load(path: &Path, device: &Device, dtype: DType, merging: Merging) -> any
         name: display_name(path),
         path: path.to_path_buf(),
         hash_file: path.to_path_buf(),
-        text: ClipText {
+        text: Text::Clip(Box::new(ClipText {
             tokenizer,
             encoder: text_encoder,
             zero_empty_negative: text_encoder_2.is_some(),
             pooled: text_encoder_2,
-        },
-        unet,
+            pool_both: false,
+        })),
+        backbone: Network::Unet(Box::new(unet)),
         vae,
         scheduler: (spec.scheduler)(),
         prediction,

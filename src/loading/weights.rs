@@ -24,6 +24,10 @@ pub enum Component {
     Unet,
     Vae,
     ControlNet,
+    /// SD 3's MMDiT.
+    Transformer,
+    /// SD 3's T5.
+    TextEncoder3,
 }
 
 impl Component {
@@ -35,6 +39,8 @@ impl Component {
             Component::Unet => "UNet",
             Component::Vae => "VAE",
             Component::ControlNet => "ControlNet",
+            Component::Transformer => "transformer",
+            Component::TextEncoder3 => "T5 text encoder",
         }
     }
 }

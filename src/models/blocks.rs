@@ -1,5 +1,5 @@
-//! Building blocks shared by the UNet and the VAE, named as diffusers names
-//! them: ResNet blocks, up/down samplers, spatial transformers, attention.
+//! Building blocks shared by the networks, named as diffusers names them:
+//! ResNet blocks, up/down samplers, spatial transformers, attention, norms.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
@@ -275,4 +275,36 @@ impl VaeAttention {
 fn pixels_as_sequence(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     x.reshape((b, c, h * w))?.transpose(1, 2)
+}
+
+/// RMS normalisation (T5's `T5LayerNorm`, diffusers' `RMSNorm`): `x / rms(x)`
+/// over the last dimension, computed in f32, times the weight; no mean
+/// subtraction, no bias.
+#[derive(Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get(dim, "weight")?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(candle_core::DType::F32)?;
+        let mean_square = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+        let normed = x.broadcast_div(&(mean_square + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        normed.broadcast_mul(&self.weight)
+    }
+}
+
+/// LayerNorm without weights (diffusers' `elementwise_affine=False`), in f32.
+pub fn plain_layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(candle_core::DType::F32)?;
+    let centred = x.broadcast_sub(&x.mean_keepdim(candle_core::D::Minus1)?)?;
+    let var = centred.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+    centred.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)
 }

@@ -161,8 +161,9 @@ impl ClipTextModel {
     /// The pooled text embedding `(B, P)` of transformers'
     /// `CLIPTextModelWithProjection` (SDXL's second encoder): the final-normed
     /// `last` hidden state at each row's end token — the first largest id, as
-    /// transformers does for these configs — through `projection`.
-    pub fn pooled(&self, last: &Tensor, ids: &Tensor, projection: &candle_nn::Linear) -> Result<Tensor> {
+    /// transformers does for these configs — through `projection` (none:
+    /// SD 3's CLIP-L, whose projection is the identity).
+    pub fn pooled(&self, last: &Tensor, ids: &Tensor, projection: Option<&candle_nn::Linear>) -> Result<Tensor> {
         let rows: Vec<Vec<u32>> = ids.to_dtype(candle_core::DType::U32)?.to_vec2()?;
         let normed = self.final_layer_norm.forward(last)?;
         let picked = rows
@@ -173,6 +174,10 @@ impl ClipTextModel {
                 normed.get(b)?.get(end)?.unsqueeze(0)
             })
             .collect::<Result<Vec<_>>>()?;
-        projection.forward(&Tensor::cat(&picked, 0)?)
+        let picked = Tensor::cat(&picked, 0)?;
+        match projection {
+            Some(p) => p.forward(&picked),
+            None => Ok(picked),
+        }
     }
 }

@@ -1,10 +1,13 @@
-//! Model code: the CLIP text encoder, the UNet, its ControlNets and the VAE, built on our
-//! fused [`crate::ops`] and candle-nn layers from a `VarBuilder` whose tensor
-//! names are diffusers' names; the [`Backbone`] seam the denoiser drives.
+//! Model code: the CLIP and T5 text encoders, the UNet and its ControlNets,
+//! SD 3's MMDiT, and the VAE, built on our fused [`crate::ops`] and
+//! candle-nn layers from a `VarBuilder` whose tensor names are diffusers'
+//! names; the [`Backbone`] seam the denoiser drives ([`Network`]).
 
 pub mod blocks;
 pub mod clip;
 pub mod controlnet;
+pub mod mmdit;
+pub mod t5;
 pub mod unet;
 pub mod vae;
 
@@ -19,14 +22,16 @@ pub struct BackboneConditioning<'a> {
     pub context: &'a Tensor,
     /// An LCM UNet's embedded guidance scale, `(B, d)`.
     pub guidance: Option<&'a Tensor>,
-    /// SDXL's pooled text and size numbers.
-    pub text_time: Option<unet::TextTime<'a>>,
+    /// The pooled text embedding, `(B, P)` (SDXL, SD 3).
+    pub pooled: Option<&'a Tensor>,
+    /// SDXL's six size numbers per image, row after row.
+    pub time_ids: Option<&'a [f32]>,
     /// ControlNets' residuals, summed.
     pub control: Option<&'a unet::Residuals>,
 }
 
-/// A denoising network (the UNet today; MMDiT next): the model output (ε,
-/// v, …, as its parameterisation says) for a scaled sample at timestep `t`.
+/// A denoising network: the model output (ε, v, velocity, … as its
+/// parameterisation says) for a scaled sample at timestep `t`.
 pub trait Backbone {
     fn dtype(&self) -> DType;
     /// The width of the guidance-scale embedding it takes instead of
@@ -35,17 +40,74 @@ pub trait Backbone {
     fn forward(&self, sample: &Tensor, t: f32, cond: &BackboneConditioning) -> Result<Tensor>;
 }
 
-impl Backbone for unet::UNet {
+/// A model's denoising network: the UNet (SD 1.x, 2.x, XL) or SD 3's MMDiT.
+#[derive(Debug)]
+pub enum Network {
+    Unet(Box<unet::UNet>),
+    Mmdit(Box<mmdit::Mmdit>),
+}
+
+impl Network {
+    /// The UNet, for what only UNets have (ControlNets, LoRA targets, …).
+    pub fn unet(&self) -> Option<&unet::UNet> {
+        match self {
+            Network::Unet(u) => Some(u),
+            Network::Mmdit(_) => None,
+        }
+    }
+
+    /// The channels of the sample it takes (more than the latents' for inpainting UNets).
+    pub fn in_channels(&self) -> usize {
+        match self {
+            Network::Unet(u) => u.config.in_channels,
+            Network::Mmdit(m) => m.config.in_channels,
+        }
+    }
+
+    pub fn device(&self) -> candle_core::Device {
+        match self {
+            Network::Unet(u) => u.device(),
+            Network::Mmdit(m) => m.device(),
+        }
+    }
+
+    /// Whether it takes SDXL's size numbers.
+    pub fn takes_size_conditioning(&self) -> bool {
+        self.unet().is_some_and(|u| u.config.addition_time_embed_dim.is_some())
+    }
+}
+
+impl Backbone for Network {
     fn dtype(&self) -> DType {
-        unet::UNet::dtype(self)
+        match self {
+            Network::Unet(u) => u.dtype(),
+            Network::Mmdit(m) => m.dtype(),
+        }
     }
 
     fn guidance_dim(&self) -> Option<usize> {
-        self.config.time_cond_proj_dim
+        match self {
+            Network::Unet(u) => u.config.time_cond_proj_dim,
+            Network::Mmdit(_) => None,
+        }
     }
 
     fn forward(&self, sample: &Tensor, t: f32, cond: &BackboneConditioning) -> Result<Tensor> {
-        self.forward_with(sample, t, cond.context, cond.guidance, cond.text_time.as_ref(), cond.control)
+        match self {
+            Network::Unet(u) => {
+                let text_time = match (cond.pooled, cond.time_ids) {
+                    (Some(text_embeds), Some(time_ids)) => Some(unet::TextTime { text_embeds, time_ids }),
+                    _ => None,
+                };
+                u.forward_with(sample, t, cond.context, cond.guidance, text_time.as_ref(), cond.control)
+            }
+            Network::Mmdit(m) => {
+                let Some(pooled) = cond.pooled else {
+                    candle_core::bail!("the MMDiT needs the pooled text embedding");
+                };
+                m.forward(sample, t, cond.context, pooled)
+            }
+        }
     }
 }
 

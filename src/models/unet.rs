@@ -319,27 +319,6 @@ impl Encoder {
         self.conv_in.weight().dtype()
     }
 
-    /// Sinusoidal features of `values`, `(N, dim)`, computed in f32 as
-    /// diffusers' `Timesteps` does.
-    fn sinusoids(&self, values: &[f32], dim: usize, device: &Device) -> Result<Tensor> {
-        let half = dim / 2;
-        let ln_period = -(10000f64.ln() as f32);
-        let denom = (half - self.freq_shift) as f32;
-        let freqs: Vec<f32> = (0..half).map(|i| (ln_period * i as f32 / denom).exp()).collect();
-        let rows: Vec<f32> = values
-            .iter()
-            .flat_map(|&t| {
-                let (sin, cos): (Vec<f32>, Vec<f32>) = freqs.iter().map(|f| ((t * f).sin(), (t * f).cos())).unzip();
-                if self.flip_sin_to_cos {
-                    [cos, sin].concat()
-                } else {
-                    [sin, cos].concat()
-                }
-            })
-            .collect();
-        Tensor::from_vec(rows, (values.len(), 2 * half), device)
-    }
-
     /// The timestep embedding of a batch of `sample`'s size and dtype at
     /// timestep `t` (with LCM's guidance and SDXL's added embeddings).
     pub fn embed(
@@ -350,7 +329,8 @@ impl Encoder {
         text_time: Option<&TextTime>,
     ) -> Result<Tensor> {
         let batch = sample.dim(0)?;
-        let mut feats = self.sinusoids(&[t], self.time_proj_dim, sample.device())?.repeat((batch, 1))?;
+        let mut feats = sinusoids(&[t], self.time_proj_dim, self.flip_sin_to_cos, self.freq_shift, sample.device())?
+            .repeat((batch, 1))?;
         feats = feats.to_dtype(sample.dtype())?;
         if let (Some(proj), Some(g)) = (&self.cond_proj, guidance) {
             feats = (feats + proj.forward(g)?)?;
@@ -359,7 +339,9 @@ impl Encoder {
         let temb = self.time_linear_2.forward(&candle_nn::ops::silu(&temb)?)?;
         match (&self.add_embedding, text_time) {
             (Some(add), Some(tt)) => {
-                let times = self.sinusoids(tt.time_ids, add.time_dim, sample.device())?.reshape((batch, ()))?;
+                let times =
+                    sinusoids(tt.time_ids, add.time_dim, self.flip_sin_to_cos, self.freq_shift, sample.device())?
+                        .reshape((batch, ()))?;
                 let input = Tensor::cat(&[&tt.text_embeds.to_dtype(DType::F32)?, &times], 1)?.to_dtype(temb.dtype())?;
                 let aug = add.linear_2.forward(&candle_nn::ops::silu(&add.linear_1.forward(&input)?)?)?;
                 temb + aug
@@ -508,6 +490,27 @@ impl UNet {
         }
         self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
+}
+
+/// Sinusoidal features of `values`, `(N, dim)`, computed in f32 as
+/// diffusers' `Timesteps` does (cosines first with `flip`).
+pub fn sinusoids(values: &[f32], dim: usize, flip: bool, shift: usize, device: &Device) -> Result<Tensor> {
+    let half = dim / 2;
+    let ln_period = -(10000f64.ln() as f32);
+    let denom = (half - shift) as f32;
+    let freqs: Vec<f32> = (0..half).map(|i| (ln_period * i as f32 / denom).exp()).collect();
+    let rows: Vec<f32> = values
+        .iter()
+        .flat_map(|&t| {
+            let (sin, cos): (Vec<f32>, Vec<f32>) = freqs.iter().map(|f| ((t * f).sin(), (t * f).cos())).unzip();
+            if flip {
+                [cos, sin].concat()
+            } else {
+                [sin, cos].concat()
+            }
+        })
+        .collect();
+    Tensor::from_vec(rows, (values.len(), 2 * half), device)
 }
 
 /// The LCM guidance-scale embedding of `w` (diffusers' `get_guidance_scale_embedding`):

@@ -27,19 +27,25 @@ pub struct VaeConfig {
     pub norm_num_groups: usize,
     #[serde(default = "sd1_scaling")]
     pub scaling_factor: f64,
+    /// SD 3: latents are `(z − shift) · scale`.
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    /// SD 3's VAE has neither 1×1 convolution around the latents.
+    #[serde(default = "yes")]
+    pub use_quant_conv: bool,
+    #[serde(default = "yes")]
+    pub use_post_quant_conv: bool,
     /// Every other key, checked against [`SUPPORTED`].
     #[serde(flatten)]
     pub other: HashMap<String, serde_json::Value>,
 }
 
 /// Settings of other autoencoder variants, with the values implemented here.
-const SUPPORTED: &[(&str, &[&str])] = &[
-    ("act_fn", &["\"silu\""]),
-    ("mid_block_add_attention", &["true"]),
-    ("use_quant_conv", &["true"]),
-    ("use_post_quant_conv", &["true"]),
-    ("shift_factor", &["null"]),
-];
+const SUPPORTED: &[(&str, &[&str])] = &[("act_fn", &["\"silu\""]), ("mid_block_add_attention", &["true"])];
+
+fn yes() -> bool {
+    true
+}
 
 fn sd1_scaling() -> f64 {
     0.18215
@@ -63,6 +69,23 @@ impl VaeConfig {
     /// Image pixels per latent pixel along each side.
     pub fn downscale(&self) -> usize {
         1 << (self.block_out_channels.len() - 1)
+    }
+
+    /// The diffusion model's latents of the posterior mean `z`.
+    pub fn to_latents(&self, z: &Tensor) -> Result<Tensor> {
+        match self.shift_factor {
+            Some(shift) => (z - shift)? * self.scaling_factor,
+            None => z * self.scaling_factor,
+        }
+    }
+
+    /// What the decoder takes, of the diffusion model's latents `x` at `scale`.
+    pub fn from_latents(&self, x: &Tensor, scale: f64) -> Result<Tensor> {
+        let z = (x * (scale / self.scaling_factor))?;
+        match self.shift_factor {
+            Some(shift) => z + shift,
+            None => Ok(z),
+        }
     }
 }
 
@@ -196,8 +219,9 @@ impl Encoder {
 #[derive(Debug)]
 pub struct Vae {
     decoder: Decoder,
-    post_quant_conv: Conv2d,
-    encoder: Option<(Encoder, Conv2d)>,
+    post_quant_conv: Option<Conv2d>,
+    encoder: Option<(Encoder, Option<Conv2d>)>,
+    dtype: DType,
     pub config: VaeConfig,
     /// Decode and encode in overlapping tiles: always, or when the image is large.
     pub tiling: Tiling,
@@ -239,14 +263,20 @@ impl Vae {
         cfg.check()?;
         let l = cfg.latent_channels;
         let encoder = if with_encoder {
-            Some((Encoder::new(cfg, vb.pp("encoder"))?, conv1x1(2 * l, 2 * l, vb.pp("quant_conv"))?))
+            let quant_conv = if cfg.use_quant_conv { Some(conv1x1(2 * l, 2 * l, vb.pp("quant_conv"))?) } else { None };
+            Some((Encoder::new(cfg, vb.pp("encoder"))?, quant_conv))
         } else {
             None
         };
         Ok(Self {
             decoder: Decoder::new(cfg, vb.pp("decoder"))?,
-            post_quant_conv: conv1x1(l, l, vb.pp("post_quant_conv"))?,
+            post_quant_conv: if cfg.use_post_quant_conv {
+                Some(conv1x1(l, l, vb.pp("post_quant_conv"))?)
+            } else {
+                None
+            },
             encoder,
+            dtype: vb.dtype(),
             config: cfg.clone(),
             tiling: Tiling::Auto,
         })
@@ -254,7 +284,7 @@ impl Vae {
 
     /// The dtype the weights run in.
     pub fn dtype(&self) -> candle_core::DType {
-        self.post_quant_conv.weight().dtype()
+        self.dtype
     }
 
     /// Unscaled latents to images in [-1, 1] (not clamped), tiled when
@@ -284,8 +314,11 @@ impl Vae {
     }
 
     fn decode_whole(&self, latents: &Tensor) -> Result<Tensor> {
-        let latents = latents.to_dtype(self.dtype())?;
-        self.decoder.forward(&self.post_quant_conv.forward(&latents)?)?.to_dtype(DType::F32)
+        let mut latents = latents.to_dtype(self.dtype())?;
+        if let Some(conv) = &self.post_quant_conv {
+            latents = conv.forward(&latents)?;
+        }
+        self.decoder.forward(&latents)?.to_dtype(DType::F32)
     }
 
     /// Decodes `tile`-sized latent windows overlapping by `overlap`, and
@@ -392,8 +425,10 @@ impl Vae {
         let Some((encoder, quant_conv)) = &self.encoder else {
             bail!("the VAE was loaded without its encoder");
         };
-        let images = images.to_dtype(quant_conv.weight().dtype())?;
-        let moments = quant_conv.forward(&encoder.forward(&images)?)?;
+        let mut moments = encoder.forward(&images.to_dtype(self.dtype)?)?;
+        if let Some(conv) = quant_conv {
+            moments = conv.forward(&moments)?;
+        }
         Ok(moments.narrow(1, 0, self.config.latent_channels)?.to_dtype(DType::F32)?)
     }
 }

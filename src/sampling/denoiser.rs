@@ -10,11 +10,13 @@ use crate::models::unet::{Residuals, TextTime};
 use crate::models::{Backbone, BackboneConditioning};
 use crate::sampling::schedule::Schedule;
 
-/// What the UNet predicts.
+/// What the backbone predicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Prediction {
     Epsilon,
     V,
+    /// Flow matching's velocity `ε − x₀` (SD 3), on a flow schedule.
+    Flow,
 }
 
 /// diffusers' `prediction_type` values, and `eps` / `v` as the CLI says them.
@@ -25,7 +27,8 @@ impl std::str::FromStr for Prediction {
         match s {
             "epsilon" | "eps" => Ok(Prediction::Epsilon),
             "v_prediction" | "v" => Ok(Prediction::V),
-            other => anyhow::bail!("prediction type {other:?} is not supported; use eps or v"),
+            "flow_prediction" | "flow" => Ok(Prediction::Flow),
+            other => anyhow::bail!("prediction type {other:?} is not supported; use eps, v or flow"),
         }
     }
 }
@@ -35,6 +38,7 @@ impl Prediction {
         match self {
             Prediction::Epsilon => "eps",
             Prediction::V => "v",
+            Prediction::Flow => "flow",
         }
     }
 }
@@ -109,7 +113,7 @@ impl Control<'_> {
         t: f32,
         call: usize,
         context: &Tensor,
-        added: Option<&(Tensor, Vec<f32>)>,
+        added: Option<(&Tensor, &[f32])>,
     ) -> Result<Option<Residuals>> {
         let guess = self.guess || self.units.first().is_some_and(|u| u.net.config.global_pool_conditions);
         let prompts_only = guess && rows == 2;
@@ -119,7 +123,7 @@ impl Control<'_> {
                 added.map(|(pooled, ids)| Ok::<_, candle_core::Error>((pooled.narrow(0, b, b)?, &ids[6 * b..])));
             (input.narrow(0, b, b)?, context.narrow(0, b, b)?, added.transpose()?, 1)
         } else {
-            (input.clone(), context.clone(), added.map(|(p, ids)| (p.clone(), ids.as_slice())), rows)
+            (input.clone(), context.clone(), added.map(|(p, ids)| (p.clone(), ids)), rows)
         };
         let text_time = added.as_ref().map(|(text_embeds, time_ids)| TextTime { text_embeds, time_ids });
         let mut sum: Option<Residuals> = None;
@@ -148,15 +152,17 @@ impl Control<'_> {
 }
 
 /// Layer 1: the backbone with its conditioning for one batch: the text
-/// context, SDXL's added embeddings, an inpainting UNet's extra input
+/// context, the pooled text and SDXL's size numbers, an inpainting UNet's extra input
 /// channels, an LCM UNet's embedded guidance scale, ControlNets. With
 /// guidance its rows are the negative prompts' then the prompts', as
 /// diffusers batches them.
 pub struct Conditioned<'a> {
     backbone: &'a dyn Backbone,
     context: Tensor,
-    /// SDXL's pooled embeddings and size numbers, batched like `context`.
-    added: Option<(Tensor, Vec<f32>)>,
+    /// The pooled text embeddings (SDXL, SD 3) and SDXL's size numbers,
+    /// batched like `context`.
+    pooled: Option<Tensor>,
+    time_ids: Option<Vec<f32>>,
     /// Channels appended to the scaled sample, per image (an inpainting
     /// UNet's latent mask and masked-image latents).
     extra: Option<Tensor>,
@@ -194,19 +200,20 @@ impl<'a> Conditioned<'a> {
             Some(u) => both(&u.context, &c.cond.context)?,
             None => c.cond.context.clone(),
         };
-        let added = match (&c.cond.pooled, &c.time_ids) {
-            (Some(pooled), Some(ids)) => {
-                let pooled = match uncond.map(|u| u.pooled.as_ref()) {
+        let pooled = match &c.cond.pooled {
+            Some(pooled) => Some(
+                match uncond.map(|u| u.pooled.as_ref()) {
                     Some(Some(u)) => both(u, pooled)?,
                     Some(None) => candle_core::bail!("the negative prompt has no pooled embedding"),
                     None => pooled.clone(),
-                };
-                let ids = if uncond.is_some() { [ids.as_slice(), ids].concat() } else { ids.clone() };
-                Some((pooled.to_dtype(dtype)?, ids))
-            }
-            _ => None,
+                }
+                .to_dtype(dtype)?,
+            ),
+            None => None,
         };
-        Ok(Self { backbone, context: context.to_dtype(dtype)?, added, extra, guidance, control })
+        let time_ids =
+            c.time_ids.as_ref().map(|ids| if uncond.is_some() { [ids.as_slice(), ids].concat() } else { ids.clone() });
+        Ok(Self { backbone, context: context.to_dtype(dtype)?, pooled, time_ids, extra, guidance, control })
     }
 
     /// The backbone's output for `input` (in the backbone's dtype, `rows`
@@ -214,16 +221,23 @@ impl<'a> Conditioned<'a> {
     /// the run, cast to `dtype`.
     fn output(&self, input: &Tensor, rows: usize, t: f32, call: usize, dtype: DType) -> Result<Tensor> {
         let control = match &self.control {
-            Some(c) => c.residuals(input, rows, t, call, &self.context, self.added.as_ref())?,
+            Some(c) => {
+                c.residuals(input, rows, t, call, &self.context, self.pooled.as_ref().zip(self.time_ids.as_deref()))?
+            }
             None => None,
         };
         let input = match &self.extra {
             Some(extra) => Tensor::cat(&[input, &Tensor::cat(&vec![extra; rows], 0)?], 1)?,
             None => input.clone(),
         };
-        let text_time = self.added.as_ref().map(|(text_embeds, time_ids)| TextTime { text_embeds, time_ids });
         let guidance = self.guidance.as_ref().filter(|_| rows == 1);
-        let cond = BackboneConditioning { context: &self.context, guidance, text_time, control: control.as_ref() };
+        let cond = BackboneConditioning {
+            context: &self.context,
+            guidance,
+            pooled: self.pooled.as_ref(),
+            time_ids: self.time_ids.as_deref(),
+            control: control.as_ref(),
+        };
         self.backbone.forward(&input, t, &cond)?.to_dtype(dtype)
     }
 }
@@ -285,14 +299,18 @@ impl<'a> Denoiser<'a> {
 impl Denoise for Denoiser<'_> {
     fn denoise(&mut self, x: &Tensor, sigma: f32) -> anyhow::Result<Tensor> {
         let t = self.schedule.timestep(sigma);
-        let c_in = (sigma * sigma + 1.0).sqrt() as f64;
+        // σ-space latents are scaled to unit variance; flow latents already are.
+        let c_in = match self.prediction {
+            Prediction::Flow => 1.0,
+            _ => (sigma * sigma + 1.0).sqrt() as f64,
+        };
         // The sampler's latents are f32; the backbone runs in its own dtype.
         let scaled = (x / c_in)?.to_dtype(self.inner.inner.backbone.dtype())?;
         let out = self.inner.output(&scaled, t, self.calls, x.dtype())?;
         self.calls += 1;
         let s = sigma as f64;
         let denoised = match self.prediction {
-            Prediction::Epsilon => (x - (out * s)?)?,
+            Prediction::Epsilon | Prediction::Flow => (x - (out * s)?)?,
             Prediction::V => ((x / (s * s + 1.0))? + (out * (-s / (s * s + 1.0).sqrt()))?)?,
         };
         self.last = Some(denoised.clone());

@@ -114,6 +114,16 @@ impl Sampler {
     /// The schedule diffusers' scheduler class for this sampler builds from `cfg`.
     pub fn schedule(self, cfg: &SchedulerConfig, steps: usize, kind: ScheduleKind) -> anyhow::Result<Schedule> {
         let context = |e| anyhow::anyhow!("sampler {} with schedule {}: {e}", self.name(), kind.name());
+        if cfg.is_flow() {
+            // FlowMatchEuler/HeunDiscreteScheduler share their σ.
+            return match (self, kind) {
+                (Sampler::Euler | Sampler::Heun, ScheduleKind::Normal) => Schedule::flow(cfg, steps),
+                (Sampler::Euler | Sampler::Heun, _) => {
+                    Err(context(anyhow::anyhow!("flow-matching models (SD 3) run the normal schedule only")))
+                }
+                _ => bail!("sampler {} does not run flow-matching models (SD 3) yet; use euler or heun", self.name()),
+            };
+        }
         let mut schedule = Schedule::build(cfg, steps, kind, self.grid()).map_err(context)?;
         if self == Sampler::DpmPP2SAncestral {
             schedule = schedule.k_diffusion_style();

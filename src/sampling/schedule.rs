@@ -36,6 +36,12 @@ pub struct SchedulerConfig {
     /// LCM: the distillation's step count, whose timesteps LCM subsamples.
     #[serde(default)]
     pub original_inference_steps: Option<usize>,
+    /// Flow matching (SD 3): the σ shift of `FlowMatchEulerDiscreteScheduler`.
+    #[serde(default)]
+    pub shift: Option<f64>,
+    /// Flow matching with a resolution-dependent shift (Flux), not SD 3's.
+    #[serde(default)]
+    pub use_dynamic_shifting: bool,
 }
 
 fn thousand() -> usize {
@@ -58,6 +64,11 @@ fn yes() -> bool {
 }
 
 impl SchedulerConfig {
+    /// Whether it is a flow-matching scheduler (SD 3).
+    pub fn is_flow(&self) -> bool {
+        self.class_name.starts_with("FlowMatch")
+    }
+
     /// SD 1.5's `scheduler_config.json`, used for single-file SD 1.x checkpoints.
     pub fn sd15() -> Self {
         Self {
@@ -72,7 +83,14 @@ impl SchedulerConfig {
             set_alpha_to_one: false,
             timestep_spacing: None,
             original_inference_steps: None,
+            shift: None,
+            use_dynamic_shifting: false,
         }
+    }
+
+    /// SD 3.5's `scheduler_config.json`: flow matching with shift 3.
+    pub fn sd3() -> Self {
+        Self { class_name: "FlowMatchEulerDiscreteScheduler".into(), shift: Some(3.0), ..Self::sd15() }
     }
 
     /// SD 2.1's `scheduler_config.json` (SD 1.5's with v-prediction), for
@@ -305,6 +323,9 @@ pub struct Schedule {
     /// log σ of every training timestep (f32), to find the timestep of a σ
     /// between the schedule's (midpoints of second-order samplers).
     log_sigmas: Vec<f32>,
+    /// Flow matching: σ ∈ [0, 1] mixes data and noise, `x = (1 − σ)·x₀ + σ·ε`,
+    /// and the timestep is σ × this many training steps.
+    flow: Option<f32>,
 }
 
 impl Schedule {
@@ -468,11 +489,78 @@ impl Schedule {
             init_noise_scale: init,
             landing,
             start: 0,
+            flow: None,
             log_sigmas,
         })
     }
 
     /// This schedule from step `start` on (img2img's partial denoising).
+    /// diffusers' `FlowMatchEulerDiscreteScheduler` (shift, no dynamic
+    /// shifting) for `steps` steps: timesteps evenly spaced in f64 from the
+    /// training table's largest σ to its smallest (itself shifted), shifted
+    /// again, then 0; timesteps σ·T in f32.
+    pub fn flow(cfg: &SchedulerConfig, steps: usize) -> anyhow::Result<Self> {
+        let t_count = cfg.num_train_timesteps;
+        if steps == 0 || steps > t_count {
+            bail!("steps must be between 1 and {t_count}, got {steps}");
+        }
+        let shift = cfg.shift.unwrap_or(1.0);
+        // The training table's ends, computed in f32 as torch does.
+        let shifted32 = |s: f32| (shift as f32 * s) / (1.0 + (shift - 1.0) as f32 * s);
+        let (max, min) = (shifted32(1.0) as f64, shifted32(1.0 / t_count as f32) as f64);
+        let t = t_count as f64;
+        let mut sigmas: Vec<f32> = linspace_f64(max * t, min * t, steps)
+            .into_iter()
+            .map(|ts| {
+                let s = ts / t;
+                (shift * s / (1.0 + (shift - 1.0) * s)) as f32
+            })
+            .collect();
+        let timesteps = sigmas.iter().map(|&s| s * t_count as f32).collect();
+        sigmas.push(0.0);
+        Ok(Self {
+            landing: sigmas[1..].to_vec(),
+            init_noise_scale: sigmas[0],
+            sigmas,
+            timesteps,
+            start: 0,
+            log_sigmas: Vec::new(),
+            flow: Some(t_count as f32),
+        })
+    }
+
+    /// Whether this is a flow-matching schedule.
+    pub fn is_flow(&self) -> bool {
+        self.flow.is_some()
+    }
+
+    /// `x₀` noised with unit noise `noise` to σ: `x₀ + σ·ε` in σ-space,
+    /// `(1 − σ)·x₀ + σ·ε` for flow matching.
+    pub fn noised(
+        &self,
+        x0: &candle_core::Tensor,
+        noise: &candle_core::Tensor,
+        sigma: f32,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let s = sigma as f64;
+        match self.flow {
+            Some(_) => (x0 * (1.0 - s))? + (noise * s)?,
+            None => x0 + (noise * s)?,
+        }
+    }
+
+    /// The schedule of `steps` steps as img2img at `strength` runs it:
+    /// diffusers' SD 1.x/XL pipelines run the last min(⌊K·s⌋, K) steps, its
+    /// SD 3 pipelines the last K − int(K − K·s).
+    pub fn from_strength(self, steps: usize, strength: f64) -> Self {
+        let k = steps as f64;
+        let run = match self.flow {
+            Some(_) => steps - (k - (k * strength).min(k)).max(0.0) as usize,
+            None => ((k * strength) as usize).min(steps),
+        };
+        self.from_step(steps - run)
+    }
+
     pub fn from_step(mut self, start: usize) -> Self {
         self.start = start.min(self.timesteps.len().saturating_sub(1));
         self
@@ -497,6 +585,9 @@ impl Schedule {
     /// steps, else interpolated in log σ over the training table (diffusers'
     /// and k-diffusion's `sigma_to_t`).
     pub fn timestep(&self, sigma: f32) -> f32 {
+        if let Some(t) = self.flow {
+            return sigma * t;
+        }
         match self.sigmas.iter().position(|&s| s == sigma) {
             Some(i) if i < self.timesteps.len() => self.timesteps[i],
             _ => sigma_to_t(sigma as f64, &self.log_sigmas) as f32,
@@ -649,6 +740,25 @@ fn interp(x: f64, table: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flow_sigmas_equal_flow_match_euler() {
+        // FlowMatchEulerDiscreteScheduler(shift=3.0).set_timesteps(4), diffusers 0.42.1.
+        let cfg: SchedulerConfig = serde_json::from_str(r#"{"shift": 3.0}"#).unwrap();
+        let s = Schedule::flow(&cfg, 4).unwrap();
+        // Printed as f64: the values are exact f32s.
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+        assert_eq!(s.sigmas, f32s(&[1.0, 0.857692301273346, 0.602150559425354, 0.008928571827709675, 0.0]));
+        assert_eq!(s.timesteps[..3], f32s(&[1000.0, 857.6923217773438, 602.1505737304688]));
+        assert_eq!((s.timestep(0.5), s.init_noise_scale), (500.0, 1.0));
+        let s28 = Schedule::flow(&cfg, 28).unwrap();
+        assert_eq!(s28.sigmas[1..4], f32s(&[0.9873806238174438, 0.9741077423095703, 0.9601293206214905]));
+        // img2img at strength 0.6 of 4 steps: SD 3 runs K − int(K − K·s) = 3, SD 1.x ⌊K·s⌋ = 2.
+        assert_eq!(s.from_strength(4, 0.6).steps(), 1..4);
+        let vp =
+            Schedule::build(&SchedulerConfig::sd15(), 4, ScheduleKind::Normal, Grid::Ddim { ddpm: false }).unwrap();
+        assert_eq!(vp.from_strength(4, 0.6).steps(), 2..4);
+    }
 
     const EULER: Grid = Grid::Discrete { f32_linspace: false, round_karras: false, conversions: true };
     const DDIM: Grid = Grid::Ddim { ddpm: false };

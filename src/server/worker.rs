@@ -74,7 +74,7 @@ pub struct Done {
 fn fits_in_memory(session: &Session, batch: &[Request]) -> Result<(), ApiError> {
     let (Some(r), true) = (batch.first(), session.device.is_cpu()) else { return Ok(()) };
     let Some(available) = sdgen::memory::available() else { return Ok(()) };
-    let dtype = session.model.unet.dtype();
+    let dtype = sdgen::models::Backbone::dtype(&session.model.backbone);
     let need = sdgen::memory::estimate(&session.model.path, dtype, r.width, r.height, 2 * batch.len())
         .map_err(|e| ApiError::internal(format!("{e:#}")))?;
     sdgen::memory::check(&need, available, dtype, r.width, r.height)

@@ -126,6 +126,7 @@ pub fn cpu_session(models_dir: &Path) -> sdgen::settings::SessionSettings {
         quiet: true,
         batch_size: 1,
         swappable_loras: false,
+        no_t5: false,
     }
 }
 
@@ -160,6 +161,7 @@ pub fn run_library(args: &[String]) -> anyhow::Result<()> {
             "lora" => opened.loras.push(value.parse()?),
             "vae" => opened.vae = Some(value.clone()),
             "batch-size" => opened.batch_size = value.parse()?,
+            "no-t5" => opened.no_t5 = value.parse()?,
             "init-image" | "image" => image = value.into(),
             "mask" => mask = value.into(),
             "strength" => strength = value.parse()?,
