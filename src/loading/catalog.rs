@@ -109,10 +109,11 @@ fn describe_folder(dir: &Path, name: String, hash: String) -> anyhow::Result<Ent
         #[serde(default)]
         prediction_type: Option<String>,
     }
-    let unet: Unet = read_json(&dir.join("unet/config.json"))?;
+    let backbone = diffusers::backbone_dir(dir);
+    let unet: Unet = read_json(&backbone.join("config.json"))?;
     let scheduler: Scheduler = read_json(&dir.join("scheduler/scheduler_config.json"))?;
     let family = Family::of_folder(dir)?;
-    let unet_files = diffusers::weight_files(&dir.join("unet"), "diffusion_pytorch_model")?;
+    let unet_files = diffusers::weight_files(&backbone, "diffusion_pytorch_model")?;
     let ckpt = Checkpoint::open(&unet_files)?;
     Ok(Entry {
         name,
@@ -120,7 +121,11 @@ fn describe_folder(dir: &Path, name: String, hash: String) -> anyhow::Result<Ent
         format: "folder",
         family: family.name(),
         inpainting: unet.in_channels == 9,
-        prediction: if scheduler.prediction_type.as_deref() == Some("v_prediction") { "v" } else { "eps" },
+        prediction: match (family, scheduler.prediction_type.as_deref()) {
+            (Family::Sd3, _) => "flow",
+            (_, Some("v_prediction")) => "v",
+            _ => "eps",
+        },
         dtype: main_dtype(&[ckpt], |_| true),
         size: folder_size(dir),
         hash,

@@ -26,6 +26,16 @@ use crate::sampling::schedule::SchedulerConfig;
 use crate::text::{ClipText, PooledTextEncoder, Sd3Text, T5Text, Text};
 use crate::tokenizer::ClipTokenizer;
 
+/// A folder's denoising network: `transformer/` (SD 3) or `unet/`.
+pub fn backbone_dir(dir: &Path) -> PathBuf {
+    let transformer = dir.join("transformer");
+    if transformer.is_dir() {
+        transformer
+    } else {
+        dir.join("unet")
+    }
+}
+
 /// The weight files of a component folder whose weights are named `base`
 /// (`diffusion_pytorch_model` or `model`), full precision preferred.
 pub fn weight_files(dir: &Path, base: &str) -> anyhow::Result<Vec<PathBuf>> {

@@ -133,7 +133,7 @@ fn patches_of(loras: &[lora::LoraSpec]) -> anyhow::Result<Option<Arc<lora::Patch
 /// checkpoint; a folder: its UNet weights), without loading it.
 pub fn model_hash(path: &Path) -> anyhow::Result<String> {
     let file = match path.is_dir() {
-        true => diffusers::weight_files(&path.join("unet"), "diffusion_pytorch_model")?.remove(0),
+        true => diffusers::weight_files(&diffusers::backbone_dir(path), "diffusion_pytorch_model")?.remove(0),
         false => path.to_path_buf(),
     };
     hashing::short_sha256(&file, hashing::MODEL_HASH_DIGITS)

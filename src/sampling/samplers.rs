@@ -115,13 +115,16 @@ impl Sampler {
     pub fn schedule(self, cfg: &SchedulerConfig, steps: usize, kind: ScheduleKind) -> anyhow::Result<Schedule> {
         let context = |e| anyhow::anyhow!("sampler {} with schedule {}: {e}", self.name(), kind.name());
         if cfg.is_flow() {
-            // FlowMatchEuler/HeunDiscreteScheduler share their σ.
             return match (self, kind) {
                 (Sampler::Euler | Sampler::Heun, ScheduleKind::Normal) => Schedule::flow(cfg, steps),
-                (Sampler::Euler | Sampler::Heun, _) => {
+                (Sampler::DpmPP2M, ScheduleKind::Normal) => Schedule::flow_multistep(cfg, steps),
+                (Sampler::Euler | Sampler::Heun | Sampler::DpmPP2M, _) => {
                     Err(context(anyhow::anyhow!("flow-matching models (SD 3) run the normal schedule only")))
                 }
-                _ => bail!("sampler {} does not run flow-matching models (SD 3) yet; use euler or heun", self.name()),
+                _ => bail!(
+                    "sampler {} does not run flow-matching models (SD 3) yet; use euler, heun or dpmpp_2m",
+                    self.name()
+                ),
             };
         }
         let mut schedule = Schedule::build(cfg, steps, kind, self.grid()).map_err(context)?;
@@ -268,6 +271,8 @@ pub struct StepContext<'a> {
     /// UniPC's corrector: the sample its last predictor started from, and
     /// that predictor's order.
     pub last_sample: Option<(Tensor, usize)>,
+    /// A flow-matching schedule (x = (1 − σ)·x₀ + σ·ε).
+    pub flow: bool,
 }
 
 impl StepContext<'_> {
@@ -402,8 +407,22 @@ fn lms(model: &mut dyn Denoise, x: &Tensor, i: usize, ctx: &mut StepContext) -> 
 }
 
 /// λ = −ln σ, the log signal-to-noise ratio of DPM-Solver.
+/// The signal's scale at σ: 1 in σ-space, 1 − σ for flow matching.
+fn alpha(ctx: &StepContext, sigma: f64) -> f64 {
+    if ctx.flow {
+        1.0 - sigma
+    } else {
+        1.0
+    }
+}
+
 fn lambda(sigma: f64) -> f64 {
     -sigma.ln()
+}
+
+/// DPM-Solver's λ = log(α/σ) (`lambda` in σ-space).
+fn lambda_of(ctx: &StepContext, sigma: f64) -> f64 {
+    alpha(ctx, sigma).ln() - sigma.ln()
 }
 
 /// The second-order DPM-Solver++ estimate from this and the previous x̂₀.
@@ -412,8 +431,8 @@ fn dpmpp_2m_estimate(ctx: &StepContext, i: usize, denoised: &Tensor) -> anyhow::
     let Some(prev) = ctx.history.last().filter(|_| next > 0.0) else {
         return Ok(denoised.clone());
     };
-    let h = lambda(next) - lambda(s);
-    let r = (lambda(s) - lambda(ctx.sigmas[i - 1] as f64)) / h;
+    let h = lambda_of(ctx, next) - lambda_of(ctx, s);
+    let r = (lambda_of(ctx, s) - lambda_of(ctx, ctx.sigmas[i - 1] as f64)) / h;
     Ok(((denoised * (1.0 + 1.0 / (2.0 * r)))? - (prev * (1.0 / (2.0 * r)))?)?)
 }
 
@@ -422,8 +441,9 @@ fn dpmpp_2m(model: &mut dyn Denoise, x: &Tensor, i: usize, ctx: &mut StepContext
     let denoised = model.denoise(x, s as f32)?;
     let estimate = dpmpp_2m_estimate(ctx, i, &denoised)?;
     ctx.remember(denoised, 1);
+    // x_t = (σ_t/σ_s)·x − α_t (e^{−h} − 1)·D, with e^{−h} = σ_t α_s / (α_t σ_s).
     let ratio = next / s;
-    Ok(((x * ratio)? + (estimate * (1.0 - ratio))?)?)
+    Ok(((x * ratio)? + (estimate * (alpha(ctx, next) - ratio * alpha(ctx, s)))?)?)
 }
 
 fn dpmpp_2m_sde(model: &mut dyn Denoise, x: &Tensor, i: usize, ctx: &mut StepContext) -> anyhow::Result<Tensor> {
@@ -648,6 +668,7 @@ pub fn sample(
         device: &device,
         history: Vec::new(),
         last_sample: None,
+        flow: schedule.is_flow(),
     };
     let mut x = x;
     for i in schedule.steps() {

@@ -529,6 +529,41 @@ impl Schedule {
         })
     }
 
+    /// diffusers' `DPMSolverMultistepScheduler` with `use_flow_sigmas` and
+    /// `flow_shift` = the config's shift: 1 − linspace(1, 1/T, K + 1) shifted
+    /// in f64, in descending order without its last (0), then 0; timesteps
+    /// σ·T truncated to integers (the σ stay exact). It starts from pure
+    /// noise although its first σ is below 1.
+    pub fn flow_multistep(cfg: &SchedulerConfig, steps: usize) -> anyhow::Result<Self> {
+        let t_count = cfg.num_train_timesteps;
+        if steps == 0 || steps > t_count {
+            bail!("steps must be between 1 and {t_count}, got {steps}");
+        }
+        let shift = cfg.shift.unwrap_or(1.0);
+        let t = t_count as f64;
+        let shifted: Vec<f64> = linspace_f64(1.0, 1.0 / t, steps + 1)
+            .into_iter()
+            .map(|a| {
+                let s = 1.0 - a;
+                shift * s / (1.0 + (shift - 1.0) * s)
+            })
+            .rev()
+            .take(steps)
+            .collect();
+        let timesteps = shifted.iter().map(|s| (s * t).trunc() as f32).collect();
+        let mut sigmas: Vec<f32> = shifted.iter().map(|&s| s as f32).collect();
+        sigmas.push(0.0);
+        Ok(Self {
+            landing: sigmas[1..].to_vec(),
+            init_noise_scale: 1.0,
+            sigmas,
+            timesteps,
+            start: 0,
+            log_sigmas: Vec::new(),
+            flow: Some(t_count as f32),
+        })
+    }
+
     /// Whether this is a flow-matching schedule.
     pub fn is_flow(&self) -> bool {
         self.flow.is_some()
@@ -581,15 +616,13 @@ impl Schedule {
         self.start..self.timesteps.len()
     }
 
-    /// The UNet timestep for σ: the schedule's own where σ is one of its
-    /// steps, else interpolated in log σ over the training table (diffusers'
-    /// and k-diffusion's `sigma_to_t`).
+    /// The backbone's timestep for σ: the schedule's own where σ is one of
+    /// its steps, else σ·T for flow matching, else interpolated in log σ
+    /// over the training table (diffusers' and k-diffusion's `sigma_to_t`).
     pub fn timestep(&self, sigma: f32) -> f32 {
-        if let Some(t) = self.flow {
-            return sigma * t;
-        }
-        match self.sigmas.iter().position(|&s| s == sigma) {
-            Some(i) if i < self.timesteps.len() => self.timesteps[i],
+        match (self.sigmas.iter().position(|&s| s == sigma), self.flow) {
+            (Some(i), _) if i < self.timesteps.len() => self.timesteps[i],
+            (_, Some(t)) => sigma * t,
             _ => sigma_to_t(sigma as f64, &self.log_sigmas) as f32,
         }
     }
