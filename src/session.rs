@@ -100,6 +100,8 @@ impl Session {
             retain_base: settings.swappable_loras,
             models_dir,
             no_t5: settings.no_t5,
+            text_encoders: settings.text_encoders.clone(),
+            t5_tokenizer: settings.t5_tokenizer.clone(),
         };
         let mut model = Model::load_with(&path, &device, dtype, &adapters).tag(Failure::Model)?;
         model.vae.tiling = settings.vae_tiling;

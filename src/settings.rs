@@ -287,6 +287,10 @@ pub struct SessionSettings {
     pub swappable_loras: bool,
     /// SD 3.5 without its T5 text encoder (zeros in its place): far less memory.
     pub no_t5: bool,
+    /// SD 3.5 single files: their text encoder files.
+    pub text_encoders: Vec<PathBuf>,
+    /// SD 3.5 single files: T5's `tokenizer.json`.
+    pub t5_tokenizer: Option<PathBuf>,
 }
 
 impl SessionSettings {

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixture, relative_error, TOLERANCE};
+use common::{fixture, read_rgb, relative_error, TOLERANCE};
 use sdgen::loading::weights::{Checkpoint, Component, NameMap};
 
 fn references() -> HashMap<String, Tensor> {
@@ -108,16 +108,14 @@ struct Extra {
 /// on the tiny folder.
 #[test]
 fn sd35_matches_diffusers_pipelines() {
-    use common::{read_cases, read_rgb, CaseWith, Parity};
+    use common::{read_cases, CaseWith, Parity};
     let dir = tempfile::tempdir().unwrap();
-    let model = fixture("tiny-sd35");
     let mut parity = Parity::default();
     let path = |rel: &str| fixture(rel).to_str().unwrap().to_string();
     for case in read_cases::<CaseWith<Extra>>("reference/sd35/cases.json") {
-        // Single files come later (issue 20).
-        if case.name.starts_with("single_file") {
-            continue;
-        }
+        // The official layout: the MMDiT and VAE in one file, each text encoder in its own.
+        let single = case.name.starts_with("single_file");
+        let model = fixture(if single { "tiny-sd35.safetensors" } else { "tiny-sd35" });
         let out = dir.path().join(format!("{}.png", case.name));
         let e = &case.extra;
         let mut before: Vec<String> = match e.pipeline.as_str() {
@@ -136,6 +134,12 @@ fn sd35_matches_diffusers_pipelines() {
         }
         if !e.with_t5 {
             before.extend(["--no-t5".into(), "true".into()]);
+        }
+        if single {
+            for file in ["clip_l", "clip_g", "t5xxl"] {
+                before.extend(["--text-encoder".into(), path(&format!("tiny-sd35-text/{file}.safetensors"))]);
+            }
+            before.extend(["--t5-tokenizer".into(), path("tiny-sd35/tokenizer_3/tokenizer.json")]);
         }
         let ours = case.job(&model, &out).run(&before, &case.name);
         parity.check(&case.name, &ours, &read_rgb(&fixture(&format!("reference/sd35/{}", case.png))));
@@ -168,4 +172,65 @@ fn other_samplers_are_refused_on_flow_models_with_the_ones_that_work() {
     let err = format!("{:#}", common::run_library(&args).unwrap_err());
     assert!(err.contains("use euler, heun or dpmpp_2m"), "{err}");
     assert!(!out.exists());
+}
+
+/// Without `--text-encoder`, a single file's encoders are found in
+/// `<models>/text_encoders/` (ComfyUI's layout); missing ones are one line.
+#[test]
+fn single_files_find_their_text_encoders() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir(&models).unwrap();
+    std::os::unix::fs::symlink(fixture("tiny-sd35-text"), models.join("text_encoders")).unwrap();
+    let (out, again) = (dir.path().join("a.png"), dir.path().join("b.png"));
+    let model = fixture("tiny-sd35.safetensors");
+    let tokenizer = fixture("tiny-sd35/tokenizer_3/tokenizer.json");
+    let base = |out: &Path| -> Vec<String> {
+        [
+            "--model",
+            model.to_str().unwrap(),
+            "-p",
+            "a red fox",
+            "--steps",
+            "2",
+            "-W",
+            "64",
+            "-H",
+            "64",
+            "--seed",
+            "3",
+            "--t5-tokenizer",
+            tokenizer.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let found = common::sdgen(
+        &[base(&out), vec!["--models-dir".into(), models.to_str().unwrap().into()]]
+            .concat()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(found.status.success(), "{}", common::stderr(&found));
+    let mut given = base(&again);
+    for file in ["clip_g", "clip_l", "t5xxl"] {
+        given.extend([
+            "--text-encoder".into(),
+            fixture(&format!("tiny-sd35-text/{file}.safetensors")).to_str().unwrap().into(),
+        ]);
+    }
+    let o = common::sdgen(&given.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert_eq!(read_rgb(&out), read_rgb(&again), "found and given encoders are the same files");
+    let missing = dir.path().join("c.png");
+    let o = common::sdgen(&base(&missing).iter().map(String::as_str).collect::<Vec<_>>());
+    let err = common::stderr(&o);
+    assert_eq!(o.status.code(), Some(4), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("needs CLIP-L and CLIP-G text encoders, 0 found"), "{err}");
+    assert!(!missing.exists());
 }

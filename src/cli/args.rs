@@ -274,6 +274,8 @@ impl ServeArgs {
             batch_size: 1,
             swappable_loras: true,
             no_t5: false,
+            text_encoders: Vec::new(),
+            t5_tokenizer: None,
         }
     }
 }
@@ -436,6 +438,14 @@ pub struct Common {
     /// is zeros, as diffusers does without it): about 9.5 GB less in f16.
     #[arg(long)]
     pub no_t5: bool,
+    /// SD 3.5 single files without bundled text encoders: a CLIP-L, CLIP-G
+    /// or T5 file, repeatable [default: clip_l*, clip_g*, t5xxl*.safetensors
+    /// in <models>/text_encoders/ or <models>/clip/].
+    #[arg(long, value_name = "PATH")]
+    pub text_encoder: Vec<PathBuf>,
+    /// SD 3.5 single files: T5's tokenizer.json.
+    #[arg(long, value_name = "PATH")]
+    pub t5_tokenizer: Option<PathBuf>,
     /// Print per-phase timings (load, text encoding, each UNet step, VAE
     /// decode, peak memory) as one JSON line on stderr.
     #[arg(long)]
@@ -484,6 +494,8 @@ impl Common {
             batch_size: self.batch_size.unwrap_or(1),
             swappable_loras: false,
             no_t5: self.no_t5,
+            text_encoders: self.text_encoder.clone(),
+            t5_tokenizer: self.t5_tokenizer.clone(),
         }
     }
 }

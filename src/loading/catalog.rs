@@ -64,8 +64,15 @@ fn describe_file(path: &Path, name: String, hash: String) -> anyhow::Result<Entr
     let ckpt = Checkpoint::open(&[path.to_path_buf()])?;
     let tensors = ldm::Tensors::new(ckpt.shapes());
     let family = Family::of_single_file(path, &tensors)?;
-    let in_channels = tensors.dim(&format!("{}input_blocks.0.0.weight", ldm::UNET_PREFIX), 1)?;
-    let prediction = if family.spec().probe_prediction { cached_prediction(path, &ckpt, &tensors)? } else { "eps" };
+    let in_channels = match family {
+        Family::Sd3 => tensors.dim(&format!("{}x_embedder.proj.weight", ldm::UNET_PREFIX), 1)?,
+        _ => tensors.dim(&format!("{}input_blocks.0.0.weight", ldm::UNET_PREFIX), 1)?,
+    };
+    let prediction = match family {
+        Family::Sd3 => "flow",
+        _ if family.spec().probe_prediction => cached_prediction(path, &ckpt, &tensors)?,
+        _ => "eps",
+    };
     Ok(Entry {
         name,
         path: path.to_path_buf(),

@@ -16,14 +16,11 @@ use super::model::{vae_dtype, Model};
 use super::weights::{Checkpoint, Component, NameMap};
 use crate::files::read_json;
 use crate::models::clip::{ClipConfig, ClipTextModel};
-use crate::models::mmdit::{Mmdit, MmditConfig};
-use crate::models::t5::{T5Config, T5Encoder};
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{Vae, VaeConfig};
 use crate::models::Network;
-use crate::sampling::denoiser::Prediction;
 use crate::sampling::schedule::SchedulerConfig;
-use crate::text::{ClipText, PooledTextEncoder, Sd3Text, T5Text, Text};
+use crate::text::{ClipText, PooledTextEncoder, Text};
 use crate::tokenizer::ClipTokenizer;
 
 /// A folder's denoising network: `transformer/` (SD 3) or `unet/`.
@@ -77,7 +74,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, merging: Merging, no_t5: 
         index.class.as_str(),
         "StableDiffusion3Pipeline" | "StableDiffusion3Img2ImgPipeline" | "StableDiffusion3InpaintPipeline"
     ) {
-        return load_sd3(dir, device, dtype, merging, no_t5);
+        return super::sd3::load_folder(dir, device, dtype, merging, no_t5);
     }
     // SD 1.x/2.x/XL pipelines; the others of a family hold the same
     // components, inpainting ones a UNet with more inputs.
@@ -161,7 +158,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, merging: Merging, no_t5: 
 
 /// The second, pooled and projected text encoder (`text_encoder_2/`, SDXL's
 /// and SD 3's OpenCLIP-G) with its tokenizer.
-fn load_pooled_encoder(
+pub(super) fn load_pooled_encoder(
     dir: &Path,
     dtype: DType,
     device: &Device,
@@ -186,88 +183,9 @@ fn load_pooled_encoder(
     Ok((ckpt, PooledTextEncoder { tokenizer, model, projection }))
 }
 
-/// T5's tokens in SD 3's pipelines (diffusers' `max_sequence_length`).
-pub const T5_MAX_LENGTH: usize = 256;
-
-/// An SD 3 folder (`StableDiffusion3Pipeline`): CLIP-L, OpenCLIP-G, T5
-/// (optional: without `text_encoder_3/`, or with `no_t5`, its part of the
-/// context is zeros),
-/// the MMDiT, the 16-channel VAE, a flow-matching scheduler.
-fn load_sd3(dir: &Path, device: &Device, dtype: DType, merging: Merging, no_t5: bool) -> anyhow::Result<Model> {
-    if merging.patches.is_some() {
-        bail!("{}: LoRAs on SD 3.5 models are not supported yet", dir.display());
-    }
-    let scheduler: SchedulerConfig = read_json(&dir.join("scheduler/scheduler_config.json"))?;
-    if !scheduler.is_flow() || scheduler.use_dynamic_shifting {
-        bail!(
-            "{}: scheduler {} (dynamic shifting: {}) is not SD 3's flow matching",
-            dir.display(),
-            scheduler.class_name,
-            scheduler.use_dynamic_shifting
-        );
-    }
-    let clip_cfg: ClipConfig = read_json(&dir.join("text_encoder/config.json"))?;
-    let (te, clip_l) =
-        load_text_encoder(&dir.join("text_encoder"), Component::TextEncoder, &clip_cfg, dtype, device, merging)?;
-    let (te2, clip_g) = load_pooled_encoder(dir, dtype, device, merging)?;
-    let t5_dir = dir.join("text_encoder_3");
-    let (te3, t5) = if t5_dir.is_dir() && !no_t5 {
-        let cfg: T5Config = read_json(&t5_dir.join("config.json"))?;
-        let ckpt = Checkpoint::open(&weight_files(&t5_dir, "model")?)?;
-        let vb = ckpt.var_builder(NameMap::prefixed(""), Component::TextEncoder3, dtype, device);
-        let model = T5Encoder::new(&cfg, vb).with_context(|| format!("{}: T5 text encoder", t5_dir.display()))?;
-        let file = dir.join("tokenizer_3/tokenizer.json");
-        let tokenizer = tokenizers::Tokenizer::from_file(&file)
-            .map_err(|e| anyhow::anyhow!("{}: not a T5 tokenizer: {e}", file.display()))?;
-        (Some(ckpt), Some(T5Text { tokenizer, model }))
-    } else {
-        (None, None)
-    };
-    let cfg: MmditConfig = read_json(&dir.join("transformer/config.json"))?;
-    let files = weight_files(&dir.join("transformer"), "diffusion_pytorch_model")?;
-    let ckpt = Checkpoint::open(&files)?;
-    let mmdit = Mmdit::new(&cfg, ckpt.var_builder(NameMap::prefixed(""), Component::Transformer, dtype, device))
-        .with_context(|| format!("{}: transformer", dir.display()))?;
-    let vae_cfg: VaeConfig = read_json(&dir.join("vae/config.json"))?;
-    let vae_ckpt = Checkpoint::open(&weight_files(&dir.join("vae"), "diffusion_pytorch_model")?)?;
-    let vae_dtype = vae_dtype(Family::Sd3, &vae_cfg, dtype);
-    let vae = Vae::new(&vae_cfg, true, vae_ckpt.var_builder(NameMap::prefixed(""), Component::Vae, vae_dtype, device))
-        .with_context(|| format!("{}: VAE", dir.display()))?;
-    let clip = ClipText {
-        tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
-        encoder: clip_l,
-        pooled: Some(clip_g),
-        zero_empty_negative: false,
-        pool_both: true,
-    };
-    let width = cfg.joint_attention_dim;
-    let unused = [Some(&te), Some(&te2), te3.as_ref(), Some(&ckpt), Some(&vae_ckpt)]
-        .into_iter()
-        .flatten()
-        // CLIP-L's projection: SD 3 pools it unprojected (it is the identity in the official files).
-        .flat_map(|c| c.unused().into_iter().filter(|n| n != "text_projection.weight" || !Arc::ptr_eq(c, &te)))
-        .collect();
-    Ok(Model {
-        family: Family::Sd3,
-        name: display_name(dir),
-        path: dir.to_path_buf(),
-        hash_file: files[0].clone(),
-        text: Text::Sd3(Box::new(Sd3Text { clip, t5, width, max_length: T5_MAX_LENGTH })),
-        backbone: Network::Mmdit(Box::new(mmdit)),
-        vae,
-        prediction: Prediction::Flow,
-        preset: Preset::from_name(&display_name(dir)),
-        scheduler,
-        unused,
-        applied: Default::default(),
-        base: merging.keep_base.cloned(),
-        controlnets: Default::default(),
-    })
-}
-
 /// A CLIP text model from its component folder; transformers < 5.6 saved its
 /// weights under `text_model.`.
-fn load_text_encoder(
+pub(super) fn load_text_encoder(
     dir: &Path,
     component: Component,
     cfg: &ClipConfig,

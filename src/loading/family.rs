@@ -152,7 +152,7 @@ impl Family {
     pub fn of_single_file(path: &Path, t: &ldm::Tensors) -> anyhow::Result<Family> {
         let has_unet = t.has(&format!("{}input_blocks.0.0.weight", ldm::UNET_PREFIX));
         if t.has(&format!("{}joint_blocks.0.x_block.attn.qkv.weight", ldm::UNET_PREFIX)) {
-            anyhow::bail!("{}: an SD 3 single file; sdgen runs SD 3.5 from diffusers folders so far", path.display());
+            return Ok(Family::Sd3);
         }
         let found = FAMILIES.iter().find(|spec| {
             spec.text_encoder.prefix_in(t).is_some()

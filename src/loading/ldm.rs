@@ -9,6 +9,8 @@ use anyhow::{bail, Context};
 use super::weights::{NameMap, Rule, Transform};
 use crate::models::clip::{Activation, ClipConfig};
 use crate::models::controlnet::ControlNetConfig;
+use crate::models::mmdit::MmditConfig;
+use crate::models::t5::T5Config;
 use crate::models::unet::UNetConfig;
 use crate::models::vae::VaeConfig;
 use crate::models::PerBlock;
@@ -379,7 +381,7 @@ fn norm_groups(widths: &[usize]) -> usize {
 }
 
 /// The VAE's config from an LDM checkpoint (scaling factor: the family's).
-pub fn infer_vae(t: &Tensors, scaling_factor: f64) -> anyhow::Result<VaeConfig> {
+pub fn infer_vae(t: &Tensors, scaling_factor: f64, shift_factor: Option<f64>) -> anyhow::Result<VaeConfig> {
     let p = VAE_PREFIX;
     let levels = t.count(&format!("{p}decoder.up."));
     if levels == 0 {
@@ -392,13 +394,14 @@ pub fn infer_vae(t: &Tensors, scaling_factor: f64) -> anyhow::Result<VaeConfig> 
         norm_num_groups: norm_groups(&block_out_channels),
         in_channels: t.dim(&format!("{p}encoder.conv_in.weight"), 1)?,
         out_channels: t.dim(&format!("{p}decoder.conv_out.weight"), 0)?,
-        latent_channels: t.dim(&format!("{p}post_quant_conv.weight"), 0)?,
+        latent_channels: t.dim(&format!("{p}decoder.conv_in.weight"), 1)?,
         block_out_channels,
         layers_per_block: t.count(&format!("{p}decoder.up.0.block.")) - 1,
         scaling_factor,
-        shift_factor: None,
-        use_quant_conv: true,
-        use_post_quant_conv: true,
+        shift_factor,
+        // SD 3's VAE has neither 1×1 convolution.
+        use_quant_conv: t.has(&format!("{p}quant_conv.weight")),
+        use_post_quant_conv: t.has(&format!("{p}post_quant_conv.weight")),
         other: Default::default(),
     })
 }
@@ -452,6 +455,130 @@ fn token_table(t: &Tensors, name: &str) -> anyhow::Result<(usize, usize)> {
         [_, hidden] => bail!("text encoder width {hidden} is not a multiple of 64"),
         ref other => bail!("`{name}` has shape {other:?}, expected 2 dims"),
     }
+}
+
+/// One attention's q, k, v (fused in `qkv`), QK norms and output, SD 3's names.
+const MMDIT_ATTENTION: &[(&str, &str, Transform)] = &[
+    ("to_q.", "qkv.", Transform::Rows { index: 0, parts: 3 }),
+    ("to_k.", "qkv.", Transform::Rows { index: 1, parts: 3 }),
+    ("to_v.", "qkv.", Transform::Rows { index: 2, parts: 3 }),
+    ("norm_q.", "ln_q.", Keep),
+    ("norm_k.", "ln_k.", Keep),
+    ("to_out.0.", "proj.", Keep),
+];
+const MMDIT_MLP: &[(&str, &str, Transform)] = &[("net.0.proj.", "fc1.", Keep), ("net.2.", "fc2.", Keep)];
+const QKV: [Transform; 3] = [
+    Transform::Rows { index: 0, parts: 3 },
+    Transform::Rows { index: 1, parts: 3 },
+    Transform::Rows { index: 2, parts: 3 },
+];
+const ROWS_0: &[(&str, &str, Transform)] = &[("", "", QKV[0])];
+const ROWS_1: &[(&str, &str, Transform)] = &[("", "", QKV[1])];
+const ROWS_2: &[(&str, &str, Transform)] = &[("", "", QKV[2])];
+const SWAPPED: &[(&str, &str, Transform)] = &[("", "", Transform::SwapHalves)];
+
+/// SD 3's MMDiT in the official single files' names under `p`: the
+/// embedders (`x_`, `t_`, `y_embedder`), `joint_blocks.N.{x,context}_block`
+/// with fused q/k/v, and `final_layer`, whose adaLN (like the last context
+/// block's) stores (shift, scale) where diffusers has (scale, shift).
+pub fn mmdit_names(cfg: &MmditConfig, p: &str) -> NameMap {
+    let mut rules = vec![
+        rule("pos_embed.proj.".into(), format!("{p}x_embedder.proj."), &[]),
+        rule("pos_embed.pos_embed".into(), format!("{p}pos_embed"), &[]),
+        rule("time_text_embed.timestep_embedder.linear_1.".into(), format!("{p}t_embedder.mlp.0."), &[]),
+        rule("time_text_embed.timestep_embedder.linear_2.".into(), format!("{p}t_embedder.mlp.2."), &[]),
+        rule("time_text_embed.text_embedder.linear_1.".into(), format!("{p}y_embedder.mlp.0."), &[]),
+        rule("time_text_embed.text_embedder.linear_2.".into(), format!("{p}y_embedder.mlp.2."), &[]),
+        rule("context_embedder.".into(), format!("{p}context_embedder."), &[]),
+        rule("norm_out.linear.".into(), format!("{p}final_layer.adaLN_modulation.1."), SWAPPED),
+        rule("proj_out.".into(), format!("{p}final_layer.linear."), &[]),
+    ];
+    for i in 0..cfg.num_layers {
+        let (m, x, c) = (
+            format!("transformer_blocks.{i}."),
+            format!("{p}joint_blocks.{i}.x_block."),
+            format!("{p}joint_blocks.{i}.context_block."),
+        );
+        let last = i + 1 == cfg.num_layers;
+        rules.extend([
+            rule(format!("{m}norm1.linear."), format!("{x}adaLN_modulation.1."), &[]),
+            rule(
+                format!("{m}norm1_context.linear."),
+                format!("{c}adaLN_modulation.1."),
+                if last { SWAPPED } else { &[] },
+            ),
+            rule(format!("{m}attn."), format!("{x}attn."), MMDIT_ATTENTION),
+            rule(format!("{m}attn.add_q_proj."), format!("{c}attn.qkv."), ROWS_0),
+            rule(format!("{m}attn.add_k_proj."), format!("{c}attn.qkv."), ROWS_1),
+            rule(format!("{m}attn.add_v_proj."), format!("{c}attn.qkv."), ROWS_2),
+            rule(format!("{m}attn.norm_added_q."), format!("{c}attn.ln_q."), &[]),
+            rule(format!("{m}attn.norm_added_k."), format!("{c}attn.ln_k."), &[]),
+            rule(format!("{m}attn.to_add_out."), format!("{c}attn.proj."), &[]),
+            rule(format!("{m}attn2."), format!("{x}attn2."), MMDIT_ATTENTION),
+            rule(format!("{m}ff."), format!("{x}mlp."), MMDIT_MLP),
+            rule(format!("{m}ff_context."), format!("{c}mlp."), MMDIT_MLP),
+        ]);
+    }
+    NameMap::new(rules)
+}
+
+/// The MMDiT's config from an official single file (names under `p`):
+/// heads are as wide as the QK norms (64 without them, as SD 3.0).
+pub fn infer_mmdit(t: &Tensors, p: &str) -> anyhow::Result<MmditConfig> {
+    let proj = t.shape(&format!("{p}x_embedder.proj.weight"))?;
+    let [inner, in_channels, patch, _] = *proj else {
+        bail!("`{p}x_embedder.proj.weight` has shape {proj:?}, expected a 4-d convolution kernel");
+    };
+    let layers = t.count(&format!("{p}joint_blocks."));
+    let head = t.dim(&format!("{p}joint_blocks.0.x_block.attn.ln_q.weight"), 0).unwrap_or(64);
+    if layers == 0 || head == 0 || !inner.is_multiple_of(head) {
+        bail!("unexpected MMDiT layout: {layers} blocks, width {inner}, heads of {head}");
+    }
+    let positions = t.dim(&format!("{p}pos_embed"), 1)?;
+    let side = (positions as f64).sqrt() as usize;
+    if side * side != positions {
+        bail!("`{p}pos_embed` holds {positions} positions, not a square grid");
+    }
+    Ok(MmditConfig {
+        patch_size: patch,
+        in_channels,
+        out_channels: t.dim(&format!("{p}final_layer.linear.weight"), 0)? / (patch * patch),
+        num_layers: layers,
+        attention_head_dim: head,
+        num_attention_heads: inner / head,
+        joint_attention_dim: t.dim(&format!("{p}context_embedder.weight"), 1)?,
+        caption_projection_dim: inner,
+        pooled_projection_dim: t.dim(&format!("{p}y_embedder.mlp.0.weight"), 1)?,
+        pos_embed_max_size: side,
+        dual_attention_layers: (0..layers)
+            .filter(|i| t.has(&format!("{p}joint_blocks.{i}.x_block.attn2.qkv.weight")))
+            .collect(),
+        qk_norm: t.has(&format!("{p}joint_blocks.0.x_block.attn.ln_q.weight")).then(|| "rms_norm".to_string()),
+    })
+}
+
+/// A T5 encoder's config from its tensors (transformers names under `p`;
+/// the token table as `shared` or `encoder.embed_tokens`).
+pub fn infer_t5(t: &Tensors, p: &str) -> anyhow::Result<T5Config> {
+    let table = [format!("{p}shared.weight"), format!("{p}encoder.embed_tokens.weight")]
+        .into_iter()
+        .find(|n| t.has(n))
+        .with_context(|| format!("no T5 token table (`{p}shared.weight`)"))?;
+    let (vocab, d_model) = (t.dim(&table, 0)?, t.dim(&table, 1)?);
+    let block = format!("{p}encoder.block.0.layer.");
+    let heads = t.dim(&format!("{block}0.SelfAttention.relative_attention_bias.weight"), 1)?;
+    Ok(T5Config {
+        vocab_size: vocab,
+        d_model,
+        d_kv: t.dim(&format!("{block}0.SelfAttention.q.weight"), 0)? / heads.max(1),
+        d_ff: t.dim(&format!("{block}1.DenseReluDense.wi_0.weight"), 0)?,
+        num_layers: t.count(&format!("{p}encoder.block.")),
+        num_heads: heads,
+        relative_attention_num_buckets: t.dim(&format!("{block}0.SelfAttention.relative_attention_bias.weight"), 0)?,
+        relative_attention_max_distance: 128,
+        layer_norm_epsilon: 1e-6,
+        feed_forward_proj: "gated-gelu".into(),
+    })
 }
 
 /// The names of a checkpoint outside the parts sdgen loads, grouped by their

@@ -19,6 +19,7 @@ pub mod hub;
 pub mod ldm;
 pub mod lora;
 pub mod model;
+pub mod sd3;
 pub mod single_file;
 pub mod weights;
 
@@ -49,7 +50,7 @@ impl Model {
         let mut model = if path.is_dir() {
             diffusers::load(path, device, dtype, merging, adapters.no_t5)?
         } else {
-            single_file::load(path, device, dtype, merging)?
+            single_file::load(path, device, dtype, merging, adapters)?
         };
         model.record_loras(&adapters.loras, patches.as_deref())?;
         if let Some(path) = &adapters.vae {

@@ -80,6 +80,10 @@ pub struct Adapters {
     pub models_dir: Option<PathBuf>,
     /// SD 3.5: leave out T5.
     pub no_t5: bool,
+    /// SD 3.5 single files: text encoder files (`--text-encoder`).
+    pub text_encoders: Vec<PathBuf>,
+    /// SD 3.5 single files: T5's `tokenizer.json` (`--t5-tokenizer`).
+    pub t5_tokenizer: Option<PathBuf>,
 }
 
 /// The adapters a model was loaded with, for reports and PNG metadata.

@@ -11,7 +11,7 @@ use super::assets::display_name;
 use super::family::{Family, FamilySpec, Preset, TextTower};
 use super::ldm;
 use super::lora::{component_weights, Merging};
-use super::model::{detect_prediction, vae_dtype, Model};
+use super::model::{detect_prediction, vae_dtype, Adapters, Model};
 use super::weights::{self, Component, NameMap};
 use crate::models::clip::{Activation, ClipConfig, ClipTextModel};
 use crate::models::unet::UNet;
@@ -58,10 +58,20 @@ pub fn tokenizer(path: &Path) -> anyhow::Result<ClipTokenizer> {
     tokenizer_for(tower, prefix, &tensors).with_context(|| format!("{}: text encoder", path.display()))
 }
 
-pub fn load(path: &Path, device: &Device, dtype: DType, merging: Merging) -> anyhow::Result<Model> {
+/// Loads a single file; SD 3.5's may take its text encoders from `adapters`.
+pub fn load(
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+    merging: Merging,
+    adapters: &Adapters,
+) -> anyhow::Result<Model> {
     let ckpt = weights::Checkpoint::open(&[path.to_path_buf()])?;
     let tensors = ldm::Tensors::new(ckpt.shapes());
     let family = Family::of_single_file(path, &tensors)?;
+    if family == Family::Sd3 {
+        return super::sd3::load_file(path, &ckpt, &tensors, adapters, merging, dtype, device);
+    }
     let spec = family.spec();
     let at = |what: &str| format!("{}: {what}", path.display());
     let (tower, prefix) = first_tower(spec, &tensors);
@@ -79,7 +89,7 @@ pub fn load(path: &Path, device: &Device, dtype: DType, merging: Merging) -> any
     };
     let pooled_dim = text_encoder_2.as_ref().map(|e| e.projection.weight().dim(0)).transpose()?;
     let unet_cfg = ldm::infer_unet(&tensors, pooled_dim).with_context(|| at("UNet"))?;
-    let vae_cfg = ldm::infer_vae(&tensors, spec.vae_scaling).with_context(|| at("VAE"))?;
+    let vae_cfg = ldm::infer_vae(&tensors, spec.vae_scaling, None).with_context(|| at("VAE"))?;
     if let Some(p) = merging.patches {
         p.set_unet_names(&unet_cfg);
     }

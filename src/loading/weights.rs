@@ -59,6 +59,9 @@ pub enum Transform {
     /// A matrix stored transposed: open_clip's `text_projection` `[D, P]`
     /// (applied as `x @ P`) used as a linear weight `[P, D]`.
     Transpose,
+    /// The two halves of the rows in the other order: SD 3's original files
+    /// keep some adaLN layers' (shift, scale) where diffusers has (scale, shift).
+    SwapHalves,
 }
 
 /// One row of a name table: model names starting with `model` come from
@@ -300,6 +303,7 @@ impl Source {
                     && e[1..] == stored_shape[1..]
             }
             (Some(e), Transform::Transpose) => e.len() == 2 && stored_shape == [e[1], e[0]],
+            (Some(e), Transform::SwapHalves) => *e == stored_shape && e.first().is_some_and(|r| r % 2 == 0),
         };
         if !fits {
             return Err(candle_core::Error::Msg(format!(
@@ -314,6 +318,10 @@ impl Source {
                 t = t.narrow(0, index * rows, rows)?;
             }
             Transform::Transpose => t = t.t()?.contiguous()?,
+            Transform::SwapHalves => {
+                let half = t.dim(0)? / 2;
+                t = Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)?;
+            }
             Transform::None | Transform::Conv1x1ToLinear => {}
         }
         if let Some(e) = expected.as_ref().filter(|e| t.dims() != e.as_slice()) {

@@ -127,6 +127,8 @@ pub fn cpu_session(models_dir: &Path) -> sdgen::settings::SessionSettings {
         batch_size: 1,
         swappable_loras: false,
         no_t5: false,
+        text_encoders: Vec::new(),
+        t5_tokenizer: None,
     }
 }
 
@@ -162,6 +164,8 @@ pub fn run_library(args: &[String]) -> anyhow::Result<()> {
             "vae" => opened.vae = Some(value.clone()),
             "batch-size" => opened.batch_size = value.parse()?,
             "no-t5" => opened.no_t5 = value.parse()?,
+            "text-encoder" => opened.text_encoders.push(value.into()),
+            "t5-tokenizer" => opened.t5_tokenizer = Some(value.into()),
             "init-image" | "image" => image = value.into(),
             "mask" => mask = value.into(),
             "strength" => strength = value.parse()?,
