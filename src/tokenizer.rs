@@ -28,6 +28,18 @@ use unicode_normalization::char::{canonical_combining_class, compose, decompose_
 /// The CLIP vocabulary file of OpenAI / open_clip (MIT licensed), see `assets/README.md`.
 const EMBEDDED_BPE: &[u8] = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/bpe_simple_vocab_16e6.txt.gz"));
 
+/// T5 v1.1's tokenizer (assets/README.md): for SD 3.5 single files.
+const EMBEDDED_T5: &[u8] = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/t5_tokenizer.json.gz"));
+
+/// T5 v1.1's tokenizer, built into the binary (SentencePiece unigram,
+/// 32,100 pieces), as the `tokenizers` library reads its `tokenizer.json`.
+pub fn t5_embedded() -> anyhow::Result<tokenizers::Tokenizer> {
+    let mut json = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(EMBEDDED_T5), &mut json)
+        .context("decompressing the embedded T5 tokenizer")?;
+    tokenizers::Tokenizer::from_bytes(&json).map_err(|e| anyhow::anyhow!("the embedded T5 tokenizer: {e}"))
+}
+
 /// Context length of the CLIP text encoder: BOS + 75 tokens + EOS.
 pub const MAX_LEN: usize = 77;
 

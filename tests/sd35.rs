@@ -233,4 +233,14 @@ fn single_files_find_their_text_encoders() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("needs CLIP-L and CLIP-G text encoders, 0 found"), "{err}");
     assert!(!missing.exists());
+    // The built-in T5 vocabulary (32,100 tokens) does not fit the tiny T5's table.
+    let mut builtin = base(&missing);
+    let at = builtin.iter().position(|a| a == "--t5-tokenizer").unwrap();
+    builtin.drain(at..at + 2);
+    builtin.extend(["--models-dir".into(), models.to_str().unwrap().into()]);
+    let o = common::sdgen(&builtin.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = common::stderr(&o);
+    assert_eq!(o.status.code(), Some(4), "{err}");
+    assert!(err.contains("the T5 tokenizer has 32100 tokens, the model's table 420"), "{err}");
+    assert!(!missing.exists());
 }

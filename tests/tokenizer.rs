@@ -252,3 +252,30 @@ fn prompts_may_start_with_a_hyphen() {
         assert_eq!(ids, chunk(&tok, prompt, Syntax::A1111).chunks[0].ids, "{prompt:?}");
     }
 }
+
+/// The built-in T5 v1.1 tokenizer gives Python `tokenizers`' ids on the
+/// same tokenizer.json (tests/reference/t5_tokenizer_cases.py).
+#[test]
+fn t5_tokenizer_matches_python_tokenizers() {
+    #[derive(serde::Deserialize)]
+    struct Case {
+        prompt: String,
+        ids: Vec<u32>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Cases {
+        cases: Vec<Case>,
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer/t5_cases.json");
+    let cases: Cases = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert!(cases.cases.len() >= 50);
+    let t5 = sdgen::tokenizer::t5_embedded().unwrap();
+    assert_eq!(t5.get_vocab_size(true), 32100);
+    let wrong: Vec<&str> = cases
+        .cases
+        .iter()
+        .filter(|c| t5.encode(c.prompt.as_str(), true).unwrap().get_ids() != c.ids.as_slice())
+        .map(|c| c.prompt.as_str())
+        .collect();
+    assert!(wrong.is_empty(), "ids differ for {wrong:?}");
+}

@@ -443,7 +443,7 @@ pub struct Common {
     /// in <models>/text_encoders/ or <models>/clip/].
     #[arg(long, value_name = "PATH")]
     pub text_encoder: Vec<PathBuf>,
-    /// SD 3.5 single files: T5's tokenizer.json.
+    /// SD 3.5 single files: T5's tokenizer.json [default: T5 v1.1's, built in].
     #[arg(long, value_name = "PATH")]
     pub t5_tokenizer: Option<PathBuf>,
     /// Print per-phase timings (load, text encoding, each UNet step, VAE

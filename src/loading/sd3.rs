@@ -4,7 +4,7 @@
 //! encoders bundled in it (`text_encoders.{clip_l,clip_g,t5xxl}.transformer.*`)
 //! or in files of their own (`clip_l.safetensors`, `clip_g.safetensors`,
 //! `t5xxl*.safetensors`: `--text-encoder`, or in `<models>/text_encoders/`
-//! or `<models>/clip/`, ComfyUI's layout).
+//! or `<models>/clip/`, ComfyUI's layout), T5's tokenizer built in.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -286,10 +286,19 @@ pub fn load_file(
             let model =
                 T5Encoder::new(&cfg, c.var_builder(NameMap::prefixed(p), Component::TextEncoder3, dtype, device))
                     .with_context(|| format!("{}: T5", c.label()))?;
-            let Some(file) = &adapters.t5_tokenizer else {
-                bail!("{}: T5's tokenizer: give its tokenizer.json with --t5-tokenizer", c.label());
+            let tokenizer = match &adapters.t5_tokenizer {
+                Some(file) => t5_tokenizer(file)?,
+                None => crate::tokenizer::t5_embedded()?,
             };
-            Some(T5Text { tokenizer: t5_tokenizer(file)?, model })
+            if tokenizer.get_vocab_size(true) > cfg.vocab_size {
+                bail!(
+                    "{}: the T5 tokenizer has {} tokens, the model's table {}: give its tokenizer.json with --t5-tokenizer",
+                    c.label(),
+                    tokenizer.get_vocab_size(true),
+                    cfg.vocab_size
+                );
+            }
+            Some(T5Text { tokenizer, model })
         }
         None => None,
     };
