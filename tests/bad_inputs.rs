@@ -365,7 +365,7 @@ fn damaged_tensors_fail_cleanly() {
     patched.extend(header);
     patched.extend(&bytes[8 + n..]);
     std::fs::write(&int, patched).unwrap();
-    fails_with(&int, Given::Model, 4, &[victim, "I16", "must be f32, f16 or bf16"]);
+    fails_with(&int, Given::Model, 4, &[victim, "I16", "must be f32, f16, bf16 or f8 (e4m3)"]);
 
     for (part, victim) in [
         ("text encoder", "cond_stage_model.transformer.text_model.final_layer_norm.weight"),

@@ -244,3 +244,28 @@ fn single_files_find_their_text_encoders() {
     assert!(err.contains("the T5 tokenizer has 32100 tokens, the model's table 420"), "{err}");
     assert!(!missing.exists());
 }
+
+/// An fp8 (e4m3) T5 file, as `t5xxl_fp8_e4m3fn.safetensors` ships, loads
+/// upcast: its states stay close to the f16 file's.
+#[test]
+fn fp8_t5_files_load_upcast() {
+    use sdgen::models::t5::T5Encoder;
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("tiny-sd35-text/t5xxl.safetensors");
+    let tensors = candle_core::safetensors::load(&src, &Device::Cpu).unwrap();
+    let fp8: HashMap<String, Tensor> =
+        tensors.iter().map(|(k, v)| (k.clone(), v.to_dtype(DType::F8E4M3).unwrap())).collect();
+    let file = dir.path().join("t5xxl_fp8_e4m3fn.safetensors");
+    candle_core::safetensors::save(&fp8, &file).unwrap();
+    let cfg: sdgen::models::t5::T5Config = config(&fixture("tiny-sd35/text_encoder_3"));
+    let load = |p: &Path| {
+        let ckpt = Checkpoint::open(&[p.to_path_buf()]).unwrap();
+        T5Encoder::new(&cfg, ckpt.var_builder(NameMap::prefixed(""), Component::TextEncoder3, DType::F32, &Device::Cpu))
+            .unwrap()
+    };
+    let ids = references()["t5.input_ids"].to_dtype(DType::U32).unwrap();
+    let (full, quantised) = (load(&src).forward(&ids).unwrap(), load(&file).forward(&ids).unwrap());
+    let err = relative_error(&quantised, &full);
+    eprintln!("fp8 T5 against f16: relative error {err:e}");
+    assert!(err > 0.0 && err < 0.2, "fp8 T5 relative error {err}");
+}

@@ -223,9 +223,11 @@ impl Checkpoint {
             safetensors::Dtype::F16 => DType::F16,
             safetensors::Dtype::BF16 => DType::BF16,
             safetensors::Dtype::F32 => DType::F32,
+            // fp8 files (SD 3.5's `t5xxl_fp8_e4m3fn`): upcast as they load.
+            safetensors::Dtype::F8_E4M3 => DType::F8E4M3,
             other => {
                 return Err(candle_core::Error::Msg(format!(
-                    "{}: tensor `{name}` has dtype {other:?}; model weights must be f32, f16 or bf16",
+                    "{}: tensor `{name}` has dtype {other:?}; model weights must be f32, f16, bf16 or f8 (e4m3)",
                     self.label
                 )))
             }
