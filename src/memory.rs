@@ -29,6 +29,8 @@ const VAE_TILE_PIXELS: u64 = 512 * 512;
 pub struct Estimate {
     pub weights: u64,
     pub activations: u64,
+    /// Of the weights, SD 3.5's T5 (which `--no-t5` leaves out).
+    pub t5: u64,
 }
 
 impl Estimate {
@@ -37,50 +39,73 @@ impl Estimate {
     }
 }
 
-/// The tensors a model loads (not EMA copies or training state) of the
-/// weight files of `path`, a checkpoint file or diffusers folder.
-fn weight_values(path: &Path) -> anyhow::Result<u64> {
-    let files = if path.is_dir() {
-        let mut files = Vec::new();
+/// The values of the tensors a model loads (not EMA copies or training
+/// state) of the weight files of `path`, a checkpoint file or diffusers
+/// folder, and of them SD 3.5's T5 (left out with `no_t5`). A single file's
+/// separate text encoders are not counted.
+fn weight_values(path: &Path, no_t5: bool) -> anyhow::Result<(u64, u64)> {
+    let mut files = Vec::new();
+    if path.is_dir() {
         for (sub, base) in [
             ("unet", "diffusion_pytorch_model"),
+            ("transformer", "diffusion_pytorch_model"),
             ("vae", "diffusion_pytorch_model"),
             ("text_encoder", "model"),
             ("text_encoder_2", "model"),
+            ("text_encoder_3", "model"),
         ] {
             if path.join(sub).is_dir() {
-                files.extend(crate::loading::diffusers::weight_files(&path.join(sub), base)?);
+                let t5 = sub == "text_encoder_3";
+                files.extend(
+                    crate::loading::diffusers::weight_files(&path.join(sub), base)?.into_iter().map(|f| (f, t5)),
+                );
             }
         }
-        files
     } else {
-        vec![path.to_path_buf()]
-    };
-    let mut values = 0u64;
-    for file in files {
+        files.push((path.to_path_buf(), false));
+    }
+    let (mut values, mut t5_values) = (0u64, 0u64);
+    for (file, t5_file) in files {
         let ckpt = Checkpoint::open(&[file])?;
         for (name, _, shape) in ckpt.dtypes() {
             let loaded = path.is_dir()
-                || ["model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner."]
-                    .iter()
-                    .any(|p| name.starts_with(p));
-            if loaded {
-                values += shape.iter().map(|&d| d as u64).product::<u64>();
+                || [
+                    "model.diffusion_model.",
+                    "first_stage_model.",
+                    "cond_stage_model.",
+                    "conditioner.",
+                    "text_encoders.",
+                ]
+                .iter()
+                .any(|p| name.starts_with(p));
+            let t5 = t5_file || name.starts_with("text_encoders.t5xxl.");
+            let n = shape.iter().map(|&d| d as u64).product::<u64>();
+            match (loaded, t5) {
+                (true, true) if !no_t5 => t5_values += n,
+                (true, false) => values += n,
+                _ => {}
             }
         }
     }
-    Ok(values)
+    Ok((values + t5_values, t5_values))
 }
 
 /// The estimate for a `width` × `height` image with `batch` UNet rows (2 per
-/// image with guidance) when computing in `dtype`.
-pub fn estimate(path: &Path, dtype: DType, width: usize, height: usize, batch: usize) -> anyhow::Result<Estimate> {
+/// image with guidance) when computing in `dtype` (SD 3.5: with T5 unless `no_t5`).
+pub fn estimate(
+    path: &Path,
+    dtype: DType,
+    (width, height): (usize, usize),
+    batch: usize,
+    no_t5: bool,
+) -> anyhow::Result<Estimate> {
     let size = dtype.size_in_bytes() as u64;
     let pixels = (width * height) as u64;
     let unet = UNET_BYTES_PER_PIXEL * pixels * batch as u64 * size / 4;
     let decoded = if pixels > VAE_AUTO_TILING_PIXELS { VAE_TILE_PIXELS } else { pixels };
     let vae = decoded * VAE_BYTES_PER_PIXEL * size / 4;
-    Ok(Estimate { weights: weight_values(path)? * size, activations: unet.max(vae) })
+    let (weights, t5) = weight_values(path, no_t5)?;
+    Ok(Estimate { weights: weights * size, activations: unet.max(vae), t5: t5 * size })
 }
 
 /// Memory available to this process: `SDGEN_MEMORY_LIMIT` (bytes) when set,
@@ -114,6 +139,9 @@ pub fn check(need: &Estimate, available: u64, dtype: DType, width: usize, height
         return Ok(());
     }
     let mut options = Vec::new();
+    if need.t5 > 0 {
+        options.push(format!("--no-t5 (T5 takes {})", gb(need.t5)));
+    }
     if dtype == DType::F32 {
         options.push(format!("--dtype f16 (weights {})", gb(need.weights / 2)));
     }
@@ -153,10 +181,23 @@ mod tests {
 
     #[test]
     fn refuses_what_does_not_fit_and_says_what_would() {
-        let need = Estimate { weights: 4_000_000_000, activations: 600_000_000 };
+        let need = Estimate { weights: 4_000_000_000, activations: 600_000_000, t5: 0 };
         assert!(check(&need, 5_000_000_000, DType::F32, 512, 512).is_ok());
         let err = check(&need, 3_000_000_000, DType::F32, 1024, 1024).unwrap_err().to_string();
         assert!(err.contains("needs about 4.6 GB (weights 4.0 GB in f32, 600 MB for 1024x1024) but 3.0 GB"), "{err}");
         assert!(err.contains("--dtype f16 (weights 2.0 GB)") && err.contains("smaller --width/--height"), "{err}");
+        assert!(!err.contains("--no-t5"), "{err}");
+        let sd35 = Estimate { t5: 1_500_000_000, ..need };
+        let err = check(&sd35, 3_000_000_000, DType::F32, 512, 512).unwrap_err().to_string();
+        assert!(err.contains("try --no-t5 (T5 takes 1.5 GB), --dtype f16"), "{err}");
+    }
+
+    #[test]
+    fn sd35_folders_count_t5_unless_left_out() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd35");
+        let with = estimate(&dir, DType::F32, (64, 64), 2, false).unwrap();
+        let without = estimate(&dir, DType::F32, (64, 64), 2, true).unwrap();
+        assert!(with.t5 > 0 && without.t5 == 0);
+        assert_eq!(with.weights - without.weights, with.t5);
     }
 }

@@ -75,8 +75,14 @@ impl Session {
             if let Some(available) = crate::memory::available() {
                 let native = crate::memory::native_side(&path);
                 let size = Size { width: size.0.unwrap_or(native), height: size.1.unwrap_or(native) };
-                let need = crate::memory::estimate(&path, dtype, size.width, size.height, 2 * settings.batch_size)
-                    .tag(Failure::Model)?;
+                let need = crate::memory::estimate(
+                    &path,
+                    dtype,
+                    (size.width, size.height),
+                    2 * settings.batch_size,
+                    settings.no_t5,
+                )
+                .tag(Failure::Model)?;
                 crate::memory::check(&need, available, dtype, size.width, size.height)
                     .with_context(|| path.display().to_string())
                     .tag(Failure::Device)?;

@@ -237,6 +237,10 @@ impl Defaults {
 pub const STANDARD_512: Defaults =
     Defaults { size: 512, steps: 20, cfg_scale: 7.5, sampler: Sampler::DpmPP2M, schedule: ScheduleKind::Karras };
 
+/// SD 3.5 Large's model card: 28 steps at cfg 3.5, 1024².
+pub const SD35_LARGE: Defaults =
+    Defaults { size: 1024, steps: 28, cfg_scale: 3.5, sampler: Sampler::Euler, schedule: ScheduleKind::Normal };
+
 /// The defaults of every family and preset, in one place.
 const DEFAULTS: &[(Option<Family>, Option<Prediction>, Preset, Defaults)] = &[
     // SD 3.5 Large Turbo: 4 steps without guidance.

@@ -104,7 +104,14 @@ pub struct Applied {
 impl Model {
     /// Size, steps, guidance and sampler when the user gives none.
     pub fn defaults(&self) -> Defaults {
-        Defaults::of(self.family, self.prediction, self.preset)
+        let defaults = Defaults::of(self.family, self.prediction, self.preset);
+        // SD 3.5 Large (38 blocks) has its own card; Medium has 24.
+        match &self.backbone {
+            Network::Mmdit(m) if self.preset == Preset::Standard && m.config.num_layers >= 38 => {
+                super::family::SD35_LARGE
+            }
+            _ => defaults,
+        }
     }
 
     /// A1111's model hash: the first 10 hex digits of the SHA-256 of

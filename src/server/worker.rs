@@ -75,7 +75,7 @@ fn fits_in_memory(session: &Session, batch: &[Request]) -> Result<(), ApiError> 
     let (Some(r), true) = (batch.first(), session.device.is_cpu()) else { return Ok(()) };
     let Some(available) = sdgen::memory::available() else { return Ok(()) };
     let dtype = sdgen::models::Backbone::dtype(&session.model.backbone);
-    let need = sdgen::memory::estimate(&session.model.path, dtype, r.width, r.height, 2 * batch.len())
+    let need = sdgen::memory::estimate(&session.model.path, dtype, (r.width, r.height), 2 * batch.len(), false)
         .map_err(|e| ApiError::internal(format!("{e:#}")))?;
     sdgen::memory::check(&need, available, dtype, r.width, r.height)
         .map_err(|e| ApiError::field("width, height, batch_size", format!("{e:#}")))
