@@ -3,7 +3,7 @@
 //! their config from `config.json` or from the tensors, and the check that
 //! one fits the model it is to guide.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
@@ -20,7 +20,6 @@ pub struct LoadedControlNet {
     pub name: String,
     /// A1111's legacy hash of its weights (8 hex digits).
     pub hash: String,
-    pub path: PathBuf,
 }
 
 /// The original format's prefix, when the names carry it.
@@ -51,12 +50,7 @@ pub fn load(path: &Path, base: &UNetConfig, dtype: DType, device: &Device) -> an
     let ckpt = Checkpoint::open(&weights)?;
     let net = ControlNet::new(&config, ckpt.var_builder(names, Component::ControlNet, dtype, device))
         .with_context(|| format!("{}: ControlNet", path.display()))?;
-    Ok(LoadedControlNet {
-        net,
-        name: assets::display_name(path),
-        hash: hashing::legacy_hash(&weights[0])?,
-        path: path.to_path_buf(),
-    })
+    Ok(LoadedControlNet { net, name: assets::display_name(path), hash: hashing::legacy_hash(&weights[0])? })
 }
 
 /// A1111's ControlNet extension reads a single file's settings from a YAML

@@ -4,7 +4,7 @@
 //! timestep and pooled text (adaLN-Zero), SD 3.5 Medium's extra image-only
 //! attention (MMDiT-X) and per-head RMS norms on queries and keys.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
@@ -296,10 +296,6 @@ impl Mmdit {
 
     pub fn dtype(&self) -> candle_core::DType {
         self.pos_embed.dtype()
-    }
-
-    pub fn device(&self) -> Device {
-        self.pos_embed.device().clone()
     }
 
     /// The positional table's centre `h × w` patches, `(1, h·w, D)`

@@ -64,13 +64,6 @@ impl Network {
         }
     }
 
-    pub fn device(&self) -> candle_core::Device {
-        match self {
-            Network::Unet(u) => u.device(),
-            Network::Mmdit(m) => m.device(),
-        }
-    }
-
     /// Whether it takes SDXL's size numbers.
     pub fn takes_size_conditioning(&self) -> bool {
         self.unet().is_some_and(|u| u.config.addition_time_embed_dim.is_some())
