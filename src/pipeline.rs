@@ -129,8 +129,11 @@ impl Model {
             }
         }
         let scale = self.vae.config.downscale();
-        if !req.width.is_multiple_of(scale) || !req.height.is_multiple_of(scale) {
-            anyhow::bail!("width and height must be multiples of {scale} for this model's VAE");
+        // An MMDiT also cuts the latents into patches.
+        let multiple = scale * self.backbone.patch_size();
+        if !req.width.is_multiple_of(multiple) || !req.height.is_multiple_of(multiple) {
+            return Err(anyhow::anyhow!("width and height must be multiples of {multiple} for this model"))
+                .tag(Failure::Usage);
         }
         let mut sources = Vec::new();
         let mut masks = Vec::new();

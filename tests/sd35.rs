@@ -172,6 +172,15 @@ fn other_samplers_are_refused_on_flow_models_with_the_ones_that_work() {
     let err = format!("{:#}", common::run_library(&args).unwrap_err());
     assert!(err.contains("use euler, heun or dpmpp_2m"), "{err}");
     assert!(!out.exists());
+    // Patches of 2 latent pixels: sizes go in steps of 16.
+    let mut odd = args.clone();
+    let at = odd.iter().position(|a| a == "lms").unwrap();
+    odd[at] = "euler".into();
+    let at = odd.iter().position(|a| a == "--width").unwrap();
+    odd[at + 1] = "72".into();
+    let err = format!("{:#}", common::run_library(&odd).unwrap_err());
+    assert!(err.contains("width and height must be multiples of 16 for this model"), "{err}");
+    assert!(!out.exists());
 }
 
 /// Without `--text-encoder`, a single file's encoders are found in

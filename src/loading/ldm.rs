@@ -529,6 +529,9 @@ pub fn infer_mmdit(t: &Tensors, p: &str) -> anyhow::Result<MmditConfig> {
     let [inner, in_channels, patch, _] = *proj else {
         bail!("`{p}x_embedder.proj.weight` has shape {proj:?}, expected a 4-d convolution kernel");
     };
+    if patch == 0 {
+        bail!("`{p}x_embedder.proj.weight` has shape {proj:?}: an empty patch");
+    }
     let layers = t.count(&format!("{p}joint_blocks."));
     let head = t.dim(&format!("{p}joint_blocks.0.x_block.attn.ln_q.weight"), 0).unwrap_or(64);
     if layers == 0 || head == 0 || !inner.is_multiple_of(head) {

@@ -265,6 +265,11 @@ impl Mmdit {
         if c.caption_projection_dim != dim {
             anyhow::bail!("caption_projection_dim {} differs from the inner width {dim}", c.caption_projection_dim);
         }
+        if c.patch_size == 0 || c.num_attention_heads == 0 || c.attention_head_dim == 0 || c.pos_embed_max_size == 0 {
+            anyhow::bail!(
+                "patch_size, num_attention_heads, attention_head_dim and pos_embed_max_size must be positive"
+            );
+        }
         if let Some(norm) = c.qk_norm.as_deref().filter(|n| *n != "rms_norm") {
             anyhow::bail!("qk_norm {norm:?} is not supported (SD 3.5 uses rms_norm)");
         }

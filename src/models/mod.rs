@@ -64,6 +64,14 @@ impl Network {
         }
     }
 
+    /// The side of the latent patches it reads (1: a UNet reads pixels).
+    pub fn patch_size(&self) -> usize {
+        match self {
+            Network::Unet(_) => 1,
+            Network::Mmdit(m) => m.config.patch_size,
+        }
+    }
+
     /// Whether it takes SDXL's size numbers.
     pub fn takes_size_conditioning(&self) -> bool {
         self.unet().is_some_and(|u| u.config.addition_time_embed_dim.is_some())

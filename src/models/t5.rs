@@ -101,6 +101,18 @@ pub struct T5Encoder {
 impl T5Encoder {
     /// `vb` at the model's root (`encoder.*`, and `shared` for the tokens).
     pub fn new(c: &T5Config, vb: VarBuilder) -> anyhow::Result<Self> {
+        // Half the buckets per direction, half of those exact, the rest
+        // logarithmic up to the max distance: fewer than 4 leaves none.
+        let exact = c.relative_attention_num_buckets / 4;
+        if exact == 0 || c.relative_attention_max_distance <= exact || c.num_heads == 0 || c.d_kv == 0 {
+            anyhow::bail!(
+                "T5 config: {} relative-position buckets up to distance {}, {} heads of {}: unsupported",
+                c.relative_attention_num_buckets,
+                c.relative_attention_max_distance,
+                c.num_heads,
+                c.d_kv
+            );
+        }
         if c.feed_forward_proj != "gated-gelu" {
             anyhow::bail!("T5 feed_forward_proj {:?} is not supported (T5 v1.1 is gated-gelu)", c.feed_forward_proj);
         }
