@@ -102,6 +102,18 @@ struct Extra {
     mask: Option<String>,
 }
 
+/// The options that give the tiny single file its separate text encoders
+/// and T5's tokenizer.
+fn separate_encoders() -> Vec<String> {
+    let path = |rel: &str| fixture(rel).to_str().unwrap().to_string();
+    let mut args = Vec::new();
+    for file in ["clip_l", "clip_g", "t5xxl"] {
+        args.extend(["--text-encoder".into(), path(&format!("tiny-sd35-text/{file}.safetensors"))]);
+    }
+    args.extend(["--t5-tokenizer".into(), path("tiny-sd35/tokenizer_3/tokenizer.json")]);
+    args
+}
+
 /// Images against `StableDiffusion3Pipeline` (with and without T5, a
 /// negative prompt, cfg 1, a non-square size, Euler and Heun),
 /// `StableDiffusion3Img2ImgPipeline` and `StableDiffusion3InpaintPipeline`
@@ -136,10 +148,7 @@ fn sd35_matches_diffusers_pipelines() {
             before.extend(["--no-t5".into(), "true".into()]);
         }
         if single {
-            for file in ["clip_l", "clip_g", "t5xxl"] {
-                before.extend(["--text-encoder".into(), path(&format!("tiny-sd35-text/{file}.safetensors"))]);
-            }
-            before.extend(["--t5-tokenizer".into(), path("tiny-sd35/tokenizer_3/tokenizer.json")]);
+            before.extend(separate_encoders());
         }
         let ours = case.job(&model, &out).run(&before, &case.name);
         parity.check(&case.name, &ours, &read_rgb(&fixture(&format!("reference/sd35/{}", case.png))));
@@ -277,4 +286,128 @@ fn fp8_t5_files_load_upcast() {
     let err = relative_error(&quantised, &full);
     eprintln!("fp8 T5 against f16: relative error {err:e}");
     assert!(err > 0.0 && err < 0.2, "fp8 T5 relative error {err}");
+}
+
+fn extras_case() -> common::PromptCase {
+    let mut cases = common::read_cases::<common::PromptCase>("reference/sd35-extras/cases.json");
+    assert_eq!(cases.len(), 1);
+    cases.remove(0)
+}
+
+/// A kohya LoRA (the official module names: fused qkv, the official
+/// adaLN order) and the same updates in diffusers' PEFT names, on the
+/// folder and on the single file: all four equal diffusers' fused LoRA
+/// (make_sd35_extras.py), and every module applies.
+#[test]
+fn sd35_loras_match_diffusers_in_both_formats() {
+    use sdgen::loading::lora::LoraSpec;
+    use sdgen::loading::{Adapters, Model};
+    let dir = tempfile::tempdir().unwrap();
+    let case = extras_case();
+    let reference = read_rgb(&fixture("reference/sd35-extras/lora.png"));
+    let mut parity = common::Parity::default();
+    for (model, single) in [("tiny-sd35", false), ("tiny-sd35.safetensors", true)] {
+        for (file, modules) in [("lora_kohya", 50), ("lora_peft", 60)] {
+            let lora = fixture(&format!("reference/sd35-extras/{file}.safetensors"));
+            let name = format!("{model} {file}");
+            let out = dir.path().join(format!("{file}{single}.png"));
+            let mut before = case.size_args();
+            before.extend(["--lora".into(), format!("{}:0.8", lora.display())]);
+            let mut adapters = Adapters { loras: vec![LoraSpec { path: lora, weight: 0.8 }], ..Default::default() };
+            if single {
+                before.extend(separate_encoders());
+                adapters.text_encoders =
+                    ["clip_l", "clip_g", "t5xxl"].map(|f| fixture(&format!("tiny-sd35-text/{f}.safetensors"))).into();
+                adapters.t5_tokenizer = Some(fixture("tiny-sd35/tokenizer_3/tokenizer.json"));
+            }
+            let ours = case.job(&fixture(model), &out).run(&before, &name);
+            parity.check(&name, &ours, &reference);
+            let m = Model::load_with(&fixture(model), &Device::Cpu, DType::F32, &adapters).unwrap();
+            let report = format!("LoRA {file}: applied to {modules} of {modules} modules");
+            assert_eq!(m.applied.lora_report, [(report, true)], "{name}");
+        }
+    }
+    parity.assert_within_tolerance();
+    let (_, mean) = common::level_diff(&reference, &read_rgb(&fixture("reference/sd35/euler.png")));
+    assert!(mean > 10.0, "the LoRA changes the image: mean {mean}");
+}
+
+/// A server's session swaps LoRAs on the MMDiT from the weights it kept:
+/// the same image as a fresh load with the LoRA, and back.
+#[test]
+fn sd35_swapped_loras_equal_fresh_loads() {
+    use sdgen::loading::lora::LoraArg;
+    use sdgen::session::{Job, RunOptions, Session};
+    use sdgen::settings::Settings;
+    let dir = tempfile::tempdir().unwrap();
+    let case = extras_case();
+    let out = dir.path().join("swap.png");
+    let mut settings = Settings::default();
+    for (key, value) in [("prompt", case.prompt.as_str()), ("sampler", "euler")] {
+        settings.set(key, value).unwrap();
+    }
+    (settings.seed, settings.steps) = (Some(case.seed), Some(case.steps));
+    (settings.width, settings.height, settings.cfg_scale) = (Some(64), Some(64), Some(case.cfg_scale));
+    let lora = fixture("reference/sd35-extras/lora_kohya.safetensors").display().to_string();
+    let mut opened = sdgen::settings::SessionSettings {
+        model: Some(fixture("tiny-sd35").display().to_string()),
+        swappable_loras: true,
+        ..common::cpu_session(dir.path())
+    };
+    let generate = |session: &Session| {
+        let request = settings.resolve(&session.model.defaults(), sdgen::request::Init::Noise).unwrap();
+        session.run(&[Job { request, path: out.clone() }], &RunOptions::default(), &mut |_| Ok(())).unwrap();
+        read_rgb(&out)
+    };
+    let (mut session, _) = Session::open(&opened, &[], (None, None), &mut |_| {}).unwrap();
+    let base = generate(&session);
+    let with = [LoraArg { name: lora, weight: 0.8 }];
+    session.set_loras(&with, dir.path()).unwrap();
+    let swapped = generate(&session);
+    session.set_loras(&[], dir.path()).unwrap();
+    assert_eq!(generate(&session).as_raw(), base.as_raw(), "swapped out = the base model");
+    opened.loras = with.to_vec();
+    let (fresh, _) = Session::open(&opened, &[], (None, None), &mut |_| {}).unwrap();
+    assert_eq!(swapped.as_raw(), generate(&fresh).as_raw(), "swapped in = loaded with the LoRA");
+    let mut parity = common::Parity::default();
+    parity.check("swapped in", &swapped, &read_rgb(&fixture("reference/sd35-extras/lora.png")));
+    parity.check("base", &base, &read_rgb(&fixture("reference/sd35/euler.png")));
+    parity.assert_within_tolerance();
+}
+
+/// A single file with its text encoders bundled
+/// (`text_encoders.{clip_l,clip_g,t5xxl}.transformer.*`, as make_sd35_extras.py
+/// builds and checks it with diffusers) needs no encoder files: the same
+/// image, bit for bit, as the separate files give.
+#[test]
+fn bundled_single_files_need_no_encoder_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tensors = candle_core::safetensors::load(fixture("tiny-sd35.safetensors"), &Device::Cpu).unwrap();
+    for (stem, prefix) in [
+        ("clip_l", "text_encoders.clip_l.transformer."),
+        ("clip_g", "text_encoders.clip_g.transformer."),
+        ("t5xxl", "text_encoders.t5xxl.transformer."),
+    ] {
+        let file = fixture(&format!("tiny-sd35-text/{stem}.safetensors"));
+        for (k, v) in candle_core::safetensors::load(file, &Device::Cpu).unwrap() {
+            tensors.insert(format!("{prefix}{k}"), v);
+        }
+    }
+    let shared = tensors["text_encoders.t5xxl.transformer.shared.weight"].clone();
+    tensors.insert("text_encoders.t5xxl.transformer.encoder.embed_tokens.weight".into(), shared);
+    let bundled = dir.path().join("tiny-sd35-bundled.safetensors");
+    candle_core::safetensors::save(&tensors, &bundled).unwrap();
+    let case = extras_case();
+    let tokenizer = fixture("tiny-sd35/tokenizer_3/tokenizer.json").display().to_string();
+    let (a, b) = (dir.path().join("bundled.png"), dir.path().join("separate.png"));
+    let mut before = case.size_args();
+    before.extend(["--t5-tokenizer".into(), tokenizer]);
+    let ours = case.job(&bundled, &a).run(&before, "bundled");
+    let separate = case
+        .job(&fixture("tiny-sd35.safetensors"), &b)
+        .run(&[case.size_args(), separate_encoders()].concat(), "separate");
+    assert_eq!(ours.as_raw(), separate.as_raw(), "bundled = separate encoder files");
+    let mut parity = common::Parity::default();
+    parity.check("bundled", &ours, &read_rgb(&fixture("reference/sd35/euler.png")));
+    parity.assert_within_tolerance();
 }

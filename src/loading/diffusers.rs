@@ -115,7 +115,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, merging: Merging, no_t5: 
     let unet_files = weight_files(&dir.join("unet"), "diffusion_pytorch_model")?;
     let unet_ckpt = Checkpoint::open(&unet_files)?;
     if let Some(p) = merging.patches {
-        p.set_unet_names(&unet_cfg);
+        p.set_backbone_names(super::ldm::unet_names(&unet_cfg));
     }
     let unet_weights = component_weights(&unet_ckpt, NameMap::prefixed(""), Component::Unet, merging, dtype, device);
     let unet = UNet::new(&unet_cfg, unet_weights).with_context(|| format!("{}: UNet", dir.display()))?;

@@ -2,12 +2,14 @@
 //! (alpha / rank) × up · down (convolution LoRAs reshaped around it).
 //!
 //! Formats: kohya/A1111 (`lora_unet_*`, `lora_te_*`, `lora_te1_*` /
-//! `lora_te2_*` for SDXL; `.lora_down`, `.lora_up`, `.alpha`), with UNet
-//! modules named as diffusers or as the original checkpoints (SDXL), and
-//! diffusers/PEFT (`unet.` / `text_encoder.` / `text_encoder_2.` +
-//! `.lora_A` / `.lora_B`, alpha = rank unless stored). Module names are
-//! compared with dots turned into underscores; what matched nothing is
-//! reported, never silently dropped.
+//! `lora_te2_*` for SDXL and SD 3; `.lora_down`, `.lora_up`, `.alpha`),
+//! with backbone modules named as diffusers or as the original checkpoints
+//! (SDXL, SD 3's MMDiT), and diffusers/PEFT (`unet.` / `transformer.` /
+//! `text_encoder.` / `text_encoder_2.` + `.lora_A` / `.lora_B`, alpha =
+//! rank unless stored). Module names are compared with dots turned into
+//! underscores; an update to an original checkpoint tensor goes through
+//! the same transform as the weight (a third of a fused qkv, halves
+//! swapped). What matched nothing is reported, never silently dropped.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -19,10 +21,11 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-use super::weights::{Checkpoint, Component, NameMap};
+use super::weights::{Checkpoint, Component, NameMap, Transform};
 
-/// kohya's module name prefixes and the components they patch; the first
-/// of each component is the one reports use.
+/// kohya's module name prefixes and the components they patch (`lora_unet_`
+/// is the backbone on every family); the first of each component is the
+/// one reports use.
 const KOHYA: &[(&str, Component)] = &[
     ("lora_unet_", Component::Unet),
     ("lora_te_", Component::TextEncoder),
@@ -152,6 +155,7 @@ enum Part {
 fn classify(name: &str) -> Option<(Component, String, Part)> {
     const PEFT: &[(&str, Component)] = &[
         ("unet.", Component::Unet),
+        ("transformer.", Component::Transformer),
         ("text_encoder_2.", Component::TextEncoder2),
         ("text_encoder.", Component::TextEncoder),
     ];
@@ -172,9 +176,9 @@ fn classify(name: &str) -> Option<(Component, String, Part)> {
 /// The LoRAs of one load, applied to the tensors as the models ask for them.
 pub struct Patches {
     files: Vec<File>,
-    /// The UNet's original checkpoint names (SDXL kohya LoRAs use them),
-    /// known once the UNet's config is.
-    unet_ldm: OnceLock<NameMap>,
+    /// The backbone's original checkpoint names (kohya LoRAs for SDXL and
+    /// SD 3 use them), known once its config is.
+    backbone_names: OnceLock<NameMap>,
     applied: Mutex<BTreeSet<(usize, Component, String)>>,
 }
 
@@ -182,22 +186,26 @@ impl Patches {
     /// Reads the LoRA files.
     pub fn new(specs: &[LoraSpec]) -> anyhow::Result<Self> {
         let files = specs.iter().map(read_file).collect::<anyhow::Result<_>>()?;
-        Ok(Self { files, unet_ldm: OnceLock::new(), applied: Mutex::new(BTreeSet::new()) })
+        Ok(Self { files, backbone_names: OnceLock::new(), applied: Mutex::new(BTreeSet::new()) })
     }
 
-    /// Sets the UNet's names in the original checkpoints (before it loads).
-    pub fn set_unet_names(&self, cfg: &crate::models::unet::UNetConfig) {
-        let _ = self.unet_ldm.set(super::ldm::unet_names(cfg));
+    /// Sets the backbone's names in the original checkpoints, under
+    /// `ldm::UNET_PREFIX` (before it loads).
+    pub fn set_backbone_names(&self, names: NameMap) {
+        let _ = self.backbone_names.set(names);
     }
 
-    /// The module keys the model's `name` in `target` may have in LoRA files.
-    fn keys(&self, target: Component, name: &str) -> Vec<String> {
+    /// The modules the model's `name` in `target` may be in LoRA files, and
+    /// how an update there becomes one of `name`: its diffusers name as is,
+    /// a backbone's original name (under `lora_unet_`) through the name
+    /// table's transform.
+    fn keys(&self, target: Component, name: &str) -> Vec<(Component, String, Transform)> {
         let Some(module) = name.strip_suffix(".weight") else { return Vec::new() };
-        let mut keys = vec![module_key(module)];
-        if let (Component::Unet, Some(map)) = (target, self.unet_ldm.get()) {
-            if let Some((ldm, _)) = map.rename(name) {
+        let mut keys = vec![(target, module_key(module), Transform::None)];
+        if let (Component::Unet | Component::Transformer, Some(map)) = (target, self.backbone_names.get()) {
+            if let Some((ldm, transform)) = map.rename(name) {
                 let ldm = ldm.strip_prefix(super::ldm::UNET_PREFIX).unwrap_or(&ldm);
-                keys.push(module_key(ldm.strip_suffix(".weight").unwrap_or(ldm)));
+                keys.push((Component::Unet, module_key(ldm.strip_suffix(".weight").unwrap_or(ldm)), transform));
             }
         }
         keys
@@ -206,7 +214,7 @@ impl Patches {
     /// Whether any LoRA updates the model's `name` in `target`.
     fn touches(&self, target: Component, name: &str) -> bool {
         let keys = self.keys(target, name);
-        self.files.iter().any(|f| keys.iter().any(|k| f.modules.contains_key(&(target, k.clone()))))
+        self.files.iter().any(|f| keys.iter().any(|(c, k, _)| f.modules.contains_key(&(*c, k.clone()))))
     }
 
     /// `tensor` (the model's `name` in `target`) with every matching update
@@ -215,12 +223,13 @@ impl Patches {
         let keys = self.keys(target, name);
         let mut out = tensor;
         for (i, file) in self.files.iter().enumerate() {
-            let Some((key, m)) = keys.iter().find_map(|k| file.modules.get(&(target, k.clone())).map(|m| (k, m)))
+            let Some((module, key, transform, m)) =
+                keys.iter().find_map(|(c, k, t)| file.modules.get(&(*c, k.clone())).map(|m| (*c, k, *t, m)))
             else {
                 continue;
             };
             let (rank, shape) = (m.down.dim(0)?, out.dims().to_vec());
-            let delta = m.up.reshape((m.up.dim(0)?, rank))?.matmul(&m.down.reshape((rank, ()))?)?;
+            let delta = transform.apply(m.up.reshape((m.up.dim(0)?, rank))?.matmul(&m.down.reshape((rank, ()))?)?)?;
             if delta.elem_count() != out.elem_count() {
                 return Err(candle_core::Error::Msg(format!(
                     "LoRA {}: module {key} gives {:?} for a {shape:?} weight",
@@ -230,7 +239,7 @@ impl Patches {
             }
             // In f32, whatever the stored dtype (the caller casts after).
             out = (out.to_dtype(DType::F32)? + (delta.reshape(shape)? * m.scale)?)?;
-            self.applied.lock().expect("lock").insert((i, target, key.clone()));
+            self.applied.lock().expect("lock").insert((i, module, key.clone()));
         }
         Ok(out)
     }

@@ -68,28 +68,31 @@ impl Model {
     }
 
     /// Merges `loras` into the base weights in place of the LoRAs the model
-    /// has now, without reading the model files again: the UNet and text
-    /// encoders are rebuilt from the retained base weights (bit for bit a
+    /// has now, without reading the model files again: the backbone and the
+    /// CLIP encoders are rebuilt from the retained base weights (bit for bit a
     /// fresh load's where the stored and compute dtypes agree). The model
     /// must have been loaded with [`Adapters::retain_base`]; on an error it
     /// is left as it was.
     pub fn merge_loras(&mut self, loras: &[lora::LoraSpec]) -> anyhow::Result<()> {
         use crate::models::clip::ClipTextModel;
-        use crate::models::unet::UNet;
+        use crate::models::{mmdit::Mmdit, unet::UNet, Backbone, Network};
         use weights::Component;
         let Some(base) = self.base.clone() else {
             anyhow::bail!("this model was loaded without its base weights kept; reload it to change LoRAs");
         };
-        let Some(current) = self.backbone.unet() else {
-            anyhow::bail!("LoRAs on {} models are not supported yet", self.family.name());
-        };
         let patches = patches_of(loras)?;
         if let Some(p) = &patches {
-            p.set_unet_names(&current.config);
+            p.set_backbone_names(match &self.backbone {
+                Network::Unet(u) => ldm::unet_names(&u.config),
+                Network::Mmdit(m) => ldm::mmdit_names(&m.config, ldm::UNET_PREFIX),
+            });
         }
-        let (dtype, device) = (current.dtype(), current.device());
+        let (dtype, device) = (self.backbone.dtype(), self.backbone.device());
         let vb = |c| lora::retained_weights(&base, c, patches.as_ref(), dtype, &device);
-        let unet = UNet::new(&current.config, vb(Component::Unet))?;
+        let backbone = match &self.backbone {
+            Network::Unet(u) => Network::Unet(Box::new(UNet::new(&u.config, vb(Component::Unet))?)),
+            Network::Mmdit(m) => Network::Mmdit(Box::new(Mmdit::new(&m.config, vb(Component::Transformer))?)),
+        };
         let text = self.text.clip();
         let encoder = ClipTextModel::new(&text.encoder.config, vb(Component::TextEncoder))?;
         let pooled = match &text.pooled {
@@ -102,7 +105,7 @@ impl Model {
             None => None,
         };
         self.record_loras(loras, patches.as_deref())?;
-        self.backbone = crate::models::Network::Unet(Box::new(unet));
+        self.backbone = backbone;
         let text = self.text.clip_mut();
         text.encoder = encoder;
         if let (Some(p), Some((model, projection))) = (&mut text.pooled, pooled) {

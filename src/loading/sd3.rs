@@ -16,7 +16,7 @@ use super::assets::display_name;
 use super::diffusers::{load_pooled_encoder, load_text_encoder, weight_files};
 use super::family::{Family, Preset};
 use super::ldm;
-use super::lora::Merging;
+use super::lora::{component_weights, Merging};
 use super::model::{vae_dtype, Adapters, Model};
 use super::weights::{Checkpoint, Component, NameMap};
 use crate::files::read_json;
@@ -79,9 +79,6 @@ fn unused_but_projection(clip_l: &Arc<Checkpoint>, projection: &str, others: &[&
 /// `text_encoder_3/`, or with `no_t5`, its part of the context is zeros),
 /// the MMDiT, the 16-channel VAE, a flow-matching scheduler.
 pub fn load_folder(dir: &Path, device: &Device, dtype: DType, merging: Merging, no_t5: bool) -> anyhow::Result<Model> {
-    if merging.patches.is_some() {
-        bail!("{}: LoRAs on SD 3.5 models are not supported yet", dir.display());
-    }
     let scheduler: SchedulerConfig = read_json(&dir.join("scheduler/scheduler_config.json"))?;
     if !scheduler.is_flow() || scheduler.use_dynamic_shifting {
         bail!(
@@ -109,8 +106,8 @@ pub fn load_folder(dir: &Path, device: &Device, dtype: DType, merging: Merging, 
     let cfg: MmditConfig = read_json(&dir.join("transformer/config.json"))?;
     let files = weight_files(&dir.join("transformer"), "diffusion_pytorch_model")?;
     let ckpt = Checkpoint::open(&files)?;
-    let mmdit = Mmdit::new(&cfg, ckpt.var_builder(NameMap::prefixed(""), Component::Transformer, dtype, device))
-        .with_context(|| format!("{}: transformer", dir.display()))?;
+    let weights = mmdit_weights(&ckpt, &cfg, NameMap::prefixed(""), merging, dtype, device);
+    let mmdit = Mmdit::new(&cfg, weights).with_context(|| format!("{}: transformer", dir.display()))?;
     let vae_cfg: VaeConfig = read_json(&dir.join("vae/config.json"))?;
     let vae_ckpt = Checkpoint::open(&weight_files(&dir.join("vae"), "diffusion_pytorch_model")?)?;
     let vae_dtype = vae_dtype(Family::Sd3, &vae_cfg, dtype);
@@ -127,6 +124,22 @@ pub fn load_folder(dir: &Path, device: &Device, dtype: DType, merging: Merging, 
         [Some(&te2), te3.as_ref(), Some(&ckpt), Some(&vae_ckpt)].into_iter().flatten().collect();
     let unused = unused_but_projection(&te, "text_projection.weight", &others);
     Ok(model(dir, files[0].clone(), Parts { clip, t5, mmdit, vae, scheduler, unused }, merging))
+}
+
+/// The MMDiT's weights (`names` from diffusers' names), with LoRAs merged:
+/// kohya files name its modules as the official files do.
+fn mmdit_weights(
+    ckpt: &Arc<Checkpoint>,
+    cfg: &MmditConfig,
+    names: NameMap,
+    merging: Merging,
+    dtype: DType,
+    device: &Device,
+) -> candle_nn::VarBuilder<'static> {
+    if let Some(p) = merging.patches {
+        p.set_backbone_names(ldm::mmdit_names(cfg, ldm::UNET_PREFIX));
+    }
+    component_weights(ckpt, names, Component::Transformer, merging, dtype, device)
 }
 
 fn t5_tokenizer(file: &Path) -> anyhow::Result<tokenizers::Tokenizer> {
@@ -241,14 +254,11 @@ pub fn load_file(
     dtype: DType,
     device: &Device,
 ) -> anyhow::Result<Model> {
-    if merging.patches.is_some() {
-        bail!("{}: LoRAs on SD 3.5 models are not supported yet", path.display());
-    }
     let at = |what: &str| format!("{}: {what}", path.display());
     let p = ldm::UNET_PREFIX;
     let cfg = ldm::infer_mmdit(tensors, p).with_context(|| at("transformer"))?;
-    let mmdit = Mmdit::new(&cfg, ckpt.var_builder(ldm::mmdit_names(&cfg, p), Component::Transformer, dtype, device))
-        .with_context(|| at("transformer"))?;
+    let weights = mmdit_weights(ckpt, &cfg, ldm::mmdit_names(&cfg, p), merging, dtype, device);
+    let mmdit = Mmdit::new(&cfg, weights).with_context(|| at("transformer"))?;
     let vae_cfg =
         ldm::infer_vae(tensors, Family::Sd3.spec().vae_scaling, Some(VAE_SHIFT)).with_context(|| at("VAE"))?;
     let vae_names = ldm::vae_names(&vae_cfg, ldm::VAE_PREFIX);
@@ -266,7 +276,7 @@ pub fn load_file(
     let clip_model = |(c, p): &(Arc<Checkpoint>, String), act: Activation, component: Component| {
         let t = ldm::Tensors::new(c.shapes());
         let cfg = ldm::infer_clip(&t, p, act).with_context(|| format!("{}: text encoder", c.label()))?;
-        let vb = c.var_builder(NameMap::prefixed(p), component, dtype, device);
+        let vb = component_weights(c, NameMap::prefixed(p), component, merging, dtype, device);
         let model = ClipTextModel::new(&cfg, vb).with_context(|| format!("{}: text encoder", c.label()))?;
         let tokenizer = ClipTokenizer::embedded_for(cfg.vocab_size)?;
         anyhow::Ok((model, tokenizer, t, cfg))
@@ -276,7 +286,14 @@ pub fn load_file(
     // The projection sits beside `text_model.`, as transformers saves it.
     let g_root = encoders.clip_g.1.trim_end_matches("text_model.");
     let projection_dim = t.dim(&format!("{g_root}text_projection.weight"), 0).with_context(|| at("CLIP-G"))?;
-    let vb = encoders.clip_g.0.var_builder(NameMap::prefixed(g_root), Component::TextEncoder2, dtype, device);
+    let vb = component_weights(
+        &encoders.clip_g.0,
+        NameMap::prefixed(g_root),
+        Component::TextEncoder2,
+        merging,
+        dtype,
+        device,
+    );
     let projection = candle_nn::linear_no_bias(cfg_g.hidden_size, projection_dim, vb.pp("text_projection"))?;
     // OpenCLIP pads with "!" (id 0).
     let clip_g = PooledTextEncoder { tokenizer: tokenizer_2.with_pad_id(0), model: g_model, projection };

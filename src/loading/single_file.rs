@@ -91,7 +91,7 @@ pub fn load(
     let unet_cfg = ldm::infer_unet(&tensors, pooled_dim).with_context(|| at("UNet"))?;
     let vae_cfg = ldm::infer_vae(&tensors, spec.vae_scaling, None).with_context(|| at("VAE"))?;
     if let Some(p) = merging.patches {
-        p.set_unet_names(&unet_cfg);
+        p.set_backbone_names(ldm::unet_names(&unet_cfg));
     }
     let unet = UNet::new(
         &unet_cfg,

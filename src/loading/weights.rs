@@ -64,6 +64,25 @@ pub enum Transform {
     SwapHalves,
 }
 
+impl Transform {
+    /// The model's tensor from the stored one (a 1×1 kernel keeps its
+    /// shape: the caller reshapes).
+    pub fn apply(self, t: Tensor) -> candle_core::Result<Tensor> {
+        Ok(match self {
+            Transform::Rows { index, parts } => {
+                let rows = t.dim(0)? / parts;
+                t.narrow(0, index * rows, rows)?
+            }
+            Transform::Transpose => t.t()?.contiguous()?,
+            Transform::SwapHalves => {
+                let half = t.dim(0)? / 2;
+                Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)?
+            }
+            Transform::None | Transform::Conv1x1ToLinear => t,
+        })
+    }
+}
+
 /// One row of a name table: model names starting with `model` come from
 /// checkpoint names starting with `ckpt`; the rest of the name is then looked
 /// up in `inner` (first matching model prefix wins) or kept as is.
@@ -313,19 +332,7 @@ impl Source {
                 expected.unwrap_or_default()
             )));
         }
-        let mut t = self.ckpt.read(&stored, entry)?;
-        match transform {
-            Transform::Rows { index, parts } => {
-                let rows = t.dim(0)? / parts;
-                t = t.narrow(0, index * rows, rows)?;
-            }
-            Transform::Transpose => t = t.t()?.contiguous()?,
-            Transform::SwapHalves => {
-                let half = t.dim(0)? / 2;
-                t = Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)?;
-            }
-            Transform::None | Transform::Conv1x1ToLinear => {}
-        }
+        let mut t = transform.apply(self.ckpt.read(&stored, entry)?)?;
         if let Some(e) = expected.as_ref().filter(|e| t.dims() != e.as_slice()) {
             t = t.reshape(e.as_slice())?;
         }

@@ -303,6 +303,10 @@ impl Mmdit {
         self.pos_embed.dtype()
     }
 
+    pub fn device(&self) -> candle_core::Device {
+        self.pos_embed.device().clone()
+    }
+
     /// The positional table's centre `h × w` patches, `(1, h·w, D)`
     /// (diffusers' `cropped_pos_embed`: offsets rounded down).
     fn cropped_pos_embed(&self, h: usize, w: usize) -> Result<Tensor> {

@@ -56,6 +56,13 @@ impl Network {
         }
     }
 
+    pub fn device(&self) -> candle_core::Device {
+        match self {
+            Network::Unet(u) => u.device(),
+            Network::Mmdit(m) => m.device(),
+        }
+    }
+
     /// The channels of the sample it takes (more than the latents' for inpainting UNets).
     pub fn in_channels(&self) -> usize {
         match self {
