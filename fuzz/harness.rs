@@ -24,6 +24,24 @@ pub fn checkpoint(data: &[u8]) {
     let _ = sdgen::loading::Model::load(&path, &candle_core::Device::Cpu, candle_core::DType::F32);
 }
 
+/// Any bytes as a PyTorch pickle file (`.pt`): the opcode interpreter, the
+/// zip and legacy containers, flattening, and every tensor view read back.
+pub fn pickle(data: &[u8]) {
+    let dir = std::env::temp_dir().join(format!("sdgen-fuzz-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("model.pt");
+    std::fs::write(&path, data).expect("temp file");
+    if let Ok(read) = sdgen::loading::pickle::read(&path) {
+        let file = std::fs::File::open(&path).expect("temp file");
+        for (_, t) in &read.tensors {
+            let bytes = t.read(&file).expect("a checked view reads");
+            let count: usize = t.shape.iter().product();
+            assert_eq!(bytes.len(), count * sdgen::loading::pickle::element_size(t.dtype));
+        }
+    }
+    let _ = sdgen::loading::pickle::take_notices();
+}
+
 /// Any text as an A1111 prompt: weights, brackets, BREAK, `<lora:…>` tags,
 /// chunking; chunks always hold 77 ids and 77 weights.
 pub fn prompt(data: &[u8]) {

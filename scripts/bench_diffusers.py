@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Times diffusers (PyTorch) on a diffusers folder, phase by phase, the way
-`sdgen --timings` reports itself; prints one JSON line.
+`sdgen --timings` reports itself; prints one JSON line. SD 1.x and SDXL run
+with the Euler scheduler; SD 3 folders (a `transformer/`) with their flow
+matching Euler scheduler and without T5 (`text_encoder_3=None`, as
+`sdgen --no-t5`): the random benchmark model has none.
 
 Usage: bench_diffusers.py MODEL_DIR TOKENIZER_DIR SIZE STEPS THREADS [--device cuda --dtype f16 --batch N]
                           [--out PNG]
@@ -40,6 +43,8 @@ def now():
 from diffusers import (  # noqa: E402
     AutoencoderKL,
     EulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -48,19 +53,28 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 t0 = now()
 kw = dict(dtype=dtype, local_files_only=True)
+with open(f"{model_dir}/model_index.json") as f:
+    pipeline_class = json.load(f)["_class_name"]
+xl, sd3 = pipeline_class.startswith("StableDiffusionXL"), pipeline_class == "StableDiffusion3Pipeline"
 parts = dict(
-    unet=UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", variant="fp16", **kw),
     vae=AutoencoderKL.from_pretrained(model_dir, subfolder="vae", variant="fp16", **kw),
-    text_encoder=CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", variant="fp16", **kw),
+    text_encoder=(CLIPTextModelWithProjection if sd3 else CLIPTextModel).from_pretrained(
+        model_dir, subfolder="text_encoder", variant="fp16", **kw),
     tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
 )
-with open(f"{model_dir}/model_index.json") as f:
-    xl = json.load(f)["_class_name"].startswith("StableDiffusionXL")
-if xl:
-    # A random model's folder has no tokenizers: CLIP's serves both (the pad token does not change timings).
+if sd3:
+    parts["transformer"] = SD3Transformer2DModel.from_pretrained(
+        model_dir, subfolder="transformer", variant="fp16", **kw)
+else:
+    parts["unet"] = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", variant="fp16", **kw)
+if xl or sd3:
+    # A random model's folder has no tokenizers: CLIP's serves both, the second padding with "!" as OpenCLIP-G's does.
     parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
         model_dir, subfolder="text_encoder_2", variant="fp16", **kw)
-    parts["tokenizer_2"] = parts["tokenizer"]
+    parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(tokenizer_dir, pad_token="!")
+if sd3:
+    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, **parts, text_encoder_3=None, tokenizer_3=None, **kw)
+elif xl:
     pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, **parts, **kw)
 else:
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, **parts, safety_checker=None, **kw)
@@ -68,7 +82,8 @@ else:
 upcast_vae = dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False)
 if upcast_vae:
     pipe.vae.to(torch.float32)
-pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+if not sd3:
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
 pipe.set_progress_bar_config(disable=True)
 pipe.to(device)
 load = now() - t0
@@ -83,8 +98,9 @@ def on_step(p, i, t, kwargs):
 
 with torch.no_grad():
     t1 = now()
+    more = dict(prompt_2=None, prompt_3=None) if sd3 else {}  # SD 3: the same prompt for every encoder
     pipe.encode_prompt(prompt="a photo of a cat", device=device, num_images_per_prompt=a.batch,
-                       do_classifier_free_guidance=True, negative_prompt="")
+                       do_classifier_free_guidance=True, negative_prompt="", **more)
     encode = now() - t1
     g = torch.Generator("cpu").manual_seed(1)
     t2 = now()
@@ -103,7 +119,9 @@ with torch.no_grad():
     starts = [t2 + encode] + marks[:-1]
     unet_steps = [end - start for start, end in zip(starts, marks)]
     t3 = now()
-    decoded = pipe.vae.decode((latents.float() if upcast_vae else latents) / pipe.vae.config.scaling_factor).sample
+    shift = pipe.vae.config.shift_factor or 0.0  # SD 3's latents are (z - shift) * scale
+    z = (latents.float() if upcast_vae else latents) / pipe.vae.config.scaling_factor + shift
+    decoded = pipe.vae.decode(z).sample
     decode = now() - t3
 
 if a.out:

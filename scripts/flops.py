@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Analytic FLOP count (2 per multiply-add) of one UNet pass and one VAE decode
-of a diffusers folder at a given image size, from the models' config.json.
-Counts convolutions, linear layers and attention products; norms, activations
-and element-wise work are left out (well under 1 %).
+"""Analytic FLOP count (2 per multiply-add) of one denoiser pass (UNet, or SD 3's
+MMDiT: reported as "unet_gflop" all the same) and one VAE decode of a diffusers
+folder at a given image size, from the models' config.json. Counts convolutions,
+linear layers and attention products; norms, activations and element-wise work
+are left out (well under 1 %).
 
 Usage: flops.py MODEL_DIR SIZE_PX [HEIGHT_PX]   → one JSON line (GFLOP per image)
 """
@@ -102,11 +103,42 @@ def up_path(c, channels, per_level, cin, h, w, block):
     return cin, h, w
 
 
+def mmdit(cfg, h, w, context_len=77 + 256):
+    """SD 3's MMDiT on an h x w latent: CLIP's 77 and T5's 256 text tokens (zeros without T5, still attended)."""
+    c = Count()
+    p, d = cfg["patch_size"], cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    n, lc = (h // p) * (w // p), context_len
+    c.conv2d(cfg["in_channels"], d, p, h // p, w // p)
+    c.dense(lc, cfg["joint_attention_dim"], d)
+    dual = set(cfg.get("dual_attention_layers", ()))
+    for i in range(cfg["num_layers"]):
+        last = i == cfg["num_layers"] - 1
+        c.dense(1, d, (9 if i in dual else 6) * d)  # adaLN modulation (one timestep per batch row)
+        c.dense(1, d, (2 if last else 6) * d)
+        c.dense(n, d, 3 * d)  # joint attention over image and text tokens
+        c.dense(lc, d, 3 * d)
+        c.attend(n + lc, n + lc, d)
+        c.dense(n, d, d)
+        if i in dual:  # MMDiT-X: image-only self-attention beside it
+            c.dense(n, d, 3 * d)
+            c.attend(n, n, d)
+            c.dense(n, d, d)
+        c.dense(n, d, 4 * d)
+        c.dense(n, 4 * d, d)
+        if not last:  # the last block keeps no text stream after the attention
+            c.dense(lc, d, d)
+            c.dense(lc, d, 4 * d)
+            c.dense(lc, 4 * d, d)
+    c.dense(n, d, p * p * cfg["out_channels"])
+    return c
+
+
 def vae_decoder(cfg, h, w):
     c = Count()
     ch = list(reversed(cfg["block_out_channels"]))
     lat = cfg["latent_channels"]
-    c.conv2d(lat, lat, 1, h, w)  # post_quant_conv
+    if cfg.get("use_post_quant_conv", True):
+        c.conv2d(lat, lat, 1, h, w)
     c.conv2d(lat, ch[0], 3, h, w)
     c.resnet(ch[0], ch[0], h, w)
     c.dense(h * w, ch[0], 4 * ch[0])  # mid attention: q, k, v, out
@@ -119,11 +151,14 @@ def vae_decoder(cfg, h, w):
 
 def count(model_dir, width, height):
     model = Path(model_dir)
-    u = json.loads((model / "unet" / "config.json").read_text())
     v = json.loads((model / "vae" / "config.json").read_text())
     scale = 2 ** (len(v["block_out_channels"]) - 1)
     lh, lw = height // scale, width // scale
-    return {"size": [width, height], "unet_gflop": unet(u, lh, lw).as_gflop(),
+    if (model / "transformer").is_dir():
+        backbone = mmdit(json.loads((model / "transformer" / "config.json").read_text()), lh, lw)
+    else:
+        backbone = unet(json.loads((model / "unet" / "config.json").read_text()), lh, lw)
+    return {"size": [width, height], "unet_gflop": backbone.as_gflop(),
             "vae_decode_gflop": vae_decoder(v, lh, lw).as_gflop()}
 
 

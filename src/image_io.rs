@@ -1,10 +1,12 @@
 //! Image files: reading inputs and masks (PNG/JPEG in any common mode),
 //! writing PNGs atomically with the AUTOMATIC1111 `parameters` text.
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context};
+
+use crate::files::write_atomically;
 
 /// An 8-bit RGB image, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -129,43 +131,13 @@ pub fn write_bytes(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     write_atomically(path, |out| Ok(out.write_all(bytes)?))
 }
 
-/// Runs `write` into a temporary file beside `path` and renames it into place.
-fn write_atomically(path: &Path, write: impl FnOnce(&mut dyn Write) -> anyhow::Result<()>) -> anyhow::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let tmp = tempfile::Builder::new()
-        .prefix(&temp_prefix(path))
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .with_context(|| format!("{}: cannot create a file in {}", path.display(), dir.display()))?;
-    let encode = || -> anyhow::Result<()> {
-        let mut out = BufWriter::new(tmp.as_file());
-        write(&mut out)?;
-        out.flush()?;
-        Ok(())
-    };
-    // The temporary file is removed when `tmp` drops on the error path.
-    encode().with_context(|| format!("{}: write failed (disk full?)", path.display()))?;
-    tmp.as_file().sync_all().with_context(|| format!("{}: write failed", path.display()))?;
-    tmp.persist(path).map_err(|e| anyhow::anyhow!("{}: cannot write: {}", path.display(), e.error))?;
-    Ok(())
-}
-
-/// Temporary files for `path` are named `.NAME.<random>.tmp` beside it, so
-/// a process killed mid-write leaves litter that can be told apart.
-fn temp_prefix(path: &Path) -> String {
-    format!(".{}.", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default())
-}
-
 /// Removes temporary files a killed writer of `path` may have left.
 pub fn remove_stale_temp_files(path: &Path) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let prefix = temp_prefix(path);
+    let prefix = crate::files::temp_prefix(path);
     for entry in std::fs::read_dir(dir)?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with(&prefix) && name.ends_with(".tmp") {

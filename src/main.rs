@@ -77,6 +77,7 @@ fn main() -> ExitCode {
         Some(Command::Tokenize { prompt, model, models, prompt_syntax, json }) => {
             done(tokenize(prompt, model.as_deref(), &models.models_dir, prompt_syntax.unwrap_or_default(), *json))
         }
+        Some(Command::Convert { input, output, dtype }) => done(convert(input, output, *dtype)),
         Some(Command::Serve(args)) => done(serve(args)),
         Some(Command::Dev(dev)) => done(run_dev(dev)),
     };
@@ -84,6 +85,15 @@ fn main() -> ExitCode {
         eprintln!("error: {}", failure::one_line(&e));
         ExitCode::from(Failure::of(&e).map_or(1, Failure::code))
     })
+}
+
+fn convert(input: &Path, output: &Path, dtype: Option<safetensors::Dtype>) -> anyhow::Result<()> {
+    let done = sdgen::loading::convert::convert(input, output, dtype)?;
+    for (line, notice) in sdgen::loading::pickle::take_notices() {
+        eprintln!("{}{line}", if notice { "" } else { "warning: " });
+    }
+    eprintln!("wrote {}: {} tensors, {} bytes", output.display(), done.tensors, done.bytes);
+    Ok(())
 }
 
 fn random_seed() -> u64 {
@@ -123,7 +133,7 @@ fn open(
             eprintln!("embedding skipped: {skipped}");
         }
     }
-    for (line, complete) in &report.loras {
+    for (line, complete) in report.notices.iter().chain(&report.loras) {
         if !complete {
             eprintln!("warning: {line}");
         } else if !args.quiet {

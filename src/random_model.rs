@@ -1,9 +1,11 @@
 //! Random-weight models with the real shapes of a model family, for
 //! benchmarks: speed does not depend on weight values, and real weights
 //! cannot be downloaded everywhere. Deterministic from a seed; written as a
-//! diffusers folder with f16 weights (configs of the real model), plus the
-//! same weights as one LDM-named `model.safetensors` for tools that load
-//! single files (stable-diffusion.cpp in `scripts/bench`).
+//! diffusers folder with f16 weights (configs of the real model), plus, for
+//! SD 1.5, the same weights as one LDM-named `model.safetensors` for tools
+//! that load single files (stable-diffusion.cpp in `scripts/bench`). SD 3.5
+//! Medium comes without T5-XXL (4.7 B parameters that a 24 GB machine cannot
+//! hold beside the rest in f32): it runs as `--no-t5` does.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,6 +19,7 @@ use candle_nn::{Init, VarBuilder};
 use crate::loading::ldm;
 use crate::loading::weights::{NameMap, Transform};
 use crate::models::clip::{ClipConfig, ClipTextModel};
+use crate::models::mmdit::{Mmdit, MmditConfig};
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{Vae, VaeConfig};
 use crate::rng::TorchRng;
@@ -97,6 +100,46 @@ const SDXL_INDEX: &str = r#"{
   "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
   "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
   "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+  "vae": ["diffusers", "AutoencoderKL"]
+}"#;
+
+/// SD 3.5 Medium's `transformer/config.json` (MMDiT-X).
+const SD35M_TRANSFORMER: &str = r#"{
+  "_class_name": "SD3Transformer2DModel", "attention_head_dim": 64, "caption_projection_dim": 1536,
+  "dual_attention_layers": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], "in_channels": 16,
+  "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 24, "out_channels": 16, "patch_size": 2,
+  "pooled_projection_dim": 2048, "pos_embed_max_size": 384, "qk_norm": "rms_norm", "sample_size": 128
+}"#;
+
+/// SD 3.5's `vae/config.json`: 16 latent channels, a shift, no quant convs.
+const SD35_VAE: &str = r#"{
+  "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+  "force_upcast": true, "in_channels": 3, "latent_channels": 16, "layers_per_block": 2, "norm_num_groups": 32,
+  "out_channels": 3, "sample_size": 1024, "scaling_factor": 1.5305, "shift_factor": 0.0609,
+  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+  "use_post_quant_conv": false, "use_quant_conv": false
+}"#;
+
+/// SD 3.5's CLIP-L: SD 1.5's text tower with a projection (the identity).
+const SD35_CLIP_L: &str = r#"{
+  "architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model", "hidden_act": "quick_gelu",
+  "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+  "max_position_embeddings": 77, "vocab_size": 49408, "layer_norm_eps": 1e-05, "projection_dim": 768,
+  "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "torch_dtype": "float16"
+}"#;
+
+const SD35_SCHEDULER: &str = r#"{
+  "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+  "use_dynamic_shifting": false
+}"#;
+
+const SD35_INDEX: &str = r#"{
+  "_class_name": "StableDiffusion3Pipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+  "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+  "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "text_encoder_3": [null, null],
+  "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+  "tokenizer_3": [null, null], "transformer": ["diffusers", "SD3Transformer2DModel"],
   "vae": ["diffusers", "AutoencoderKL"]
 }"#;
 
@@ -211,40 +254,63 @@ impl SimpleBackend for SharedBackend {
     }
 }
 
+/// The denoising network's `config.json` text.
+#[derive(Clone, Copy)]
+enum Backbone<'a> {
+    Unet(&'a str),
+    Mmdit(&'a str),
+}
+
 /// A family's folder: its index, scheduler and components' `config.json` texts.
 struct Configs<'a> {
     index: &'a str,
     scheduler: &'a str,
-    unet: &'a str,
+    backbone: Backbone<'a>,
     vae: &'a str,
     clip: &'a str,
-    /// SDXL's second, projecting text encoder.
+    /// SDXL's and SD 3's second, projecting text encoder.
     clip_2: Option<&'a str>,
 }
 
-/// Writes a random `family` model (`sd15` or `sdxl`) as a diffusers folder.
+/// Writes a random `family` model (`sd15`, `sdxl` or `sd35m`) as a diffusers folder.
 pub fn write(family: &str, out: &Path, seed: u64) -> anyhow::Result<()> {
     let configs = match family {
         "sd15" => Configs {
             index: SD15_INDEX,
             scheduler: SD15_SCHEDULER,
-            unet: SD15_UNET,
+            backbone: Backbone::Unet(SD15_UNET),
             vae: SD15_VAE,
             clip: SD15_CLIP,
             clip_2: None,
         },
-        // SDXL's first text encoder is SD 1.5's CLIP ViT-L.
+        // SDXL's first text encoder is SD 1.5's CLIP ViT-L, its second OpenCLIP-G.
         "sdxl" => Configs {
             index: SDXL_INDEX,
             scheduler: SDXL_SCHEDULER,
-            unet: SDXL_UNET,
+            backbone: Backbone::Unet(SDXL_UNET),
             vae: SDXL_VAE,
             clip: SD15_CLIP,
             clip_2: Some(SDXL_CLIP_2),
         },
-        _ => bail!("unknown family {family:?}; available: sd15, sdxl"),
+        "sd35m" => Configs {
+            index: SD35_INDEX,
+            scheduler: SD35_SCHEDULER,
+            backbone: Backbone::Mmdit(SD35M_TRANSFORMER),
+            vae: SD35_VAE,
+            clip: SD35_CLIP_L,
+            clip_2: Some(SDXL_CLIP_2),
+        },
+        _ => bail!("unknown family {family:?}; available: sd15, sdxl, sd35m"),
     };
     write_with(out, seed, &configs)
+}
+
+/// A projecting CLIP text encoder: the tower and `text_projection`.
+fn projecting_clip(cfg: &ClipConfig, vb: VarBuilder) -> anyhow::Result<()> {
+    let projection = cfg.projection_dim.context("a projecting text encoder's config has no projection_dim")?;
+    ClipTextModel::new(cfg, vb.clone())?;
+    candle_nn::linear_no_bias(cfg.hidden_size, projection, vb.pp("text_projection"))?;
+    Ok(())
 }
 
 /// Writes a random model from its configs; SD 1.x layouts also as one
@@ -253,17 +319,21 @@ fn write_with(out: &Path, seed: u64, configs: &Configs) -> anyhow::Result<()> {
     if out.exists() {
         bail!("{}: already exists", out.display());
     }
-    let unet: UNetConfig = serde_json::from_str(configs.unet)?;
     let vae: VaeConfig = serde_json::from_str(configs.vae)?;
     let clip: ClipConfig = serde_json::from_str(configs.clip)?;
     // Written to a temporary folder and renamed, so a half-written model is never picked up.
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
     let tmp = tempfile::Builder::new().prefix(".sdgen-random-").tempdir_in(parent)?;
     let root = tmp.path();
+    let backbone = match configs.backbone {
+        Backbone::Unet(text) => ("unet/config.json", text),
+        Backbone::Mmdit(text) => ("transformer/config.json", text),
+    };
     let mut files = vec![
         ("model_index.json", configs.index),
         ("scheduler/scheduler_config.json", configs.scheduler),
-        ("unet/config.json", configs.unet),
+        backbone,
         ("vae/config.json", configs.vae),
         ("text_encoder/config.json", configs.clip),
     ];
@@ -273,31 +343,45 @@ fn write_with(out: &Path, seed: u64, configs: &Configs) -> anyhow::Result<()> {
         std::fs::create_dir_all(path.parent().expect("has a folder"))?;
         std::fs::write(&path, text)?;
     }
-    let unet_weights = write_component(&root.join("unet"), "diffusion_pytorch_model.fp16.safetensors", seed, |vb| {
-        UNet::new(&unet, vb).map(|_| ())
-    })?;
+    const WEIGHTS: &str = "diffusion_pytorch_model.fp16.safetensors";
+    let unet = match configs.backbone {
+        Backbone::Unet(text) => {
+            let cfg: UNetConfig = serde_json::from_str(text)?;
+            let weights = write_component(&root.join("unet"), WEIGHTS, seed, |vb| UNet::new(&cfg, vb).map(|_| ()))?;
+            Some((cfg, weights))
+        }
+        Backbone::Mmdit(text) => {
+            let cfg: MmditConfig = serde_json::from_str(text)?;
+            write_component(&root.join("transformer"), WEIGHTS, seed, |vb| Mmdit::new(&cfg, vb).map(|_| ()))?;
+            None
+        }
+    };
     let vae_weights =
-        write_component(&root.join("vae"), "diffusion_pytorch_model.fp16.safetensors", seed.wrapping_add(1), |vb| {
-            Vae::new(&vae, true, vb).map(|_| ())
-        })?;
-    let clip_weights =
-        write_component(&root.join("text_encoder"), "model.fp16.safetensors", seed.wrapping_add(2), |vb| {
+        write_component(&root.join("vae"), WEIGHTS, seed.wrapping_add(1), |vb| Vae::new(&vae, true, vb).map(|_| ()))?;
+    let te = root.join("text_encoder");
+    let clip_weights = match unet {
+        Some(_) => write_component(&te, "model.fp16.safetensors", seed.wrapping_add(2), |vb| {
             ClipTextModel::new(&clip, vb).map(|_| ())
-        })?;
-    match configs.clip_2 {
-        Some(json) => {
-            let cfg: ClipConfig = serde_json::from_str(json)?;
-            let projection = cfg.projection_dim.context("the second text encoder's config has no projection_dim")?;
-            write_component(&root.join("text_encoder_2"), "model.fp16.safetensors", seed.wrapping_add(3), |vb| {
-                ClipTextModel::new(&cfg, vb.clone())?;
-                candle_nn::linear_no_bias(cfg.hidden_size, projection, vb.pp("text_projection"))?;
-                Ok(())
-            })?;
-        }
+        })?,
+        // SD 3 pools CLIP-L unprojected: diffusers applies the folder's
+        // projection, so it is the identity, as in the real folders.
         None => {
-            let single = ldm_checkpoint(&unet, &vae, [unet_weights, vae_weights, clip_weights])?;
-            candle_core::safetensors::save(&single, root.join("model.safetensors"))?;
+            let mut weights =
+                write_component(&te, "model.fp16.safetensors", seed.wrapping_add(2), |vb| projecting_clip(&clip, vb))?;
+            let eye = Tensor::eye(clip.hidden_size, DType::F16, &Device::Cpu)?;
+            weights.insert("text_projection.weight".into(), eye);
+            candle_core::safetensors::save(&weights, te.join("model.fp16.safetensors"))?;
+            weights
         }
+    };
+    if let Some(json) = configs.clip_2 {
+        let cfg: ClipConfig = serde_json::from_str(json)?;
+        write_component(&root.join("text_encoder_2"), "model.fp16.safetensors", seed.wrapping_add(3), |vb| {
+            projecting_clip(&cfg, vb)
+        })?;
+    } else if let Some((cfg, unet_weights)) = unet {
+        let single = ldm_checkpoint(&cfg, &vae, [unet_weights, vae_weights, clip_weights])?;
+        candle_core::safetensors::save(&single, root.join("model.safetensors"))?;
     }
     let kept = tmp.keep();
     std::fs::rename(&kept, out).with_context(|| format!("{}: cannot create", out.display()))?;
@@ -322,7 +406,7 @@ mod tests {
         let cfgs = Configs {
             index: SD15_INDEX,
             scheduler: SD15_SCHEDULER,
-            unet: &texts[0],
+            backbone: Backbone::Unet(&texts[0]),
             vae: &texts[1],
             clip: &texts[2],
             clip_2: None,
@@ -372,7 +456,7 @@ mod tests {
         let cfgs = Configs {
             index: SDXL_INDEX,
             scheduler: SDXL_SCHEDULER,
-            unet: &texts[0],
+            backbone: Backbone::Unet(&texts[0]),
             vae: &texts[1],
             clip: &texts[2],
             clip_2: Some(&texts[3]),
@@ -383,5 +467,33 @@ mod tests {
         assert_eq!(model.family, crate::loading::Family::Sdxl);
         assert!(model.unused.is_empty(), "{:?}", model.unused);
         assert!(model.text.clip().pooled.is_some());
+    }
+
+    #[test]
+    fn random_sd35_models_load_as_sd35_without_t5() {
+        let dir = tempfile::tempdir().unwrap();
+        let texts = tiny(
+            "tiny-sd35",
+            &["transformer/config.json", "vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json"],
+        );
+        let cfgs = Configs {
+            index: SD35_INDEX,
+            scheduler: SD35_SCHEDULER,
+            backbone: Backbone::Mmdit(&texts[0]),
+            vae: &texts[1],
+            clip: &texts[2],
+            clip_2: Some(&texts[3]),
+        };
+        let out = dir.path().join("sd35");
+        write_with(&out, 1, &cfgs).unwrap();
+        let model = crate::loading::Model::load(&out, &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(model.family, crate::loading::Family::Sd3);
+        assert!(model.unused.is_empty(), "{:?}", model.unused);
+        let crate::text::Text::Sd3(text) = &model.text else { panic!("SD 3 text") };
+        assert!(text.t5.is_none());
+        // The real configs parse and build.
+        serde_json::from_str::<MmditConfig>(SD35M_TRANSFORMER).unwrap();
+        serde_json::from_str::<VaeConfig>(SD35_VAE).unwrap();
+        serde_json::from_str::<ClipConfig>(SD35_CLIP_L).unwrap();
     }
 }

@@ -38,6 +38,9 @@ pub struct LoadReport {
     pub path: PathBuf,
     /// One line per LoRA, and whether all of it applied.
     pub loras: Vec<(String, bool)>,
+    /// One line per file read as a pickle, and whether it is only a notice
+    /// (else a warning: a pickle named `.safetensors`).
+    pub notices: Vec<(String, bool)>,
 }
 
 /// What a session reports while it opens.
@@ -118,7 +121,8 @@ impl Session {
             model.preset = p;
         }
         let hash = model.hash().tag(Failure::Model)?;
-        let report = LoadReport { path, loras: model.applied.lora_report.clone() };
+        let notices = crate::loading::pickle::take_notices();
+        let report = LoadReport { path, loras: model.applied.lora_report.clone(), notices };
         Ok((Session { model, hash, device }, report))
     }
 

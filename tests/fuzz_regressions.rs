@@ -41,3 +41,8 @@ fn prompt_file_inputs() {
 fn infotext_inputs() {
     replay("infotext", harness::infotext);
 }
+
+#[test]
+fn pickle_inputs() {
+    replay("pickle", harness::pickle);
+}

@@ -136,6 +136,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a weight file as safetensors: PyTorch pickles (.ckpt, .pt,
+    /// .pth, .bin) are read as data, never run; tensors sorted by name, the
+    /// source's SHA-256 in the metadata.
+    Convert {
+        /// The file to convert (a pickle or safetensors).
+        input: PathBuf,
+        /// The .safetensors file to write (replaced if it exists).
+        output: PathBuf,
+        /// Cast float tensors as `tensor.to(dtype)` does: f16, bf16 or f32
+        /// [default: as stored]; integer tensors are kept.
+        #[arg(long, value_parser = sdgen::loading::convert::parse_dtype)]
+        dtype: Option<safetensors::Dtype>,
+    },
     /// Serve AUTOMATIC1111's HTTP API (/sdapi/v1) and OpenAI's images API
     /// (/v1/images/generations), one generation at a time.
     Serve(ServeArgs),
@@ -150,7 +163,7 @@ pub enum DevCommand {
     /// (a diffusers folder, f16; SD 1.5 also as one LDM-named file), for
     /// benchmarks.
     RandomModel {
-        /// Model family: sd15 or sdxl.
+        /// Model family: sd15, sdxl or sd35m (SD 3.5 Medium, without T5).
         #[arg(long, default_value = "sd15")]
         family: String,
         /// Folder to create.

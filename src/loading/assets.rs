@@ -38,8 +38,13 @@ impl Asset {
     }
 }
 
+/// The extensions of weight files: safetensors, and PyTorch's pickles
+/// (read as data, never run: [`super::pickle`]).
+pub const WEIGHT_EXTENSIONS: &[&str] = &["safetensors", "ckpt", "pt", "pth", "bin"];
+
 /// `name` as a path (any file, or for a model a diffusers folder), else
-/// `NAME.safetensors` or `NAME` in the models dir's subfolders for `kind`.
+/// `NAME.<ext>` ([`WEIGHT_EXTENSIONS`], in that order) or `NAME` in the
+/// models dir's subfolders for `kind`.
 pub fn find(kind: Asset, name: &str, models_dir: &Path) -> anyhow::Result<PathBuf> {
     find_untagged(kind, name, models_dir).tag(Failure::Model)
 }
@@ -60,7 +65,8 @@ fn find_untagged(kind: Asset, name: &str, models_dir: &Path) -> anyhow::Result<P
     }
     for sub in kind.subfolders() {
         let base = models_dir.join(sub);
-        for candidate in [base.join(format!("{name}.safetensors")), base.join(name)] {
+        let named = WEIGHT_EXTENSIONS.iter().map(|ext| base.join(format!("{name}.{ext}")));
+        for candidate in named.chain([base.join(name)]) {
             if kind.fits(&candidate) {
                 return Ok(candidate);
             }
@@ -115,7 +121,8 @@ fn is_diffusers_folder(p: &Path) -> bool {
 }
 
 fn is_checkpoint_file(p: &Path) -> bool {
-    p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+    let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+    p.is_file() && WEIGHT_EXTENSIONS.iter().any(|w| ext.eq_ignore_ascii_case(w))
 }
 
 /// Every model in the models dir and its known subfolders, sorted.
@@ -124,7 +131,7 @@ pub fn list_models(models_dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Every asset of `kind` in the models dir's subfolders for it, sorted:
-/// models as [`list_models`], LoRAs and VAEs as `.safetensors` files.
+/// models as [`list_models`], LoRAs and VAEs as weight files.
 pub fn list(kind: Asset, models_dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
     for sub in kind.subfolders() {

@@ -34,31 +34,30 @@ pub fn backbone_dir(dir: &Path) -> PathBuf {
 }
 
 /// The weight files of a component folder whose weights are named `base`
-/// (`diffusion_pytorch_model` or `model`), full precision preferred.
+/// (`diffusion_pytorch_model` or `model`): safetensors, full precision
+/// preferred, else the pickled `.bin` files of older folders (transformers
+/// names those `pytorch_model.bin`).
 pub fn weight_files(dir: &Path, base: &str) -> anyhow::Result<Vec<PathBuf>> {
-    for variant in ["", ".fp16"] {
-        let single = dir.join(format!("{base}{variant}.safetensors"));
-        if single.is_file() {
-            return Ok(vec![single]);
-        }
-        let index = dir.join(format!("{base}{variant}.safetensors.index.json"));
-        if index.is_file() {
-            #[derive(serde::Deserialize)]
-            struct Index {
-                weight_map: std::collections::BTreeMap<String, String>,
+    for ext in ["safetensors", "bin"] {
+        let base = if ext == "bin" && base == "model" { "pytorch_model" } else { base };
+        for variant in ["", ".fp16"] {
+            let single = dir.join(format!("{base}{variant}.{ext}"));
+            if single.is_file() {
+                return Ok(vec![single]);
             }
-            let idx: Index = read_json(&index)?;
-            let files: BTreeSet<&String> = idx.weight_map.values().collect();
-            return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+            let index = dir.join(format!("{base}{variant}.{ext}.index.json"));
+            if index.is_file() {
+                #[derive(serde::Deserialize)]
+                struct Index {
+                    weight_map: std::collections::BTreeMap<String, String>,
+                }
+                let idx: Index = read_json(&index)?;
+                let files: BTreeSet<&String> = idx.weight_map.values().collect();
+                return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+            }
         }
     }
-    for pickle in [format!("{base}.bin"), format!("{base}.fp16.bin"), format!("{base}.ckpt")] {
-        let p = dir.join(&pickle);
-        if p.is_file() {
-            super::weights::refuse_pickle(&p)?;
-        }
-    }
-    bail!("{}: no {base}.safetensors (or .fp16 / sharded variant) found", dir.display())
+    bail!("{}: no {base}.safetensors or {base}.bin (or .fp16 / sharded variant) found", dir.display())
 }
 
 /// Loads a folder; `no_t5` leaves out an SD 3 folder's T5.
@@ -125,8 +124,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, merging: Merging, no_t5: 
     let vae = Vae::new(&vae_cfg, true, vae_ckpt.var_builder(NameMap::prefixed(""), Component::Vae, vae_dtype, device))
         .with_context(|| format!("{}: VAE", dir.display()))?;
 
-    let tok_dir = dir.join("tokenizer");
-    let tokenizer = if tok_dir.is_dir() { ClipTokenizer::from_dir(&tok_dir)? } else { ClipTokenizer::embedded()? };
+    let tokenizer = clip_tokenizer(dir)?;
     let unused = [Some(&te), te2.as_ref(), Some(&unet_ckpt), Some(&vae_ckpt)]
         .into_iter()
         .flatten()
@@ -154,6 +152,17 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, merging: Merging, no_t5: 
         base: merging.keep_base.cloned(),
         controlnets: Default::default(),
     })
+}
+
+/// A folder's `tokenizer/`, else CLIP's built-in vocabulary (random
+/// benchmark models come without one).
+pub(super) fn clip_tokenizer(dir: &Path) -> anyhow::Result<ClipTokenizer> {
+    let tok_dir = dir.join("tokenizer");
+    if tok_dir.is_dir() {
+        ClipTokenizer::from_dir(&tok_dir)
+    } else {
+        ClipTokenizer::embedded()
+    }
 }
 
 /// The second, pooled and projected text encoder (`text_encoder_2/`, SDXL's

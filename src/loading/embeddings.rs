@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use anyhow::bail;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 /// One embedding: its vectors for each text encoder it fits.
 #[derive(Debug, Clone)]
@@ -32,9 +32,7 @@ impl Embedding {
 
 /// Reads one embedding file; `widths` are the model's text encoder widths.
 pub fn read(path: &Path, widths: &[usize]) -> anyhow::Result<Embedding> {
-    super::weights::refuse_pickle(path)?;
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+    let tensors = super::weights::Checkpoint::open(&[path.to_path_buf()])?.load_all()?;
     let as_rows = |t: &Tensor| -> anyhow::Result<Tensor> {
         let t = t.to_dtype(DType::F32)?;
         Ok(if t.rank() == 1 { t.unsqueeze(0)? } else { t })
@@ -72,7 +70,10 @@ pub fn read_dir(dir: &Path, widths: &[usize]) -> (Vec<Embedding>, Vec<String>) {
     let mut paths: Vec<_> = entries
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors")))
+        .filter(|p| {
+            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+            ["safetensors", "pt", "bin"].iter().any(|w| ext.eq_ignore_ascii_case(w))
+        })
         .collect();
     paths.sort();
     let (mut found, mut skipped) = (Vec::new(), Vec::new());

@@ -97,9 +97,7 @@ fn module_key(name: &str) -> String {
 
 fn read_file(spec: &LoraSpec) -> anyhow::Result<File> {
     let path = &spec.path;
-    super::weights::refuse_pickle(path)?;
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+    let tensors = Checkpoint::open(std::slice::from_ref(path))?.load_all()?;
     #[derive(Default)]
     struct Parts {
         down: Option<Tensor>,

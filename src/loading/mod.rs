@@ -10,6 +10,7 @@
 pub mod assets;
 pub mod catalog;
 pub mod controlnet;
+pub mod convert;
 pub mod diffusers;
 pub mod embeddings;
 pub mod family;
@@ -19,6 +20,7 @@ pub mod hub;
 pub mod ldm;
 pub mod lora;
 pub mod model;
+pub mod pickle;
 pub mod sd3;
 pub mod single_file;
 pub mod weights;

@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 
 use super::assets::display_name;
-use super::diffusers::{load_pooled_encoder, load_text_encoder, weight_files};
+use super::diffusers::{clip_tokenizer, load_pooled_encoder, load_text_encoder, weight_files};
 use super::family::{Family, Preset};
 use super::ldm;
 use super::lora::{component_weights, Merging};
@@ -114,7 +114,7 @@ pub fn load_folder(dir: &Path, device: &Device, dtype: DType, merging: Merging, 
     let vae = Vae::new(&vae_cfg, true, vae_ckpt.var_builder(NameMap::prefixed(""), Component::Vae, vae_dtype, device))
         .with_context(|| format!("{}: VAE", dir.display()))?;
     let clip = ClipText {
-        tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
+        tokenizer: clip_tokenizer(dir)?,
         encoder: clip_l,
         pooled: Some(clip_g),
         zero_empty_negative: false,

@@ -2,10 +2,10 @@
 //! checkpoint names by a [`NameMap`], every tensor is shape-checked, and the
 //! checkpoint tensors that no model asked for are counted.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
@@ -122,33 +122,6 @@ impl NameMap {
     }
 }
 
-const PICKLE_EXTENSIONS: &[&str] = &["ckpt", "pt", "pth", "bin", "pkl", "pickle"];
-
-/// Refuses pickled PyTorch files, by extension or by content (a pickle
-/// protocol byte, or a zip archive as `torch.save` writes), before anything
-/// reads them as data.
-pub fn refuse_pickle(path: &Path) -> anyhow::Result<()> {
-    use std::io::Read;
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    let mut head = Vec::new();
-    let _ = File::open(path).and_then(|f| f.take(9).read_to_end(&mut head));
-    // A safetensors file starts with its header's length, then `{`: a header
-    // of 128, 384, … bytes makes its first byte 0x80, as a pickle's is.
-    let safetensors_like = head.get(8) == Some(&b'{');
-    let pickle_protocol = head.len() >= 2 && head[0] == 0x80 && head[1] <= 5;
-    let looks_pickled = (pickle_protocol && !safetensors_like) || head.starts_with(b"PK\x03\x04");
-    if PICKLE_EXTENSIONS.contains(&ext.as_str()) || looks_pickled {
-        bail!(
-            "{}: this is a pickled PyTorch file; sdgen never loads pickles because unpickling can run \
-             arbitrary code. Convert it to .safetensors in a trusted Python environment (e.g. \
-             `safetensors.torch.save_file(torch.load(f, weights_only=True)[\"state_dict\"], out)`) \
-             or download the .safetensors version of the model",
-            path.display()
-        );
-    }
-    Ok(())
-}
-
 /// The first name a safetensors header (a JSON object) holds twice.
 fn duplicate_name(header: &[u8]) -> Option<String> {
     struct FirstDuplicate(Option<String>);
@@ -177,15 +150,42 @@ fn duplicate_name(header: &[u8]) -> Option<String> {
     serde_json::from_slice::<FirstDuplicate>(header).ok().and_then(|d| d.0)
 }
 
-/// One or more safetensors files read as one set of tensors.
+/// Where a tensor's bytes are in its file.
+enum Stored {
+    /// A safetensors entry: where the data section starts, and its layout.
+    Safetensors(u64, TensorInfo),
+    /// A view into a pickled file's storage.
+    Pickled(super::pickle::StoredTensor),
+}
+
+impl Stored {
+    fn dtype(&self) -> safetensors::Dtype {
+        match self {
+            Stored::Safetensors(_, info) => info.dtype,
+            Stored::Pickled(t) => t.dtype,
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        match self {
+            Stored::Safetensors(_, info) => &info.shape,
+            Stored::Pickled(t) => &t.shape,
+        }
+    }
+}
+
+/// One or more weight files read as one set of tensors: safetensors, or
+/// PyTorch pickles read as data ([`super::pickle`]), told apart by content.
 ///
 /// Tensors are read with `pread`, not through a memory map: candle's CPU
 /// tensors own their memory (and usually change dtype), so mapped file pages
 /// would only add the file's size to the peak RSS while loading.
 pub struct Checkpoint {
     files: Vec<File>,
-    /// Name → (index in `files`, where its data starts in that file, layout).
-    tensors: HashMap<String, (usize, u64, TensorInfo)>,
+    /// Name → (index in `files`, where its bytes are).
+    tensors: HashMap<String, (usize, Stored)>,
+    /// The files' metadata (a pickle's small values, as JSON text).
+    metadata: BTreeMap<String, String>,
     label: String,
     used: Mutex<HashSet<String>>,
 }
@@ -194,9 +194,20 @@ impl Checkpoint {
     pub fn open(paths: &[PathBuf]) -> anyhow::Result<Arc<Self>> {
         let mut files = Vec::with_capacity(paths.len());
         let mut tensors = HashMap::new();
+        let mut all_metadata = BTreeMap::new();
         for (i, p) in paths.iter().enumerate() {
-            refuse_pickle(p)?;
             let file = File::open(p).with_context(|| format!("{}: cannot read", p.display()))?;
+            if super::pickle::looks_pickled(p) {
+                let pickled = super::pickle::read(p)?;
+                all_metadata.extend(pickled.metadata);
+                for (name, t) in pickled.tensors {
+                    if tensors.insert(name.clone(), (i, Stored::Pickled(t))).is_some() {
+                        bail!("{}: tensor `{name}` is also in another shard", p.display());
+                    }
+                }
+                files.push(file);
+                continue;
+            }
             let len = file.metadata().with_context(|| format!("{}: cannot read", p.display()))?.len();
             if len < 8 {
                 bail!("{}: not a safetensors file (only {len} bytes)", p.display());
@@ -215,8 +226,9 @@ impl Checkpoint {
             let (header, metadata) = SafeTensors::read_metadata(&map)
                 .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", p.display()))?;
             let data_start = 8 + header as u64;
+            all_metadata.extend(metadata.metadata().clone().unwrap_or_default());
             for (name, info) in metadata.tensors() {
-                if tensors.insert(name.clone(), (i, data_start, info.clone())).is_some() {
+                if tensors.insert(name.clone(), (i, Stored::Safetensors(data_start, info.clone()))).is_some() {
                     bail!("{}: tensor `{name}` is also in another shard", p.display());
                 }
             }
@@ -227,31 +239,72 @@ impl Checkpoint {
             [first, ..] => format!("{} (+{} shards)", first.display(), paths.len() - 1),
             [] => bail!("no weight files given"),
         };
-        Ok(Arc::new(Self { files, tensors, label, used: Mutex::new(HashSet::new()) }))
+        Ok(Arc::new(Self { files, tensors, metadata: all_metadata, label, used: Mutex::new(HashSet::new()) }))
+    }
+
+    /// One tensor's bytes as stored, row-major.
+    fn bytes(&self, name: &str, entry: &(usize, Stored)) -> candle_core::Result<Vec<u8>> {
+        let (file, stored) = entry;
+        let cannot =
+            |e: std::io::Error| candle_core::Error::Msg(format!("{}: cannot read tensor `{name}`: {e}", self.label));
+        Ok(match stored {
+            Stored::Safetensors(start, info) => {
+                let (begin, end) = info.data_offsets;
+                let mut bytes = vec![0u8; end - begin];
+                self.files[*file].read_exact_at(&mut bytes, start + begin as u64).map_err(cannot)?;
+                bytes
+            }
+            Stored::Pickled(t) => t.read(&self.files[*file]).map_err(cannot)?,
+        })
+    }
+
+    /// Every tensor's name, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tensors.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// A tensor as stored, whatever its dtype: (dtype, shape, row-major bytes).
+    pub fn raw(&self, name: &str) -> anyhow::Result<(safetensors::Dtype, Vec<usize>, Vec<u8>)> {
+        let entry = self.tensors.get(name).with_context(|| format!("{}: no tensor `{name}`", self.label))?;
+        Ok((entry.1.dtype(), entry.1.shape().to_vec(), self.bytes(name, entry)?))
+    }
+
+    /// The files' metadata: safetensors' `__metadata__`, a pickle's small values as JSON text.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
     }
 
     /// Reads one tensor as stored (on the CPU).
-    fn read(&self, name: &str, info: &(usize, u64, TensorInfo)) -> candle_core::Result<Tensor> {
-        let (file, start, info) = info;
-        let (begin, end) = info.data_offsets;
-        let mut bytes = vec![0u8; end - begin];
-        self.files[*file]
-            .read_exact_at(&mut bytes, start + begin as u64)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: cannot read tensor `{name}`: {e}", self.label)))?;
-        let dtype = match info.dtype {
+    fn read(&self, name: &str, entry: &(usize, Stored)) -> candle_core::Result<Tensor> {
+        let stored = &entry.1;
+        let bytes = self.bytes(name, entry)?;
+        let dtype = match stored.dtype() {
             safetensors::Dtype::F16 => DType::F16,
             safetensors::Dtype::BF16 => DType::BF16,
             safetensors::Dtype::F32 => DType::F32,
+            // Some pickled checkpoints hold f64 tensors.
+            safetensors::Dtype::F64 => DType::F64,
             // fp8 files (SD 3.5's `t5xxl_fp8_e4m3fn`): upcast as they load.
             safetensors::Dtype::F8_E4M3 => DType::F8E4M3,
             other => {
                 return Err(candle_core::Error::Msg(format!(
-                    "{}: tensor `{name}` has dtype {other:?}; model weights must be f32, f16, bf16 or f8 (e4m3)",
+                    "{}: tensor `{name}` has dtype {other:?}; model weights must be f32, f16, bf16, f64 or f8 (e4m3)",
                     self.label
                 )))
             }
         };
-        Tensor::from_raw_buffer(&bytes, dtype, &info.shape, &Device::Cpu)
+        Tensor::from_raw_buffer(&bytes, dtype, stored.shape(), &Device::Cpu)
+    }
+
+    /// Every tensor, as stored (on the CPU): small files (LoRAs, embeddings).
+    pub fn load_all(&self) -> anyhow::Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::with_capacity(self.tensors.len());
+        for (name, entry) in &self.tensors {
+            out.insert(name.clone(), self.read(name, entry)?);
+        }
+        Ok(out)
     }
 
     pub fn label(&self) -> &str {
@@ -260,12 +313,12 @@ impl Checkpoint {
 
     /// Names and shapes of every tensor in the files.
     pub fn shapes(&self) -> Vec<(String, Vec<usize>)> {
-        self.tensors.iter().map(|(n, (_, _, info))| (n.clone(), info.shape.clone())).collect()
+        self.tensors.iter().map(|(n, (_, t))| (n.clone(), t.shape().to_vec())).collect()
     }
 
     /// Names, stored dtypes and shapes of every tensor in the files.
     pub fn dtypes(&self) -> Vec<(String, safetensors::Dtype, Vec<usize>)> {
-        self.tensors.iter().map(|(n, (_, _, info))| (n.clone(), info.dtype, info.shape.clone())).collect()
+        self.tensors.iter().map(|(n, (_, t))| (n.clone(), t.dtype(), t.shape().to_vec())).collect()
     }
 
     /// The stored names that no model has asked for so far.
@@ -308,7 +361,7 @@ impl Source {
         let entry = self.ckpt.tensors.get(&stored).ok_or_else(|| {
             candle_core::Error::Msg(format!("{label}: missing tensor `{stored}` (needed by the {what} as `{name}`)"))
         })?;
-        let stored_shape = entry.2.shape.clone();
+        let stored_shape = entry.1.shape().to_vec();
         let expected: Option<Vec<usize>> = shape.map(|s| s.dims().to_vec());
         let fits = match (&expected, transform) {
             (None, _) => true,

@@ -2440,7 +2440,7 @@ MAX_FILE_BYTES = 5 * 2**20  # no fixture file may be larger (they are committed 
 def check_file_sizes(root=FIXTURES):
     """Every regular file under tests/fixtures is at most MAX_FILE_BYTES. And no .safetensors file starts like a
     pickle (0x80, then a protocol number <= 5: a header length of 128, 384, 640, ... bytes), which sdgen's pickle
-    sniffing (src/loading/weights.rs, refuse_pickle) takes for one."""
+    sniffing (src/loading/pickle/mod.rs, looks_pickled) would take for one without its `{` check."""
     for p in root.rglob("*"):
         if p.is_file() and not p.is_symlink():
             assert p.stat().st_size <= MAX_FILE_BYTES, f"{p.relative_to(FIXTURES)}: {p.stat().st_size} bytes"

@@ -1,0 +1,7 @@
+//! Fuzz target: see `harness::pickle`.
+#![no_main]
+
+#[path = "../harness.rs"]
+mod harness;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::pickle(data));
