@@ -134,7 +134,7 @@ const BALANCED: &str = "Balanced";
 const GUESS_MODE: &str = "ControlNet is more important";
 
 /// A number as Python prints a float (`1.0`, `0.35`), as A1111 writes them.
-fn python_float(v: f64) -> String {
+pub fn python_float(v: f64) -> String {
     if v.fract() == 0.0 && v.abs() < 1e16 {
         format!("{v:.1}")
     } else {

@@ -7,7 +7,8 @@
 //! - [`pipeline`] turns a request into images: text conditioning ([`text`],
 //!   [`prompt`], [`tokenizer`]), the seed's noise ([`rng`]), [`sampling`], decoding,
 //!   with [`editing`] doing the pixel-side work of img2img and inpainting
-//!   and [`preprocess`] that of control images.
+//!   and [`preprocess`] that of control images; [`upscale`] enlarges
+//!   images with upscaler models or resamplers.
 //! - [`loading`] finds and reads weights into [`models`], whose hot
 //!   operations are our own fused [`ops`]; [`image_io`] and
 //!   [`infotext`] read and write images and their parameters.
@@ -36,3 +37,4 @@ pub mod settings;
 pub mod text;
 pub mod timings;
 pub mod tokenizer;
+pub mod upscale;

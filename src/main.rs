@@ -78,6 +78,9 @@ fn main() -> ExitCode {
             done(tokenize(prompt, model.as_deref(), &models.models_dir, prompt_syntax.unwrap_or_default(), *json))
         }
         Some(Command::Convert { input, output, dtype }) => done(convert(input, output, *dtype)),
+        Some(Command::Upscale { image, upscaler, scale, out, tile, device, models }) => {
+            done(upscale(image, upscaler, *scale, out, *tile, *device, &models.models_dir))
+        }
         Some(Command::Serve(args)) => done(serve(args)),
         Some(Command::Dev(dev)) => done(run_dev(dev)),
     };
@@ -93,6 +96,24 @@ fn convert(input: &Path, output: &Path, dtype: Option<safetensors::Dtype>) -> an
         eprintln!("{}{line}", if notice { "" } else { "warning: " });
     }
     eprintln!("wrote {}: {} tensors, {} bytes", output.display(), done.tensors, done.bytes);
+    Ok(())
+}
+
+fn upscale(
+    image: &Path,
+    upscaler: &str,
+    scale: Option<f64>,
+    out: &Path,
+    tile: usize,
+    device: sdgen::device::DeviceSpec,
+    models_dir: &Path,
+) -> anyhow::Result<()> {
+    let device = device.open().tag(Failure::Device)?;
+    let (w, h) = sdgen::upscale::upscale_file(image, out, upscaler, scale, models_dir, &device, tile)?;
+    for (line, notice) in sdgen::loading::pickle::take_notices() {
+        eprintln!("{}{line}", if notice { "" } else { "warning: " });
+    }
+    eprintln!("wrote {} ({w}×{h})", out.display());
     Ok(())
 }
 

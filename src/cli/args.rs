@@ -136,6 +136,32 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Enlarge an image with an upscaler model (ESRGAN, Real-ESRGAN,
+    /// SRVGGNetCompact; from <models>/ESRGAN, RealESRGAN or upscale_models)
+    /// or a resampler (lanczos, nearest). Its PNG parameters are kept, with
+    /// A1111's postprocessing keys added.
+    Upscale {
+        /// The image to enlarge (PNG/JPEG).
+        image: PathBuf,
+        /// A model name or path, or `lanczos` / `nearest`.
+        #[arg(long, value_name = "NAME|PATH")]
+        upscaler: String,
+        /// How much larger [default: the model's own scale]; as A1111 does
+        /// it: the model runs (again while smaller), then Lanczos resizes to
+        /// the side × scale rounded down to a multiple of 8.
+        #[arg(long)]
+        scale: Option<f64>,
+        #[arg(long, short, value_name = "PATH", default_value = "upscaled.png")]
+        out: PathBuf,
+        /// Input pixels per tile side; each tile also sees up to 32 pixels of
+        /// context around it, cropped away.
+        #[arg(long, default_value_t = sdgen::upscale::TILE)]
+        tile: usize,
+        #[arg(long, default_value = "auto")]
+        device: DeviceSpec,
+        #[command(flatten)]
+        models: ModelsDir,
+    },
     /// Write a weight file as safetensors: PyTorch pickles (.ckpt, .pt,
     /// .pth, .bin) are read as data, never run; tensors sorted by name, the
     /// source's SHA-256 in the metadata.

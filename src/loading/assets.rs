@@ -1,6 +1,7 @@
 //! Finding what the user names: a model (`--model`), a LoRA (`--lora`,
-//! `<lora:…>`), a VAE (`--vae`) and the embeddings folder, each by path or
-//! by name in the models dir, in the subfolders A1111 and ComfyUI use.
+//! `<lora:…>`), a VAE (`--vae`), a ControlNet, an upscaler and the
+//! embeddings folder, each by path or by name in the models dir, in the
+//! subfolders A1111 and ComfyUI use.
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,8 @@ pub enum Asset {
     Lora,
     Vae,
     ControlNet,
+    /// An ESRGAN-family image upscaler.
+    Upscaler,
 }
 
 impl Asset {
@@ -25,6 +28,7 @@ impl Asset {
             Asset::Lora => &["Lora", "loras", "LoRA", "lora"],
             Asset::Vae => &["VAE", "vae"],
             Asset::ControlNet => &["ControlNet", "controlnet"],
+            Asset::Upscaler => &["ESRGAN", "RealESRGAN", "upscale_models"],
         }
     }
 
@@ -32,7 +36,7 @@ impl Asset {
     fn fits(self, p: &Path) -> bool {
         match self {
             Asset::Model => is_checkpoint_file(p) || is_diffusers_folder(p),
-            Asset::Lora | Asset::Vae => p.is_file(),
+            Asset::Lora | Asset::Vae | Asset::Upscaler => p.is_file(),
             Asset::ControlNet => p.is_file() || is_controlnet_folder(p),
         }
     }
@@ -86,6 +90,10 @@ fn find_untagged(kind: Asset, name: &str, models_dir: &Path) -> anyhow::Result<P
         Asset::Lora => bail!("LoRA {name:?}: no such file, and not in {dir}/Lora or {dir}/loras"),
         Asset::Vae => bail!("--vae {name:?}: no such file, and not in {dir}/VAE"),
         Asset::ControlNet => bail!("ControlNet {name:?}: no such file or folder, and not in {dir}/ControlNet"),
+        Asset::Upscaler => bail!(
+            "upscaler {name:?}: not lanczos or nearest, no such file, and not in {dir}/ESRGAN, {dir}/RealESRGAN or \
+             {dir}/upscale_models"
+        ),
     }
 }
 

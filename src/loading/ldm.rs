@@ -238,6 +238,13 @@ impl Tensors {
         s.get(i).copied().with_context(|| format!("tensor `{name}` has shape {s:?}, expected at least {} dims", i + 1))
     }
 
+    /// The largest `N` in names `prefix N. ...`, plus one (0 if none):
+    /// the length of a numbered sequence that may skip indices.
+    pub fn numbered_len(&self, prefix: &str) -> usize {
+        let numbers = self.0.keys().filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok());
+        numbers.max().map_or(0, |n| n + 1)
+    }
+
     /// How many distinct `N` appear in names `prefix N. ...`.
     fn count(&self, prefix: &str) -> usize {
         let mut seen = std::collections::HashSet::new();

@@ -23,6 +23,7 @@ pub mod model;
 pub mod pickle;
 pub mod sd3;
 pub mod single_file;
+pub mod upscaler;
 pub mod weights;
 
 use std::path::Path;

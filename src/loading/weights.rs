@@ -28,6 +28,8 @@ pub enum Component {
     Transformer,
     /// SD 3's T5.
     TextEncoder3,
+    /// An image upscaler (ESRGAN family).
+    Upscaler,
 }
 
 impl Component {
@@ -41,6 +43,7 @@ impl Component {
             Component::ControlNet => "ControlNet",
             Component::Transformer => "transformer",
             Component::TextEncoder3 => "T5 text encoder",
+            Component::Upscaler => "upscaler",
         }
     }
 }

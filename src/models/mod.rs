@@ -1,5 +1,5 @@
 //! Model code: the CLIP and T5 text encoders, the UNet and its ControlNets,
-//! SD 3's MMDiT, and the VAE, built on our fused [`crate::ops`] and
+//! SD 3's MMDiT, the VAE and the ESRGAN-family upscalers, built on our fused [`crate::ops`] and
 //! candle-nn layers from a `VarBuilder` whose tensor names are diffusers'
 //! names; the [`Backbone`] seam the denoiser drives ([`Network`]).
 
@@ -9,6 +9,7 @@ pub mod controlnet;
 pub mod mmdit;
 pub mod t5;
 pub mod unet;
+pub mod upscaler;
 pub mod vae;
 
 use std::collections::HashMap;

@@ -14,7 +14,7 @@ pub fn fixture(rel: &str) -> PathBuf {
 /// Runs `sdgen` with `args` on the CPU, without a models dir or network
 /// (the listing commands run nothing and take neither option).
 pub fn sdgen(args: &[&str]) -> Output {
-    let generating = !matches!(args.first(), Some(&("models" | "tokenize" | "samplers" | "convert")));
+    let generating = !matches!(args.first(), Some(&("models" | "tokenize" | "samplers" | "convert" | "upscale")));
     let defaults: &[&str] = if generating { &["--device", "cpu", "--offline"] } else { &[] };
     Command::new(env!("CARGO_BIN_EXE_sdgen"))
         .args(args)
