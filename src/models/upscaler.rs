@@ -211,15 +211,15 @@ impl Compact {
 /// A loaded upscaler.
 #[derive(Debug)]
 pub enum Upscaler {
-    Rrdb(RrdbNet),
-    Compact(Compact),
+    Rrdb(Box<RrdbNet>),
+    Compact(Box<Compact>),
 }
 
 impl Upscaler {
     pub fn new(c: &UpscalerConfig, vb: VarBuilder) -> Result<Self> {
         Ok(match c {
-            UpscalerConfig::Rrdb(r) => Upscaler::Rrdb(RrdbNet::new(r, vb)?),
-            UpscalerConfig::Compact(k) => Upscaler::Compact(Compact::new(k, vb)?),
+            UpscalerConfig::Rrdb(r) => Upscaler::Rrdb(Box::new(RrdbNet::new(r, vb)?)),
+            UpscalerConfig::Compact(k) => Upscaler::Compact(Box::new(Compact::new(k, vb)?)),
         })
     }
 
