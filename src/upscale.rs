@@ -34,7 +34,15 @@ impl Upscaling<'_> {
     fn once(&self, image: &Image, scale: f64, tile: usize) -> anyhow::Result<Image> {
         let to = |n: usize| (n as f64 * scale) as usize;
         match self {
-            Upscaling::Model { model, device, .. } => run_tiled(model, image, tile, None, device),
+            Upscaling::Model { model, device, .. } => {
+                let side = image.width.max(image.height) * model.config().scale();
+                ensure!(
+                    side <= crate::image_io::MAX_SIDE as usize,
+                    "the upscaled image would be {side} pixels on a side, more than {}",
+                    crate::image_io::MAX_SIDE
+                );
+                run_tiled(model, image, tile, None, device)
+            }
             Upscaling::Lanczos => Ok(editing::resize(image, to(image.width), to(image.height))),
             Upscaling::Nearest => Ok(nearest(image, to(image.width), to(image.height))),
         }

@@ -267,6 +267,9 @@ fn pad_reflect_to(x: &Tensor, r: usize) -> Result<Tensor> {
     for dim in [2, 3] {
         let n = x.dim(dim)?;
         let pad = (r - n % r) % r;
+        if pad >= n {
+            candle_core::bail!("an image {n} pixels across is too small for this upscaler (at least {r})");
+        }
         if pad > 0 {
             // Reflection excludes the edge: n-2, n-3, …
             let idx: Vec<u32> = (0..pad).map(|i| (n as i64 - 2 - i as i64).unsigned_abs() as u32).collect();
