@@ -4,10 +4,11 @@
 
 use anyhow::{bail, Context};
 
+use crate::hires::HiresTarget;
 use crate::loading::Applied;
 use crate::preprocess::Preprocess;
 use crate::prompt::Syntax;
-use crate::request::{Init, Overlay, Request, Size};
+use crate::request::{Hires, Init, Overlay, Request, Size};
 use crate::sampling::schedule::ScheduleKind;
 use crate::settings::{ControlArg, Settings};
 
@@ -47,6 +48,9 @@ impl Parameters<'_> {
         }
         if let Some(strength) = r.strength() {
             fields.push(("Denoising strength", strength.to_string()));
+        }
+        if let Some(h) = &r.hires {
+            fields.extend(hires_fields(r, h));
         }
         if let Init::Inpaint { overlay: Overlay::Feather(blur), .. } = &r.init {
             fields.push(("Mask blur", blur.to_string()));
@@ -129,6 +133,49 @@ impl Parameters<'_> {
     }
 }
 
+/// The hires fix as A1111 records it; what equals the first pass's is left out.
+fn hires_fields(r: &Request, h: &Hires) -> Vec<(&'static str, String)> {
+    let mut fields = vec![("Denoising strength", h.denoise.to_string())];
+    fields.push(match h.target {
+        HiresTarget::Scale(f) => ("Hires upscale", f.to_string()),
+        HiresTarget::Resize(size) => ("Hires resize", size.to_string()),
+    });
+    if h.steps != 0 {
+        fields.push(("Hires steps", h.steps.to_string()));
+    }
+    fields.push(("Hires upscaler", h.upscaler.to_string()));
+    if h.sampler != r.sampler {
+        fields.push(("Hires sampler", h.sampler.a1111_name().to_string()));
+    }
+    if h.schedule != r.schedule {
+        fields.push(("Hires schedule type", h.schedule.a1111_name().to_string()));
+    }
+    if h.prompt != r.prompt {
+        fields.push(("Hires prompt", h.prompt.clone()));
+    }
+    if h.negative_prompt != r.negative_prompt {
+        fields.push(("Hires negative prompt", h.negative_prompt.clone()));
+    }
+    if h.cfg_scale != r.cfg_scale {
+        fields.push(("Hires CFG Scale", h.cfg_scale.to_string()));
+    }
+    fields
+}
+
+/// The hires fix's keys and the settings they are (`Denoising strength` is
+/// `hires-denoise` when they are there).
+const HIRES_KEYS: [(&str, &str); 9] = [
+    ("Hires upscale", "hires-scale"),
+    ("Hires resize", "hires-size"),
+    ("Hires steps", "hires-steps"),
+    ("Hires upscaler", "hires-upscaler"),
+    ("Hires sampler", "hires-sampler"),
+    ("Hires schedule type", "hires-schedule"),
+    ("Hires prompt", "hires-prompt"),
+    ("Hires negative prompt", "hires-negative-prompt"),
+    ("Hires CFG Scale", "hires-cfg-scale"),
+];
+
 /// A1111's ControlNet control modes: diffusers' default, and guess mode.
 const BALANCED: &str = "Balanced";
 const GUESS_MODE: &str = "ControlNet is more important";
@@ -154,10 +201,11 @@ fn mentions(text: &str, word: &str) -> bool {
 const SIZE_KEYS: [(&str, &str); 3] =
     [("Original size", "original-size"), ("Crop top left", "crop-top-left"), ("Target size", "target-size")];
 
-/// A1111 quotes values that contain a comma or a colon.
+/// A1111 quotes values that contain a comma, a colon or a line break (as
+/// JSON strings).
 fn quote(v: &str) -> String {
-    if v.contains([',', ':', '"']) {
-        format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+    if v.contains([',', ':', '"', '\n']) {
+        format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n"))
     } else {
         v.to_string()
     }
@@ -195,7 +243,7 @@ fn parse_fields(line: &str) -> Option<Vec<(String, String)>> {
             let mut end = None;
             while let Some((i, c)) = chars.next() {
                 match c {
-                    '\\' => value.extend(chars.next().map(|(_, c)| c)),
+                    '\\' => value.extend(chars.next().map(|(_, c)| if c == 'n' { '\n' } else { c })),
                     '"' => {
                         end = Some(i + 1);
                         break;
@@ -270,6 +318,15 @@ const KNOWN: &[&str] = &[
     "TI hashes",
     "VAE hash",
     "VAE",
+    "Hires upscale",
+    "Hires resize",
+    "Hires steps",
+    "Hires upscaler",
+    "Hires sampler",
+    "Hires schedule type",
+    "Hires prompt",
+    "Hires negative prompt",
+    "Hires CFG Scale",
 ];
 
 impl Infotext {
@@ -285,7 +342,8 @@ impl Infotext {
         if !unknown.is_empty() {
             bail!("unsupported parameters: {}", unknown.join(", "));
         }
-        if self.get("Denoising strength").is_some() || self.get("Mask blur").is_some() {
+        let hires = self.get("Hires upscale").is_some() || self.get("Hires resize").is_some();
+        if (self.get("Denoising strength").is_some() && !hires) || self.get("Mask blur").is_some() {
             bail!("this image was made from another image (img2img/inpaint); replay needs its input and supports txt2img only");
         }
         let mut settings = Settings {
@@ -307,7 +365,8 @@ impl Infotext {
             ("Clip skip", "clip-skip"),
             ("Prompt syntax", "prompt-syntax"),
         ];
-        for (key, setting) in keys.iter().chain(&SIZE_KEYS) {
+        let denoise = hires.then_some(("Denoising strength", "hires-denoise"));
+        for (key, setting) in keys.iter().chain(&SIZE_KEYS).chain(&HIRES_KEYS).chain(&denoise) {
             if let Some(value) = self.get(key) {
                 settings.set(setting, value).with_context(|| key.to_string())?;
             }
@@ -402,6 +461,7 @@ mod tests {
             text: TextOptions { syntax: Syntax::Plain, clip_skip: 2 },
             controls: Vec::new(),
             control_options: Default::default(),
+            hires: None,
         }
     }
 

@@ -8,7 +8,8 @@
 //!   [`prompt`], [`tokenizer`]), the seed's noise ([`rng`]), [`sampling`], decoding,
 //!   with [`editing`] doing the pixel-side work of img2img and inpainting
 //!   and [`preprocess`] that of control images; [`upscale`] enlarges
-//!   images with upscaler models or resamplers.
+//!   images with upscaler models or resamplers, which [`hires`] (the
+//!   hires fix's second pass) also does to latents.
 //! - [`loading`] finds and reads weights into [`models`], whose hot
 //!   operations are our own fused [`ops`]; [`image_io`] and
 //!   [`infotext`] read and write images and their parameters.
@@ -19,6 +20,7 @@ pub mod device;
 pub mod editing;
 pub mod failure;
 pub mod files;
+pub mod hires;
 pub mod image_io;
 pub mod infotext;
 pub mod loading;

@@ -9,6 +9,8 @@
 //!   see the latent mask and the masked image's latents beside the sample;
 //!   4-channel UNets get the unmasked area re-noised from the image after
 //!   every step (the sampler hook). Strength 1 starts from pure noise.
+//! - hires fix (txt2img): A1111's second pass, img2img on the first pass's
+//!   latents upscaled ([`crate::hires`]).
 //! - ControlNets (any mode): diffusers' ControlNet pipelines: each control
 //!   image stretched to the output size and preprocessed, embedded once,
 //!   and the ControlNets' residuals added to the UNet's at the steps their
@@ -21,15 +23,18 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::editing::{self, Mask};
 use crate::failure::{Failure, Tag};
+use crate::hires::{self, HiresUpscaler};
 use crate::image_io::Image;
 use crate::loading::controlnet::LoadedControlNet;
 use crate::loading::Model;
 use crate::models::Backbone;
-use crate::request::{Init, LatentFill, Request, TextOptions};
+use crate::request::{Hires, Init, LatentFill, Request, TextOptions};
 use crate::rng::TorchRng;
 use crate::sampling::denoiser::{Conditioning, Control, ControlUnit, Denoiser, TextEmbedding};
-use crate::sampling::samplers::sample;
+use crate::sampling::samplers::{sample, Sampler};
+use crate::sampling::schedule::Schedule;
 use crate::text::{self, TextConditioner};
+use crate::upscale::{self, Upscaling};
 
 /// What the pipeline reports while it runs.
 #[derive(Debug)]
@@ -45,6 +50,14 @@ pub enum Event {
     Decoding,
     /// The batch's images are ready.
     Decoded,
+}
+
+/// Sampling's result: the final latents and their scale, or when stopped,
+/// the last denoised estimate (data space, scale 1).
+struct Sampled {
+    latents: Tensor,
+    scale: f64,
+    stopped: bool,
 }
 
 /// The error a run stopped between steps ends sampling with; the pipeline
@@ -166,18 +179,7 @@ impl Model {
             anyhow::bail!("this is an inpainting model (9-channel UNet): use `sdgen inpaint` or `sdgen outpaint`");
         }
 
-        events(Event::EncodingText);
-        // LCM UNets embed the guidance scale instead of a negative pass.
-        let guided = req.cfg_scale > 1.0 && self.backbone.guidance_dim().is_none();
-        let (cond, uncond) = self.encode_prompts(reqs, guided, device, events)?;
-        for e in std::iter::once(&cond).chain(&uncond) {
-            check_finite(&e.context, &self.path, "text encoder")?;
-        }
-        let time_ids = self
-            .backbone
-            .takes_size_conditioning()
-            .then(|| reqs.iter().flat_map(|r| r.size_conditioning.time_ids(r.height, r.width)).collect());
-        let conditioning = Conditioning { cond, uncond, cfg_scale: req.cfg_scale, time_ids };
+        let conditioning = self.condition(reqs, device, events)?;
 
         let mut schedule = req.sampler.schedule(&self.scheduler, req.steps, req.schedule)?;
         if let Some(s) = req.strength() {
@@ -269,35 +271,17 @@ impl Model {
         });
         let mut denoiser = Denoiser::new(&self.backbone, &schedule, self.prediction, &conditioning, extra, control)?;
         events(Event::Sampling);
-        let (first, total) = (schedule.start, schedule.timesteps.len());
-        let last_sigma_scale = 1.0 / schedule.final_scale() as f64;
-        let sigmas = schedule.sigmas.clone();
-        let mut hook = |i: usize, x: Tensor| -> anyhow::Result<Tensor> {
-            events(Event::Step { done: i + 1 - first, total: total - first });
-            if stop() {
-                return Err(Stopped.into());
-            }
-            let Some((m, x0)) = blend else { return Ok(x) };
-            // The image at the σ the step landed on: noised with the initial
-            // noise, or clean after the last step (σ-space: scaled so that
-            // the final DDPM-space latents are exactly the image's).
-            let target =
-                if i + 1 < total { schedule.noised(x0, &noise, sigmas[i + 1])? } else { (x0 * last_sigma_scale)? };
-            Ok((m.broadcast_mul(&(x - &target)?)? + target)?)
-        };
-        // The final sample's scale, or x̂₀'s (data space) when stopped.
-        let (latents, scale) = match sample(req.sampler, &mut denoiser, x, &schedule, &mut rngs, &mut hook) {
-            Ok(latents) => (latents, schedule.final_scale() as f64),
-            Err(e) if e.is::<Stopped>() => match denoiser.last_denoised() {
-                Some(x0) => (x0.clone(), 1.0),
-                None => return Err(e),
-            },
-            Err(e) => return Err(e),
-        };
+        let blend = blend.map(|(m, x0)| (m, x0, &noise));
+        let mut sampled =
+            self.sample_steps(req.sampler, &mut denoiser, x, &schedule, &mut rngs, blend, events, stop)?;
+        // A1111 skips the second pass of an interrupted image.
+        if req.hires.is_some() && !sampled.stopped {
+            let x0 = (&sampled.latents * sampled.scale)?;
+            sampled = self.hires_pass(reqs, x0, device, events, stop)?;
+        }
 
-        check_finite(&latents, &self.path, "UNet")?;
         events(Event::Decoding);
-        let latents = self.vae.config.from_latents(&latents, scale)?;
+        let latents = self.vae.config.from_latents(&sampled.latents, sampled.scale)?;
         let decoded = self.vae.decode_batch(&latents)?;
         let images = reqs
             .iter()
@@ -313,6 +297,154 @@ impl Model {
             .collect::<anyhow::Result<Vec<_>>>()?;
         events(Event::Decoded);
         Ok(images)
+    }
+
+    /// The text conditioning of a batch: its prompts, guidance and SDXL's
+    /// size conditioning.
+    fn condition(
+        &self,
+        reqs: &[Request],
+        device: &Device,
+        events: &mut dyn FnMut(Event),
+    ) -> anyhow::Result<Conditioning> {
+        events(Event::EncodingText);
+        let req = &reqs[0];
+        // LCM UNets embed the guidance scale instead of a negative pass.
+        let guided = req.cfg_scale > 1.0 && self.backbone.guidance_dim().is_none();
+        let (cond, uncond) = self.encode_prompts(reqs, guided, device, events)?;
+        for e in std::iter::once(&cond).chain(&uncond) {
+            check_finite(&e.context, &self.path, "text encoder")?;
+        }
+        let time_ids = self
+            .backbone
+            .takes_size_conditioning()
+            .then(|| reqs.iter().flat_map(|r| r.size_conditioning.time_ids(r.height, r.width)).collect());
+        Ok(Conditioning { cond, uncond, cfg_scale: req.cfg_scale, time_ids })
+    }
+
+    /// Samples `x` over `schedule`'s steps, reporting each and checking
+    /// `stop` after it; `blend` (mask, image latents, initial noise) puts
+    /// the unmasked area back after every step (4-channel inpainting).
+    #[allow(clippy::too_many_arguments)]
+    fn sample_steps(
+        &self,
+        sampler: Sampler,
+        denoiser: &mut Denoiser,
+        x: Tensor,
+        schedule: &Schedule,
+        rngs: &mut [TorchRng],
+        blend: Option<(&Tensor, &Tensor, &Tensor)>,
+        events: &mut dyn FnMut(Event),
+        stop: &dyn Fn() -> bool,
+    ) -> anyhow::Result<Sampled> {
+        let (first, total) = (schedule.start, schedule.timesteps.len());
+        let last_sigma_scale = 1.0 / schedule.final_scale() as f64;
+        let mut hook = |i: usize, x: Tensor| -> anyhow::Result<Tensor> {
+            events(Event::Step { done: i + 1 - first, total: total - first });
+            if stop() {
+                return Err(Stopped.into());
+            }
+            let Some((m, x0, noise)) = blend else { return Ok(x) };
+            // The image at the σ the step landed on: noised with the initial
+            // noise, or clean after the last step (σ-space: scaled so that
+            // the final DDPM-space latents are exactly the image's).
+            let target = if i + 1 < total {
+                schedule.noised(x0, noise, schedule.sigmas[i + 1])?
+            } else {
+                (x0 * last_sigma_scale)?
+            };
+            Ok((m.broadcast_mul(&(x - &target)?)? + target)?)
+        };
+        let sampled = match sample(sampler, denoiser, x, schedule, rngs, &mut hook) {
+            Ok(latents) => Sampled { latents, scale: schedule.final_scale() as f64, stopped: false },
+            Err(e) if e.is::<Stopped>() => match denoiser.last_denoised() {
+                Some(x0) => Sampled { latents: x0.clone(), scale: 1.0, stopped: true },
+                None => return Err(e),
+            },
+            Err(e) => return Err(e),
+        };
+        check_finite(&sampled.latents, &self.path, "UNet")?;
+        Ok(sampled)
+    }
+
+    /// The hires fix's second pass (A1111's `sample_hr_pass`) from the
+    /// first pass's latents `x0` (data space): upscaled, noised with a fresh
+    /// generator of each seed to the start of the last N steps of a longer
+    /// schedule ([`hires::steps`]), and sampled with the hires prompts.
+    fn hires_pass(
+        &self,
+        reqs: &[Request],
+        x0: Tensor,
+        device: &Device,
+        events: &mut dyn FnMut(Event),
+        stop: &dyn Fn() -> bool,
+    ) -> anyhow::Result<Sampled> {
+        let h = reqs[0].hires.as_ref().expect("a hires job");
+        let x0 = h.size.crop_latents(&self.upscale_latents(h, &x0, device, events)?)?;
+        let out = h.size.output();
+        let second: Vec<Request> = reqs
+            .iter()
+            .map(|r| {
+                let h = r.hires.as_ref().expect("a batch shares its hires fix");
+                Request {
+                    prompt: h.prompt.clone(),
+                    negative_prompt: h.negative_prompt.clone(),
+                    cfg_scale: h.cfg_scale,
+                    width: out.width,
+                    height: out.height,
+                    hires: None,
+                    ..r.clone()
+                }
+            })
+            .collect();
+        let conditioning = self.condition(&second, device, events)?;
+        let (total, run) = hires::steps(h.steps, reqs[0].steps, h.denoise);
+        let schedule = h.sampler.schedule(&self.scheduler, total, h.schedule)?.from_step(total - run);
+        let mut rngs: Vec<TorchRng> = reqs.iter().map(|r| TorchRng::new(r.seed)).collect();
+        let values: Vec<f32> = rngs.iter_mut().flat_map(|r| r.randn(x0.elem_count() / reqs.len())).collect();
+        let noise = Tensor::from_vec(values, x0.shape(), device)?;
+        let x = schedule.noised(&x0, &noise, schedule.sigmas[schedule.start])?;
+        let mut denoiser = Denoiser::new(&self.backbone, &schedule, self.prediction, &conditioning, None, None)?;
+        events(Event::Sampling);
+        self.sample_steps(h.sampler, &mut denoiser, x, &schedule, &mut rngs, None, events, stop)
+    }
+
+    /// The first pass's latents `x0` enlarged to the hires fix's
+    /// `upscale_to`: interpolated, or decoded to 8-bit images, enlarged by
+    /// the upscaler and encoded again (to the posterior's mean; A1111 samples it).
+    fn upscale_latents(
+        &self,
+        h: &Hires,
+        x0: &Tensor,
+        device: &Device,
+        events: &mut dyn FnMut(Event),
+    ) -> anyhow::Result<Tensor> {
+        let to = h.size.upscale_to;
+        let scale = self.vae.config.downscale();
+        let name = match &h.upscaler {
+            HiresUpscaler::Latent(mode) => {
+                return Ok(hires::interpolate(x0, to.height / scale, to.width / scale, *mode)?)
+            }
+            HiresUpscaler::Image(name) => name,
+        };
+        let loaded;
+        let how = match upscale::resampler(name) {
+            Some(how) => how,
+            None => {
+                loaded = self.upscaler(name)?;
+                Upscaling::Model { model: &loaded.model, name: &loaded.name, device }
+            }
+        };
+        events(Event::Decoding);
+        let decoded = self.vae.decode_batch(&self.vae.config.from_latents(x0, 1.0)?)?;
+        let each = decoded
+            .iter()
+            .map(|d| {
+                let image = upscale::resize_with(&to_image(d)?, &how, to.width, to.height)?;
+                self.encode_image(&image, None, device)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&each, 0)?)
     }
 
     /// The ControlNets of a batch (`nets`, which every job names: they share

@@ -8,6 +8,7 @@ use std::str::FromStr;
 use anyhow::bail;
 
 use crate::editing::Mask;
+use crate::hires::{HiresSize, HiresTarget, HiresUpscaler};
 use crate::image_io::Image;
 use crate::preprocess::Preprocess;
 use crate::prompt::Syntax;
@@ -198,6 +199,26 @@ pub struct ControlOptions {
     pub guess_mode: bool,
 }
 
+/// A txt2img job's hires fix: the image is generated at the request's
+/// size, upscaled, and refined by an img2img pass at `denoise`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hires {
+    /// What was asked for (recorded as A1111's `Hires upscale`/`Hires resize`).
+    pub target: HiresTarget,
+    /// Where that lands, from the first pass's size.
+    pub size: HiresSize,
+    pub upscaler: HiresUpscaler,
+    /// Steps the second pass runs; 0: as many as the first.
+    pub steps: usize,
+    /// How much of the upscaled image is repainted (A1111's "Denoising strength").
+    pub denoise: f64,
+    pub sampler: Sampler,
+    pub schedule: ScheduleKind,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub cfg_scale: f64,
+}
+
 /// One generation job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
@@ -215,6 +236,7 @@ pub struct Request {
     pub text: TextOptions,
     pub controls: Vec<Control>,
     pub control_options: ControlOptions,
+    pub hires: Option<Hires>,
 }
 
 /// What jobs must share to run as one UNet batch: everything but prompts,
@@ -231,6 +253,8 @@ pub struct BatchKey {
     /// Each ControlNet's model, weight and range.
     controls: Vec<(String, f64, f64, f64)>,
     control_options: ControlOptions,
+    /// The hires fix without its prompts.
+    hires: Option<Hires>,
 }
 
 impl Request {
@@ -255,6 +279,9 @@ impl Request {
             bail!("--cfg-scale must be a number ≥ 0, got {}", self.cfg_scale);
         }
         self.controls.iter().try_for_each(Control::validate)?;
+        if let Some(h) = &self.hires {
+            self.validate_hires(h)?;
+        }
         if let Some(s) = self.strength() {
             if !(s > 0.0 && s <= 1.0) {
                 bail!("--strength must be in (0, 1], got {s}");
@@ -262,6 +289,31 @@ impl Request {
             if (self.steps as f64 * s) < 1.0 {
                 bail!("--strength {s} × {} steps runs no step; raise --strength or --steps", self.steps);
             }
+        }
+        Ok(())
+    }
+
+    fn validate_hires(&self, h: &Hires) -> anyhow::Result<()> {
+        let max = crate::image_io::MAX_SIDE as usize;
+        if self.init != Init::Noise {
+            bail!("the hires fix (--hires-*) is for txt2img; img2img and inpainting take no second pass");
+        }
+        if !self.controls.is_empty() {
+            bail!("the hires fix with ControlNets is not supported yet");
+        }
+        let out = h.size.output();
+        if out.width.max(out.height) > max || h.size.upscale_to.width.max(h.size.upscale_to.height) > max {
+            bail!("the hires fix's size {} is larger than the {max} pixels sdgen allows", h.size.upscale_to);
+        }
+        if !(h.denoise > 0.0 && h.denoise <= 1.0) {
+            bail!("--hires-denoise must be in (0, 1], got {}", h.denoise);
+        }
+        if !h.cfg_scale.is_finite() || h.cfg_scale < 0.0 {
+            bail!("--hires-cfg-scale must be a number ≥ 0, got {}", h.cfg_scale);
+        }
+        let (total, _) = crate::hires::steps(h.steps, self.steps, h.denoise);
+        if total > 1000 {
+            bail!("--hires-steps / --hires-denoise make a schedule of {total} steps, more than 1000");
         }
         Ok(())
     }
@@ -283,6 +335,11 @@ impl Request {
             strength: self.strength(),
             controls: self.controls.iter().map(|c| (c.model.clone(), c.weight, c.start, c.end)).collect(),
             control_options: self.control_options,
+            hires: self.hires.as_ref().map(|h| Hires {
+                prompt: String::new(),
+                negative_prompt: String::new(),
+                ..h.clone()
+            }),
         }
     }
 

@@ -14,6 +14,7 @@ use candle_core::Device;
 
 use crate::editing::{self, Mask, Pads};
 use crate::failure::{Failure, Tag};
+use crate::hires::HiresUpscaler;
 use crate::image_io::{read_image, read_mask_levels, write_png, Image};
 use crate::infotext::{Parameters, Recorded};
 use crate::loading::assets::{self, Asset, Located};
@@ -414,6 +415,12 @@ impl SingleJob {
         let count = self.settings.image_count().tag(Failure::Usage)?;
         let mut request = self.settings.resolve(&session.model.defaults(), self.init).tag(Failure::Usage)?;
         request.controls = self.controls;
+        // A missing upscaler fails before any image is generated.
+        if let Some(HiresUpscaler::Image(name)) = request.hires.as_ref().map(|h| &h.upscaler) {
+            if crate::upscale::resampler(name).is_none() {
+                session.model.upscaler(name).tag(Failure::Model)?;
+            }
+        }
         Ok(numbered_jobs(&request, &self.out, count))
     }
 }

@@ -11,12 +11,15 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 
 use crate::device::{DeviceSpec, Precision};
+use crate::hires::{HiresSize, HiresTarget, HiresUpscaler};
 use crate::loading::lora::LoraArg;
 use crate::loading::{Defaults, Preset, STANDARD_512};
 use crate::models::vae::Tiling;
 use crate::preprocess::Preprocess;
 use crate::prompt::Syntax;
-use crate::request::{check_control, ControlOptions, Init, Request, Size, SizeConditioning, TextOptions, TopLeft};
+use crate::request::{
+    check_control, ControlOptions, Hires, Init, Request, Size, SizeConditioning, TextOptions, TopLeft,
+};
 use crate::sampling::denoiser::Prediction;
 use crate::sampling::samplers::{resolve, SamplerName};
 use crate::sampling::schedule::ScheduleKind;
@@ -48,6 +51,99 @@ pub struct Settings {
     pub controls: Option<Vec<ControlArg>>,
     pub control_preprocess: Option<Preprocess>,
     pub control_guess_mode: Option<bool>,
+    pub hires: HiresSettings,
+}
+
+/// The hires fix's settings (`--hires-*`); it runs when a scale or a size
+/// is given.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HiresSettings {
+    pub scale: Option<f64>,
+    /// Takes precedence over `scale`, as in A1111.
+    pub size: Option<Size>,
+    pub upscaler: Option<HiresUpscaler>,
+    /// 0: as many as the first pass.
+    pub steps: Option<usize>,
+    pub denoise: Option<f64>,
+    pub sampler: Option<SamplerName>,
+    pub schedule: Option<ScheduleKind>,
+    pub prompt: Option<String>,
+    pub negative_prompt: Option<String>,
+    pub cfg_scale: Option<f64>,
+}
+
+/// The hires fix's default denoising strength (A1111's).
+pub const HIRES_DENOISE: f64 = 0.7;
+
+impl HiresSettings {
+    fn over(&self, base: &HiresSettings) -> HiresSettings {
+        fn or<T: Clone>(a: &Option<T>, b: &Option<T>) -> Option<T> {
+            a.clone().or_else(|| b.clone())
+        }
+        HiresSettings {
+            scale: or(&self.scale, &base.scale),
+            size: or(&self.size, &base.size),
+            upscaler: or(&self.upscaler, &base.upscaler),
+            steps: or(&self.steps, &base.steps),
+            denoise: or(&self.denoise, &base.denoise),
+            sampler: or(&self.sampler, &base.sampler),
+            schedule: or(&self.schedule, &base.schedule),
+            prompt: or(&self.prompt, &base.prompt),
+            negative_prompt: or(&self.negative_prompt, &base.negative_prompt),
+            cfg_scale: or(&self.cfg_scale, &base.cfg_scale),
+        }
+    }
+
+    /// Sets `hires-KEY`; false if `key` is not one of these settings.
+    fn set(&mut self, key: &str, value: &str) -> anyhow::Result<bool> {
+        let full = format!("hires-{key}");
+        match key {
+            "scale" => self.scale = Some(number(&full, value)?),
+            "size" => self.size = Some(value.parse().with_context(|| format!("--{full}"))?),
+            "upscaler" => self.upscaler = Some(value.parse().with_context(|| format!("--{full}"))?),
+            "steps" => self.steps = Some(number(&full, value)?),
+            "denoise" => self.denoise = Some(number(&full, value)?),
+            "sampler" => self.sampler = Some(value.parse().with_context(|| format!("--{full}"))?),
+            "schedule" => self.schedule = Some(value.parse().with_context(|| format!("--{full}"))?),
+            "prompt" => self.prompt = Some(value.to_string()),
+            "negative-prompt" => self.negative_prompt = Some(value.to_string()),
+            "cfg-scale" => self.cfg_scale = Some(number(&full, value)?),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The hires fix of a `width × height` txt2img job, or `None` when no
+    /// scale or size asks for one (then no other `--hires-*` may be set).
+    fn resolve(&self, first: &Request) -> anyhow::Result<Option<Hires>> {
+        let target = match (self.size, self.scale) {
+            (Some(size), _) => HiresTarget::Resize(size),
+            (None, Some(scale)) => HiresTarget::Scale(scale),
+            (None, None) => {
+                if *self != HiresSettings::default() {
+                    bail!("the --hires-* options need --hires-scale or --hires-size, which turn the hires fix on");
+                }
+                return Ok(None);
+            }
+        };
+        // An own sampler keeps the first pass's schedule unless it implies one.
+        let (sampler, schedule) = match self.sampler {
+            Some(named) if named.schedule.is_none() && self.schedule.is_none() => (named.sampler, first.schedule),
+            _ => resolve(self.sampler, self.schedule, (first.sampler, first.schedule))?,
+        };
+        Ok(Some(Hires {
+            target,
+            size: HiresSize::of(first.width, first.height, target)?,
+            upscaler: self.upscaler.clone().unwrap_or_default(),
+            steps: self.steps.unwrap_or(0),
+            denoise: self.denoise.unwrap_or(HIRES_DENOISE),
+            sampler,
+            schedule,
+            prompt: self.prompt.clone().unwrap_or_else(|| first.prompt.clone()),
+            negative_prompt: self.negative_prompt.clone().unwrap_or_else(|| first.negative_prompt.clone()),
+            cfg_scale: self.cfg_scale.unwrap_or(first.cfg_scale),
+        }))
+    }
 }
 
 /// One `--control PATH:IMAGE[:WEIGHT[:START:END]]`. What a replayed PNG
@@ -128,6 +224,16 @@ pub const KEYS: &[&str] = &[
     "control",
     "control-preprocess",
     "control-guess-mode",
+    "hires-scale",
+    "hires-size",
+    "hires-upscaler",
+    "hires-steps",
+    "hires-denoise",
+    "hires-sampler",
+    "hires-schedule",
+    "hires-prompt",
+    "hires-negative-prompt",
+    "hires-cfg-scale",
 ];
 
 /// `value` as a number, the error naming the option.
@@ -140,6 +246,11 @@ impl Settings {
     pub fn set(&mut self, key: &str, value: &str) -> anyhow::Result<()> {
         let key = key.replace('_', "-");
         let key = key.as_str();
+        if let Some(k) = key.strip_prefix("hires-") {
+            if self.hires.set(k, value)? {
+                return Ok(());
+            }
+        }
         match key {
             "prompt" => self.prompt = Some(value.to_string()),
             "negative-prompt" => self.negative_prompt = Some(value.to_string()),
@@ -200,6 +311,7 @@ impl Settings {
             },
             control_preprocess: or(&self.control_preprocess, &base.control_preprocess),
             control_guess_mode: or(&self.control_guess_mode, &base.control_guess_mode),
+            hires: self.hires.over(&base.hires),
         }
     }
 
@@ -230,7 +342,7 @@ impl Settings {
             height: self.height.unwrap_or(defaults.size),
         });
         let (sampler, schedule) = resolve(self.sampler, self.schedule, defaults.sampling())?;
-        let request = Request {
+        let mut request = Request {
             prompt: self.prompt.clone().unwrap_or_default(),
             negative_prompt: self.negative_prompt.clone().unwrap_or_default(),
             seed: self.seed.unwrap_or_default(),
@@ -256,7 +368,9 @@ impl Settings {
                 preprocess: self.control_preprocess.unwrap_or_default(),
                 guess_mode: self.control_guess_mode.unwrap_or(false),
             },
+            hires: None,
         };
+        request.hires = self.hires.resolve(&request)?;
         request.validate()?;
         Ok(request)
     }

@@ -84,6 +84,18 @@ pub fn upscale(image: &Image, how: &Upscaling, scale: Option<f64>, tile: usize) 
     Ok(out)
 }
 
+/// `image` stretched to `width × height` as A1111's `resize_image` ("just
+/// resize") does with an upscaler: enlarged by it ([`upscale`]) when the
+/// larger ratio of the sides is above 1, then Lanczos to the exact size.
+pub fn resize_with(image: &Image, how: &Upscaling, width: usize, height: usize) -> anyhow::Result<Image> {
+    let scale = (width as f64 / image.width as f64).max(height as f64 / image.height as f64);
+    let mut out = if scale > 1.0 { upscale(image, how, Some(scale), TILE)? } else { image.clone() };
+    if (out.width, out.height) != (width, height) {
+        out = editing::resize(&out, width, height);
+    }
+    Ok(out)
+}
+
 /// The model's output for `image`, computed in tiles of `tile` input pixels,
 /// each with `margin` pixels of context around it (default: the model's
 /// [`tile_margin`](crate::models::upscaler::UpscalerConfig::tile_margin))
@@ -199,10 +211,11 @@ pub fn upscale_file(
     Ok((out.width, out.height))
 }
 
-/// `lanczos` / `nearest` (A1111's names accepted too) as resamplers.
+/// `lanczos` / `nearest` (A1111's names accepted too; its "None" upscaler
+/// leaves the resizing to Lanczos) as resamplers.
 pub fn resampler(name: &str) -> Option<Upscaling<'static>> {
     match name.to_ascii_lowercase().as_str() {
-        "lanczos" => Some(Upscaling::Lanczos),
+        "lanczos" | "none" => Some(Upscaling::Lanczos),
         "nearest" => Some(Upscaling::Nearest),
         _ => None,
     }

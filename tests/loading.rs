@@ -59,6 +59,7 @@ fn render(model_path: &Path) -> Vec<u8> {
         text: Default::default(),
         controls: Vec::new(),
         control_options: Default::default(),
+        hires: None,
     };
     model.generate(&req, &Device::Cpu, &mut |_| {}).unwrap().rgb
 }

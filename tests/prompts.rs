@@ -77,6 +77,7 @@ fn request(prompt: &str, negative: &str, clip_skip: usize) -> Request {
         text: TextOptions { syntax: Syntax::A1111, clip_skip },
         controls: Vec::new(),
         control_options: Default::default(),
+        hires: None,
     }
 }
 

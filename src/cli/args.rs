@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use sdgen::device::{DeviceSpec, Precision};
+use sdgen::hires::HiresUpscaler;
 use sdgen::loading::lora::LoraArg;
 use sdgen::loading::Preset;
 use sdgen::models::vae::Tiling;
@@ -14,7 +15,7 @@ use sdgen::request::{Size, TopLeft};
 use sdgen::sampling::denoiser::Prediction;
 use sdgen::sampling::samplers::SamplerName;
 use sdgen::sampling::schedule::ScheduleKind;
-use sdgen::settings::{ControlArg, SessionSettings, Settings};
+use sdgen::settings::{ControlArg, HiresSettings, SessionSettings, Settings};
 
 /// Stable Diffusion on the command line: txt2img (no subcommand), img2img,
 /// inpaint, outpaint, batch, replay.
@@ -489,6 +490,69 @@ pub struct Common {
     /// decode, peak memory) as one JSON line on stderr.
     #[arg(long)]
     pub timings: bool,
+    #[command(flatten)]
+    pub hires: HiresArgs,
+}
+
+/// The hires fix of txt2img (A1111's "Hires. fix"): generate at the size
+/// asked for, upscale, and repaint the result partly at the larger size.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Hires fix (txt2img)")]
+pub struct HiresArgs {
+    /// Turn it on: the second pass is int(W·F) × int(H·F), rounded down to
+    /// multiples of 8.
+    #[arg(long, value_name = "F")]
+    pub hires_scale: Option<f64>,
+    /// Turn it on at this size instead (0 for one side: from the other and
+    /// the aspect); another aspect than the first pass's is covered, then
+    /// cropped to it, as A1111 does.
+    #[arg(long, value_name = "WxH")]
+    pub hires_size: Option<Size>,
+    /// latent (bilinear), latent-antialiased, latent-bicubic,
+    /// latent-bicubic-antialiased, latent-nearest, latent-nearest-exact
+    /// (A1111's names work too), or an upscaler model (`sdgen upscale`) or
+    /// lanczos / nearest, which enlarge the decoded image [default: latent].
+    #[arg(long, value_name = "NAME")]
+    pub hires_upscaler: Option<HiresUpscaler>,
+    /// Steps the second pass runs: the last N of a schedule of
+    /// N / denoise steps, as A1111 does [default: 0 = as many as --steps].
+    #[arg(long, value_name = "N")]
+    pub hires_steps: Option<usize>,
+    /// How much the second pass repaints, in (0, 1] [default: 0.7].
+    #[arg(long, value_name = "S", allow_negative_numbers = true)]
+    pub hires_denoise: Option<f64>,
+    /// The second pass's sampler [default: --sampler's].
+    #[arg(long, value_name = "NAME")]
+    pub hires_sampler: Option<SamplerName>,
+    /// The second pass's schedule [default: --schedule's].
+    #[arg(long, value_name = "NAME")]
+    pub hires_schedule: Option<ScheduleKind>,
+    /// The second pass's prompt [default: --prompt].
+    #[arg(long, allow_hyphen_values = true)]
+    pub hires_prompt: Option<String>,
+    /// The second pass's negative prompt [default: --negative-prompt].
+    #[arg(long, allow_hyphen_values = true)]
+    pub hires_negative_prompt: Option<String>,
+    /// The second pass's guidance scale [default: --cfg-scale].
+    #[arg(long, allow_negative_numbers = true)]
+    pub hires_cfg_scale: Option<f64>,
+}
+
+impl HiresArgs {
+    fn settings(&self) -> HiresSettings {
+        HiresSettings {
+            scale: self.hires_scale,
+            size: self.hires_size,
+            upscaler: self.hires_upscaler.clone(),
+            steps: self.hires_steps,
+            denoise: self.hires_denoise,
+            sampler: self.hires_sampler,
+            schedule: self.hires_schedule,
+            prompt: self.hires_prompt.clone(),
+            negative_prompt: self.hires_negative_prompt.clone(),
+            cfg_scale: self.hires_cfg_scale,
+        }
+    }
 }
 
 impl Common {
@@ -513,6 +577,7 @@ impl Common {
             controls: (!self.control.is_empty()).then(|| self.control.clone()),
             control_preprocess: self.control_preprocess,
             control_guess_mode: self.control_guess_mode.then_some(true),
+            hires: self.hires.settings(),
         }
     }
 

@@ -150,7 +150,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, merging: Merging, no_t5: 
         unused,
         applied: Default::default(),
         base: merging.keep_base.cloned(),
-        controlnets: Default::default(),
+        on_demand: Default::default(),
     })
 }
 

@@ -62,7 +62,7 @@ impl Model {
             let hash = hashing::short_sha256(path, hashing::MODEL_HASH_DIGITS)?;
             model.applied.vae = Some((assets::display_name(path), hash));
         }
-        model.controlnets = model::ControlNets::new(adapters.models_dir.clone());
+        model.on_demand = model::OnDemand::new(adapters.models_dir.clone());
         if let Some(dir) = &adapters.embeddings {
             let widths = model.text.clip().widths();
             (model.applied.embeddings, model.applied.embeddings_skipped) = embeddings::read_dir(dir, &widths);

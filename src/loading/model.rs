@@ -12,6 +12,7 @@ use super::assets::{self, Asset};
 use super::controlnet::{self, LoadedControlNet};
 use super::family::{Defaults, Family, Preset};
 use super::hashing;
+use super::upscaler::{self, LoadedUpscaler};
 use super::weights::{self, Component};
 use super::{embeddings, ldm, lora};
 use crate::failure::{Failure, Tag};
@@ -47,21 +48,27 @@ pub struct Model {
     /// The LoRA targets' weights before any LoRA, when loaded with
     /// [`Adapters::retain_base`].
     pub base: Option<std::sync::Arc<lora::BaseWeights>>,
-    /// The ControlNets jobs have named so far.
-    pub controlnets: ControlNets,
+    /// The ControlNets and upscalers jobs have named so far.
+    pub on_demand: OnDemand,
 }
 
-/// ControlNets loaded on first use, by the name jobs give them.
+/// ControlNets and upscaler models loaded on first use, by the names jobs
+/// give them.
 #[derive(Default)]
-pub struct ControlNets {
-    /// Where names are looked up (`<models>/ControlNet/`).
+pub struct OnDemand {
+    /// Where names are looked up (`<models>/ControlNet/`, `<models>/ESRGAN/`, …).
     models_dir: Option<PathBuf>,
-    loaded: Mutex<Vec<(String, Arc<LoadedControlNet>)>>,
+    controlnets: Mutex<Vec<(String, Arc<LoadedControlNet>)>>,
+    upscalers: Mutex<Vec<(String, Arc<LoadedUpscaler>)>>,
 }
 
-impl ControlNets {
+impl OnDemand {
     pub fn new(models_dir: Option<PathBuf>) -> Self {
-        Self { models_dir, loaded: Mutex::default() }
+        Self { models_dir, ..Self::default() }
+    }
+
+    fn models_dir(&self) -> &Path {
+        self.models_dir.as_deref().unwrap_or(Path::new(""))
     }
 }
 
@@ -76,7 +83,7 @@ pub struct Adapters {
     /// Keep the base weights so that [`Model::merge_loras`] can swap LoRAs
     /// later without reading the model files again (a server's sessions).
     pub retain_base: bool,
-    /// The models dir, where ControlNets named by jobs are looked up.
+    /// The models dir, where ControlNets and upscalers named by jobs are looked up.
     pub models_dir: Option<PathBuf>,
     /// SD 3.5: leave out T5.
     pub no_t5: bool,
@@ -128,11 +135,11 @@ impl Model {
     /// The ControlNet `name` (a path, or a name in the models dir), loaded
     /// the first time it is asked for and checked against this model.
     pub fn controlnet(&self, name: &str) -> anyhow::Result<Arc<LoadedControlNet>> {
-        let mut loaded = self.controlnets.loaded.lock().expect("lock");
+        let mut loaded = self.on_demand.controlnets.lock().expect("lock");
         if let Some((_, net)) = loaded.iter().find(|(n, _)| n == name) {
             return Ok(net.clone());
         }
-        let dir = self.controlnets.models_dir.as_deref().unwrap_or(Path::new(""));
+        let dir = self.on_demand.models_dir();
         let Some(unet) = self.backbone.unet() else {
             return Err(anyhow::anyhow!("ControlNets guide UNet models (SD 1.x, 2.x, XL), not {}", self.family.name()))
                 .tag(Failure::Usage);
@@ -146,8 +153,21 @@ impl Model {
 
     /// The ControlNet `name` if a job has loaded it.
     pub fn loaded_controlnet(&self, name: &str) -> Option<Arc<LoadedControlNet>> {
-        let loaded = self.controlnets.loaded.lock().expect("lock");
+        let loaded = self.on_demand.controlnets.lock().expect("lock");
         loaded.iter().find(|(n, _)| n == name).map(|(_, net)| net.clone())
+    }
+
+    /// The upscaler model `name` (a path, or a name in the models dir),
+    /// loaded the first time it is asked for, on the backbone's device in f32.
+    pub fn upscaler(&self, name: &str) -> anyhow::Result<Arc<LoadedUpscaler>> {
+        let mut loaded = self.on_demand.upscalers.lock().expect("lock");
+        if let Some((_, model)) = loaded.iter().find(|(n, _)| n == name) {
+            return Ok(model.clone());
+        }
+        let path = assets::find(Asset::Upscaler, name, self.on_demand.models_dir())?;
+        let model = Arc::new(upscaler::load(&path, &self.backbone.device(), DType::F32).tag(Failure::Model)?);
+        loaded.push((name.to_string(), model.clone()));
+        Ok(model)
     }
 }
 

@@ -63,7 +63,7 @@ fn model(path: &Path, hash_file: PathBuf, parts: Parts, merging: Merging) -> Mod
         unused: parts.unused.into_iter().collect(),
         applied: Default::default(),
         base: merging.keep_base.cloned(),
-        controlnets: Default::default(),
+        on_demand: Default::default(),
     }
 }
 

@@ -127,7 +127,7 @@ pub fn load(
         unused: ckpt.unused(),
         applied: Default::default(),
         base: merging.keep_base.cloned(),
-        controlnets: Default::default(),
+        on_demand: Default::default(),
     })
 }
 

@@ -6,10 +6,11 @@
 use base64::Engine;
 use sdgen::editing::{self, Mask};
 use sdgen::image_io::{image_from_bytes, mask_levels_from_bytes, Image};
+use sdgen::request::Size;
 use sdgen::request::{Init, LatentFill, Overlay};
 use sdgen::sampling::samplers::{Sampler, SamplerName};
 use sdgen::sampling::schedule::ScheduleKind;
-use sdgen::settings::Settings;
+use sdgen::settings::{HiresSettings, Settings};
 use serde_json::{Map, Value};
 
 use super::ApiError;
@@ -32,7 +33,6 @@ const AT_DEFAULT_ONLY: &[(&str, &[&str])] = &[
     ("script_args", &["[]", "null"]),
     ("refiner_checkpoint", &["null", "\"\""]),
     ("refiner_switch_at", &["null", "0", "0.0"]),
-    ("enable_hr", &["false", "null"]),
     ("eta", &["null", "1", "1.0", "0", "0.0"]),
     ("s_noise", &["null", "1", "1.0"]),
     ("s_churn", &["null", "0", "0.0"]),
@@ -145,19 +145,9 @@ pub fn sampling(p: &Payload) -> Result<(Sampler, ScheduleKind), ApiError> {
     };
     let named: SamplerName = name.parse().map_err(|e: anyhow::Error| ApiError::field(key, e.to_string()))?;
     let scheduler = p.string("scheduler")?.unwrap_or_else(|| "automatic".into());
-    let schedule = match scheduler.to_ascii_lowercase().as_str() {
-        "automatic" => named.schedule.unwrap_or_else(|| automatic_schedule(named.sampler)),
-        // A1111's "Uniform" and "Normal" step evenly in timestep.
-        "uniform" | "normal" => ScheduleKind::Linspace,
-        "karras" => ScheduleKind::Karras,
-        "exponential" => ScheduleKind::Exponential,
-        "beta" => ScheduleKind::Beta,
-        other => {
-            return Err(ApiError::field(
-                "scheduler",
-                format!("{other:?} is not supported (automatic, uniform, normal, karras, exponential, beta)"),
-            ))
-        }
+    let schedule = match scheduler_kind("scheduler", &scheduler)? {
+        Some(kind) => kind,
+        None => named.schedule.unwrap_or_else(|| automatic_schedule(named.sampler)),
     };
     if let (Some(implied), false) = (named.schedule, scheduler.eq_ignore_ascii_case("automatic")) {
         if implied != schedule {
@@ -166,6 +156,70 @@ pub fn sampling(p: &Payload) -> Result<(Sampler, ScheduleKind), ApiError> {
     }
     Ok((named.sampler, schedule))
 }
+
+/// A1111's scheduler `name` in `key`; `None` for "Automatic".
+fn scheduler_kind(key: &str, name: &str) -> Result<Option<ScheduleKind>, ApiError> {
+    Ok(Some(match name.to_ascii_lowercase().as_str() {
+        "automatic" => return Ok(None),
+        // A1111's "Uniform" and "Normal" step evenly in timestep.
+        "uniform" | "normal" => ScheduleKind::Linspace,
+        "karras" => ScheduleKind::Karras,
+        "exponential" => ScheduleKind::Exponential,
+        "beta" => ScheduleKind::Beta,
+        other => {
+            return Err(ApiError::field(
+                key,
+                format!("{other:?} is not supported (automatic, uniform, normal, karras, exponential, beta)"),
+            ))
+        }
+    }))
+}
+
+/// txt2img's hires fix: `enable_hr` and the `hr_*` fields, A1111's
+/// defaults for those absent (scale 2, "Latent", denoising 0.7); nothing
+/// when it is off (clients send the `hr_*` fields anyway).
+pub fn hires(p: &Payload) -> Result<HiresSettings, ApiError> {
+    if !p.boolean("enable_hr")?.unwrap_or(false) {
+        return Ok(HiresSettings::default());
+    }
+    let side = |key: &str| match p.int(key)?.unwrap_or(0) {
+        v @ 0..=MAX_HIRES_SIDE => Ok(v as usize),
+        v => Err(ApiError::field(key, format!("must be between 0 and {MAX_HIRES_SIDE}, got {v}"))),
+    };
+    let (x, y) = (side("hr_resize_x")?, side("hr_resize_y")?);
+    // "Use same …" and empty strings mean the first pass's.
+    let given = |key: &str| -> Result<Option<String>, ApiError> {
+        Ok(p.string(key)?.filter(|s| !s.is_empty() && !s.starts_with("Use same")))
+    };
+    let parsed = |key: &str| {
+        let key = key.to_string();
+        move |e: anyhow::Error| ApiError::field(&key, format!("{e:#}"))
+    };
+    let steps = match p.int("hr_second_pass_steps")?.unwrap_or(0) {
+        v @ 0..=1000 => v as usize,
+        v => return Err(ApiError::field("hr_second_pass_steps", format!("must be between 0 and 1000, got {v}"))),
+    };
+    let schedule = match given("hr_scheduler")? {
+        Some(name) => scheduler_kind("hr_scheduler", &name)?,
+        None => None,
+    };
+    Ok(HiresSettings {
+        scale: Some(p.number("hr_scale")?.unwrap_or(2.0)),
+        size: (x > 0 || y > 0).then_some(Size { width: x, height: y }),
+        upscaler: given("hr_upscaler")?.map(|n| n.parse()).transpose().map_err(parsed("hr_upscaler"))?,
+        steps: Some(steps),
+        denoise: Some(p.number("denoising_strength")?.unwrap_or(sdgen::settings::HIRES_DENOISE)),
+        sampler: given("hr_sampler_name")?.map(|n| n.parse()).transpose().map_err(parsed("hr_sampler_name"))?,
+        schedule,
+        prompt: given("hr_prompt")?,
+        negative_prompt: given("hr_negative_prompt")?,
+        // Forge's field; A1111 1.10 has none.
+        cfg_scale: p.number("hr_cfg")?.filter(|&c| c > 0.0),
+    })
+}
+
+/// The largest `hr_resize_x`/`hr_resize_y`.
+const MAX_HIRES_SIDE: i64 = sdgen::image_io::MAX_SIDE as i64;
 
 /// A random 32-bit seed, as A1111 draws for -1.
 pub fn random_seed() -> u64 {

@@ -193,8 +193,8 @@ fn router(app: Arc<App>) -> Router {
         .route(&sd("refresh-loras"), post(ok_empty))
         .route(&sd("embeddings"), get(embeddings))
         .route(&sd("sd-vae"), get(sd_vae))
-        .route(&sd("upscalers"), get(empty_list))
-        .route(&sd("latent-upscale-modes"), get(empty_list))
+        .route(&sd("upscalers"), get(upscalers))
+        .route(&sd("latent-upscale-modes"), get(latent_upscale_modes))
         .route(&sd("scripts"), get(scripts))
         .route(&sd("progress"), get(progress))
         .route(&sd("interrupt"), post(interrupt))
@@ -254,10 +254,6 @@ fn same(a: &str, b: &str) -> bool {
 
 async fn ok_empty() -> Json<Value> {
     Json(json!({}))
-}
-
-async fn empty_list() -> Json<Value> {
-    Json(json!([]))
 }
 
 async fn scripts() -> Json<Value> {
@@ -353,7 +349,7 @@ fn batches(settings: &Settings, init: Init, p: &Payload) -> Result<Vec<Vec<sdgen
 
 async fn txt2img(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
     let p = Payload::parse(&body)?;
-    p.check_defaults(&[])?;
+    p.check_defaults(&[("hr_checkpoint_name", &["null", "\"\"", "\"Use same checkpoint\""])])?;
     generate(&app, p, false).await
 }
 
@@ -366,7 +362,10 @@ async fn img2img(State(app): State<Arc<App>>, body: Bytes) -> ApiResult {
 async fn generate(app: &App, p: Payload, img2img: bool) -> ApiResult {
     let prompt = p.string("prompt")?.unwrap_or_default();
     let (choice, clip_skip) = choice(app, &p, &prompt)?;
-    let settings = a1111::settings(&p, clip_skip)?;
+    let mut settings = a1111::settings(&p, clip_skip)?;
+    if !img2img {
+        settings.hires = a1111::hires(&p)?;
+    }
     let (width, height) = (settings.width.unwrap_or(512), settings.height.unwrap_or(512));
     let (init, paste) = if img2img { a1111::init_image(&p, width, height)? } else { (Init::Noise, None) };
     let batches = batches(&settings, init, &p)?;
@@ -457,7 +456,11 @@ fn info_json(done: &Done, p: &Payload, clip_skip: usize, vae: Option<&str>) -> V
         "sd_vae_hash": null,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": match &first.init { Init::Image { strength, .. } => json!(strength), _ => json!(0) },
+        "denoising_strength": match (&first.init, &first.hires) {
+            (Init::Image { strength, .. }, _) => json!(strength),
+            (_, Some(h)) => json!(h.denoise),
+            _ => json!(0),
+        },
         "extra_generation_params": {},
         "index_of_first_image": 0,
         "infotexts": done.images.iter().map(|m| json!(m.parameters)).collect::<Vec<_>>(),
@@ -575,6 +578,23 @@ async fn loras(State(app): State<Arc<App>>) -> Json<Value> {
         })
         .collect();
     Json(Value::Array(rows))
+}
+
+/// The resamplers and the upscaler models in the models dir, by the names
+/// `hr_upscaler` takes.
+async fn upscalers(State(app): State<Arc<App>>) -> Json<Value> {
+    let row = |name: &str, path: Option<String>| json!({"name": name, "model_name": path.as_ref().map(|_| name), "model_path": path, "model_url": null, "scale": null});
+    let mut rows = vec![row("Lanczos", None), row("Nearest", None)];
+    rows.extend(
+        assets::list(Asset::Upscaler, &app.settings.models_dir)
+            .iter()
+            .map(|p| row(&assets::display_name(p), Some(p.display().to_string()))),
+    );
+    Json(Value::Array(rows))
+}
+
+async fn latent_upscale_modes() -> Json<Value> {
+    Json(Value::Array(sdgen::hires::LATENT_MODES.iter().map(|(_, name, _)| json!({"name": name})).collect()))
 }
 
 async fn sd_vae(State(app): State<Arc<App>>) -> Json<Value> {

@@ -157,6 +157,7 @@ pub fn run_library(args: &[String]) -> anyhow::Result<()> {
         let value = words.next().unwrap_or_else(|| panic!("--{key} needs a value"));
         match key {
             "model" => opened.model = Some(value.clone()),
+            "models-dir" => opened.models_dir = value.into(),
             "dtype" => opened.dtype = Some(value.parse()?),
             "prediction" => opened.prediction = Some(value.parse()?),
             "preset" => opened.preset = Some(value.parse()?),
