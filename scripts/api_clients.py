@@ -59,6 +59,17 @@ def main():
         r = api.txt2img(prompt="a red fox", seed=7, width=64, height=64, steps=3)
         check("txt2img gives a 64x64 image", r.image.size == (64, 64))
         check("txt2img info has the seed", r.info["seed"] == 7 and r.info["all_seeds"] == [7])
+        hr = api.txt2img(prompt="a red fox", seed=7, width=64, height=64, steps=3, enable_hr=True, hr_scale=1.5,
+                         hr_upscaler=webuiapi.HiResUpscaler.LatentBicubic, hr_second_pass_steps=2,
+                         denoising_strength=0.6)
+        check("txt2img with enable_hr gives the hires size", hr.image.size == (96, 96))
+        check("the hires image records A1111's keys", "Hires upscaler: Latent (bicubic)" in hr.info["infotexts"][0])
+        hr = api.txt2img(prompt="a red fox", seed=7, width=64, height=64, steps=3, enable_hr=True,
+                         hr_upscaler=webuiapi.HiResUpscaler.Lanczos, hr_second_pass_steps=1)
+        check("enable_hr with the Lanczos upscaler doubles the size", hr.image.size == (128, 128))
+        check("get_upscalers lists Lanczos", "Lanczos" in [u["name"] for u in api.get_upscalers()])
+        check("get_latent_upscale_modes lists A1111's six",
+              [m["name"] for m in api.get_latent_upscale_modes()][:2] == ["Latent", "Latent (antialiased)"])
         info = api.png_info(r.image)
         check("png_info reads the parameters", "Seed: 7" in str(info.info))
         r2 = api.img2img(images=[r.image], prompt="a red fox", seed=7, width=64, height=64, steps=4,

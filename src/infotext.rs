@@ -538,6 +538,42 @@ mod tests {
     }
 
     #[test]
+    fn records_the_hires_fix_as_a1111_and_reads_it_back() {
+        let mut settings = Settings { prompt: Some("a fox".into()), seed: Some(3), ..Settings::default() };
+        for (k, v) in [
+            ("hires-size", "1024x0"),
+            ("hires-upscaler", "Latent (bicubic)"),
+            ("hires-steps", "4"),
+            ("hires-sampler", "euler"),
+            ("hires-prompt", "a fox,\nsharp"),
+            ("hires-cfg-scale", "5"),
+        ] {
+            settings.set(k, v).unwrap();
+        }
+        let r = settings.resolve(&STANDARD_512, Init::Noise).unwrap();
+        let applied = Applied::default();
+        let params = Parameters {
+            request: &r,
+            model_name: "m",
+            model_hash: "0",
+            family: "SD 1.x",
+            applied: &applied,
+            controlnets: &[],
+        };
+        let text = params.infotext();
+        assert!(text.contains("Size: 512x512,"), "{text}");
+        assert!(
+            text.contains("Denoising strength: 0.7, Hires resize: 1024x0, Hires steps: 4, Hires upscaler: Latent (bicubic), Hires sampler: Euler, Hires prompt: \"a fox,\\nsharp\", Hires CFG Scale: 5,"),
+            "{text}"
+        );
+        let rec = parse(&text).to_settings().unwrap();
+        assert_eq!(rec.settings.resolve(&STANDARD_512, Init::Noise).unwrap(), r);
+        // Without a hires key, a denoising strength still means an edited image.
+        let edited = text.replace("Hires resize: 1024x0, ", "");
+        assert!(parse(&edited).to_settings().unwrap_err().to_string().contains("img2img"));
+    }
+
+    #[test]
     fn reads_a1111_text_and_rejects_unknown_keys() {
         let a1111 = "masterpiece, fox\nNegative prompt: ugly\nSteps: 30, Sampler: DDIM, CFG scale: 6, Seed: 7, Size: 512x512, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, ENSD: 31337";
         let parsed = parse(a1111);

@@ -404,9 +404,15 @@ impl SingleJob {
         prompt_loras(s.prompt.as_deref().unwrap_or_default(), s.prompt_syntax.unwrap_or_default()).tag(Failure::Usage)
     }
 
-    /// The width and height it asks for, for [`Session::open`].
+    /// The width and height it asks for, for [`Session::open`]: the hires
+    /// fix's when it has one.
     pub fn size_asked(&self) -> (Option<usize>, Option<usize>) {
-        self.init.size_asked(self.settings.width, self.settings.height)
+        let asked = self.init.size_asked(self.settings.width, self.settings.height);
+        let hires = match (asked, self.settings.hires.target()) {
+            ((Some(w), Some(h)), Some(target)) => crate::hires::HiresSize::of(w, h, target).ok(),
+            _ => None,
+        };
+        hires.map_or(asked, |s| (Some(s.output().width), Some(s.output().height)))
     }
 
     /// Its images on `session`: the model's defaults for what is unset,

@@ -94,6 +94,14 @@ impl HiresSettings {
         }
     }
 
+    /// The size asked for, if the hires fix is on.
+    pub fn target(&self) -> Option<HiresTarget> {
+        match (self.size, self.scale) {
+            (Some(size), _) => Some(HiresTarget::Resize(size)),
+            (None, scale) => scale.map(HiresTarget::Scale),
+        }
+    }
+
     /// Sets `hires-KEY`; false if `key` is not one of these settings.
     fn set(&mut self, key: &str, value: &str) -> anyhow::Result<bool> {
         let full = format!("hires-{key}");
@@ -116,15 +124,11 @@ impl HiresSettings {
     /// The hires fix of a `width × height` txt2img job, or `None` when no
     /// scale or size asks for one (then no other `--hires-*` may be set).
     fn resolve(&self, first: &Request) -> anyhow::Result<Option<Hires>> {
-        let target = match (self.size, self.scale) {
-            (Some(size), _) => HiresTarget::Resize(size),
-            (None, Some(scale)) => HiresTarget::Scale(scale),
-            (None, None) => {
-                if *self != HiresSettings::default() {
-                    bail!("the --hires-* options need --hires-scale or --hires-size, which turn the hires fix on");
-                }
-                return Ok(None);
+        let Some(target) = self.target() else {
+            if *self != HiresSettings::default() {
+                bail!("the --hires-* options need --hires-scale or --hires-size, which turn the hires fix on");
             }
+            return Ok(None);
         };
         // An own sampler keeps the first pass's schedule unless it implies one.
         let (sampler, schedule) = match self.sampler {
@@ -439,6 +443,27 @@ mod tests {
     }
 
     #[test]
+    fn hires_settings_layer_and_resolve_against_the_first_pass() {
+        let mut line = Settings::default();
+        line.set("hires_scale", "1.5").unwrap();
+        line.set("hires-schedule", "exponential").unwrap();
+        let base = Settings {
+            prompt: Some("x".into()),
+            width: Some(600),
+            height: Some(512),
+            hires: HiresSettings { denoise: Some(0.4), scale: Some(2.0), ..HiresSettings::default() },
+            ..Settings::default()
+        };
+        let r = line.over(&base).resolve(&STANDARD_512, Init::Noise).unwrap();
+        let h = r.hires.as_ref().unwrap();
+        assert_eq!((h.size.output(), h.denoise, h.steps), (Size { width: 896, height: 768 }, 0.4, 0));
+        assert_eq!((h.sampler, h.schedule), (r.sampler, ScheduleKind::Exponential));
+        assert_eq!((h.prompt.as_str(), h.cfg_scale), ("x", r.cfg_scale));
+        let err = line.set("hires-upscaler", "latent-cubic").unwrap_err();
+        assert!(format!("{err:#}").contains("is not a latent upscale mode"), "{err:#}");
+    }
+
+    #[test]
     fn validation_says_what_is_wrong() {
         let ok = Settings { prompt: Some("x".into()), ..Settings::default() };
         assert!(ok.validate(&Init::Noise).is_ok());
@@ -448,6 +473,21 @@ mod tests {
             (Settings { batch_count: Some(0), ..ok.clone() }, "--batch-count must be between 1 and"),
             (Settings { prompt: None, ..ok.clone() }, "no prompt"),
             (Settings { cfg_scale: Some(f64::NAN), ..ok.clone() }, "--cfg-scale must be a number"),
+            (
+                Settings { hires: HiresSettings { steps: Some(3), ..HiresSettings::default() }, ..ok.clone() },
+                "the --hires-* options need --hires-scale or --hires-size",
+            ),
+            (
+                Settings {
+                    hires: HiresSettings { scale: Some(2.0), denoise: Some(1.5), ..HiresSettings::default() },
+                    ..ok.clone()
+                },
+                "--hires-denoise must be in (0, 1]",
+            ),
+            (
+                Settings { hires: HiresSettings { scale: Some(40.0), ..HiresSettings::default() }, ..ok.clone() },
+                "the hires fix's size 20480x20480 is larger",
+            ),
         ] {
             let err = bad.validate(&Init::Noise).unwrap_err().to_string();
             assert!(err.starts_with(want), "{err:?} should start with {want:?}");

@@ -200,7 +200,7 @@ pub fn upscale_file(
         Some(r) => r,
         None => {
             let path = crate::loading::assets::find(crate::loading::assets::Asset::Upscaler, upscaler, models_dir)?;
-            loaded = crate::loading::upscaler::load(&path, device, DType::F32).tag(Failure::Model)?;
+            loaded = crate::loading::upscaler::load(&path, device).tag(Failure::Model)?;
             Upscaling::Model { model: &loaded.model, name: &loaded.name, device }
         }
     };

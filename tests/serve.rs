@@ -204,7 +204,7 @@ fn field_rules_defaults_accepted_others_named() {
     for (field, value) in [
         ("restore_faces", json!(true)),
         ("subseed_strength", json!(0.5)),
-        ("enable_hr", json!(true)),
+        ("hr_checkpoint_name", json!("other.safetensors")),
         ("s_noise", json!(0.9)),
         ("styles", json!(["cinematic"])),
         ("alwayson_scripts", json!({"controlnet": {"args": []}})),
@@ -235,6 +235,58 @@ fn field_rules_defaults_accepted_others_named() {
     let huge = "x".repeat(51 << 20);
     let big = ureq::post(&s.url("/sdapi/v1/txt2img")).send_string(&huge);
     assert!(matches!(big, Err(ureq::Error::Status(413, _))), "{big:?}");
+}
+
+#[test]
+fn hires_fix_from_enable_hr_equals_the_cli_image() {
+    let s = Server::start(&[]);
+    // webuiapi sends the hr_* fields on every call: ignored while enable_hr is false.
+    let hr = json!({"hr_scale": 1.5, "hr_upscaler": "Latent (bicubic)", "hr_second_pass_steps": 2,
+                    "denoising_strength": 0.6, "hr_sampler_name": "Use same sampler", "hr_prompt": "",
+                    "hr_resize_x": 0, "hr_resize_y": 0, "hr_checkpoint_name": "Use same checkpoint"});
+    let mut off = small(hr.clone());
+    off["enable_hr"] = json!(false);
+    let (status, r) = s.call("/sdapi/v1/txt2img", Some(off));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(image::load_from_memory(&png_bytes(&r["images"][0])).unwrap().width(), 64);
+    let mut on = small(hr);
+    on["enable_hr"] = json!(true);
+    let (status, r) = s.call("/sdapi/v1/txt2img", Some(on));
+    assert_eq!(status, 200, "{r}");
+    let png = png_bytes(&r["images"][0]);
+    let params = sdgen::image_io::parameters_from_bytes(&png, "image").unwrap().unwrap();
+    assert!(
+        params.contains("Size: 64x64,")
+            && params.contains(
+                "Denoising strength: 0.6, Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent (bicubic)"
+            ),
+        "{params}"
+    );
+    let info: Value = serde_json::from_str(r["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["denoising_strength"], json!(0.6));
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cli.png");
+    let model = fixture("tiny-sd1");
+    #[rustfmt::skip]
+    let o = sdgen(&[
+        "--model", model.to_str().unwrap(), "-p", "a red fox", "--steps", "3", "-W", "64", "-H", "64",
+        "--seed", "5", "--sampler", "euler", "--schedule", "linspace", "--cfg-scale", "7",
+        "--hires-scale", "1.5", "--hires-upscaler", "latent-bicubic", "--hires-steps", "2", "--hires-denoise", "0.6",
+        "-o", out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let served = image::load_from_memory(&png).unwrap().to_rgb8();
+    assert_eq!(served.dimensions(), (96, 96));
+    assert_eq!(image::open(&out).unwrap().to_rgb8().as_raw(), served.as_raw(), "server and CLI images differ");
+
+    let (_, modes) = s.call("/sdapi/v1/latent-upscale-modes", None);
+    assert_eq!(modes.as_array().unwrap().len(), 6);
+    assert_eq!(modes[0]["name"], "Latent");
+    let (_, upscalers) = s.call("/sdapi/v1/upscalers", None);
+    assert!(upscalers.as_array().unwrap().iter().any(|u| u["name"] == "Lanczos"), "{upscalers}");
+    let (status, r) = s.call("/sdapi/v1/txt2img", Some(small(json!({"enable_hr": true, "hr_upscaler": "4x-Nope"}))));
+    assert_eq!(status, 422, "{r}");
 }
 
 #[test]

@@ -34,7 +34,7 @@ fn rgb(image: &Image) -> image::RgbImage {
 }
 
 fn load(name: &str) -> sdgen::loading::upscaler::LoadedUpscaler {
-    sdgen::loading::upscaler::load(&fixture(&format!("upscalers/{name}")), &Device::Cpu, DType::F32).unwrap()
+    sdgen::loading::upscaler::load(&fixture(&format!("upscalers/{name}")), &Device::Cpu).unwrap()
 }
 
 #[test]

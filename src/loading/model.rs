@@ -158,14 +158,14 @@ impl Model {
     }
 
     /// The upscaler model `name` (a path, or a name in the models dir),
-    /// loaded the first time it is asked for, on the backbone's device in f32.
+    /// loaded the first time it is asked for, on the backbone's device.
     pub fn upscaler(&self, name: &str) -> anyhow::Result<Arc<LoadedUpscaler>> {
         let mut loaded = self.on_demand.upscalers.lock().expect("lock");
         if let Some((_, model)) = loaded.iter().find(|(n, _)| n == name) {
             return Ok(model.clone());
         }
         let path = assets::find(Asset::Upscaler, name, self.on_demand.models_dir())?;
-        let model = Arc::new(upscaler::load(&path, &self.backbone.device(), DType::F32).tag(Failure::Model)?);
+        let model = Arc::new(upscaler::load(&path, &self.backbone.device()).tag(Failure::Model)?);
         loaded.push((name.to_string(), model.clone()));
         Ok(model)
     }

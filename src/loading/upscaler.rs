@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device};
+use candle_core::Device;
 
 use super::ldm::Tensors;
 use super::weights::{Checkpoint, Component, NameMap, Rule};
@@ -159,9 +159,11 @@ fn detect(t: &Tensors) -> anyhow::Result<(UpscalerConfig, NameMap)> {
     )
 }
 
-/// Loads an upscaler file.
-pub fn load(path: &Path, device: &Device, dtype: DType) -> anyhow::Result<LoadedUpscaler> {
+/// Loads an upscaler file: f32 on the CPU, f16 on GPUs (as ComfyUI and
+/// A1111 run ESRGAN-family models there).
+pub fn load(path: &Path, device: &Device) -> anyhow::Result<LoadedUpscaler> {
     let at = |what: &str| format!("{}: {what}", path.display());
+    let dtype = crate::device::dtype_on(None, device)?;
     let ckpt = Checkpoint::open(&[path.to_path_buf()])?;
     let (config, map) = detect(&Tensors::new(ckpt.shapes())).with_context(|| at("upscaler"))?;
     let model = Upscaler::new(&config, ckpt.var_builder(map, Component::Upscaler, dtype, device))
