@@ -301,8 +301,8 @@ impl Request {
         if !self.controls.is_empty() {
             bail!("the hires fix with ControlNets is not supported yet");
         }
-        let out = h.size.output();
-        if out.width.max(out.height) > max || h.size.upscale_to.width.max(h.size.upscale_to.height) > max {
+        // The output is never larger than what the first pass is upscaled to.
+        if h.size.upscale_to.width.max(h.size.upscale_to.height) > max {
             bail!("the hires fix's size {} is larger than the {max} pixels sdgen allows", h.size.upscale_to);
         }
         if !(h.denoise > 0.0 && h.denoise <= 1.0) {

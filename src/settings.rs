@@ -72,14 +72,16 @@ pub struct HiresSettings {
     pub cfg_scale: Option<f64>,
 }
 
+/// `a` if set, else `b`: one layer of settings over another.
+fn or<T: Clone>(a: &Option<T>, b: &Option<T>) -> Option<T> {
+    a.clone().or_else(|| b.clone())
+}
+
 /// The hires fix's default denoising strength (A1111's).
 pub const HIRES_DENOISE: f64 = 0.7;
 
 impl HiresSettings {
     fn over(&self, base: &HiresSettings) -> HiresSettings {
-        fn or<T: Clone>(a: &Option<T>, b: &Option<T>) -> Option<T> {
-            a.clone().or_else(|| b.clone())
-        }
         HiresSettings {
             scale: or(&self.scale, &base.scale),
             size: or(&self.size, &base.size),
@@ -282,9 +284,6 @@ impl Settings {
 
     /// These settings over `base`: each one set here wins.
     pub fn over(&self, base: &Settings) -> Settings {
-        fn or<T: Clone>(a: &Option<T>, b: &Option<T>) -> Option<T> {
-            a.clone().or_else(|| b.clone())
-        }
         Settings {
             prompt: or(&self.prompt, &base.prompt),
             negative_prompt: or(&self.negative_prompt, &base.negative_prompt),
