@@ -22,7 +22,8 @@ struct Case {
     height: usize,
     sampler: String,
     schedule: String,
-    hires_scale: f64,
+    hires_scale: Option<f64>,
+    hires_size: Option<[usize; 2]>,
     hires_upscaler: String,
     hires_steps: usize,
     hires_denoise: f64,
@@ -49,13 +50,14 @@ impl Case {
             ("sampler", self.sampler.clone()),
             ("schedule", self.schedule.clone()),
             ("prompt-syntax", "plain".to_string()),
-            ("hires-scale", self.hires_scale.to_string()),
             ("hires-upscaler", self.hires_upscaler.clone()),
             ("hires-steps", self.hires_steps.to_string()),
             ("hires-denoise", self.hires_denoise.to_string()),
             ("out", out.to_str().unwrap().to_string()),
         ];
         let optional = [
+            ("hires-scale", self.hires_scale.map(|s| s.to_string())),
+            ("hires-size", self.hires_size.map(|[w, h]| format!("{w}x{h}"))),
             ("hires-sampler", self.hires_sampler.clone()),
             ("hires-schedule", self.hires_schedule.clone()),
             ("hires-cfg-scale", self.hires_cfg_scale.map(|c| c.to_string())),
@@ -92,9 +94,13 @@ fn hires_fix_matches_diffusers_composed_as_a1111_and_replays() {
         let params = sdgen::image_io::read_parameters(&out).unwrap().unwrap();
         let size = format!("Size: {}x{},", case.width, case.height);
         assert!(params.contains(&size), "{params}");
-        assert!(params
-            .contains(&format!("Denoising strength: {}, Hires upscale: {}", case.hires_denoise, case.hires_scale)));
-        let upscaler = if case.hires_upscaler == "latent" { "Latent" } else { &case.hires_upscaler };
+        let target = match (case.hires_scale, case.hires_size) {
+            (Some(scale), _) => format!("Hires upscale: {scale}"),
+            (_, Some([w, h])) => format!("Hires resize: {w}x{h}"),
+            _ => panic!("{}: no hires target", case.name),
+        };
+        assert!(params.contains(&format!("Denoising strength: {}, {target}", case.hires_denoise)), "{params}");
+        let upscaler: sdgen::hires::HiresUpscaler = case.hires_upscaler.parse().unwrap();
         assert!(params.contains(&format!("Hires upscaler: {upscaler}")), "{params}");
         assert_eq!(params.contains("Hires steps"), case.hires_steps != 0, "{params}");
 

@@ -10,12 +10,15 @@ tests/fixtures/reference/hires/:
 
     interpolate.safetensors   a random (1, 4, 7, 5) tensor and torch.nn.functional.interpolate of it, for each of
                               A1111's six latent upscale modes, to 13x11, 14x10 (exactly 2x) and 4x3 (smaller)
-    cases.json + *.png        hires-fix images, one with a latent upscaler and one with an image upscaler
+    cases.json + *.png        hires-fix images: two with latent upscalers (one to a size of another aspect, cropped)
+                              and one with an image upscaler
 
 Each hires case is what A1111's `StableDiffusionProcessingTxt2Img.sample_hr_pass` does, pinned as the issue says:
 
 1. The first pass: diffusers' txt2img at WxH, its final latents.
 2. The target: int(W*scale) x int(H*scale), rounded down to a multiple of 8 pixels.
+   A size of another aspect (A1111's "Resize width/height to") is covered, and the latents are cropped to it,
+   centred, after the upscale.
 3. Latent upscalers: `F.interpolate(latents, size=target/8, mode, antialias)`. Image upscalers: the first pass
    decoded and rounded to uint8, enlarged as A1111's `Upscaler.upscale` does (the model, again while the image is
    smaller than ⌊side·scale/8⌋·8, up to three times; then Pillow's Lanczos to that size), Lanczos to the target,
@@ -66,6 +69,11 @@ CASES = [
          width=64, height=56, sampler="dpmpp_2m", schedule="karras", hires_scale=1.5, hires_upscaler="rrdb_x2_new",
          hires_steps=4, hires_denoise=0.5, hires_sampler="euler", hires_schedule="normal", hires_cfg_scale=5.0,
          hires_prompt="a castle on a hill at dawn", hires_negative_prompt="dark"),
+    # Another aspect than the first pass's: A1111 covers 96x96 (128x96) and crops the latents to it, centred.
+    dict(name="resize_crop_antialiased", prompt="a lighthouse by the sea", negative_prompt="", seed=11, steps=4,
+         cfg_scale=6.0, width=64, height=48, sampler="euler", schedule="normal", hires_size=[96, 96],
+         hires_upscaler="latent-antialiased", hires_steps=3, hires_denoise=0.6, hires_sampler=None,
+         hires_schedule=None, hires_cfg_scale=None, hires_prompt=None, hires_negative_prompt=None),
 ]
 
 
@@ -76,6 +84,20 @@ def interpolation_reference():
         for h, w in SIZES:
             out[f"{name}.{h}x{w}"] = F.interpolate(x, size=(h, w), mode=mode, antialias=aa).contiguous()
     save_file(out, str(OUT / "interpolate.safetensors"))
+
+
+def target_resolution(case):
+    """A1111's `calculate_target_resolution`, sizes rounded down to multiples of 8: (width, height) the first pass
+    is upscaled to, and the latent columns and rows cropped away after."""
+    w, h = case["width"], case["height"]
+    if "hires_size" not in case:
+        return int(w * case["hires_scale"]) // 8 * 8, int(h * case["hires_scale"]) // 8 * 8, 0, 0
+    x, y = case["hires_size"]
+    if w / h < x / y:
+        to_w, to_h = x, x * h // w
+    else:
+        to_w, to_h = y * w // h, y
+    return to_w // 8 * 8, to_h // 8 * 8, (to_w - x) // 8, (to_h - y) // 8
 
 
 @torch.no_grad()
@@ -106,8 +128,7 @@ def hires_case(pipe, img2img, case):
     latents = pipe(prompt=case["prompt"], negative_prompt=case["negative_prompt"], num_inference_steps=case["steps"],
                    guidance_scale=case["cfg_scale"], width=case["width"], height=case["height"], generator=gen,
                    output_type="latent").images
-    w2 = int(case["width"] * case["hires_scale"]) // 8 * 8
-    h2 = int(case["height"] * case["hires_scale"]) // 8 * 8
+    w2, h2, crop_x, crop_y = target_resolution(case)
     if case["hires_upscaler"] in MODES:
         mode, aa = MODES[case["hires_upscaler"]]
         latents = F.interpolate(latents, size=(h2 // 8, w2 // 8), mode=mode, antialias=aa)
@@ -123,6 +144,9 @@ def hires_case(pipe, img2img, case):
             img = img.resize((w2, h2), resample=Image.LANCZOS)
         x = mf.pixels_to_tensor(np.asarray(img))
         latents = mf.vae_mean(pipe.vae, x) * sf
+    latents = latents[:, :, crop_y // 2:latents.shape[2] - (crop_y + 1) // 2,
+                      crop_x // 2:latents.shape[3] - (crop_x + 1) // 2]
+    w2, h2 = latents.shape[3] * 8, latents.shape[2] * 8
     n = case["hires_steps"] or case["steps"]
     total = int(n / min(case["hires_denoise"], 0.999))
     img2img.scheduler = mf.make_scheduler(case["hires_sampler"] or case["sampler"],
