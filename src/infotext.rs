@@ -465,6 +465,13 @@ mod tests {
         }
     }
 
+    /// The text of `r` made with model "m", no adapters, and `controlnets`.
+    fn infotext_of(r: &Request, controlnets: &[(String, String)]) -> String {
+        let applied = Applied::default();
+        Parameters { request: r, model_name: "m", model_hash: "0", family: "SD 1.x", applied: &applied, controlnets }
+            .infotext()
+    }
+
     #[test]
     fn writes_and_reads_back() {
         let r = request();
@@ -508,16 +515,7 @@ mod tests {
             ..request()
         };
         let names = [("canny".to_string(), "d14c016b".to_string()), ("depth".to_string(), "e3b0c442".to_string())];
-        let applied = Applied::default();
-        let params = Parameters {
-            request: &r,
-            model_name: "m",
-            model_hash: "0",
-            family: "SD 1.x",
-            applied: &applied,
-            controlnets: &names,
-        };
-        let text = params.infotext();
+        let text = infotext_of(&r, &names);
         assert!(
             text.contains(r#"ControlNet 0: "Module: canny, Model: canny [d14c016b], Weight: 1.0, Resize Mode: Just Resize, Threshold A: 50.0, Threshold B: 150.5, Guidance Start: 0.0, Guidance End: 1.0, Control Mode: ControlNet is more important", ControlNet 1: "Module: canny, Model: depth [e3b0c442], Weight: 0.35"#),
             "{text}"
@@ -551,16 +549,7 @@ mod tests {
             settings.set(k, v).unwrap();
         }
         let r = settings.resolve(&STANDARD_512, Init::Noise).unwrap();
-        let applied = Applied::default();
-        let params = Parameters {
-            request: &r,
-            model_name: "m",
-            model_hash: "0",
-            family: "SD 1.x",
-            applied: &applied,
-            controlnets: &[],
-        };
-        let text = params.infotext();
+        let text = infotext_of(&r, &[]);
         assert!(text.contains("Size: 512x512,"), "{text}");
         assert!(
             text.contains("Denoising strength: 0.7, Hires resize: 1024x0, Hires steps: 4, Hires upscaler: Latent (bicubic), Hires sampler: Euler, Hires prompt: \"a fox,\\nsharp\", Hires CFG Scale: 5,"),
