@@ -116,6 +116,11 @@ impl HiresSize {
     /// A1111's `calculate_target_resolution` for a `width × height` first
     /// pass, sizes rounded down to a multiple of 8 pixels.
     pub fn of(width: usize, height: usize, target: HiresTarget) -> anyhow::Result<Self> {
+        let max = crate::image_io::MAX_SIDE as usize;
+        ensure!((1..=max).contains(&width) && (1..=max).contains(&height), "the first pass is {width}x{height}");
+        if let HiresTarget::Resize(size) = target {
+            ensure!(size.width.max(size.height) <= max, "--hires-size {size} is larger than {max} pixels on a side");
+        }
         let (mut crop_x, mut crop_y) = (0i64, 0i64);
         let (w, h) = (width as i64, height as i64);
         let (to_w, to_h) = match target {
@@ -280,6 +285,9 @@ mod tests {
         let latents = Tensor::zeros((1, 4, 192, 128), DType::F32, &candle_core::Device::Cpu).unwrap();
         assert_eq!(cover.crop_latents(&latents).unwrap().dims4().unwrap(), (1, 4, 128, 128));
         assert!(HiresSize::of(64, 64, HiresTarget::Scale(0.05)).is_err());
+        assert!(HiresSize::of(0, 64, HiresTarget::Resize(s(64, 0))).is_err());
+        assert!(HiresSize::of(64, 64, HiresTarget::Resize(s(usize::MAX, 7))).is_err());
+        assert!(HiresSize::of(64, 64, HiresTarget::Scale(1e300)).is_ok_and(|h| h.output().width > 1 << 40));
         assert!(HiresSize::of(64, 64, HiresTarget::Scale(f64::NAN)).is_err());
     }
 

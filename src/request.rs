@@ -279,9 +279,7 @@ impl Request {
             bail!("--cfg-scale must be a number ≥ 0, got {}", self.cfg_scale);
         }
         self.controls.iter().try_for_each(Control::validate)?;
-        if let Some(h) = &self.hires {
-            self.validate_hires(h)?;
-        }
+        self.validate_hires()?;
         if let Some(s) = self.strength() {
             if !(s > 0.0 && s <= 1.0) {
                 bail!("--strength must be in (0, 1], got {s}");
@@ -293,7 +291,9 @@ impl Request {
         Ok(())
     }
 
-    fn validate_hires(&self, h: &Hires) -> anyhow::Result<()> {
+    /// Checks the hires fix, if any.
+    pub fn validate_hires(&self) -> anyhow::Result<()> {
+        let Some(h) = &self.hires else { return Ok(()) };
         let max = crate::image_io::MAX_SIDE as usize;
         if self.init != Init::Noise {
             bail!("the hires fix (--hires-*) is for txt2img; img2img and inpainting take no second pass");

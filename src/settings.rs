@@ -373,8 +373,10 @@ impl Settings {
             },
             hires: None,
         };
-        request.hires = self.hires.resolve(&request)?;
+        // The first pass is checked before the hires fix is sized from it.
         request.validate()?;
+        request.hires = self.hires.resolve(&request)?;
+        request.validate_hires()?;
         Ok(request)
     }
 }
