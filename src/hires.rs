@@ -196,10 +196,13 @@ fn axis_taps(n_in: usize, n_out: usize, mode: LatentMode) -> Vec<Vec<(usize, f32
     (0..n_out)
         .map(|o| match (mode.interpolation, mode.antialias) {
             (Interpolation::Nearest, _) => {
-                let i = match n_out {
-                    _ if n_out == n_in => o,
-                    _ if n_out == 2 * n_in => o >> 1,
-                    _ => ((o as f32 * scale).floor() as usize).min(last),
+                // torch's integer shortcuts for 1× and 2×, else ⌊o·scale⌋ in f32.
+                let i = if n_out == n_in {
+                    o
+                } else if n_out == 2 * n_in {
+                    o >> 1
+                } else {
+                    ((o as f32 * scale).floor() as usize).min(last)
                 };
                 vec![(i, 1.0)]
             }
