@@ -59,6 +59,17 @@ impl Default for HiresUpscaler {
     }
 }
 
+impl HiresUpscaler {
+    /// The upscaler model it names (a name or path to find), if it is
+    /// neither a latent mode nor a resampler.
+    pub fn model(&self) -> Option<&str> {
+        match self {
+            HiresUpscaler::Image(name) if crate::upscale::resampler(name).is_none() => Some(name),
+            _ => None,
+        }
+    }
+}
+
 impl FromStr for HiresUpscaler {
     type Err = anyhow::Error;
 

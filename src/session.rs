@@ -14,7 +14,6 @@ use candle_core::Device;
 
 use crate::editing::{self, Mask, Pads};
 use crate::failure::{Failure, Tag};
-use crate::hires::HiresUpscaler;
 use crate::image_io::{read_image, read_mask_levels, write_png, Image};
 use crate::infotext::{Parameters, Recorded};
 use crate::loading::assets::{self, Asset, Located};
@@ -422,10 +421,8 @@ impl SingleJob {
         let mut request = self.settings.resolve(&session.model.defaults(), self.init).tag(Failure::Usage)?;
         request.controls = self.controls;
         // A missing upscaler fails before any image is generated.
-        if let Some(HiresUpscaler::Image(name)) = request.hires.as_ref().map(|h| &h.upscaler) {
-            if crate::upscale::resampler(name).is_none() {
-                session.model.upscaler(name).tag(Failure::Model)?;
-            }
+        if let Some(name) = request.hires.as_ref().and_then(|h| h.upscaler.model()) {
+            session.model.upscaler(name).tag(Failure::Model)?;
         }
         Ok(numbered_jobs(&request, &self.out, count))
     }

@@ -369,11 +369,10 @@ async fn generate(app: &App, p: Payload, img2img: bool) -> ApiResult {
     let (width, height) = (settings.width.unwrap_or(512), settings.height.unwrap_or(512));
     let (init, paste) = if img2img { a1111::init_image(&p, width, height)? } else { (Init::Noise, None) };
     let batches = batches(&settings, init, &p)?;
-    if let Some(sdgen::hires::HiresUpscaler::Image(name)) = batches[0][0].hires.as_ref().map(|h| &h.upscaler) {
-        if sdgen::upscale::resampler(name).is_none() {
-            assets::find(Asset::Upscaler, name, &app.settings.models_dir)
-                .map_err(|e| ApiError::field("hr_upscaler", format!("{e:#}")))?;
-        }
+    // A missing upscaler is the request's fault, found before it queues.
+    if let Some(name) = batches[0][0].hires.as_ref().and_then(|h| h.upscaler.model()) {
+        assets::find(Asset::Upscaler, name, &app.settings.models_dir)
+            .map_err(|e| ApiError::field("hr_upscaler", format!("{e:#}")))?;
     }
     let save = p.boolean("save_images")?.unwrap_or(false);
     let restore = p.get("override_settings_restore_afterwards").and_then(Value::as_bool).unwrap_or(true);
